@@ -1,0 +1,154 @@
+"""Maps requests to KV blocks: longest cached prefix, slot allocation, caching of full blocks, freeing, hit/miss stats."""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+from kvserve.core.block_pool import Block, BlockPool
+from kvserve.core.hashing import hash_block
+from kvserve.core.request import Request
+
+MISS_CAUSES = ("no_match", "short_prompt", "evicted", "different_salt")
+
+
+@dataclass
+class PrefixMatch:
+    blocks: list[Block] = field(default_factory=list)
+    miss_cause: str | None = None  # None when every block that could hit did
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # requests looked up
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+    misses: Counter = field(default_factory=Counter)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.req_blocks: dict[str, list[Block]] = {}
+        self._num_cached_blocks: dict[str, int] = {}
+        self.stats = PrefixCacheStats()
+        # content hash of a first block (no salt) -> salts it is cached under; tells "different salt" from "no match"
+        self._first_block_salts: OrderedDict[bytes, set] = OrderedDict()
+
+    # ------------------------------------------------------------------ lookup
+    def match_prefix(self, request: Request) -> PrefixMatch:
+        """Longest run of cached full blocks; never the block holding the last token (its logits are needed)."""
+        if not self.enable_prefix_caching:
+            return PrefixMatch()
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        if max_blocks == 0:
+            return PrefixMatch(miss_cause="short_prompt")
+        blocks: list[Block] = []
+        for h in request.block_hashes[:max_blocks]:
+            block = self.pool.get_cached_block(h)
+            if block is None:
+                break
+            blocks.append(block)
+        if len(blocks) == max_blocks:
+            return PrefixMatch(blocks)
+        missed = request.block_hashes[len(blocks)]
+        if self.pool.was_evicted(missed):
+            cause = "evicted"
+        elif not blocks and self._other_salt_cached(request):
+            cause = "different_salt"
+        else:
+            cause = "no_match"
+        return PrefixMatch(blocks, cause)
+
+    def record_lookup(self, request: Request, match: PrefixMatch) -> None:
+        if not self.enable_prefix_caching:
+            return
+        self.stats.queries += 1
+        self.stats.queried_tokens += request.num_tokens
+        self.stats.hit_tokens += match.num_blocks * self.block_size
+        if match.miss_cause is not None:
+            self.stats.misses[match.miss_cause] += 1
+
+    def _first_block_key(self, request: Request) -> bytes:
+        return hash_block(None, request.token_ids[: self.block_size], None)
+
+    def _other_salt_cached(self, request: Request) -> bool:
+        salts = self._first_block_salts.get(self._first_block_key(request))
+        return bool(salts) and any(s != request.cache_salt for s in salts)
+
+    # ------------------------------------------------------------------ allocation
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: list[Block] | None = None) -> list[Block] | None:
+        """Give `request` room for `num_new_tokens` more tokens after its computed (and newly matched) ones.
+
+        Returns the newly allocated blocks, or None (and changes nothing) if the pool cannot supply them.
+        """
+        new_computed_blocks = new_computed_blocks or []
+        blocks = self.req_blocks.get(request.request_id, [])
+        total_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
+        need = self.num_blocks_needed(total_tokens) - len(blocks) - len(new_computed_blocks)
+        revive = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if max(need, 0) + revive > self.pool.num_free_blocks:
+            return None
+        if new_computed_blocks:
+            self.pool.touch(new_computed_blocks)
+        new_blocks = self.pool.get_new_blocks(need) if need > 0 else []
+        self.req_blocks[request.request_id] = blocks + new_computed_blocks + new_blocks
+        if new_computed_blocks:
+            self._num_cached_blocks[request.request_id] = len(blocks) + len(new_computed_blocks)
+        return new_blocks
+
+    def share_blocks(self, request: Request, blocks: list[Block]) -> None:
+        """Start `request` on blocks already holding its prefix (n > 1 siblings sharing the prompt)."""
+        assert request.request_id not in self.req_blocks
+        self.pool.touch(blocks)
+        self.req_blocks[request.request_id] = list(blocks)
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Make the request's full, computed blocks findable by later requests."""
+        if not self.enable_prefix_caching:
+            return
+        blocks = self.req_blocks.get(request.request_id)
+        if not blocks:
+            return
+        start = self._num_cached_blocks.get(request.request_id, 0)
+        end = min(num_computed_tokens // self.block_size, len(request.block_hashes), len(blocks))
+        for i in range(start, end):
+            self.pool.cache_block(blocks[i], request.block_hashes[i])
+        if start == 0 and end > 0:
+            key = self._first_block_key(request)
+            self._first_block_salts.setdefault(key, set()).add(request.cache_salt)
+            self._first_block_salts.move_to_end(key)
+            if len(self._first_block_salts) > BlockPool.EVICTED_MEMORY:
+                self._first_block_salts.popitem(last=False)
+        if end > start:
+            self._num_cached_blocks[request.request_id] = end
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, tail first, so a shared prefix outlives its private suffix in the LRU."""
+        blocks = self.req_blocks.pop(request.request_id, None)
+        self._num_cached_blocks.pop(request.request_id, None)
+        if blocks:
+            self.pool.free_blocks(reversed(blocks))
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def get_blocks(self, request_id: str) -> list[Block]:
+        return self.req_blocks.get(request_id, [])
+
+    # ------------------------------------------------------------------ checks
+    def check_invariants(self) -> None:
+        self.pool.check_invariants()
+        refs = Counter(b.block_id for blocks in self.req_blocks.values() for b in blocks)
+        for b in self.pool.blocks:
+            assert b.ref_cnt == refs.get(b.block_id, 0), f"{b}: ref_cnt != {refs.get(b.block_id, 0)} table entries"

@@ -1,0 +1,69 @@
+"""Data passed between the scheduler, the model runner and the engine, one step at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvserve.core.request import FinishReason, Request
+
+
+@dataclass
+class ScheduledRequest:
+    """`num_new_tokens` tokens of `request`, starting at position `start`, run this step over `block_ids`."""
+
+    request: "Request"
+    start: int
+    num_new_tokens: int
+    block_ids: list[int]
+    sample: bool  # this chunk reaches the end of the known tokens: sample the next one
+    prompt_logprobs: bool  # return logprobs of the prompt positions covered by this chunk
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.token_ids[self.start:self.start + self.num_new_tokens]
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)  # freed since the last step (runner drops their state)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+# (token_id, logprob, rank) of the sampled token, then the top-k as (token_id, logprob) pairs
+TokenLogprobs = tuple[int, float, int, list[tuple[int, float]]]
+
+
+@dataclass
+class ModelOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> (first prompt position covered, list of (token_id, logprob, rank, topk) for following positions)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+@dataclass
+class RequestUpdate:
+    """What one step changed for one request; the engine turns these into user-facing RequestOutputs."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs]
+    prompt_logprobs: tuple[int, list[TokenLogprobs]] | None
+    finish_reason: "FinishReason | None"
+    stop_reason: int | str | None
+    num_cached_tokens: int

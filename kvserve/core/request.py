@@ -1,0 +1,129 @@
+"""Request state as the scheduler sees it: token ids, how many have KV computed, block hashes, status."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING
+
+from kvserve.core.hashing import BlockHash, hash_block_chain
+
+if TYPE_CHECKING:
+    from kvserve.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+_STATUS_TO_REASON = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+}
+
+
+class Request:
+    """One sequence. For n > 1 the engine creates n Requests; siblings share the first one's prompt blocks."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: "SamplingParams",
+                 block_size: int, eos_token_ids: tuple[int, ...] = (), cache_salt: str | None = None,
+                 arrival_time: float | None = None, priority: int = 0, max_model_len: int | None = None,
+                 share_prompt_with: "Request | None" = None):
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids)  # prompt + output
+        self.sampling_params = sampling_params
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        self.cache_salt = cache_salt
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prompt tokens served from the prefix cache at first scheduling
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+        self.share_prompt_with = share_prompt_with
+        self.first_scheduled_time: float | None = None
+        max_tokens = sampling_params.max_tokens
+        limit = (max_model_len - self.num_prompt_tokens) if max_model_len is not None else None
+        if max_tokens is None:
+            max_tokens = limit if limit is not None else 2**31
+        elif limit is not None:
+            max_tokens = min(max_tokens, limit)
+        self.max_tokens = max(max_tokens, 0)
+        self.block_hashes: list[BlockHash] = hash_block_chain(self.token_ids, block_size, cache_salt)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return _STATUS_TO_REASON.get(self.status)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    # ------------------------------------------------------------------ updates
+    def append_output_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        if len(self.token_ids) % self.block_size == 0:
+            self.block_hashes = hash_block_chain(self.token_ids, self.block_size, self.cache_salt, self.block_hashes)
+
+    def check_stop(self) -> bool:
+        """Sets a finished status if the last token ends the request. Stop strings are checked by the engine."""
+        n_out = self.num_output_tokens
+        if n_out == 0:
+            return False
+        last = self.token_ids[-1]
+        sp = self.sampling_params
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and last in self.eos_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if last in sp.stop_token_ids:
+                self.status = RequestStatus.FINISHED_STOPPED
+                self.stop_reason = last
+                return True
+        if n_out >= self.max_tokens:
+            self.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens})")

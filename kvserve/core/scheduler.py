@@ -1,0 +1,227 @@
+"""Continuous batching with stall-free chunked prefill (Sarathi-Serve) over a token budget.
+
+There is no prefill or decode phase: every request has `num_computed_tokens` and `num_tokens`, and each step gives
+running decodes their token first, then unfinished prefills a chunk, then admits waiting requests with what is left.
+"""
+
+from __future__ import annotations
+
+from kvserve.config import SchedulerConfig
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.outputs import ModelOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
+from kvserve.core.policy import FCFSPolicy
+from kvserve.core.request import Request, RequestStatus
+
+
+class RequestTooLongError(ValueError):
+    def __init__(self, num_tokens: int, max_model_len: int):
+        super().__init__(f"prompt has {num_tokens} tokens, more than the model's context of {max_model_len} tokens")
+        self.num_tokens = num_tokens
+        self.max_model_len = max_model_len
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, policy: FCFSPolicy | None = None):
+        self.config = config
+        self.kv = kv_manager
+        self.block_size = kv_manager.block_size
+        self.waiting = policy or FCFSPolicy()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        # n > 1: siblings wait here until the first sequence has computed the prompt, then share its blocks
+        self._held_siblings: dict[str, list[Request]] = {}
+        self._finished_ids: list[str] = []
+        self.num_preemptions = 0
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ intake
+    def add_request(self, request: Request) -> None:
+        if request.num_tokens >= self.config.max_model_len:
+            raise RequestTooLongError(request.num_tokens, self.config.max_model_len)
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        parent = request.share_prompt_with
+        if parent is not None and parent.request_id in self.requests and not self._prompt_done(parent):
+            self._held_siblings.setdefault(parent.request_id, []).append(request)
+        else:
+            self.waiting.add(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """End a request from outside the step (abort, stop string); frees its blocks at once."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif not self.waiting.remove(req):
+            for held in self._held_siblings.values():
+                if req in held:
+                    held.remove(req)
+        req.status = status
+        self._release(req)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(len(v) for v in self._held_siblings.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> SchedulerOutput:
+        self.step_count += 1
+        budget = self.config.max_num_batched_tokens
+        num_new: dict[str, int] = {}
+        preempted: list[Request] = []
+
+        # 1) running requests: decodes first (a long prefill never delays them), then unfinished prefills.
+        order = [r for r in self.running if not r.in_prefill] + [r for r in self.running if r.in_prefill]
+        for req in order:
+            if req.status != RequestStatus.RUNNING or budget <= 0:
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.config.enable_chunked_prefill and n < req.num_tokens - req.num_computed_tokens:
+                continue
+            while self.kv.allocate_slots(req, n) is None:
+                victim = self.waiting.choose_victim(self.running)
+                budget += num_new.pop(victim.request_id, 0)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                num_new[req.request_id] = n
+                budget -= n
+
+        # 2) waiting requests, in policy order, while tokens, sequences and blocks last.
+        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            req = self.waiting.peek()
+            n = self._admit(req, budget)
+            if n is None:
+                break
+            self.waiting.pop()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            num_new[req.request_id] = n
+            budget -= n
+
+        scheduled = []
+        for req in self.running:
+            n = num_new.get(req.request_id)
+            if n is None:
+                continue
+            start = req.num_computed_tokens
+            scheduled.append(ScheduledRequest(
+                request=req, start=start, num_new_tokens=n, block_ids=self.kv.get_block_ids(req.request_id),
+                sample=start + n == req.num_tokens,
+                prompt_logprobs=req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens,
+            ))
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished)
+
+    def _admit(self, req: Request, budget: int) -> int | None:
+        """Match the prefix, allocate the first chunk; returns its size or None if the request cannot start now."""
+        parent = req.share_prompt_with
+        shared = []
+        if parent is not None and not parent.is_finished and self._prompt_done(parent):
+            shared = self.kv.get_blocks(parent.request_id)[: (req.num_tokens - 1) // self.block_size]
+        if shared:
+            computed, match = shared, None
+        elif req.sampling_params.prompt_logprobs is not None:
+            computed, match = [], None  # prompt logprobs need every prompt position computed
+        else:
+            match = self.kv.match_prefix(req)
+            computed = match.blocks
+        num_computed = len(computed) * self.block_size
+        n = req.num_tokens - num_computed
+        if not self.config.enable_chunked_prefill and n > budget:
+            return None
+        n = min(n, budget)
+        if shared:
+            self.kv.share_blocks(req, shared)
+            req.num_computed_tokens = num_computed
+            if self.kv.allocate_slots(req, n) is None:
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                return None
+        else:
+            if self.kv.allocate_slots(req, n, computed) is None:
+                return None
+            req.num_computed_tokens = num_computed
+            if match is not None:
+                self.kv.record_lookup(req, match)
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_computed
+        return n
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute-style preemption: drop the KV (it stays in the prefix cache), resume first when blocks free up."""
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add_front(req)
+
+    # ------------------------------------------------------------------ update
+    def update(self, sched: SchedulerOutput, out: ModelOutput) -> list[RequestUpdate]:
+        updates = []
+        for sr in sched.scheduled:
+            req = sr.request
+            if req.is_finished or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += sr.num_new_tokens
+            self.kv.cache_blocks(req, req.num_computed_tokens)
+            new_tokens, new_lps = [], []
+            if sr.sample and req.max_tokens == 0:
+                req.status = RequestStatus.FINISHED_LENGTH  # scoring only: prompt logprobs, no new token
+            elif sr.sample:
+                tok = out.sampled[req.request_id]
+                req.append_output_token(tok)
+                new_tokens.append(tok)
+                if req.request_id in out.logprobs:
+                    new_lps.append(out.logprobs[req.request_id])
+                req.check_stop()
+            if self._prompt_done(req):
+                self._release_siblings(req)
+            plp = out.prompt_logprobs.get(req.request_id)
+            if new_tokens or plp or req.is_finished:
+                updates.append(RequestUpdate(req.request_id, new_tokens, new_lps, plp, req.finish_reason,
+                                             req.stop_reason, max(req.num_cached_tokens, 0)))
+            if req.is_finished:
+                self.running.remove(req)
+                self._release(req)
+        return updates
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _prompt_done(req: Request) -> bool:
+        return req.num_computed_tokens >= req.num_prompt_tokens
+
+    def _release_siblings(self, req: Request) -> None:
+        for sib in reversed(self._held_siblings.pop(req.request_id, [])):
+            self.waiting.add_front(sib)
+
+    def _release(self, req: Request) -> None:
+        self.kv.free(req)
+        self._release_siblings(req)
+        self.requests.pop(req.request_id, None)
+        self._finished_ids.append(req.request_id)
+
+    def check_invariants(self) -> None:
+        self.kv.check_invariants()
+        live = set(self.requests)
+        assert set(self.kv.req_blocks) <= live, "blocks held by a request that is gone"
+        for req in self.running:
+            assert req.status == RequestStatus.RUNNING
+            assert len(self.kv.get_blocks(req.request_id)) * self.block_size >= req.num_computed_tokens
+        for req in self.waiting:
+            assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            assert req.request_id not in self.kv.req_blocks, "a waiting request holds blocks"
+        assert len(self.running) <= self.config.max_num_seqs

@@ -1,0 +1,135 @@
+"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding, attention over the paged KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.worker.batch import ForwardBatch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in float32 and cast back before the weight, as HF's LlamaRMSNorm does."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, freq_factors: torch.Tensor | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if freq_factors is not None:  # GGUF stores llama3-style scaling as per-frequency divisors
+        return inv_freq / freq_factors.float()
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+
+
+class RotaryEmbedding:
+    """cos/sin tables for every position up to the context, gathered by position (HF's rotate-half layout)."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
+                 freq_factors: torch.Tensor | None, dtype: torch.dtype):
+        inv_freq = rope_inv_freq(head_dim, theta, scaling, freq_factors)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (max_positions, head_dim / 2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(dtype)  # (max_positions, head_dim)
+        self.sin = emb.sin().to(dtype)
+        self.half = head_dim // 2
+
+    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # q: (T, H, D), k: (T, Hkv, D)
+        cos = self.cos[positions].unsqueeze(1)  # (T, 1, D)
+        sin = self.sin[positions].unsqueeze(1)
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., : self.half], x[..., self.half:]
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return x * cos + rotated * sin
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    # caches: (num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D)
+    num_kv, d = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv, d).index_copy_(0, slot_mapping, v)
+
+
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                           scale: float) -> torch.Tensor:
+    """Single-token queries of many requests at once: gather their blocks, mask past each length."""
+    nd = batch.num_decodes
+    num_heads, d = q.shape[1:]
+    num_kv = k_cache.shape[2]
+    group = num_heads // num_kv
+    tables = batch.decode_block_tables  # (B, MB)
+    max_len = tables.shape[1] * k_cache.shape[1]
+    keys = k_cache[tables].view(nd, max_len, num_kv, d)  # (B, L, Hkv, D)
+    values = v_cache[tables].view(nd, max_len, num_kv, d)
+    qg = q.view(nd, num_kv, group, d)  # (B, Hkv, G, D)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg.float(), keys.float()) * scale  # (B, Hkv, G, L)
+    pos = torch.arange(max_len)
+    mask = pos[None, :] >= batch.decode_seq_lens[:, None].long()  # (B, L)
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgl,blkd->bkgd", probs, values.float())  # (B, Hkv, G, D)
+    return out.reshape(nd, num_heads, d).to(q.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, seq, scale: float) -> torch.Tensor:
+    """One request's chunk: causal within the chunk, full over the KV it already has in the cache."""
+    n = seq.num_tokens
+    num_heads, d = q.shape[1:]
+    num_kv = k_cache.shape[2]
+    if seq.ctx_start == 0:
+        keys, values, mask, causal = k, v, None, True  # (n, Hkv, D): nothing cached before this chunk
+    else:
+        ctx = seq.ctx_len
+        keys = k_cache[seq.block_ids].view(-1, num_kv, d)[:ctx]  # (ctx, Hkv, D)
+        values = v_cache[seq.block_ids].view(-1, num_kv, d)[:ctx]
+        qpos = torch.arange(seq.ctx_start, ctx)
+        mask = torch.arange(ctx)[None, :] <= qpos[:, None]  # (n, ctx) bool, True = attend
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # (1, H, n, D)
+        keys.transpose(0, 1).unsqueeze(0),  # (1, Hkv, ctx, D)
+        values.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=num_heads != num_kv)
+    return out.squeeze(0).transpose(0, 1).reshape(n, num_heads, d)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, batch: ForwardBatch, scale: float, decode_fn=None) -> torch.Tensor:
+    """q: (T, H, D), k/v: (T, Hkv, D). Writes k/v into their slots, returns (T, H, D)."""
+    write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+    decode = decode_fn or decode_attention_torch
+    nd = batch.num_decodes
+    if not batch.prefills and nd == q.shape[0]:
+        return decode(q, k_cache, v_cache, batch, scale)
+    out = torch.zeros_like(q)  # rows of padding tokens stay zero
+    if nd:
+        out[:nd] = decode(q[:nd], k_cache, v_cache, batch, scale)
+    for seq in batch.prefills:
+        s, e = seq.token_start, seq.token_start + seq.num_tokens
+        out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, seq, scale)
+    return out

@@ -1,0 +1,76 @@
+"""Tokenizer and chat template (HF tokenizers, from the GGUF metadata or an HF directory) and incremental detokenization."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+
+class Tokenizer:
+    def __init__(self, source: tuple[str, str | None], chat_template: str | None = None):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        directory, gguf_file = source
+        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        self.hf = AutoTokenizer.from_pretrained(directory, **kwargs)
+        if chat_template and not getattr(self.hf, "chat_template", None):
+            self.hf.chat_template = chat_template
+        self.vocab_size = len(self.hf)
+        self.eos_token_id = self.hf.eos_token_id
+        self.all_special_ids = set(self.hf.all_special_ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_piece(self, token_id: int) -> str:
+        """Text of one token for logprob listings (may be a partial UTF-8 character)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        if not self.has_chat_template:
+            raise ValueError("this model has no chat template; use a completion prompt instead")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **kwargs)
+        # the template already contains any BOS/special tokens it wants
+        return self.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Streams text for a growing list of token ids without ever emitting half a UTF-8 character.
+
+    Decodes a small window (a few tokens of context + the new ones) and emits the part past the context, so leading
+    spaces of BPE/SentencePiece tokens come out right and the cost per token stays constant.
+    """
+
+    CONTEXT = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-self.CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def add(self, token_ids: list[int], final: bool = False) -> str:
+        self.ids.extend(token_ids)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = decode(self.ids[self.prefix_offset:], self.skip)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            delta = full[len(prefix):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return delta
+        return ""

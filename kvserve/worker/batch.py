@@ -1,0 +1,39 @@
+"""ForwardBatch: everything one forward pass needs, as flat tensors. Built by the model runner, read by the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillSeq:
+    """A chunk of `num_tokens` query tokens of one request at positions [ctx_start, ctx_start + num_tokens)."""
+
+    token_start: int  # row of its first token in the flattened batch
+    num_tokens: int
+    ctx_start: int  # tokens of this request already in the KV cache before this chunk
+    block_ids: torch.Tensor  # (num_blocks,) int64
+
+    @property
+    def ctx_len(self) -> int:
+        return self.ctx_start + self.num_tokens
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset where each token's K/V is written
+    # The first `num_decodes` rows are single-token decodes, attended in one batched call.
+    num_decodes: int = 0
+    decode_block_tables: torch.Tensor | None = None  # (num_decodes, max_blocks) int64, padded with block 0
+    decode_seq_lens: torch.Tensor | None = None  # (num_decodes,) int32: context length including the new token
+    decode_max_len: int = 0
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    logits_indices: torch.Tensor | None = None  # (R,) rows whose logits are needed
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])

@@ -1,0 +1,36 @@
+"""Allocation of the paged KV tensors from a memory budget."""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.config import ModelConfig
+
+
+def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_layers * block_size * model.num_kv_heads * model.head_dim * elem
+
+
+def num_blocks_for_budget(model: ModelConfig, block_size: int, dtype: torch.dtype, memory_gb: float) -> int:
+    n = int(memory_gb * (1 << 30)) // bytes_per_block(model, block_size, dtype)
+    if n < 2:
+        raise ValueError(f"kv_cache_memory_gb={memory_gb} holds fewer than 2 blocks of {block_size} tokens")
+    return n
+
+
+class KVCache:
+    """One tensor (layers, 2, num_blocks + 1, block_size, Hkv, D). The extra last block is a scratch slot that
+    padding tokens write into, so padded step shapes never touch a request's KV."""
+
+    def __init__(self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.tensor = torch.zeros(model.num_layers, 2, num_blocks + 1, block_size, model.num_kv_heads,
+                                  model.head_dim, dtype=dtype)
+        self.layers = [(self.tensor[i, 0], self.tensor[i, 1]) for i in range(model.num_layers)]
+        self.scratch_slot = num_blocks * block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()

@@ -1,0 +1,129 @@
+"""SchedulerOutput -> ForwardBatch -> model -> sampler -> ModelOutput. Allocates no KV and knows no requests' fate."""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.core.outputs import ModelOutput, ScheduledRequest, SchedulerOutput
+from kvserve.model.llama import LlamaModel
+from kvserve.worker.batch import ForwardBatch, PrefillSeq
+from kvserve.worker.kv_cache import KVCache
+from kvserve.worker.sampler import Sampler, token_logprobs
+
+
+def bucket(n: int) -> int:
+    """Pad step token counts to a few shapes so oneDNN builds (and caches) few kernels."""
+    if n <= 8:
+        return 8
+    if n <= 128:
+        return -(-n // 16) * 16
+    if n <= 1024:
+        return -(-n // 64) * 64
+    return -(-n // 256) * 256
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler | None = None,
+                 pad_shapes: bool = True):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.sampler = sampler or Sampler()
+        self.pad_shapes = pad_shapes
+
+    def build_batch(self, scheduled: list[ScheduledRequest]) -> tuple[ForwardBatch, list[int], dict]:
+        """Decodes first (one batched attention call), then prefill chunks. Returns the batch, the logits row of
+        each request that samples, and the logits rows of prompt positions for prompt-logprob requests."""
+        bs = self.block_size
+        decodes = [s for s in scheduled if s.num_new_tokens == 1 and s.start > 0]
+        prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.start > 0)]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for s in decodes:
+            ids.append(s.request.token_ids[s.start])
+            positions.append(s.start)
+            slots.append(s.block_ids[s.start // bs] * bs + s.start % bs)
+        seqs = []
+        for s in prefills:
+            seqs.append(PrefillSeq(len(ids), s.num_new_tokens, s.start,
+                                   torch.tensor(s.block_ids[: -(-(s.start + s.num_new_tokens) // bs)])))
+            ids.extend(s.token_ids)
+            pos = range(s.start, s.start + s.num_new_tokens)
+            positions.extend(pos)
+            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in pos)
+        num_real = len(ids)
+        padded = bucket(num_real) if self.pad_shapes else num_real
+        pad = padded - num_real
+        ids.extend([0] * pad)
+        positions.extend([0] * pad)
+        slots.extend([self.kv_cache.scratch_slot] * pad)
+
+        # logits rows: sampled requests' last token, plus every covered prompt position of prompt-logprob requests
+        rows: list[int] = []
+        sample_rows: list[int] = []
+        prompt_rows: dict[str, tuple[int, int, int]] = {}  # request id -> (first row in logits, count, first pos)
+        row_of = {id(s): i for i, s in enumerate(decodes)}
+        offset = len(decodes)
+        for s in prefills:
+            row_of[id(s)] = offset
+            offset += s.num_new_tokens
+        ordered = decodes + prefills
+        for s in ordered:
+            first = row_of[id(s)]
+            if s.prompt_logprobs:
+                last_pos = min(s.start + s.num_new_tokens, s.request.num_prompt_tokens - 1)
+                count = max(last_pos - s.start, 0)
+                if count:
+                    prompt_rows[s.request_id] = (len(rows), count, s.start + 1)
+                    rows.extend(range(first, first + count))
+            if s.sample:
+                sample_rows.append(len(rows))
+                rows.append(first + s.num_new_tokens - 1)
+
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            prefills=seqs,
+            logits_indices=torch.tensor(rows, dtype=torch.long),
+        )
+        if decodes:
+            max_blocks = max(-(-(s.start + 1) // bs) for s in decodes)
+            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
+            for i, s in enumerate(decodes):
+                n = -(-(s.start + 1) // bs)
+                table[i, :n] = torch.tensor(s.block_ids[:n])
+            batch.num_decodes = len(decodes)
+            batch.decode_block_tables = table
+            batch.decode_seq_lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.int32)
+            batch.decode_max_len = max(s.start + 1 for s in decodes)
+        return batch, ordered, (sample_rows, prompt_rows)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelOutput:
+        self.sampler.drop(sched.finished_ids)
+        out = ModelOutput()
+        if sched.is_empty:
+            return out
+        batch, ordered, (sample_rows, prompt_rows) = self.build_batch(sched.scheduled)
+        hidden = self.model.forward(batch, self.kv_cache.layers)
+        if batch.logits_indices.numel() == 0:
+            return out
+        logits = self.model.compute_logits(hidden)  # (R, vocab) float32
+        sampling = [s for s in ordered if s.sample]
+        if sampling:
+            tokens, lps = self.sampler(logits[sample_rows], [s.request for s in sampling])
+            for s, tok, lp in zip(sampling, tokens, lps):
+                out.sampled[s.request_id] = tok
+                if lp is not None:
+                    out.logprobs[s.request_id] = lp
+        for s in ordered:
+            if s.request_id not in prompt_rows:
+                continue
+            first, count, first_pos = prompt_rows[s.request_id]
+            lp = torch.log_softmax(logits[first:first + count], dim=-1)
+            targets = torch.tensor(s.request.token_ids[first_pos:first_pos + count], dtype=torch.long)
+            out.prompt_logprobs[s.request_id] = (first_pos, token_logprobs(lp, targets,
+                                                                           s.request.sampling_params.prompt_logprobs))
+        return out

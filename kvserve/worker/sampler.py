@@ -1,0 +1,118 @@
+"""Logits -> next tokens: penalties, greedy, temperature, top-k/p, min-p, per-request seeds, logprobs."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from kvserve.core.outputs import TokenLogprobs
+from kvserve.core.request import Request
+
+
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> list[TokenLogprobs]:
+    """logprobs: (R, V) log-softmax rows; token_ids: (R,). Returns (id, logprob, rank, top-k pairs) per row."""
+    chosen = logprobs.gather(1, token_ids[:, None])  # (R, 1)
+    ranks = (logprobs > chosen).sum(dim=1) + 1  # (R,)
+    if k > 0:
+        top_vals, top_ids = logprobs.topk(k, dim=1)
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    out = []
+    for i, (tok, lp, rank) in enumerate(zip(token_ids.tolist(), chosen[:, 0].tolist(), ranks.tolist())):
+        top = list(zip(top_ids[i], top_vals[i])) if k > 0 else []
+        out.append((tok, lp, rank, top))
+    return out
+
+
+class Sampler:
+    """Stateless but for one torch.Generator per request: a seeded request draws the same tokens whatever else
+    is in the batch, and preemption (which recomputes KV but keeps sampled tokens) does not disturb its stream."""
+
+    def __init__(self) -> None:
+        self._generators: dict[str, torch.Generator] = {}
+
+    def drop(self, request_ids) -> None:
+        for rid in request_ids:
+            self._generators.pop(rid, None)
+
+    def _generator(self, req: Request) -> torch.Generator:
+        g = self._generators.get(req.request_id)
+        if g is None:
+            seed = req.sampling_params.seed
+            g = torch.Generator()
+            g.manual_seed((seed if seed is not None else random.getrandbits(63)) % (2**63))
+            self._generators[req.request_id] = g
+        return g
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        # logits: (R, V) float32, one row per request to sample
+        num_lp = [r.sampling_params.logprobs for r in requests]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in num_lp) else None
+        logits = self._apply_penalties(logits, requests)
+        tokens = torch.empty(len(requests), dtype=torch.long)
+        greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
+        rand = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if greedy:
+            tokens[greedy] = logits[greedy].argmax(dim=-1)
+        if rand:
+            tokens[rand] = self._sample_random(logits[rand], [requests[i] for i in rand])
+        lps: list[TokenLogprobs | None] = [None] * len(requests)
+        if raw_logprobs is not None:
+            rows = [i for i, k in enumerate(num_lp) if k is not None]
+            kmax = max(num_lp[i] for i in rows)
+            for i, tl in zip(rows, token_logprobs(raw_logprobs[rows], tokens[rows], kmax)):
+                lps[i] = (tl[0], tl[1], tl[2], tl[3][: num_lp[i]])
+        return tokens.tolist(), lps
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties or
+                (r.sampling_params.min_tokens and r.num_output_tokens < r.sampling_params.min_tokens)]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[1]
+        for i in rows:
+            req, sp, row = requests[i], requests[i].sampling_params, logits[i]
+            if sp.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(t for t in req.token_ids if t < vocab)), dtype=torch.long)
+                vals = row[seen]
+                row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+            if sp.presence_penalty or sp.frequency_penalty:
+                out = [t for t in req.output_token_ids if t < vocab]
+                if out:
+                    counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=vocab).float()
+                    row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).float()
+            if sp.min_tokens and req.num_output_tokens < sp.min_tokens:
+                banned = [t for t in (*sp.stop_token_ids, *([] if sp.ignore_eos else req.eos_token_ids)) if t < vocab]
+                if banned:
+                    row[banned] = float("-inf")
+        return logits
+
+    def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        # logits: (B, V)
+        temps = torch.tensor([r.sampling_params.temperature for r in requests], dtype=torch.float32)
+        logits = logits / temps[:, None]
+        top_ks = [r.sampling_params.top_k for r in requests]
+        if any(top_ks):
+            vocab = logits.shape[1]
+            ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks])
+            kth = logits.topk(int(ks.max()), dim=1).values.gather(1, (ks - 1)[:, None])  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        top_ps = torch.tensor([r.sampling_params.top_p for r in requests], dtype=torch.float32)
+        if (top_ps < 1.0).any():
+            sorted_p, idx = probs.sort(dim=1, descending=True)
+            cum = sorted_p.cumsum(dim=1)
+            drop = (cum - sorted_p) > top_ps[:, None]  # keep the smallest prefix reaching top_p (always the first)
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p)
+        min_ps = torch.tensor([r.sampling_params.min_p for r in requests], dtype=torch.float32)
+        if (min_ps > 0).any():
+            thresh = probs.max(dim=1, keepdim=True).values * min_ps[:, None]
+            probs = probs.masked_fill(probs < thresh, 0.0)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (renormalisation not needed).
+        noise = torch.empty_like(probs)
+        for i, r in enumerate(requests):
+            noise[i].exponential_(generator=self._generator(r))
+        return (probs / noise).argmax(dim=1)
