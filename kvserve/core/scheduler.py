@@ -31,6 +31,7 @@ class Scheduler:
         # n > 1: siblings wait here until the first sequence has computed the prompt, then share its blocks
         self._held_siblings: dict[str, list[Request]] = {}
         self._finished_ids: list[str] = []
+        self._out_of_blocks: list[Request] = []  # ended in schedule(); reported by the next update()
         self.num_preemptions = 0
         self.step_count = 0
 
@@ -38,6 +39,9 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.num_tokens >= self.config.max_model_len:
             raise RequestTooLongError(request.num_tokens, self.config.max_model_len)
+        capacity = self.kv.pool.num_blocks * self.block_size
+        if request.num_tokens + 1 > capacity:
+            raise RequestTooLongError(request.num_tokens, capacity - 1)
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self.requests[request.request_id] = request
@@ -46,6 +50,12 @@ class Scheduler:
             self._held_siblings.setdefault(parent.request_id, []).append(request)
         else:
             self.waiting.add(request)
+
+    def _finish_now(self, req: Request, status: RequestStatus) -> None:
+        self.running.remove(req)
+        req.status = status
+        self._release(req)
+        self._out_of_blocks.append(req)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         """End a request from outside the step (abort, stop string); frees its blocks at once."""
@@ -88,6 +98,10 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and n < req.num_tokens - req.num_computed_tokens:
                 continue
             while self.kv.allocate_slots(req, n) is None:
+                if self.running == [req]:
+                    # alone and still out of blocks: the pool cannot hold this sequence; end it, never spin
+                    self._finish_now(req, RequestStatus.FINISHED_LENGTH)
+                    break
                 victim = self.waiting.choose_victim(self.running)
                 budget += num_new.pop(victim.request_id, 0)
                 self._preempt(victim)
@@ -171,7 +185,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ update
     def update(self, sched: SchedulerOutput, out: ModelOutput) -> list[RequestUpdate]:
-        updates = []
+        updates = [RequestUpdate(r.request_id, [], [], None, r.finish_reason, None, max(r.num_cached_tokens, 0))
+                   for r in self._out_of_blocks]
+        self._out_of_blocks = []
         for sr in sched.scheduled:
             req = sr.request
             if req.is_finished or req.status != RequestStatus.RUNNING:

@@ -1,0 +1,236 @@
+"""Scheduler with a fake model runner: budgets, stall-free decodes, preemption, sharing, randomized invariants."""
+
+import random
+
+import pytest
+
+from kvserve.config import SchedulerConfig
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.request import Request, RequestStatus
+from kvserve.core.scheduler import RequestTooLongError, Scheduler
+from kvserve.sampling import SamplingParams
+
+from tests.core.fake_runner import FakeRunner
+
+BS = 16
+
+
+def make_sched(num_blocks=256, budget=64, max_seqs=16, caching=True, max_len=8192, chunked=True):
+    kv = KVCacheManager(num_blocks, BS, caching)
+    return Scheduler(SchedulerConfig(budget, max_seqs, max_len, chunked), kv)
+
+
+def req(rid, n_prompt, max_tokens=8, seed_tokens=None, salt=None, share=None, eos=(), **sp):
+    rng = random.Random(rid if seed_tokens is None else seed_tokens)
+    toks = [rng.randrange(3, 1000) for _ in range(n_prompt)]
+    return Request(rid, toks, SamplingParams(temperature=0, max_tokens=max_tokens, **sp), BS, eos, cache_salt=salt,
+                   share_prompt_with=share)
+
+
+def run(sched, runner, max_steps=10_000, check=True, on_step=None):
+    outputs: dict[str, list[int]] = {}
+    steps = 0
+    while sched.has_unfinished_requests():
+        so = sched.schedule()
+        assert so.num_batched_tokens <= sched.config.max_num_batched_tokens
+        assert len(so.scheduled) <= sched.config.max_num_seqs
+        mo = runner.execute(so)
+        for u in sched.update(so, mo):
+            outputs.setdefault(u.request_id, []).extend(u.new_token_ids)
+        if check:
+            sched.check_invariants()
+        if on_step:
+            on_step(steps, so)
+        steps += 1
+        assert steps < max_steps, "scheduler made no progress"
+    return outputs
+
+
+def test_budget_and_chunking_flatten_many_requests():
+    sched = make_sched(budget=64)
+    runner = FakeRunner(BS)
+    for i in range(6):
+        sched.add_request(req(f"r{i}", 100 + 7 * i, max_tokens=5))
+    out = run(sched, runner)
+    assert all(len(v) == 5 for v in out.values()) and len(out) == 6
+    first = runner.steps[0]
+    assert first.num_batched_tokens == 64 and [s.num_new_tokens for s in first.scheduled] == [64]
+    # a step mixes decodes and prefill chunks of several requests
+    assert any(len({s.request_id for s in so.scheduled}) > 1 and
+               any(s.num_new_tokens == 1 for s in so.scheduled) and
+               any(s.num_new_tokens > 1 for s in so.scheduled) for so in runner.steps)
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks
+
+
+def test_long_prefill_never_stalls_running_decodes():
+    sched = make_sched(num_blocks=600, budget=256)
+    runner = FakeRunner(BS)
+    for i in range(4):
+        sched.add_request(req(f"d{i}", 20, max_tokens=60))
+    # let the decoders start
+    for _ in range(3):
+        so = sched.schedule()
+        sched.update(so, runner.execute(so))
+    decoding = {r.request_id for r in sched.running if not r.in_prefill}
+    assert len(decoding) == 4
+    sched.add_request(req("long", 4096, max_tokens=2))
+
+    def check(step, so):
+        ids = {s.request_id for s in so.scheduled}
+        live = {rid for rid in decoding if rid in sched.requests or rid in ids}
+        missing = live - ids
+        assert not missing, f"step {step}: decodes {missing} were not scheduled while the long prompt prefilled"
+
+    run(sched, runner, on_step=check)
+    long_chunks = [s.num_new_tokens for so in runner.steps for s in so.scheduled if s.request_id == "long"]
+    assert sum(long_chunks[:-1]) + 1 >= 4096 and max(long_chunks) <= 256 - 0
+
+
+def test_no_chunking_waits_for_whole_prompt_budget():
+    sched = make_sched(budget=300, max_len=300, chunked=False)
+    runner = FakeRunner(BS)
+    sched.add_request(req("a", 200, max_tokens=3))
+    sched.add_request(req("b", 200, max_tokens=3))
+    run(sched, runner)
+    first = runner.steps[0]
+    assert [s.num_new_tokens for s in first.scheduled] == [200]
+
+
+def test_preemption_and_resume_give_same_tokens():
+    def go(num_blocks):
+        sched = make_sched(num_blocks=num_blocks, budget=64, max_seqs=8)
+        runner = FakeRunner(BS)
+        for i in range(8):
+            sched.add_request(req(f"r{i}", 40 + 3 * i, max_tokens=40))
+        return run(sched, runner), sched
+
+    ref, s_ref = go(400)
+    out, s_small = go(24)
+    assert s_ref.num_preemptions == 0
+    assert s_small.num_preemptions > 0
+    assert out == ref
+    assert s_small.kv.pool.num_free_blocks == 24
+
+
+def test_prefix_hit_reported_and_reused_blocks_are_the_cached_ones():
+    sched = make_sched(budget=512)
+    runner = FakeRunner(BS)
+    a = req("a", 100, max_tokens=2, seed_tokens=7)
+    sched.add_request(a)
+    run(sched, runner)
+    cached_ids = [sched.kv.pool.get_cached_block(h).block_id for h in a.block_hashes[:6]]
+    b = req("b", 100, max_tokens=2, seed_tokens=7)
+    sched.add_request(b)
+    so = sched.schedule()
+    (sb,) = so.scheduled
+    assert sb.start == 96 and sb.num_new_tokens == 4 and b.num_cached_tokens == 96
+    assert sb.block_ids[:6] == cached_ids
+    sched.update(so, runner.execute(so))
+    run(sched, runner)
+    assert sched.kv.stats.hit_tokens == 96
+
+
+def test_n_siblings_share_prompt_blocks():
+    sched = make_sched(budget=512)
+    runner = FakeRunner(BS)
+    first = req("g#0", 70, max_tokens=4, seed_tokens=1)
+    sibs = [req(f"g#{i}", 70, max_tokens=4, seed_tokens=1, share=first) for i in (1, 2)]
+    sched.add_request(first)
+    for s in sibs:
+        sched.add_request(s)
+    assert sched.num_waiting == 3
+    so = sched.schedule()
+    assert [s.request_id for s in so.scheduled] == ["g#0"]  # siblings wait for the prompt
+    sched.update(so, runner.execute(so))
+    so = sched.schedule()
+    by_id = {s.request_id: s for s in so.scheduled}
+    shared = by_id["g#0"].block_ids[:4]
+    for sid in ("g#1", "g#2"):
+        assert by_id[sid].block_ids[:4] == shared and by_id[sid].start == 64 and by_id[sid].num_new_tokens == 6
+    assert all(sched.kv.pool.blocks[b].ref_cnt == 3 for b in shared)
+    sched.update(so, runner.execute(so))
+    sched.check_invariants()
+    run(sched, runner)
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks
+
+
+def test_too_long_prompt_rejected_at_admission():
+    sched = make_sched(max_len=128)
+    with pytest.raises(RequestTooLongError):
+        sched.add_request(req("x", 128))
+    assert not sched.has_unfinished_requests()
+
+
+def test_abort_frees_blocks_immediately():
+    sched = make_sched()
+    runner = FakeRunner(BS)
+    sched.add_request(req("a", 100, max_tokens=50))
+    so = sched.schedule()
+    sched.update(so, runner.execute(so))
+    assert sched.kv.pool.num_used_blocks > 0
+    sched.finish_request("a", RequestStatus.FINISHED_ABORTED)
+    assert sched.kv.pool.num_used_blocks == 0 and not sched.has_unfinished_requests()
+    sched.check_invariants()
+
+
+def test_eos_and_stop_token_finish():
+    sched = make_sched()
+    runner = FakeRunner(BS, eos=2, eos_after=3)
+    r = req("a", 20, max_tokens=50, eos=(2,))
+    sched.add_request(r)
+    out = run(sched, runner)
+    assert out["a"][-1] == 2 and len(out["a"]) == 3 and r.finish_reason.value == "stop"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_randomized_invariants(seed):
+    rng = random.Random(seed)
+    caching = seed % 2 == 0
+    sched = make_sched(num_blocks=rng.choice([12, 40, 200]), budget=rng.choice([16, 48, 128]),
+                       max_seqs=rng.choice([2, 5, 16]), caching=caching, max_len=512)
+    runner = FakeRunner(BS)
+    prefixes = [[rng.randrange(3, 1000) for _ in range(rng.choice([16, 40, 64]))] for _ in range(3)]
+    n_added = 0
+    pending = 25
+    results = {}
+    steps = 0
+    while pending or sched.has_unfinished_requests():
+        if pending and rng.random() < 0.5:
+            body = [rng.randrange(3, 1000) for _ in range(rng.randrange(1, 60))]
+            toks = (rng.choice(prefixes) if rng.random() < 0.6 else []) + body
+            n = rng.choice([1, 1, 1, 2, 3])
+            rid = f"q{n_added}"
+            sp = SamplingParams(temperature=0, max_tokens=rng.randrange(1, 30))
+            first = Request(f"{rid}#0", toks, sp, BS, (), cache_salt=rng.choice([None, None, "s"]))
+            sched.add_request(first)
+            for i in range(1, n):
+                sched.add_request(Request(f"{rid}#{i}", toks, sp, BS, (), cache_salt=first.cache_salt,
+                                          share_prompt_with=first))
+            n_added += 1
+            pending -= 1
+        if rng.random() < 0.05 and sched.requests:
+            victim = rng.choice(sorted(sched.requests))
+            sched.finish_request(victim, RequestStatus.FINISHED_ABORTED)
+            sched.check_invariants()
+        so = sched.schedule()
+        sched.check_invariants()
+        mo = runner.execute(so)
+        for u in sched.update(so, mo):
+            results.setdefault(u.request_id, []).extend(u.new_token_ids)
+        sched.check_invariants()
+        steps += 1
+        assert steps < 20_000
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks, "blocks leaked"
+    assert not sched.kv.req_blocks
+
+
+def test_sequence_larger_than_pool_ends_instead_of_spinning():
+    sched = make_sched(num_blocks=4, budget=64)
+    runner = FakeRunner(BS)
+    with pytest.raises(RequestTooLongError):
+        sched.add_request(req("huge", 64))
+    r = req("grows", 60, max_tokens=100)
+    sched.add_request(r)
+    out = run(sched, runner)
+    assert r.finish_reason.value == "length" and len(out["grows"]) == 64 + 1 - 60
+    assert sched.kv.pool.num_free_blocks == 4
