@@ -51,18 +51,26 @@ class EngineArgs:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, model: LlamaModel | None = None, tokenizer: Tokenizer | None = None,
+                 model_name: str | None = None):
+        """`model`/`tokenizer` let several engines (tests, benchmarks) share one set of loaded weights."""
         self.args = args
         dtype = args.torch_dtype()
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        loaded = load_model(args.model)
-        self.model_name = loaded.name
+        if model is None or tokenizer is None:
+            loaded = load_model(args.model)
+            model = LlamaModel(loaded.config, loaded.weights, dtype)
+            tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template)
+            model_name = loaded.name
+            del loaded
+        if model.dtype != dtype:
+            raise ConfigError(f"shared model has dtype {model.dtype}, engine asked for {dtype}")
+        self.model_name = model_name or "model"
         self.model_path = args.model
-        self.model_config = loaded.config
-        self.tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template)
-        self.model = LlamaModel(loaded.config, loaded.weights, dtype)
-        del loaded
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.model = model
         max_len = min(args.max_model_len or self.model_config.max_position_embeddings,
                       self.model_config.max_position_embeddings)
         self.cache_config = CacheConfig(args.block_size, args.num_blocks, args.kv_cache_memory_gb,
@@ -196,6 +204,12 @@ class LLM:
                                            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                            enable_prefix_caching=enable_prefix_caching,
                                            kv_cache_memory_gb=kv_cache_memory_gb, **kwargs))
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> "LLM":
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        return llm
 
     def get_tokenizer(self):
         return self.engine.tokenizer.hf
