@@ -15,6 +15,7 @@ from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
 from kvserve.engine.output_processor import OutputProcessor
+from kvserve.kernels import paged_decode_attention_fn
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
 from kvserve.model.tokenizer import Tokenizer
@@ -43,6 +44,7 @@ class EngineArgs:
     max_model_len: int | None = None
     num_threads: int | None = None
     pad_shapes: bool = True
+    native_kernels: bool = True  # JIT-built C++ decode attention (falls back to PyTorch if it cannot build)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in _DTYPES:
@@ -82,6 +84,8 @@ class LLMEngine:
         self.kv_cache = KVCache(self.model_config, num_blocks, args.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        if args.native_kernels and self.model.decode_fn is None:
+            self.model.decode_fn = paged_decode_attention_fn()
         self.runner = ModelRunner(self.model, self.kv_cache, pad_shapes=args.pad_shapes)
         self.output_processor = OutputProcessor(self.tokenizer)
         eos = set(self.model_config.eos_token_ids)

@@ -54,10 +54,13 @@ class RotaryEmbedding:
         self.sin = emb.sin().to(dtype)
         self.half = head_dim // 2
 
-    def __call__(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for this step's positions, gathered once and reused by every layer: (T, 1, D) each."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def __call__(self, cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
         # q: (T, H, D), k: (T, Hkv, D)
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, D)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = cos_sin
         return self._apply(q, cos, sin), self._apply(k, cos, sin)
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

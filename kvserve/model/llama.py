@@ -77,6 +77,7 @@ class LlamaModel:
         c = self.config
         t = batch.num_tokens
         h = F.embedding(batch.input_ids, self.embed)  # (T, hidden)
+        cos_sin = self.rotary.tables(batch.positions)
         for lw, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = rms_norm(h, lw.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # (T, (H + 2 Hkv) D)
@@ -84,7 +85,7 @@ class LlamaModel:
             q = q.view(t, c.num_heads, c.head_dim)
             k = k.view(t, c.num_kv_heads, c.head_dim)
             v = v.contiguous().view(t, c.num_kv_heads, c.head_dim)
-            q, k = self.rotary(batch.positions, q, k)
+            q, k = self.rotary(cos_sin, q, k)
             attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, self.decode_fn)  # (T, H, D)
             h = h + F.linear(attn.reshape(t, self.q_size), lw.o)
             x = rms_norm(h, lw.post_norm, c.rms_norm_eps)

@@ -1,0 +1,59 @@
+"""Native CPU kernels, JIT-built once with torch's cpp_extension; every caller keeps a pure-PyTorch fallback."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+
+log = logging.getLogger("kvserve.kernels")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_cache: dict[str, object] = {}
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+          "-fno-signed-zeros", "-ffp-contract=fast"]
+
+
+def _build_dir(name: str, source: str) -> str:
+    import torch
+
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read() + " ".join(CFLAGS).encode() + torch.__version__.encode()
+                                + platform.machine().encode()).hexdigest()[:16]
+    root = os.environ.get("KVSERVE_EXT_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvserve", "ext")
+    path = os.path.join(root, f"{name}-{digest}")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def load(name: str):
+    """The compiled module, or None when KVSERVE_NO_EXT=1 or no compiler is available (callers fall back)."""
+    if os.environ.get("KVSERVE_NO_EXT") == "1":
+        return None
+    if name in _cache:
+        return _cache[name]
+    module = None
+    try:
+        from torch.utils.cpp_extension import load as jit_load
+
+        source = os.path.join(_HERE, f"{name}.cpp")
+        module = jit_load(name=f"kvserve_{name}", sources=[source], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                          build_directory=_build_dir(name, source), verbose=False)
+    except Exception as e:  # no compiler, no ninja, ...: slower but correct
+        log.warning("native kernel %s unavailable (%s); using the PyTorch fallback", name, e)
+    _cache[name] = module
+    return module
+
+
+def paged_decode_attention_fn():
+    """decode_fn for kvserve.model.layers.paged_attention, or None."""
+    mod = load("paged_attention")
+    if mod is None:
+        return None
+
+    def decode(q, k_cache, v_cache, batch, scale):
+        return mod.paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens,
+                                          scale)
+
+    return decode

@@ -1,0 +1,261 @@
+// Decode attention straight over the paged KV cache: no gather copy, one pass per (sequence, kv head).
+//
+// q:            (B, H, D)            float32 or bfloat16
+// k/v_cache:    (NB, BS, Hkv, D)     same dtype as q
+// block_tables: (B, MB) int64
+// seq_lens:     (B,) int32           context length of each sequence, including the new token
+// out:          (B, H, D)            same dtype as q
+//
+// Each worker takes whole (sequence, kv head) pairs, so the G = H / Hkv query heads that share a KV head read every
+// key and value row once. Scores for the whole context stay in a per-thread buffer (contexts are at most a few
+// thousand tokens), then a numerically safe softmax, then one weighted pass over the values.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define KVSERVE_AVX512_BF16 1
+#endif
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline void from_float(float x, float* dst) { *dst = x; }
+inline void from_float(float x, c10::BFloat16* dst) { *dst = c10::BFloat16(x); }
+
+template <typename T, int D>
+void decode_kernel(const T* __restrict q, const T* __restrict k_cache, const T* __restrict v_cache,
+                   const int64_t* __restrict tables, const int32_t* __restrict lens, T* __restrict out,
+                   int64_t B, int64_t H, int64_t Hkv, int64_t BS, int64_t MB, float scale) {
+  const int64_t G = H / Hkv;
+  const int64_t row = Hkv * D;     // elements per token in a block
+  const int64_t blk = BS * row;    // elements per block
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> qf(G * D);
+    std::vector<float> acc(G * D);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / Hkv, h = idx % Hkv;
+      const int64_t L = lens[b];
+      if (L <= 0) continue;
+      scores.resize(G * L);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_float(q[(b * H + h * G + g) * D + d]) * scale;
+      const int64_t* table = tables + b * MB;
+      // scores = q . k for every context token
+      for (int64_t t = 0; t < L; ++t) {
+        const T* krow = k_cache + table[t / BS] * blk + (t % BS) * row + h * D;
+        float kf[D];
+        for (int64_t d = 0; d < D; ++d) kf[d] = to_float(krow[d]);
+        for (int64_t g = 0; g < G; ++g) {
+          float s = 0.f;
+          const float* qg = qf.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
+          scores[g * L + t] = s;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * L;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < L; ++t) m = sg[t] > m ? sg[t] : m;
+        float sum = 0.f;
+        for (int64_t t = 0; t < L; ++t) { sg[t] = std::exp(sg[t] - m); sum += sg[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t = 0; t < L; ++t) {
+        const T* vrow = v_cache + table[t / BS] * blk + (t % BS) * row + h * D;
+        float vf[D];
+        for (int64_t d = 0; d < D; ++d) vf[d] = to_float(vrow[d]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * L + t];
+          float* ag = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) ag[d] += p * vf[d];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; ++d) from_float(acc[g * D + d], out + (b * H + h * G + g) * D + d);
+    }
+  });
+}
+
+#ifdef KVSERVE_AVX512_BF16
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), |rel err| < 2e-7.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Softmax of one row of scores in place, 16 lanes at a time.
+inline void softmax_row(float* s, int64_t L) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= L; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + t));
+  float m = _mm512_reduce_max_ps(mv);
+  for (; t < L; ++t) m = s[t] > m ? s[t] : m;
+  const __m512 mb = _mm512_set1_ps(m);
+  __m512 sv = _mm512_setzero_ps();
+  for (t = 0; t + 16 <= L; t += 16) {
+    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mb));
+    _mm512_storeu_ps(s + t, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  if (t < L) {
+    const __mmask16 k = (__mmask16)((1u << (L - t)) - 1);
+    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), mb));
+    e = _mm512_maskz_mov_ps(k, e);
+    _mm512_mask_storeu_ps(s + t, k, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sv));
+  for (t = 0; t + 16 <= L; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
+  for (; t < L; ++t) s[t] *= _mm512_cvtss_f32(inv);
+}
+
+// bfloat16 with AVX512-BF16: q.k as bf16 pair dot products (vdpbf16ps) accumulated in float32, p.v in float32.
+template <int D>
+void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
+                               const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
+                               const int32_t* __restrict lens, c10::BFloat16* __restrict out, int64_t B, int64_t H,
+                               int64_t Hkv, int64_t BS, int64_t MB, float scale) {
+  static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
+  constexpr int NQ = D / 32;  // 512-bit loads of 32 bf16 per row
+  constexpr int NV = D / 16;  // float32 accumulators of 16 lanes per row
+  const int64_t G = H / Hkv;
+  const int64_t row = Hkv * D;
+  const int64_t blk = BS * row;
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<__m512bh> qv(G * NQ);
+    std::vector<__m512> acc(G * NV);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / Hkv, h = idx % Hkv;
+      const int64_t L = lens[b];
+      if (L <= 0) continue;
+      scores.resize(G * L);
+      for (int64_t g = 0; g < G; ++g)
+        for (int i = 0; i < NQ; ++i)
+          qv[g * NQ + i] = (__m512bh)_mm512_loadu_si512(q + (b * H + h * G + g) * D + i * 32);
+      const int64_t* table = tables + b * MB;
+      for (int64_t t = 0; t < L; ++t) {
+        const c10::BFloat16* krow = k_cache + table[t / BS] * blk + (t % BS) * row + h * D;
+        __m512bh kr[NQ];
+        for (int i = 0; i < NQ; ++i) kr[i] = (__m512bh)_mm512_loadu_si512(krow + i * 32);
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 s = _mm512_setzero_ps();
+          for (int i = 0; i < NQ; ++i) s = _mm512_dpbf16_ps(s, qv[g * NQ + i], kr[i]);
+          // fold 16 lanes to 8 before the (slow) horizontal sum
+          __m256 lo = _mm512_castps512_ps256(s);
+          __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+          __m256 s8 = _mm256_add_ps(lo, hi);
+          __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+          s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+          s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+          scores[g * L + t] = _mm_cvtss_f32(s4) * scale;
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) softmax_row(scores.data() + g * L, L);
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t t = 0; t < L; ++t) {
+        const c10::BFloat16* vrow = v_cache + table[t / BS] * blk + (t % BS) * row + h * D;
+        __m512 vf[NV];
+        for (int i = 0; i < NV; ++i) {
+          __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + i * 16));
+          vf[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 p = _mm512_set1_ps(scores[g * L + t]);
+          for (int i = 0; i < NV; ++i) acc[g * NV + i] = _mm512_fmadd_ps(p, vf[i], acc[g * NV + i]);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        c10::BFloat16* o = out + (b * H + h * G + g) * D;
+        for (int i = 0; i < NV; ++i) {
+          __m256bh r = _mm512_cvtneps_pbh(acc[g * NV + i]);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i * 16), (__m256i)r);
+        }
+      }
+    }
+  });
+}
+#endif
+
+template <typename T>
+void dispatch_d(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const torch::Tensor& bt,
+                const torch::Tensor& sl, torch::Tensor& out, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = kc.size(1), Hkv = kc.size(2), MB = bt.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = kc.data_ptr<T>();
+  const T* vp = vc.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* tp = bt.data_ptr<int64_t>();
+  const int32_t* lp = sl.data_ptr<int32_t>();
+#ifdef KVSERVE_AVX512_BF16
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (D == 64) return decode_kernel_bf16_avx512<64>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale);
+    if (D == 128) return decode_kernel_bf16_avx512<128>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale);
+  }
+#endif
+  switch (D) {
+    case 64: decode_kernel<T, 64>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
+    case 128: decode_kernel<T, 128>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
+    case 96: decode_kernel<T, 96>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
+    case 80: decode_kernel<T, 80>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
+    case 256: decode_kernel<T, 256>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
+    default: TORCH_CHECK(false, "paged decode attention: unsupported head_dim ", D);
+  }
+}
+
+}  // namespace
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "bad ranks");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtype mismatch");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && seq_lens.scalar_type() == torch::kInt32, "index dtypes");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(q.size(2) == k_cache.size(3), "head_dim mismatch");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  seq_lens = seq_lens.contiguous();
+  TORCH_CHECK(seq_lens.size(0) == q.size(0) && block_tables.size(0) == q.size(0), "batch mismatch");
+  auto out = torch::empty_like(q);
+  if (q.scalar_type() == torch::kFloat32) {
+    dispatch_d<float>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
+  } else if (q.scalar_type() == torch::kBFloat16) {
+    dispatch_d<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
+  } else {
+    TORCH_CHECK(false, "paged decode attention supports float32 and bfloat16");
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+}
