@@ -10,6 +10,7 @@ import platform
 log = logging.getLogger("kvserve.kernels")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _cache: dict[str, object] = {}
+KERNEL_HEAD_DIMS = (64, 80, 96, 128, 256)  # instantiated in paged_attention.cpp
 
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
           "-fno-signed-zeros", "-ffp-contract=fast"]
@@ -52,7 +53,13 @@ def paged_decode_attention_fn():
     if mod is None:
         return None
 
+    import torch
+
+    from kvserve.model.layers import decode_attention_torch
+
     def decode(q, k_cache, v_cache, batch, scale):
+        if q.shape[-1] not in KERNEL_HEAD_DIMS or q.dtype not in (torch.float32, torch.bfloat16):
+            return decode_attention_torch(q, k_cache, v_cache, batch, scale)
         return mod.paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens,
                                           scale)
 
