@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
 from kvserve.worker.batch import ForwardBatch
+
+
+class Linear:
+    """y = x W^T + b with W prepared once for the fastest CPU matmul available.
+
+    For bfloat16, oneDNN otherwise re-lays the weight out on every call; a pre-packed weight halves small-batch
+    (decode) matmul time and gives bit-identical results."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True):
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.packed = pack and weight.dtype == torch.bfloat16 and _can_pack()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 64) if self.packed else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+
+def _can_pack() -> bool:
+    if os.environ.get("KVSERVE_NO_PACK") == "1":
+        return False
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

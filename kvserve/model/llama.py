@@ -8,19 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from kvserve.config import ModelConfig
-from kvserve.model.layers import RotaryEmbedding, paged_attention, rms_norm
+from kvserve.model.layers import Linear, RotaryEmbedding, paged_attention, rms_norm
 from kvserve.worker.batch import ForwardBatch
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # (hidden,)
-    qkv: torch.Tensor  # ((H + 2 Hkv) D, hidden): q, k, v projections fused into one matmul
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # (hidden, H D)
+    qkv: Linear  # ((H + 2 Hkv) D, hidden): q, k, v projections fused into one matmul (+ Qwen2 bias)
+    o: Linear  # (hidden, H D)
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # (2 I, hidden)
-    down: torch.Tensor  # (hidden, I)
+    gate_up: Linear  # (2 I, hidden)
+    down: Linear  # (hidden, I)
 
 
 class LlamaModel:
@@ -40,7 +39,7 @@ class LlamaModel:
         if self.embed.shape != (c.vocab_size, c.hidden_size):
             raise ValueError(f"embedding shape {tuple(self.embed.shape)} does not match the config "
                              f"({c.vocab_size}, {c.hidden_size})")
-        self.lm_head = self.embed if c.tie_word_embeddings else w("lm_head.weight")
+        self.lm_head = Linear(self.embed if c.tie_word_embeddings else w("lm_head.weight"))
         self.norm = w("model.norm.weight")
         self.layers: list[LayerWeights] = []
         for i in range(c.num_layers):
@@ -50,12 +49,11 @@ class LlamaModel:
                 bias = torch.cat([w(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
             self.layers.append(LayerWeights(
                 input_norm=w(p + "input_layernorm.weight"),
-                qkv=torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]).contiguous(),
-                qkv_bias=bias,
-                o=w(p + "self_attn.o_proj.weight"),
+                qkv=Linear(torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]).contiguous(), bias),
+                o=Linear(w(p + "self_attn.o_proj.weight")),
                 post_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
-                down=w(p + "mlp.down_proj.weight"),
+                gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous()),
+                down=Linear(w(p + "mlp.down_proj.weight")),
             ))
         self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling_dict,
                                       weights.get("rope_freqs"), dtype)
@@ -66,10 +64,10 @@ class LlamaModel:
 
     def weight_bytes(self) -> int:
         """Bytes read per decode step (the lm_head counted once when tied)."""
-        total = self.embed.numel() * self.embed.element_size() + self.norm.numel() * self.norm.element_size()
+        total = self.lm_head.nbytes + self.norm.numel() * self.norm.element_size()
         for lw in self.layers:
-            for t in (lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down):
-                total += t.numel() * t.element_size()
+            total += sum(lin.nbytes for lin in (lw.qkv, lw.o, lw.gate_up, lw.down))
+            total += sum(t.numel() * t.element_size() for t in (lw.input_norm, lw.post_norm))
         return total
 
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -80,20 +78,20 @@ class LlamaModel:
         cos_sin = self.rotary.tables(batch.positions)
         for lw, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = rms_norm(h, lw.input_norm, c.rms_norm_eps)
-            qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # (T, (H + 2 Hkv) D)
+            qkv = lw.qkv(x)  # (T, (H + 2 Hkv) D)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(t, c.num_heads, c.head_dim)
             k = k.view(t, c.num_kv_heads, c.head_dim)
             v = v.contiguous().view(t, c.num_kv_heads, c.head_dim)
             q, k = self.rotary(cos_sin, q, k)
             attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, self.decode_fn)  # (T, H, D)
-            h = h + F.linear(attn.reshape(t, self.q_size), lw.o)
+            h = h + lw.o(attn.reshape(t, self.q_size))
             x = rms_norm(h, lw.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(x, lw.gate_up).chunk(2, dim=-1)  # (T, I) each
-            h = h + F.linear(F.silu(gate) * up, lw.down)
+            gate, up = lw.gate_up(x).chunk(2, dim=-1)  # (T, I) each
+            h = h + lw.down(F.silu(gate) * up)
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]
         return rms_norm(h, self.norm, c.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()  # (R, vocab)
+        return self.lm_head(hidden).float()  # (R, vocab)

@@ -13,8 +13,8 @@ from kvserve.worker.sampler import Sampler, token_logprobs
 
 def bucket(n: int) -> int:
     """Pad step token counts to a few shapes so oneDNN builds (and caches) few kernels."""
-    if n <= 8:
-        return 8
+    if n <= 16:
+        return 1 << (n - 1).bit_length()  # 1, 2, 4, 8, 16: small decode batches pay for no padding
     if n <= 128:
         return -(-n // 16) * 16
     if n <= 1024:
