@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 
 class Tokenizer:
@@ -16,8 +15,10 @@ class Tokenizer:
         hf_logging.set_verbosity_error()
         logging.getLogger("transformers").setLevel(logging.ERROR)
         directory, gguf_file = source
-        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-        self.hf = AutoTokenizer.from_pretrained(directory, **kwargs)
+        if gguf_file:
+            self.hf = _load_gguf_tokenizer(directory, gguf_file)
+        else:
+            self.hf = AutoTokenizer.from_pretrained(directory)
         if chat_template and not getattr(self.hf, "chat_template", None):
             self.hf.chat_template = chat_template
         self.vocab_size = len(self.hf)
@@ -45,6 +46,36 @@ class Tokenizer:
                                            **kwargs)
         # the template already contains any BOS/special tokens it wants
         return self.encode(text, add_special_tokens=False)
+
+
+def _load_gguf_tokenizer(directory: str, gguf_file: str):
+    """Converting a GGUF vocabulary to an HF tokenizer takes seconds; do it once per file and keep the result."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    path = os.path.join(directory, gguf_file)
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = os.environ.get("KVSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvserve")
+    cache = os.path.join(root, "tokenizers", key)
+    if os.path.isfile(os.path.join(cache, "tokenizer.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cache)
+        except Exception:  # a damaged cache entry: rebuild it below
+            pass
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    try:
+        tmp = f"{cache}.tmp{os.getpid()}"
+        tok.save_pretrained(tmp)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        if os.path.isdir(cache):
+            import shutil
+            shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # read-only home: just convert every time
+    return tok
 
 
 class IncrementalDetokenizer:
