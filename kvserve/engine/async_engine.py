@@ -83,7 +83,13 @@ class AsyncLLMEngine:
         result: list = []
         self._commands.put(("add", (request_id, prompt, params, cache_salt, priority), (done, result)))
         self._wake.set()
-        await loop.run_in_executor(None, done.wait)
+        try:
+            await loop.run_in_executor(None, done.wait)
+        except BaseException:  # cancelled while the add is queued: abort it (commands run in order, so after the add)
+            with self._lock:
+                self._streams.pop(request_id, None)
+            self.abort(request_id)
+            raise
         if result and isinstance(result[0], BaseException):
             with self._lock:
                 self._streams.pop(request_id, None)
