@@ -1,0 +1,169 @@
+"""`kvserve serve` (OpenAI-compatible HTTP server) and `kvserve generate` (offline one-shot demo)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import uvicorn
+
+log = logging.getLogger("kvserve.cli")
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="GGUF file, HF model directory or hub id; none: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32 | float16")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
+    parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description="KV-cache-centric LLM serving on CPUs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _engine_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    keys = serve.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", default=None,
+                      help="require `Authorization: Bearer KEY`; none: $KVSERVE_API_KEY if set")
+    keys.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
+    serve.add_argument("--served-model-name", default=None, help="model id clients must send; none: the model's name")
+    serve.add_argument("--max-num-seqs", type=int, default=128, help="sequences in one running batch")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse KV blocks of shared prompt prefixes")
+    serve.add_argument("--max-queued-requests", type=int, default=256,
+                       help="sequences allowed to wait beyond --max-num-seqs before new requests get 429")
+    serve.add_argument("--request-timeout", type=float, default=600.0,
+                       help="seconds a request may take before it ends with 408 (0: no limit)")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="after SIGTERM, streams still running this long end with an error event")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
+    serve.set_defaults(func=serve_command)
+
+    gen = sub.add_parser("generate", help="generate once from a prompt, offline (no server)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _engine_flags(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.set_defaults(func=generate_command)
+    return parser
+
+
+def _server_config(args: argparse.Namespace):
+    from kvserve.server.config import ServerConfig, read_api_key_file
+
+    api_key = args.api_key
+    if args.api_key_file:
+        api_key = read_api_key_file(args.api_key_file)
+    elif api_key is None:
+        api_key = os.environ.get("KVSERVE_API_KEY") or None
+    return ServerConfig(host=args.host, port=args.port, api_key=api_key, served_model_name=args.served_model_name,
+                        max_queued_requests=args.max_queued_requests,
+                        request_timeout=args.request_timeout if args.request_timeout > 0 else None,
+                        max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+
+
+def _engine_args(args: argparse.Namespace, **extra):
+    from kvserve.engine.llm_engine import EngineArgs
+
+    return EngineArgs(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                      max_model_len=args.max_model_len, num_threads=args.num_threads, **extra)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from kvserve.engine.async_engine import AsyncLLMEngine
+    from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.server.api import build_app
+
+    config = _server_config(args)  # validate every flag before spending seconds on the model
+    engine_args = _engine_args(args, max_num_seqs=args.max_num_seqs,
+                               max_num_batched_tokens=args.max_num_batched_tokens,
+                               enable_prefix_caching=args.enable_prefix_caching)
+    engine_args.torch_dtype()
+    if not config.is_loopback and config.api_key is None:
+        log.warning("listening on %s without an API key: anyone who can reach it can use it", config.host)
+    started = time.monotonic()
+    engine = LLMEngine(engine_args)
+    log.info("loaded %s (%s, %d KV blocks) in %.1fs", engine.model_name, args.dtype,
+             engine.kv_manager.pool.num_blocks, time.monotonic() - started)
+    app = build_app(AsyncLLMEngine(engine), config)
+    state = app.state.kvserve
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                               access_log=args.access_log, lifespan="on",
+                               timeout_graceful_shutdown=int(config.shutdown_timeout) + 5)
+    DrainingServer(uv_config, state.request_drain).run()
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT, new requests get 503 and running streams get shutdown_timeout to finish."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    from kvserve.engine.llm_engine import LLM
+    from kvserve.sampling import SamplingParams
+
+    llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
+              max_model_len=args.max_model_len, num_threads=args.num_threads)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    started = time.monotonic()
+    if args.raw or not llm.engine.tokenizer.has_chat_template:
+        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    else:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+    elapsed = time.monotonic() - started
+    completion = out.outputs[0]
+    print(completion.text)
+    n = len(completion.token_ids)
+    print(f"[{n} tokens in {elapsed:.2f}s, {n / elapsed if elapsed else 0:.1f} tok/s, "
+          f"finish_reason={completion.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kvserve.config import ConfigError
+    from kvserve.sampling import ParamError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
+                        format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except (ConfigError, ParamError) as e:
+        print(f"kvserve: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # ModelNotFoundError carries the install hint
+        print(f"kvserve: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""ServerConfig: every HTTP-side limit in one frozen object, validated once when the server starts."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from kvserve.config import ConfigError
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # None: no authentication. Compared in constant time against `Authorization: Bearer <key>`.
+    api_key: str | None = None
+    served_model_name: str | None = None  # None: the engine's model name
+    # Sequences (prompts x n) waiting beyond the engine's max_num_seqs running ones before new requests get 429.
+    max_queued_requests: int = 256
+    request_timeout: float | None = 600.0  # seconds from arrival to the last token; None: no limit
+    max_body_bytes: int = 8 * 1024 * 1024
+    shutdown_timeout: float = 30.0  # after SIGTERM, streams still running this long end with an error event
+    retry_after_s: int = 1  # Retry-After header on 429
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.port, int) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
+        _require(bool(self.host), "host must not be empty")
+        _require(self.api_key is None or (isinstance(self.api_key, str) and self.api_key.strip() == self.api_key
+                                          and len(self.api_key) > 0 and self.api_key.isprintable()),
+                 "api key must be a non-empty printable string without surrounding whitespace")
+        _require(self.served_model_name is None or (self.served_model_name.strip() != ""
+                                                     and len(self.served_model_name) <= 256),
+                 "served model name must be a non-empty string of at most 256 characters")
+        _require(isinstance(self.max_queued_requests, int) and self.max_queued_requests >= 0,
+                 "max queued requests must be a non-negative integer")
+        _require(self.request_timeout is None or (math.isfinite(self.request_timeout) and self.request_timeout > 0),
+                 "request timeout must be a positive number of seconds")
+        _require(isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 1024,
+                 "max body bytes must be at least 1024")
+        _require(math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0,
+                 "shutdown timeout must be a non-negative number of seconds")
+        _require(isinstance(self.retry_after_s, int) and self.retry_after_s >= 1, "retry-after must be >= 1 second")
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+
+def read_api_key_file(path: str) -> str:
+    """Reads a key from a file (first line, stripped) so it never shows up in `ps` or shell history."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            key = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read api key file {path!r}: {e}") from e
+    _require(bool(key), f"api key file {path!r} is empty")
+    return key

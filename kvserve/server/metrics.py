@@ -1,0 +1,170 @@
+"""Prometheus metrics in vLLM's naming style (prefix `kvserve:`), one CollectorRegistry per app.
+
+Request-level observations (TTFT, inter-token gaps, e2e, queue wait, token counters, finish reasons) are made on the
+event loop from the RequestOutputs each request already receives. Engine-level state (running/waiting, KV blocks,
+prefix-cache hits and misses by cause, preemptions) is read from `LLMEngine.stats()` in the engine thread at scrape
+time, so an idle server reports its true idle values instead of whatever the last step saw.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kvserve.core.kv_cache_manager import MISS_CAUSES
+from kvserve.outputs import RequestOutput
+
+P = "kvserve:"
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
+FINISH_REASONS = ("stop", "length", "abort")
+ABORT_REASONS = ("client_disconnect", "timeout", "shutdown", "error")
+
+
+class _EngineStatsCollector(Collector):
+    """Exposes the latest `LLMEngine.stats()` snapshot; counters come straight from the engine's cumulative totals."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.snapshot: dict[str, Any] = {}
+
+    def collect(self) -> Iterable:
+        s, labels = self.snapshot, ["model_name"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(P + name, doc, labels=labels)
+            g.add_metric([self.model_name], value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(P + name, doc, labels=labels)
+            c.add_metric([self.model_name], value)
+            return c
+
+        total = s.get("kv_blocks_total", 0)
+        used = s.get("kv_blocks_used", 0)
+        yield gauge("num_requests_running", "Sequences in the engine's running batch.", s.get("num_running", 0))
+        yield gauge("num_requests_waiting", "Sequences waiting (or preempted) in the engine.", s.get("num_waiting", 0))
+        yield gauge("kv_cache_blocks_used", "KV blocks referenced by live sequences.", used)
+        yield gauge("kv_cache_blocks_total", "KV blocks in the pool.", total)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", used / total if total else 0.0)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      s.get("prefix_cache_queried_tokens", 0))
+        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                      s.get("prefix_cache_hit_tokens", 0))
+        yield counter("prefix_cache_lookups", "Requests looked up in the prefix cache.", s.get("prefix_cache_queries", 0))
+        misses = CounterMetricFamily(P + "prefix_cache_misses", "Prefix-cache lookups that missed, by cause.",
+                                     labels=labels + ["cause"])
+        by_cause = s.get("prefix_cache_misses", {})
+        for cause in sorted(set(MISS_CAUSES) | set(by_cause)):
+            misses.add_metric([self.model_name, cause], by_cause.get(cause, 0))
+        yield misses
+        yield counter("num_preemptions", "Sequences preempted (KV dropped, recomputed later).",
+                      s.get("num_preemptions", 0))
+        yield counter("kv_cache_evictions", "Cached KV blocks evicted to make room.", s.get("evictions", 0))
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.engine = _EngineStatsCollector(model_name)
+        self.registry.register(self.engine)
+        r, m = self.registry, ["model_name"]
+
+        def hist(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(P + name, doc, m, buckets=buckets, registry=r).labels(model_name)
+
+        self.ttft = hist("time_to_first_token_seconds", "Arrival to first generated token.", TTFT_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds", "Gap between consecutive generated tokens.", ITL_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to the end of the request.", LATENCY_BUCKETS)
+        self.queue = hist("request_queue_time_seconds", "Arrival to first scheduling (queue wait).", LATENCY_BUCKETS)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of requests that started.", m,
+                                     registry=r).labels(model_name)
+        self.generation_tokens = Counter(P + "generation_tokens", "Generated tokens.", m, registry=r).labels(model_name)
+        self._success = Counter(P + "request_success", "Finished sequences by finish reason.", m + ["finished_reason"],
+                                registry=r)
+        self._aborted = Counter(P + "request_aborted", "Requests the server ended early, by reason.", m + ["reason"],
+                                registry=r)
+        self._http = Counter(P + "http_requests", "HTTP responses by endpoint and status code.",
+                             m + ["endpoint", "status_code"], registry=r)
+        self.in_flight = Gauge(P + "num_requests_in_flight", "Sequences admitted by the server and not yet finished.",
+                               m, registry=r).labels(model_name)
+        for reason in FINISH_REASONS:
+            self._success.labels(model_name, reason)
+        for reason in ABORT_REASONS:
+            self._aborted.labels(model_name, reason)
+
+    def success(self, finish_reason: str, count: int = 1) -> None:
+        self._success.labels(self.model_name, finish_reason).inc(count)
+
+    def aborted(self, reason: str) -> None:
+        self._aborted.labels(self.model_name, reason).inc()
+
+    def http_response(self, endpoint: str, status: int) -> None:
+        self._http.labels(self.model_name, endpoint, str(status)).inc()
+
+    def set_engine_stats(self, stats: dict[str, Any]) -> None:
+        self.engine.snapshot = stats
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def tracker(self, n: int = 1) -> "RequestTracker":
+        return RequestTracker(self, n)
+
+
+class RequestTracker:
+    """Turns one engine request's stream of outputs into observations, each exactly once, even if it is cut short."""
+
+    def __init__(self, metrics: ServerMetrics, n: int):
+        self.m, self.n = metrics, n
+        self.arrival = time.monotonic()
+        self.started = False
+        self.gaps_seen = 0  # 0: no first token yet; then 1 + inter-token gaps already observed
+        self.last: RequestOutput | None = None
+        self.done = False
+
+    def observe(self, out: RequestOutput) -> None:
+        self.last = out
+        met = out.metrics
+        if met is not None:
+            self.arrival = met.arrival_time
+            if not self.started and met.first_scheduled_time is not None:
+                self.started = True
+                self.m.queue.observe(max(met.first_scheduled_time - met.arrival_time, 0.0))
+                self.m.prompt_tokens.inc(len(out.prompt_token_ids))
+            if met.first_token_time is not None and self.gaps_seen == 0:
+                self.m.ttft.observe(max(met.first_token_time - met.arrival_time, 0.0))
+                self.gaps_seen = 1
+            if self.gaps_seen:
+                gaps = met.token_gaps[self.gaps_seen - 1:]
+                for g in gaps:
+                    self.m.itl.observe(g)
+                self.gaps_seen += len(gaps)
+        new = sum(len(o.delta_token_ids) for o in out.outputs)
+        if new:
+            self.m.generation_tokens.inc(new)
+        if out.finished and not self.done:
+            for o in out.outputs:
+                self.m.success(o.finish_reason or "abort")
+            self._end(met.finished_time if met is not None else None)
+
+    def close(self) -> None:
+        """The request ended without a final output (disconnect, error): its sequences count as aborted."""
+        if not self.done:
+            self.m.success("abort", self.n)
+            self._end(None)
+
+    def _end(self, finished_time: float | None) -> None:
+        self.done = True
+        end = finished_time if finished_time is not None else time.monotonic()
+        self.m.e2e.observe(max(end - self.arrival, 0.0))
