@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 from kvserve.engine.llm_engine import EngineArgs, LLMEngine, Prompt
 from kvserve.outputs import RequestOutput
-from kvserve.sampling import SamplingParams
+from kvserve.sampling import ParamError, SamplingParams
 
 log = logging.getLogger("kvserve.engine")
 
@@ -28,6 +28,33 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+
+
+class _AsyncReply:
+    """Answer from the engine thread to a coroutine, without parking a thread-pool worker on the wait."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.future = loop.create_future()
+
+    def set(self, value) -> None:
+        def resolve():
+            if not self.future.done():
+                self.future.set_result(value)
+        try:
+            self.loop.call_soon_threadsafe(resolve)
+        except RuntimeError:  # the caller's event loop is gone
+            pass
+
+
+class _ThreadReply:
+    def __init__(self):
+        self.done = threading.Event()
+        self.value = None
+
+    def set(self, value) -> None:
+        self.value = value
+        self.done.set()
 
 
 class AsyncLLMEngine:
@@ -76,24 +103,22 @@ class AsyncLLMEngine:
         stream = _Stream(loop, asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
-                from kvserve.sampling import ParamError
                 raise ParamError(f"duplicate request id {request_id!r}", "request_id")
             self._streams[request_id] = stream
-        done = threading.Event()
-        result: list = []
-        self._commands.put(("add", (request_id, prompt, params, cache_salt, priority), (done, result)))
+        reply = _AsyncReply(loop)
+        self._commands.put(("add", (request_id, prompt, params, cache_salt, priority), reply))
         self._wake.set()
         try:
-            await loop.run_in_executor(None, done.wait)
+            error = await reply.future
         except BaseException:  # cancelled while the add is queued: abort it (commands run in order, so after the add)
             with self._lock:
                 self._streams.pop(request_id, None)
             self.abort(request_id)
             raise
-        if result and isinstance(result[0], BaseException):
+        if error is not None:
             with self._lock:
                 self._streams.pop(request_id, None)
-            raise result[0]
+            raise error
         finished = False
         try:
             while True:
@@ -116,14 +141,13 @@ class AsyncLLMEngine:
 
     def call_in_engine(self, fn):
         """Run fn(engine) in the engine thread between steps and return its result (blocking)."""
-        done = threading.Event()
-        result: list = []
-        self._commands.put(("call", fn, (done, result)))
+        reply = _ThreadReply()
+        self._commands.put(("call", fn, reply))
         self._wake.set()
-        done.wait()
-        if isinstance(result[0], BaseException):
-            raise result[0]
-        return result[0]
+        reply.done.wait()
+        if isinstance(reply.value, BaseException):
+            raise reply.value
+        return reply.value
 
     # ------------------------------------------------------------------ engine thread
     def _deliver(self, request_id: str, item) -> None:
@@ -142,25 +166,21 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                done, result = reply
                 try:
                     rid, prompt, params, salt, priority = payload
                     self.engine.add_request(rid, prompt, params, cache_salt=salt, priority=priority)
-                    result.append(None)
-                except BaseException as e:  # validation errors go back to the caller
-                    result.append(e)
-                done.set()
+                    reply.set(None)
+                except Exception as e:  # validation errors go back to the caller
+                    reply.set(e)
             elif kind == "abort":
                 out = self.engine.abort_request(payload)
                 if out is not None:
                     self._deliver(payload, out)
             elif kind == "call":
-                done, result = reply
                 try:
-                    result.append(payload(self.engine))
-                except BaseException as e:
-                    result.append(e)
-                done.set()
+                    reply.set(payload(self.engine))
+                except Exception as e:
+                    reply.set(e)
 
     def _loop(self) -> None:
         try:
@@ -193,6 +213,4 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if reply is not None:
-                done, result = reply
-                result.append(EngineDeadError("engine stopped"))
-                done.set()
+                reply.set(EngineDeadError("engine stopped"))

