@@ -101,5 +101,3 @@ class SamplingParams:
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
 
-
-GREEDY = SamplingParams(temperature=0.0)

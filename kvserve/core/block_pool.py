@@ -68,9 +68,6 @@ class FreeBlockQueue:
             b = b.next_free
         return out
 
-    def contains(self, block: Block) -> bool:
-        return block.prev_free is not None
-
 
 class BlockPool:
     """Owns every block. Cached blocks with ref_cnt 0 sit in the free list but stay findable by hash until reused."""
@@ -155,15 +152,6 @@ class BlockPool:
             if len(self.recently_evicted) > self.EVICTED_MEMORY:
                 self.recently_evicted.popitem(last=False)
         block.block_hash = None
-
-    def reset_prefix_cache(self) -> bool:
-        """Forget all cached content; only possible when no block is referenced."""
-        if self.num_free_blocks != self.num_blocks:
-            return False
-        for block in self.blocks:
-            block.block_hash = None
-        self.cached.clear()
-        return True
 
     # ------------------------------------------------------------------ checks
     def check_invariants(self) -> None:

@@ -30,7 +30,6 @@ class ForwardBatch:
     num_decodes: int = 0
     decode_block_tables: torch.Tensor | None = None  # (num_decodes, max_blocks) int64, padded with block 0
     decode_seq_lens: torch.Tensor | None = None  # (num_decodes,) int32: context length including the new token
-    decode_max_len: int = 0
     prefills: list[PrefillSeq] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # (R,) rows whose logits are needed
 

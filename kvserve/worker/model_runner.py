@@ -97,7 +97,6 @@ class ModelRunner:
             batch.num_decodes = len(decodes)
             batch.decode_block_tables = table
             batch.decode_seq_lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.int32)
-            batch.decode_max_len = max(s.start + 1 for s in decodes)
         return batch, ordered, (sample_rows, prompt_rows)
 
     @torch.inference_mode()
