@@ -10,22 +10,14 @@ Medians of repeated timings after a warm-up at the same shapes.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from kvserve.bench.offline import median_time
+
 
 def timeit(fn, repeats: int = 30, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples) * 1e3
+    return median_time(fn, warmup, repeats) * 1e3  # ms
 
 
 def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, float]]:

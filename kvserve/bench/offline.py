@@ -342,19 +342,21 @@ def run_task_hf(engine: "HFEngine", task: dict, opts: dict) -> dict:
     return res
 
 
+def median_time(fn, warm: int = 2, reps: int = 5) -> float:
+    """Median seconds of `reps` calls after `warm` untimed ones (also used by kvserve.bench.micro)."""
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 def run_roofline(opts: dict) -> dict:
     import torch
     torch.set_num_threads(opts["threads"])
-
-    def median_time(fn, warm=2, reps=5):
-        for _ in range(warm):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
 
     nbytes = opts["roofline_copy_mib"] << 20
     x = torch.ones(nbytes // 4, dtype=torch.float32)
