@@ -93,8 +93,8 @@ class OutputProcessor:
             if seq.finish_reason is not None:
                 continue
             touched[group.request_id] = group
-            group.num_cached_tokens = max(group.num_cached_tokens, u.num_cached_tokens) if seq.index == 0 \
-                else group.num_cached_tokens
+            if seq.index == 0:  # usage reports the prompt once, as the first sequence saw it
+                group.num_cached_tokens = max(group.num_cached_tokens, u.num_cached_tokens)
             if u.prompt_logprobs and group.prompt_logprobs is not None:
                 first, entries = u.prompt_logprobs
                 for j, tl in enumerate(entries):
