@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast generate bench clean
+.PHONY: install serve test test-fast generate bench clean redis
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
@@ -28,7 +28,13 @@ serve: $(STAMP)
 generate: $(STAMP)
 	$(BIN)/kvserve generate --prompt "Explain paged KV caches in one paragraph." --max-tokens 96
 
-test: $(STAMP)
+# the KV store tests start a throwaway redis-server on 127.0.0.1 (Debian package)
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+
+test: $(STAMP) redis
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -141,6 +141,15 @@ class BlockPool:
         self.cached[block_hash] = block
         self.recently_evicted.pop(block_hash, None)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash (benchmarks, tests, operators). Refused while any block is referenced."""
+        if self.num_used_blocks:
+            return False
+        for b in self.blocks:
+            b.block_hash = None
+        self.cached.clear()
+        return True
+
     def _evict(self, block: Block) -> None:
         if block.block_hash is None:
             return

@@ -30,10 +30,30 @@ class ScheduledRequest:
 
 
 @dataclass
+class KVLoad:
+    """Copy tokens [src_offset, src_offset + num_tokens) of a fetched KV tensor into `block_ids` (whole blocks)."""
+
+    request_id: str
+    block_ids: list[int]
+    fetched: object  # kvstore FetchedKV; the scheduler never looks inside
+    src_offset: int
+    num_tokens: int
+
+
+@dataclass
+class KVSave:
+    """Full chunks of a finished request to copy out of the pool (before its blocks are reused) and store."""
+
+    request_id: str
+    chunks: list[tuple[bytes, list[int]]]  # (hash-chain value at the chunk's last block, the chunk's block ids)
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # freed since the last step (runner drops their state)
+    kv_loads: list[KVLoad] = field(default_factory=list)  # applied by the runner before the forward pass
 
     @property
     def num_batched_tokens(self) -> int:
@@ -41,7 +61,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.kv_loads
 
 
 # (token_id, logprob, rank) of the sampled token, then the top-k as (token_id, logprob) pairs

@@ -16,6 +16,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    FETCHING = "fetching"  # waiting for its prefix KV from the tiered store; never holds blocks
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
@@ -64,6 +65,10 @@ class Request:
         self.stop_reason: int | str | None = None
         self.share_prompt_with = share_prompt_with
         self.first_scheduled_time: float | None = None
+        # tiered KV store: looked up once; what came back waits here (opaque to the scheduler) until admission
+        self.kv_store_checked = False
+        self.fetched_kv = None
+        self.num_loaded_tokens = 0
         max_tokens = sampling_params.max_tokens
         limit = (max_model_len - self.num_prompt_tokens) if max_model_len is not None else None
         if max_tokens is None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from kvserve.config import SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
-from kvserve.core.outputs import ModelOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
+from typing import Protocol
+
+from kvserve.core.outputs import KVLoad, KVSave, ModelOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from kvserve.core.policy import FCFSPolicy
 from kvserve.core.request import Request, RequestStatus
 
@@ -20,8 +22,23 @@ class RequestTooLongError(ValueError):
         self.max_model_len = max_model_len
 
 
+class KVConnector(Protocol):
+    """What the scheduler needs from a tiered KV store (kvserve.kvstore.KVStore); every call returns at once."""
+
+    chunk_size: int
+
+    def start_fetch(self, request_id: str, chunk_hashes: list[bytes], start_token: int) -> None: ...
+
+    def poll_finished(self) -> dict[str, object]: ...  # request id -> fetched KV (.start, .end) or None
+
+    def cancel(self, request_id: str) -> None: ...
+
+    def is_known(self, chunk_hash: bytes) -> bool: ...
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, policy: FCFSPolicy | None = None):
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, policy: FCFSPolicy | None = None,
+                 connector: KVConnector | None = None):
         self.config = config
         self.kv = kv_manager
         self.block_size = kv_manager.block_size
@@ -34,6 +51,13 @@ class Scheduler:
         self._out_of_blocks: list[Request] = []  # ended in schedule(); reported by the next update()
         self.num_preemptions = 0
         self.step_count = 0
+        # tiered KV store: requests whose prefix is being fetched wait here, holding no blocks and no budget
+        self.connector = connector
+        self.fetching: dict[str, Request] = {}
+        self._kv_loads: list[KVLoad] = []
+        self._kv_saves: list[KVSave] = []
+        self.num_computed_prompt_tokens = 0  # prompt tokens run through the model (not cached, not loaded)
+        self.num_loaded_tokens = 0
 
     # ------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
@@ -64,6 +88,9 @@ class Scheduler:
             return
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+        elif req.status == RequestStatus.FETCHING:
+            del self.fetching[request_id]
+            self.connector.cancel(request_id)
         elif not self.waiting.remove(req):
             for held in self._held_siblings.values():
                 if req in held:
@@ -73,7 +100,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) + sum(len(v) for v in self._held_siblings.values())
+        return len(self.waiting) + len(self.fetching) + sum(len(v) for v in self._held_siblings.values())
 
     @property
     def num_running(self) -> int:
@@ -85,6 +112,8 @@ class Scheduler:
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
         self.step_count += 1
+        if self.connector is not None and self.fetching:
+            self._collect_fetches()
         budget = self.config.max_num_batched_tokens
         num_new: dict[str, int] = {}
         preempted: list[Request] = []
@@ -115,6 +144,9 @@ class Scheduler:
         # 2) waiting requests, in policy order, while tokens, sequences and blocks last.
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             req = self.waiting.peek()
+            if self.connector is not None and not req.kv_store_checked and self._start_fetch(req):
+                self.waiting.pop()
+                continue
             n = self._admit(req, budget)
             if n is None:
                 break
@@ -135,8 +167,12 @@ class Scheduler:
                 sample=start + n == req.num_tokens,
                 prompt_logprobs=req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens,
             ))
+        for sr in scheduled:
+            if sr.start < sr.request.num_prompt_tokens:
+                self.num_computed_prompt_tokens += min(sr.num_new_tokens, sr.request.num_prompt_tokens - sr.start)
         finished, self._finished_ids = self._finished_ids, []
-        return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished)
+        loads, self._kv_loads = self._kv_loads, []
+        return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished, loads)
 
     def _admit(self, req: Request, budget: int) -> int | None:
         """Match the prefix, allocate the first chunk; returns its size or None if the request cannot start now."""
@@ -152,7 +188,8 @@ class Scheduler:
             match = self.kv.match_prefix(req)
             computed = match.blocks
         num_computed = len(computed) * self.block_size
-        n = req.num_tokens - num_computed
+        n_load = self._loadable(req, num_computed) if not shared else 0
+        n = req.num_tokens - num_computed - n_load
         if not self.config.enable_chunked_prefill and n > budget:
             return None
         n = min(n, budget)
@@ -164,14 +201,91 @@ class Scheduler:
                 req.num_computed_tokens = 0
                 return None
         else:
-            if self.kv.allocate_slots(req, n, computed) is None:
+            if self.kv.allocate_slots(req, n_load + n, computed) is None:
                 return None
-            req.num_computed_tokens = num_computed
+            req.num_computed_tokens = num_computed + n_load
             if match is not None:
                 self.kv.record_lookup(req, match)
+        if n_load:
+            fetched = req.fetched_kv
+            first = num_computed // self.block_size
+            block_ids = self.kv.get_block_ids(req.request_id)[first:first + n_load // self.block_size]
+            self._kv_loads.append(KVLoad(req.request_id, block_ids, fetched, num_computed - fetched.start, n_load))
+            req.num_loaded_tokens += n_load
+            self.num_loaded_tokens += n_load
+        req.fetched_kv = None  # used or outdated: either way, free its memory
         if req.num_cached_tokens < 0:
-            req.num_cached_tokens = num_computed
+            req.num_cached_tokens = num_computed + n_load
         return n
+
+    # ------------------------------------------------------------------ tiered KV store
+    def _chunk_hashes(self, req: Request, start_token: int) -> list[bytes]:
+        """Hash-chain values closing each full prompt chunk from `start_token` on that could save compute (a chunk
+        must start before the last block boundary below the final token, whose logits are needed)."""
+        c, bs = self.connector.chunk_size, self.block_size
+        usable_end = (req.num_tokens - 1) // bs * bs
+        per = c // bs
+        out = []
+        k = start_token // c
+        while k * c < usable_end and (k + 1) * c <= req.num_tokens:
+            out.append(req.block_hashes[(k + 1) * per - 1])
+            k += 1
+        return out
+
+    def _start_fetch(self, req: Request) -> bool:
+        """Send `req` to the store if chunks past its pooled prefix could exist there; True if it now waits."""
+        req.kv_store_checked = True
+        if req.sampling_params.prompt_logprobs is not None or req.share_prompt_with is not None:
+            return False
+        pooled = self.kv.match_prefix(req).num_blocks * self.block_size
+        start = pooled // self.connector.chunk_size * self.connector.chunk_size
+        hashes = self._chunk_hashes(req, start)
+        if not hashes or all(start + (i + 1) * self.connector.chunk_size <= pooled for i in range(len(hashes))):
+            return False
+        req.status = RequestStatus.FETCHING
+        self.fetching[req.request_id] = req
+        self.connector.start_fetch(req.request_id, hashes, start)
+        return True
+
+    def _collect_fetches(self) -> None:
+        done = self.connector.poll_finished()
+        # back to the head of the queue, oldest first: they were at the head when their fetch started
+        for rid in sorted(done, key=lambda r: self.fetching[r].arrival_time if r in self.fetching else 0.0,
+                          reverse=True):
+            req = self.fetching.pop(rid, None)
+            if req is None:
+                continue  # aborted meanwhile
+            req.fetched_kv = done[rid]
+            req.status = RequestStatus.WAITING
+            self.waiting.add_front(req)
+
+    def _loadable(self, req: Request, num_computed: int) -> int:
+        """Tokens after the pooled prefix that the fetched KV covers, in whole blocks, never the last token."""
+        f = req.fetched_kv
+        if f is None:
+            return 0
+        end = min(f.end, (req.num_tokens - 1) // self.block_size * self.block_size)
+        if not f.start <= num_computed < end:
+            return 0  # the pool lost blocks before the fetched range since the lookup: recompute instead
+        return end - num_computed
+
+    def _queue_saves(self, req: Request) -> None:
+        c = self.connector.chunk_size
+        per = c // self.block_size
+        block_ids = self.kv.get_block_ids(req.request_id)
+        chunks = []
+        for k in range(min(req.num_computed_tokens, len(block_ids) * self.block_size) // c):
+            h = req.block_hashes[(k + 1) * per - 1]
+            if not self.connector.is_known(h):
+                chunks.append((h, block_ids[k * per:(k + 1) * per]))
+        if chunks:
+            self._kv_saves.append(KVSave(req.request_id, chunks))
+
+    def take_kv_saves(self) -> list[KVSave]:
+        """Chunks of requests freed since the last call. Their blocks are free but untouched until the next forward
+        pass, so the engine must copy them out before running it."""
+        saves, self._kv_saves = self._kv_saves, []
+        return saves
 
     def _preempt(self, req: Request) -> None:
         """Recompute-style preemption: drop the KV (it stays in the prefix cache), resume first when blocks free up."""
@@ -225,6 +339,8 @@ class Scheduler:
             self.waiting.add_front(sib)
 
     def _release(self, req: Request) -> None:
+        if self.connector is not None and req.request_id in self.kv.req_blocks:
+            self._queue_saves(req)
         self.kv.free(req)
         self._release_siblings(req)
         self.requests.pop(req.request_id, None)
@@ -240,4 +356,7 @@ class Scheduler:
         for req in self.waiting:
             assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert req.request_id not in self.kv.req_blocks, "a waiting request holds blocks"
+        for req in self.fetching.values():
+            assert req.status == RequestStatus.FETCHING
+            assert req.request_id not in self.kv.req_blocks, "a fetching request holds blocks"
         assert len(self.running) <= self.config.max_num_seqs

@@ -45,6 +45,9 @@ class EngineArgs:
     num_threads: int | None = None
     pad_shapes: bool = True
     native_kernels: bool = True  # JIT-built C++ decode attention (falls back to PyTorch if it cannot build)
+    # tiered KV store below the pool, e.g. "memory:4GB,disk:/var/kv:20GB,redis://127.0.0.1:6379" (kvserve.kvstore)
+    kv_store: str | None = None
+    kv_store_chunk_size: int = 256
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in _DTYPES:
@@ -77,13 +80,16 @@ class LLMEngine:
                       self.model_config.max_position_embeddings)
         self.cache_config = CacheConfig(args.block_size, args.num_blocks, args.kv_cache_memory_gb,
                                         args.enable_prefix_caching)
-        self.scheduler_config = SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs, max_len,
-                                                args.enable_chunked_prefill)
+        budget = args.max_num_batched_tokens
+        if not args.enable_chunked_prefill:
+            budget = max(budget, max_len)  # every prompt must fit one step when it cannot be split
+        self.scheduler_config = SchedulerConfig(budget, args.max_num_seqs, max_len, args.enable_chunked_prefill)
         num_blocks = args.num_blocks or num_blocks_for_budget(self.model_config, args.block_size, dtype,
                                                               args.kv_cache_memory_gb)
         self.kv_cache = KVCache(self.model_config, num_blocks, args.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager)
+        self.kv_store = self._make_kv_store(args, model, dtype)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, connector=self.kv_store)
         if args.native_kernels and self.model.decode_fn is None:
             self.model.decode_fn = paged_decode_attention_fn()
         self.runner = ModelRunner(self.model, self.kv_cache, pad_shapes=args.pad_shapes)
@@ -94,6 +100,24 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self._group_seqs: dict[str, list[str]] = {}
         self._counter = itertools.count()
+
+    def _make_kv_store(self, args: EngineArgs, model: LlamaModel, dtype: torch.dtype):
+        if not args.kv_store:
+            return None
+        from kvserve.kvstore import KVStore, model_fingerprint, parse_kv_store
+
+        config = parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size)
+        config.check_block_size(args.block_size)
+        c = self.model_config
+        return KVStore(config, model_fingerprint(self.model_name, c, model.fingerprint_weights()), dtype,
+                       c.num_layers, c.num_kv_heads, c.head_dim, args.block_size)
+
+    def close(self) -> None:
+        """Stop the KV store's threads (after its queued saves are written)."""
+        if self.kv_store is not None:
+            self._save_kv(self.scheduler.take_kv_saves())
+            self.kv_store.flush(timeout=30.0)
+            self.kv_store.close()
 
     @property
     def max_model_len(self) -> int:
@@ -166,6 +190,8 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         for sid in self._group_seqs.pop(request_id, ()):
             self.scheduler.finish_request(sid, RequestStatus.FINISHED_ABORTED)
+        if self.kv_store is not None:
+            self._save_kv(self.scheduler.take_kv_saves())
         return self.output_processor.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -181,19 +207,41 @@ class LLMEngine:
                 group = self.output_processor.seq_to_group.get(sr.request_id)
                 if group and group[0].metrics.first_scheduled_time is None:
                     group[0].metrics.first_scheduled_time = now
+        if self.kv_store is not None:
+            self._save_kv(self.scheduler.take_kv_saves())
+            if sched.is_empty and self.scheduler.fetching:
+                self.kv_store.wait_for_fetch(0.01)  # idle until a fetch lands, without spinning
+        started = time.perf_counter()
         out = self.runner.execute(sched)
+        if self.kv_store is not None and sched.scheduled:
+            self.kv_store.observe_prefill(sched.num_batched_tokens, time.perf_counter() - started)
         updates = self.scheduler.update(sched, out)
         outputs, stopped = self.output_processor.process(updates)
         for sid in stopped:
             self.scheduler.finish_request(sid, RequestStatus.FINISHED_STOPPED)
+        if self.kv_store is not None:
+            self._save_kv(self.scheduler.take_kv_saves())  # nothing has overwritten the freed blocks yet
         for o in outputs:
             if o.finished:
                 self._group_seqs.pop(o.request_id, None)
         return outputs
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the pool's prefix cache (the tiered store keeps its entries); False while requests hold blocks."""
+        return self.kv_manager.pool.reset_prefix_cache()
+
+    def _save_kv(self, saves) -> None:
+        """Copy freed requests' full chunks out of the pool (before this step's forward can overwrite their blocks)
+        and hand them to the store's writer thread."""
+        for save in saves:
+            self.kv_store.save([(h, self.kv_cache.read_blocks(ids)) for h, ids in save.chunks])
+
     def stats(self) -> dict[str, Any]:
         kv = self.kv_manager
         return {
+            "prompt_tokens_computed": self.scheduler.num_computed_prompt_tokens,
+            "prompt_tokens_loaded": self.scheduler.num_loaded_tokens,
+            "kv_store": self.kv_store.stats() if self.kv_store is not None else None,
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
             "kv_blocks_total": kv.pool.num_blocks,

@@ -62,6 +62,11 @@ class LlamaModel:
         self.scale = c.head_dim ** -0.5
         self.decode_fn = None  # optional faster decode-attention kernel, set by the runner
 
+    def fingerprint_weights(self) -> dict[str, torch.Tensor]:
+        """A few plain tensors that differ between checkpoints (stored KV is keyed by them)."""
+        return {"embed": self.embed, "norm": self.norm, "layer0.input_norm": self.layers[0].input_norm,
+                "last.post_norm": self.layers[-1].post_norm}
+
     def weight_bytes(self) -> int:
         """Bytes read per decode step (the lm_head counted once when tied)."""
         total = self.lm_head.nbytes + self.norm.numel() * self.norm.element_size()

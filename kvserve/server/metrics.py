@@ -12,7 +12,7 @@ import time
 from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from kvserve.core.kv_cache_manager import MISS_CAUSES
@@ -70,6 +70,58 @@ class _EngineStatsCollector(Collector):
         yield counter("num_preemptions", "Sequences preempted (KV dropped, recomputed later).",
                       s.get("num_preemptions", 0))
         yield counter("kv_cache_evictions", "Cached KV blocks evicted to make room.", s.get("evictions", 0))
+        yield counter("prompt_tokens_computed", "Prompt tokens run through the model (not cached, not loaded).",
+                      s.get("prompt_tokens_computed", 0))
+        yield counter("prompt_tokens_loaded", "Prompt tokens whose KV was loaded from the tiered KV store.",
+                      s.get("prompt_tokens_loaded", 0))
+        if s.get("kv_store"):
+            yield from _kv_store_metrics(s["kv_store"], self.model_name)
+
+
+def _kv_store_metrics(store: dict, model_name: str) -> Iterable:
+    """Per-tier traffic, health and load latency of the tiered KV store (kvserve.kvstore)."""
+    from kvserve.kvstore.tiers import LOAD_LATENCY_BUCKETS
+
+    labels = ["model_name", "tier", "codec"]
+    per_tier = {
+        "hits": ("counter", "Chunks loaded from the tier."),
+        "misses": ("counter", "Chunk lookups the tier could not answer."),
+        "bytes_in": ("counter", "Bytes written to the tier."),
+        "bytes_out": ("counter", "Bytes read from the tier."),
+        "errors": ("counter", "I/O or connection failures of the tier (it is retried with backoff)."),
+        "rejected": ("counter", "Entries that failed verification (corrupt, truncated, foreign model, wrong salt)."),
+        "evictions": ("counter", "Entries evicted from the tier by its LRU cap."),
+        "used_bytes": ("gauge", "Bytes held by the tier."),
+        "capacity_bytes": ("gauge", "The tier's cap in bytes."),
+        "healthy": ("gauge", "1 while the tier is usable, 0 while it backs off after an error."),
+    }
+    for key, (kind, doc) in per_tier.items():
+        family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(P + "kv_store_" + key, doc,
+                                                                                   labels=labels)
+        for t in store["tiers"]:
+            family.add_metric([model_name, t["tier"], t["codec"]], float(t[key]))
+        yield family
+    hist = HistogramMetricFamily(P + "kv_store_load_seconds", "Fetch + verify + decode time of one chunk.",
+                                 labels=labels)
+    for t in store["tiers"]:
+        cumulative, buckets = 0, []
+        for bound, n in zip(list(LOAD_LATENCY_BUCKETS) + [float("inf")], t["load_seconds_buckets"]):
+            cumulative += n
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+        hist.add_metric([model_name, t["tier"], t["codec"]], buckets, t["load_seconds_sum"])
+    yield hist
+    c = store["counters"]
+    events = CounterMetricFamily(P + "kv_store_events", "KV store events: fetches, chunks loaded and saved, "
+                                 "load/recompute decisions, dropped saves, errors.", labels=["model_name", "event"])
+    for name in ("fetches", "loaded_chunks", "chunks_saved", "decisions_load", "decisions_recompute",
+                 "saves_dropped", "save_errors", "fetch_errors"):
+        events.add_metric([model_name, name], c.get(name, 0))
+    yield events
+    rejected = CounterMetricFamily(P + "kv_store_rejected_entries", "Entries dropped at load, by reason.",
+                                   labels=["model_name", "reason"])
+    for reason in sorted({"corrupt", "truncated", "foreign_model", "identity", "version"} | set(store["rejected"])):
+        rejected.add_metric([model_name, reason], store["rejected"].get(reason, 0))
+    yield rejected
 
 
 class ServerMetrics:

@@ -34,3 +34,18 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
+
+    def write_blocks(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        """Fill whole blocks from a (layers, 2, len(block_ids) * block_size, Hkv, D) tensor (KV loaded from a tier)."""
+        layers, two, tokens, heads, dim = kv.shape
+        if tokens != len(block_ids) * self.block_size:
+            raise ValueError(f"{tokens} tokens do not fill {len(block_ids)} blocks of {self.block_size}")
+        idx = torch.tensor(block_ids, dtype=torch.long)
+        self.tensor[:, :, idx] = kv.reshape(layers, two, len(block_ids), self.block_size, heads, dim).to(
+            self.tensor.dtype)
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A copy of whole blocks as (layers, 2, len(block_ids) * block_size, Hkv, D)."""
+        idx = torch.tensor(block_ids, dtype=torch.long)
+        kv = self.tensor[:, :, idx]  # (layers, 2, n, block_size, Hkv, D), a copy
+        return kv.reshape(kv.shape[0], 2, -1, kv.shape[-2], kv.shape[-1])

@@ -102,8 +102,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         self.sampler.drop(sched.finished_ids)
+        for load in sched.kv_loads:  # KV fetched from a tier, into its freshly allocated blocks
+            kv = load.fetched.tensor[:, :, load.src_offset:load.src_offset + load.num_tokens]
+            self.kv_cache.write_blocks(load.block_ids, kv)
         out = ModelOutput()
-        if sched.is_empty:
+        if not sched.scheduled:
             return out
         batch, ordered, (sample_rows, prompt_rows) = self.build_batch(sched.scheduled)
         hidden = self.model.forward(batch, self.kv_cache.layers)

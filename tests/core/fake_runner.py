@@ -26,6 +26,12 @@ class FakeRunner:
         self.steps.append(sched)
         out = ModelOutput()
         bs = self.block_size
+        for load in sched.kv_loads:  # fetched "KV" is a list of (token, position) pairs, like the slots
+            first = load.fetched.start + load.src_offset
+            for i in range(load.num_tokens):
+                p = first + i
+                slot = load.block_ids[i // bs] * bs + p % bs
+                self.slots[slot] = load.fetched.kv[load.src_offset + i]
         for sr in sched.scheduled:
             toks = sr.request.token_ids
             for p in range(sr.start, sr.start + sr.num_new_tokens):
