@@ -370,13 +370,17 @@ def run_roofline(opts: dict) -> dict:
     b = torch.randn(n, n, dtype=torch.bfloat16)
     t = median_time(lambda: a @ b)
     peak_gflops = 2 * n ** 3 / t / 1e9
+    a, b = a.float(), b.float()
+    fp32_gflops = 2 * n ** 3 / median_time(lambda: a @ b) / 1e9
+    del a, b
     from kvserve import LLM
     llm = LLM(dtype="bfloat16", kv_cache_memory_gb=0.05)
     wb = llm.engine.model.weight_bytes()
     params = wb / 2  # bf16
     c = llm.engine.model_config
     return {"copy_gb_s": copy_gbs, "clone_gb_s": clone_gbs, "copy_mib": opts["roofline_copy_mib"],
-            "bf16_matmul_gflop_s": peak_gflops, "matmul_n": n, "weight_bytes": wb,
+            "bf16_matmul_gflop_s": peak_gflops, "fp32_matmul_gflop_s": fp32_gflops, "matmul_n": n,
+            "weight_bytes": wb,
             "lm_head_params": c.vocab_size * c.hidden_size,
             "attn_flops_per_ctx_token": 4 * c.num_heads * c.head_dim * c.num_layers,
             "decode_bound_tok_s": copy_gbs * 1e9 / wb,  # batch 1: every weight byte read once per token
@@ -640,7 +644,8 @@ def markdown(report: dict) -> str:
             lines.append(f"Roofline ({roof['torch_threads']} threads): copy bandwidth {roof['copy_gb_s']:.2f} GB/s "
                          f"(copy_ of {roof['copy_mib']} MiB into a preallocated tensor, read+write; a fresh clone(): "
                          f"{roof['clone_gb_s']:.2f} GB/s), bf16 matmul peak "
-                         f"{roof['bf16_matmul_gflop_s']:.1f} GFLOP/s ({roof['matmul_n']}^3); weights "
+                         f"{roof['bf16_matmul_gflop_s']:.1f} GFLOP/s (fp32 "
+                         f"{roof.get('fp32_matmul_gflop_s', float('nan')):.1f}; {roof['matmul_n']}^3); weights "
                          f"{roof['weight_bytes'] / 1e6:.1f} MB bf16 -> batch-1 decode bound "
                          f"{roof['decode_bound_tok_s']:.1f} tok/s, compute bound "
                          f"{roof['compute_bound_tok_s']:.0f} tok/s (2 flops per weight per token; attention "

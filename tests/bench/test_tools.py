@@ -1,0 +1,66 @@
+"""The roofline placement arithmetic and the compare table, on hand-made results (no server, no torch)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvserve.bench import compare, roofline
+from kvserve.bench.metrics import RequestRecord, summarize
+
+# 1,000 params (2,000 bf16 bytes), 100 of them in the lm_head, 10 attention flops per (query, key) pair
+ROOF = {"weight_bytes": 2000, "lm_head_params": 100, "attn_flops_per_ctx_token": 10,
+        "bf16_matmul_gflop_s": 1e-6, "fp32_matmul_gflop_s": 5e-7, "decode_bound_tok_s": 100.0}
+
+
+def result(label: str, rate, recs: list[RequestRecord], duration: float, workload: str = "sharegpt-like") -> dict:
+    return {"config": {"label": label, "workload": workload, "request_rate": rate, "max_concurrency": None,
+                       "num_requests": len(recs), "seed": 0, "endpoint": "completions", "model": "m"},
+            "summary": summarize(recs, duration), "requests": [r.to_dict() for r in recs]}
+
+
+def test_serve_flops_exact():
+    # prompt 4, output 2, nothing cached: positions 0..4 run (5 tokens), keys 1+2+3+4+5
+    a = RequestRecord("a", 0.0, 0.1, [0.1, 0.2], 0.2, prompt_tokens=4, output_tokens=2, success=True)
+    # the same with 2 cached prompt tokens: positions 2..4 run, keys 3+4+5
+    b = RequestRecord("b", 0.0, 0.1, [0.1, 0.2], 0.2, prompt_tokens=4, output_tokens=2, cached_tokens=2,
+                      success=True)
+    failed = RequestRecord("c", 0.0, error="HTTP 500", prompt_tokens=4, output_tokens=2)
+    assert roofline.serve_flops(result("x", 1.0, [a], 1.0), ROOF) == 2 * 900 * 5 + 2 * 100 * 2 + 10 * 15
+    assert roofline.serve_flops(result("x", 1.0, [b, failed], 1.0), ROOF) == 2 * 900 * 3 + 2 * 100 * 2 + 10 * 12
+
+
+def test_place_serve_and_offline(tmp_path):
+    a = RequestRecord("a", 0.0, 0.1, [0.1, 0.2], 0.2, prompt_tokens=4, output_tokens=2, success=True)
+    p = tmp_path / "serve.json"
+    p.write_text(json.dumps(result("kv", 1.0, [a], 2.0)))
+    line, = roofline.place(str(p), ROOF)
+    # 9,550 flops in 2 s = 4,775 flop/s = 4.775e-6 GFLOP/s: 477.5% of a 1e-6 GFLOP/s "peak"
+    assert "477.5% of the bf16 peak" in line and "955.0% of fp32" in line
+    off = {"engines": {"kvserve": {"tasks": {"decode1": {"output_tok_s": 50.0, "elapsed_s": 5.0},
+                                             "a": {"output_tok_s": 1.0, "elapsed_s": 10.0, "flops": 1e4,
+                                                   "prompt_tokens": 4, "output_tokens": 2, "requests": 1}}}}}
+    q = tmp_path / "offline.json"
+    q.write_text(json.dumps(off))
+    lines = roofline.place(str(q), ROOF)
+    assert any("50.0% of the bandwidth bound" in x for x in lines)
+    assert any("workload a" in x and "100.0% of the bf16 peak" in x and "exact" in x for x in lines)
+
+
+def test_compare_table(tmp_path, capsys):
+    recs = [RequestRecord("a", 0.0, 0.5, [0.5, 1.0], 1.0, prompt_tokens=10, output_tokens=2, success=True)]
+    files = []
+    for label, rate in (("kvserve", "inf"), ("vllm", 2.0), ("vllm", 2.0)):
+        f = tmp_path / f"{label}-{len(files)}.json"
+        f.write_text(json.dumps(result(label, rate, recs, 2.0)))
+        files.append(str(f))
+    assert compare.main(files + ["--out", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert table.splitlines()[0] == "| metric | kvserve @ inf | vllm @ 2/s #1 | vllm @ 2/s #2 |"
+    assert "| Median TTFT (ms) | 500.00 | 500.00 | 500.00 |" in table
+    assert "| Output token throughput (tok/s) | 1.00 | 1.00 | 1.00 |" in table
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit):
+        compare.main([str(bad)])
