@@ -20,6 +20,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")
+    parser.add_argument("--kv-store", default=None, metavar="TIERS",
+                        help="tiered KV store below the pool, e.g. memory:4GB,disk:/var/kv:20GB:int4,"
+                             "redis://127.0.0.1:6379?codec=int8 (codecs: none, zstd, int8, int4)")
+    parser.add_argument("--kv-store-chunk-size", type=int, default=256, help="tokens per stored KV chunk")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step")
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse KV blocks of shared prompt prefixes")
+    serve.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+                       help="split long prompts over steps so running decodes never stall (Sarathi-Serve); off: "
+                            "a prompt runs whole in one step, the step budget grows to the context length")
     serve.add_argument("--max-queued-requests", type=int, default=256,
                        help="sequences allowed to wait beyond --max-num-seqs before new requests get 429")
     serve.add_argument("--request-timeout", type=float, default=600.0,
@@ -93,7 +100,8 @@ def _engine_args(args: argparse.Namespace, **extra):
     from kvserve.engine.llm_engine import EngineArgs
 
     return EngineArgs(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                      max_model_len=args.max_model_len, num_threads=args.num_threads, **extra)
+                      max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
+                      kv_store_chunk_size=args.kv_store_chunk_size, **extra)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -104,7 +112,8 @@ def serve_command(args: argparse.Namespace) -> int:
     config = _server_config(args)  # validate every flag before spending seconds on the model
     engine_args = _engine_args(args, max_num_seqs=args.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens,
-                               enable_prefix_caching=args.enable_prefix_caching)
+                               enable_prefix_caching=args.enable_prefix_caching,
+                               enable_chunked_prefill=args.enable_chunked_prefill)
     engine_args.torch_dtype()
     if not config.is_loopback and config.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", config.host)
@@ -139,7 +148,8 @@ def generate_command(args: argparse.Namespace) -> int:
     from kvserve.sampling import SamplingParams
 
     llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
-              max_model_len=args.max_model_len, num_threads=args.num_threads)
+              max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
+              kv_store_chunk_size=args.kv_store_chunk_size)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     started = time.monotonic()
@@ -148,6 +158,7 @@ def generate_command(args: argparse.Namespace) -> int:
     else:
         out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
     elapsed = time.monotonic() - started
+    llm.engine.close()  # writes this prompt's KV to the store, if one is configured
     completion = out.outputs[0]
     print(completion.text)
     n = len(completion.token_ids)
