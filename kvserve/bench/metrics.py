@@ -17,7 +17,9 @@ Aggregates:
 
 - duration = the run's wall time (given by the caller; by default the last end_time minus the first send_time).
 - completed / failed: requests that ended successfully / with an error (HTTP error, error event, timeout, cut stream).
-- total_input_tokens, total_output_tokens, total_cached_tokens: sums over completed requests.
+- total_input_tokens, total_output_tokens, total_cached_tokens: sums over completed requests (cached tokens only
+  where the server reported them; None when none did). prefix_cache_hit_rate = cached / prompt tokens over the
+  completed requests that reported cached tokens.
 - request_throughput = completed / duration; output_throughput = total_output_tokens / duration;
   total_token_throughput = (total_input_tokens + total_output_tokens) / duration.
 - request_goodput = completed requests meeting every SLO given (TTFT <= slo_ttft_ms, TPOT <= slo_tpot_ms,

@@ -190,14 +190,15 @@ class Runner:
 
     async def one(self, req: W.BenchRequest, messages: list[dict], endpoint: str) -> M.RequestRecord:
         rec = M.RequestRecord(req.request_id, send_time=0.0, max_tokens=req.max_tokens, group=req.group,
-                              conversation=req.conversation, turn=req.turn,
-                              prompt_tokens=self.prompt_tokens(messages, endpoint))
+                              conversation=req.conversation, turn=req.turn)
         body = make_body(self.args, messages, req.max_tokens, endpoint)
         if self.sem is not None:
             async with self.sem:
                 await self._send(endpoint, body, rec)
         else:
             await self._send(endpoint, body, rec)
+        if not rec.prompt_tokens:  # the server reported no usage: count on the client, after the timing
+            rec.prompt_tokens = self.prompt_tokens(messages, endpoint)
         self.records.append(rec)
         if self.bar is not None:
             self.bar.update(1)
