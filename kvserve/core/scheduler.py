@@ -238,9 +238,11 @@ class Scheduler:
         if req.sampling_params.prompt_logprobs is not None or req.share_prompt_with is not None:
             return False
         pooled = self.kv.match_prefix(req).num_blocks * self.block_size
+        if (req.num_tokens - 1) // self.block_size * self.block_size <= pooled:
+            return False  # the pool already has everything a load could give
         start = pooled // self.connector.chunk_size * self.connector.chunk_size
         hashes = self._chunk_hashes(req, start)
-        if not hashes or all(start + (i + 1) * self.connector.chunk_size <= pooled for i in range(len(hashes))):
+        if not hashes:
             return False
         req.status = RequestStatus.FETCHING
         self.fetching[req.request_id] = req

@@ -352,7 +352,7 @@ while total > cap do
   total = redis.call('DECRBY', KEYS[4], sz)
   evicted = evicted + 1
 end
-return evicted
+return {evicted, total}
 """
 
 
@@ -371,6 +371,7 @@ class RedisTier(Tier):
         self._sizes = f"kvserve:{namespace}:sizes"
         self._total = f"kvserve:{namespace}:bytes"
         self._script = self._redis.register_script(_PUT_LUA)
+        self._used = 0
 
     def _get(self, key: str) -> bytes | None:
         pipe = self._redis.pipeline(transaction=False)
@@ -386,9 +387,10 @@ class RedisTier(Tier):
         return [bool(n) for n in pipe.execute()]
 
     def _put(self, key: str, blob: bytes) -> None:
-        evicted = self._script(keys=[key, self._lru, self._sizes, self._total],
-                               args=[blob, time.time(), self.capacity])
-        self.stats.evictions += int(evicted or 0)
+        evicted, total = self._script(keys=[key, self._lru, self._sizes, self._total],
+                                      args=[blob, time.time(), self.capacity])
+        self.stats.evictions += int(evicted)
+        self._used = int(total)
 
     def _delete(self, key: str) -> None:
         pipe = self._redis.pipeline(transaction=True)
@@ -401,10 +403,8 @@ class RedisTier(Tier):
             self._redis.decrby(self._total, int(size))
 
     def used_bytes(self) -> int:
-        try:
-            return int(self._redis.get(self._total) or 0) if self.healthy else 0
-        except Exception:  # noqa: BLE001
-            return 0
+        """As of this instance's last write (a metrics scrape must not wait on Redis)."""
+        return self._used
 
     def close(self) -> None:
         try:

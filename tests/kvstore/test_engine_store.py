@@ -210,3 +210,41 @@ def test_store_numbers_reach_prometheus(make_engine, prompt, tmp_path):
         assert {s.labels["tier"]: s.value for s in load}["memory"] == 4
     finally:
         engine.close()
+
+
+def test_a_hung_redis_costs_reuse_not_time(make_engine, prompt, reference):
+    """A Redis that stops answering (SIGSTOP) is a slow tier: its socket timeout marks it down, the request
+    recomputes, and once Redis answers again the tier is retried after its backoff."""
+    import signal
+    import time
+
+    server = RedisServer().start()
+    engine = make_engine(kv_store=f"{server.url}?timeout=0.3")
+    try:
+        assert generate(engine, prompt) == reference
+        assert engine.kv_store.flush(30)
+        engine.reset_prefix_cache()
+        started = time.monotonic()
+        plain_ids = prompt[::-1]  # same length, nothing stored: the recompute time for comparison
+        generate(engine, plain_ids)
+        recompute_s = time.monotonic() - started
+        engine.reset_prefix_cache()
+
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        assert generate(engine, prompt) == reference
+        assert time.monotonic() - started < recompute_s + 2.0  # one timed-out lookup, no waiting on Redis after
+        assert stats(engine)[2]["tiers"][0]["errors"] >= 1
+        assert "Timeout" in engine.kv_store.tiers[0].last_error
+
+        os.kill(server.proc.pid, signal.SIGCONT)
+        time.sleep(engine.kv_store.tiers[0].BACKOFF_START * 2 + 0.5)  # past the backoff (it may have doubled)
+        engine.reset_prefix_cache()
+        loaded_before = stats(engine)[1]
+        assert generate(engine, prompt) == reference
+        assert stats(engine)[1] - loaded_before == 1024 and stats(engine)[2]["tiers"][0]["healthy"]
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+        engine.close()
