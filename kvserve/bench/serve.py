@@ -67,9 +67,10 @@ class Client:
     def __init__(self, base_url: str, api_key: str | None, timeout: float, transport=None):
         import httpx
 
-        self.base_url = base_url.rstrip("/")
-        if self.base_url.endswith("/v1"):
-            self.base_url = self.base_url[:-3]
+        # several comma-separated URLs: instances behind a client-side round robin (see Runner.one)
+        self.base_urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
+        self.base_urls = [u[:-3] if u.endswith("/v1") else u for u in self.base_urls]
+        self.base_url = self.base_urls[0]
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=30.0),
@@ -84,8 +85,10 @@ class Client:
         r.raise_for_status()
         return r.json().get("data", [])
 
-    async def stream(self, endpoint: str, body: dict, rec: M.RequestRecord, t0: float) -> None:
-        """POST with stream: true and fill rec (times relative to t0) from the server-sent events."""
+    async def stream(self, endpoint: str, body: dict, rec: M.RequestRecord, t0: float, target: int = 0) -> None:
+        """POST with stream: true to base URL number `target` (modulo their count) and fill rec (times relative to
+        t0) from the server-sent events."""
+        base_url = self.base_urls[target % len(self.base_urls)]
         path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
         now = time.perf_counter
         pieces: list[str] = []
@@ -93,7 +96,7 @@ class Client:
         finished = False
         rec.send_time = now() - t0
         try:
-            async with self.http.stream("POST", self.base_url + path, json=body, headers=self.headers) as resp:
+            async with self.http.stream("POST", base_url + path, json=body, headers=self.headers) as resp:
                 if resp.status_code != 200:
                     text = (await resp.aread()).decode("utf-8", "replace")
                     rec.error = f"HTTP {resp.status_code}: {text[:300]}"
@@ -178,6 +181,7 @@ class Runner:
         self.records: list[M.RequestRecord] = []
         self.bar = None
         self.t0 = 0.0
+        self._sent = 0
 
     def prompt_tokens(self, messages: list[dict], endpoint: str) -> int:
         """The client's own count, used when the server reports no usage."""
@@ -192,11 +196,15 @@ class Runner:
         rec = M.RequestRecord(req.request_id, send_time=0.0, max_tokens=req.max_tokens, group=req.group,
                               conversation=req.conversation, turn=req.turn)
         body = make_body(self.args, messages, req.max_tokens, endpoint)
+        # several base URLs: a conversation's turns alternate between them (turn k -> URL k mod n, the worst case
+        # for per-instance prefix caches), other requests go round robin
+        target = req.turn if req.turn is not None else self._sent
+        self._sent += 1
         if self.sem is not None:
             async with self.sem:
-                await self._send(endpoint, body, rec)
+                await self._send(endpoint, body, rec, target)
         else:
-            await self._send(endpoint, body, rec)
+            await self._send(endpoint, body, rec, target)
         if not rec.prompt_tokens:  # the server reported no usage: count on the client, after the timing
             rec.prompt_tokens = self.prompt_tokens(messages, endpoint)
         self.records.append(rec)
@@ -204,9 +212,9 @@ class Runner:
             self.bar.update(1)
         return rec
 
-    async def _send(self, endpoint: str, body: dict, rec: M.RequestRecord) -> None:
+    async def _send(self, endpoint: str, body: dict, rec: M.RequestRecord, target: int = 0) -> None:
         try:
-            await asyncio.wait_for(self.client.stream(endpoint, body, rec, self.t0), self.args.timeout)
+            await asyncio.wait_for(self.client.stream(endpoint, body, rec, self.t0, target), self.args.timeout)
         except asyncio.TimeoutError:
             rec.error = f"timeout: no end after {self.args.timeout} s"
             rec.end_time = time.perf_counter() - self.t0
@@ -303,7 +311,9 @@ async def _probe(client: Client, args) -> dict:
 def build_parser(prog: str = "kvserve bench serve") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Serving benchmark against an OpenAI-compatible server.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
+    ap.add_argument("--base-url", required=True,
+                    help="e.g. http://127.0.0.1:8000 (a trailing /v1 is fine); a comma-separated list sends requests "
+                         "round robin and alternates each conversation's turns between the servers")
     ap.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
                     help="/v1/completions or /v1/chat/completions (multi-turn always uses chat)")
     ap.add_argument("--model", default=None, help="model id to send; none: the first of /v1/models")

