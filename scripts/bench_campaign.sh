@@ -3,6 +3,8 @@
 # llama-server (one server at a time, same bf16 weights), kvserve's ablations (prefix caching off, chunked prefill
 # off), and two kvserve instances sharing KV through Redis on the multi-turn workload.
 #   scripts/bench_campaign.sh [OUT_DIR] [ENGINES]     e.g. scripts/bench_campaign.sh results "kvserve vllm llamacpp"
+#   PAIR_LABEL=-doc PAIR_ARGS="-W system_len=2048 --num-requests 40 --request-rate 0.1" \
+#       scripts/bench_campaign.sh results redis-pair      (the two-instance run on long-document conversations)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results}
@@ -72,7 +74,9 @@ for e in $ENGINES; do
         [[ $variant == store ]] && extra=(--kv-store "redis://127.0.0.1:$REDIS_PORT?timeout=2")
         start "pair-$variant-a" kvserve 8010 --threads 1 -- "${extra[@]}" && A=$SERVER
         start "pair-$variant-b" kvserve 8011 --threads 1 -- "${extra[@]}" && B=$SERVER
-        bench "pair-$variant" "8010,http://127.0.0.1:8011" multi-turn --num-requests 60 --request-rate 0.5
+        # shellcheck disable=SC2086
+        bench "pair${PAIR_LABEL:-}-$variant" "8010,http://127.0.0.1:8011" multi-turn \
+            ${PAIR_ARGS:---num-requests 60 --request-rate 0.5}
         SERVER=$A; stop; SERVER=$B; stop
       done
       kill $REDIS; wait $REDIS 2>/dev/null ;;

@@ -284,8 +284,8 @@ class Scheduler:
             self._kv_saves.append(KVSave(req.request_id, chunks))
 
     def take_kv_saves(self) -> list[KVSave]:
-        """Chunks of requests freed since the last call. Their blocks are free but untouched until the next forward
-        pass, so the engine must copy them out before running it."""
+        """Chunks to store since the last call: prompts that just finished computing (blocks still held) and requests
+        freed (blocks free but untouched until the next forward pass, so the engine must copy them out before it)."""
         saves, self._kv_saves = self._kv_saves, []
         return saves
 
@@ -308,8 +308,13 @@ class Scheduler:
             req = sr.request
             if req.is_finished or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            prompt_was_done = self._prompt_done(req)
             req.num_computed_tokens += sr.num_new_tokens
             self.kv.cache_blocks(req, req.num_computed_tokens)
+            if self.connector is not None and not prompt_was_done and self._prompt_done(req):
+                # the prompt's KV is final: store it now, while the answer decodes, so another instance can load
+                # it for the next turn (the chunks holding output tokens follow when the request is freed)
+                self._queue_saves(req)
             new_tokens, new_lps = [], []
             if sr.sample and req.max_tokens == 0:
                 req.status = RequestStatus.FINISHED_LENGTH  # scoring only: prompt logprobs, no new token

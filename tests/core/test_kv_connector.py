@@ -81,7 +81,16 @@ def test_saves_copy_every_full_chunk_from_the_right_blocks():
     sched, runner = sched_with(conn), FakeRunner(BS)
     r = req("a", 200, max_tokens=3)
     sched.add_request(r)
-    run_saving(sched, runner, conn)
+    saved_at: dict[int, int] = {}  # chunks stored -> output tokens the request had by then
+
+    def hook(i, so):
+        conn.save_from(sched, runner)
+        saved_at.setdefault(len(conn.chunks), r.num_output_tokens)
+        for rid in list(conn.jobs):
+            conn.complete(rid)
+
+    run(sched, runner, on_step=hook)
+    assert saved_at[3] == 1  # the prompt's chunks are stored as soon as it is computed, not when the request ends
     # 200 prompt + 2 computed outputs = 202 tokens computed: 3 full chunks of 64
     assert len(conn.chunks) == 3
     for k in range(3):
