@@ -685,7 +685,7 @@ def parse_args(argv):
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--kv-gb", type=float, default=4.0, help="KV cache GiB for kvserve and vLLM")
     ap.add_argument("--max-model-len", type=int, default=2048, help="vLLM max_model_len")
-    ap.add_argument("--kvserve-max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--kvserve-max-num-batched-tokens", type=int, default=None, help="default: kvserve.LLM's own")
     ap.add_argument("--vllm-max-num-batched-tokens", type=int, default=None, help="default: vLLM's own")
     ap.add_argument("--vllm-python", default=DEFAULT_VLLM_PYTHON)
     ap.add_argument("--vllm-model", default=DEFAULT_VLLM_MODEL, help="HF bf16 dir (exported if missing)")
