@@ -115,6 +115,10 @@ def serve_command(args: argparse.Namespace) -> int:
                                enable_prefix_caching=args.enable_prefix_caching,
                                enable_chunked_prefill=args.enable_chunked_prefill)
     engine_args.torch_dtype()
+    if args.kv_store:
+        from kvserve.kvstore import parse_kv_store
+
+        parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size)  # a bad spec fails before the model loads
     if not config.is_loopback and config.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", config.host)
     started = time.monotonic()
