@@ -193,3 +193,34 @@ def test_stream_failures_are_recorded():
     assert not rec.success and "without" in rec.error
     rec = run_stream(sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 0}}, b"[DONE]"))
     assert not rec.success and rec.error == "no token received"
+
+
+def test_several_base_urls_alternate_conversation_turns():
+    """`--base-url A,B`: turn k of a conversation goes to URL k mod 2, other requests round robin."""
+    import argparse
+
+    from kvserve.bench import workloads as W
+    from kvserve.bench.serve import Runner
+
+    hosts = []
+
+    def answer(request):
+        hosts.append((request.url.host, request.url.path))
+        return httpx.Response(200, content=sse({"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]},
+                                                b"[DONE]"))
+
+    turns = [W.BenchRequest(f"c0-t{t}", [{"role": "user", "content": f"q{t}"}], 4, 2, conversation=0, turn=t)
+             for t in range(3)]
+    args = argparse.Namespace(max_concurrency=None, timeout=10, seed=0, request_rate=float("inf"), burstiness=1.0,
+                              no_progress=True, workload="multi-turn", label="t", endpoint="chat", model="m",
+                              ignore_eos=False, min_tokens=False, temperature=0.0, top_p=None, extra_body={})
+
+    async def go():
+        client = Client("http://a/v1, http://b", None, 10, transport=httpx.MockTransport(answer))
+        records, _ = await Runner(args, turns, None, client).run()
+        await client.close()
+        return records
+
+    records = asyncio.run(go())
+    assert all(r.success for r in records)
+    assert hosts == [("a", "/v1/chat/completions"), ("b", "/v1/chat/completions"), ("a", "/v1/chat/completions")]
