@@ -219,16 +219,19 @@ class Scheduler:
         return n
 
     # ------------------------------------------------------------------ tiered KV store
+    def _chunk_hash(self, req: Request, k: int) -> bytes:
+        """A stored chunk's key: the hash-chain value at the chunk's last block (covers every earlier token)."""
+        return req.block_hashes[(k + 1) * (self.connector.chunk_size // self.block_size) - 1]
+
     def _chunk_hashes(self, req: Request, start_token: int) -> list[bytes]:
         """Hash-chain values closing each full prompt chunk from `start_token` on that could save compute (a chunk
         must start before the last block boundary below the final token, whose logits are needed)."""
         c, bs = self.connector.chunk_size, self.block_size
         usable_end = (req.num_tokens - 1) // bs * bs
-        per = c // bs
         out = []
         k = start_token // c
         while k * c < usable_end and (k + 1) * c <= req.num_tokens:
-            out.append(req.block_hashes[(k + 1) * per - 1])
+            out.append(self._chunk_hash(req, k))
             k += 1
         return out
 
@@ -277,7 +280,7 @@ class Scheduler:
         block_ids = self.kv.get_block_ids(req.request_id)
         chunks = []
         for k in range(min(req.num_computed_tokens, len(block_ids) * self.block_size) // c):
-            h = req.block_hashes[(k + 1) * per - 1]
+            h = self._chunk_hash(req, k)
             if not self.connector.is_known(h):
                 chunks.append((h, block_ids[k * per:(k + 1) * per]))
         if chunks:

@@ -52,37 +52,41 @@ class _FetchJob:
 
 class CostModel:
     """Load a chunk only when fetching + verifying + decoding it is expected to beat recomputing it. Both sides are
-    exponential moving averages of what this process measured: per-tier seconds per byte (the whole load path) and
-    latency per get, and the engine's prefill tokens/s."""
+    exponential moving averages of what this process measured: per tier, the seconds per byte of the whole load path
+    (which includes its latency) and the typical entry size; and the engine's prefill tokens/s. Before a tier's first
+    load it is assumed to deliver its default bandwidth after its default latency."""
 
     ALPHA = 0.3
+    PREFILL_ALPHA = 0.2
 
     def __init__(self):
-        self.prefill_tps = _DEFAULT_PREFILL_TPS
-        self.prefill_measured = False
+        self.rates: dict[str, float] = {}  # "prefill" -> tokens/s
         self.sec_per_byte: dict[str, float] = {}
-        self.latency: dict[str, float] = {}
         self.entry_bytes: dict[str, float] = {}  # typical encoded size per tier (its codec)
 
-    def _ema(self, table: dict, key: str, value: float) -> None:
-        table[key] = value if key not in table else (1 - self.ALPHA) * table[key] + self.ALPHA * value
+    @staticmethod
+    def _ema(table: dict, key: str, value: float, alpha: float) -> None:
+        table[key] = value if key not in table else (1 - alpha) * table[key] + alpha * value
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.rates.get("prefill", _DEFAULT_PREFILL_TPS)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens < 32 or seconds <= 0:
             return  # decode-only steps say nothing about prefill speed
-        tps = tokens / seconds
-        self.prefill_tps = tps if not self.prefill_measured else 0.8 * self.prefill_tps + 0.2 * tps
-        self.prefill_measured = True
+        self._ema(self.rates, "prefill", tokens / seconds, self.PREFILL_ALPHA)
 
     def observe_load(self, tier: Tier, nbytes: int, seconds: float) -> None:
-        self._ema(self.sec_per_byte, tier.spec.label, seconds / max(nbytes, 1))
-        self._ema(self.entry_bytes, tier.spec.label, nbytes)
+        self._ema(self.sec_per_byte, tier.spec.label, seconds / max(nbytes, 1), self.ALPHA)
+        self._ema(self.entry_bytes, tier.spec.label, nbytes, self.ALPHA)
 
     def load_seconds(self, tier: Tier, raw_bytes: int) -> float:
         label = tier.spec.label
         nbytes = self.entry_bytes.get(label, raw_bytes)
-        spb = self.sec_per_byte.get(label, 1.0 / _DEFAULT_BANDWIDTH[tier.name])
-        return self.latency.get(label, _DEFAULT_LATENCY[tier.name]) + nbytes * spb
+        if label in self.sec_per_byte:
+            return nbytes * self.sec_per_byte[label]
+        return _DEFAULT_LATENCY[tier.name] + nbytes / _DEFAULT_BANDWIDTH[tier.name]
 
     def recompute_seconds(self, tokens: int) -> float:
         return tokens / self.prefill_tps

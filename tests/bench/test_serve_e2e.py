@@ -5,57 +5,27 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.serving import start_kvserve, stop_kvserve
+
 API_KEY = "bench-test-key"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bench-server")
-    port = free_port()
-    log_path = tmp / "server.log"
-    cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--api-key", API_KEY, "--dtype", "float32", "--kv-cache-memory-gb", "0.25", "--max-num-seqs", "8",
-           "--log-level", "warning", "--no-access-log"]
-    env = dict(os.environ, KVSERVE_NO_TQDM="1", TOKENIZERS_PARALLELISM="false")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("bench-server") / "server.log"
+    proc, url = start_kvserve(["--api-key", API_KEY, "--dtype", "float32", "--kv-cache-memory-gb", "0.25",
+                               "--max-num-seqs", "8", "--log-level", "warning", "--no-access-log"], log_path, 240)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not healthy in time:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_kvserve(proc, 30)
 
 
 def strict_json(path: Path) -> dict:

@@ -10,8 +10,9 @@ import os
 import pytest
 
 from kvserve.kvstore.entry import EntryIdentity, pack
-from kvserve.kvstore.redis_server import RedisServer
 from kvserve.sampling import SamplingParams
+
+from tests.kvstore.conftest import start_redis
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +33,6 @@ def prompt(fp32_parts):
 def reference(make_engine, prompt):
     """Greedy tokens with no store at all: what every path below must reproduce."""
     return generate(make_engine(), prompt)
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    try:
-        server = RedisServer().start()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    yield server
-    server.stop()
 
 
 def generate(engine, ids, params=GREEDY, salt=None):
@@ -154,7 +145,7 @@ def test_bad_entries_are_detected_dropped_and_recomputed(make_engine, prompt, re
 
 def test_killing_redis_mid_run_leaves_every_request_answered(make_engine, fp32_parts, reference,
                                                              prompt):
-    server = RedisServer().start()
+    server = start_redis()
     engine = make_engine(kv_store=f"{server.url}?timeout=0.3")
     plain = make_engine()
     _, tok, _ = fp32_parts
@@ -218,7 +209,7 @@ def test_a_hung_redis_costs_reuse_not_time(make_engine, prompt, reference):
     import signal
     import time
 
-    server = RedisServer().start()
+    server = start_redis()
     engine = make_engine(kv_store=f"{server.url}?timeout=0.3")
     try:
         assert generate(engine, prompt) == reference

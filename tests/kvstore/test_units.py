@@ -12,7 +12,7 @@ from kvserve.config import ConfigError
 from kvserve.kvstore import codec as codecs
 from kvserve.kvstore.config import TierSpec, parse_kv_store, parse_size
 from kvserve.kvstore.entry import EntryError, EntryIdentity, pack, unpack
-from kvserve.kvstore.redis_server import RedisServer, free_port
+from kvserve.kvstore.redis_server import free_port
 from kvserve.kvstore.tiers import DiskTier, MemoryTier, RedisTier
 
 SHAPE = (4, 2, 32, 3, 64)  # (layers, K|V, tokens, kv_heads, head_dim)
@@ -162,17 +162,8 @@ def test_disk_full_stops_writes_but_not_reads(tmp_path, monkeypatch):
     assert not [f for d in os.listdir(tmp_path) for f in os.listdir(tmp_path / d) if f.endswith(".tmp")]
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    try:
-        server = RedisServer().start()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    yield server.url
-    server.stop()
-
-
-def test_redis_tier_shares_entries_and_caps_them(redis_url):
+def test_redis_tier_shares_entries_and_caps_them(redis_server):
+    redis_url = redis_server.url
     a = RedisTier(TierSpec("redis", 1000, url=redis_url), "ns-test")
     b = RedisTier(TierSpec("redis", 1000, url=redis_url), "ns-test")  # a second instance, same namespace
     assert a.put("kvserve:ns-test:1", b"1" * 400)

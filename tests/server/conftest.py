@@ -7,11 +7,8 @@ an error event and [DONE] (not a cut connection) before the process exits.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,16 +18,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.serving import start_kvserve
+
 API_KEY = "test-key-0123456789"
 SHUTDOWN_TIMEOUT_S = 3
 MAX_NUM_SEQS = 16
 MAX_QUEUED = 64
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -73,31 +66,12 @@ def _start(tmp: Path) -> ServerHandle:
     key_file = tmp / "api-key"
     key_file.write_text(API_KEY + "\n")
     log_path = tmp / "server.log"
-    port = free_port()
-    cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--api-key-file", str(key_file), "--dtype", "float32", "--kv-cache-memory-gb", "0.25",
-           "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queued-requests", str(MAX_QUEUED),
-           "--request-timeout", "120", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--log-level", "warning",
-           "--no-access-log"]
-    env = dict(os.environ, KVSERVE_NO_TQDM="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("KVSERVE_API_KEY", None)
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_kvserve(
+        ["--api-key-file", str(key_file), "--dtype", "float32", "--kv-cache-memory-gb", "0.25",
+         "--max-num-seqs", str(MAX_NUM_SEQS), "--max-queued-requests", str(MAX_QUEUED), "--request-timeout", "120",
+         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S), "--log-level", "warning", "--no-access-log"],
+        log_path, drop_env=("KVSERVE_API_KEY",))
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server not healthy in time:\n{log_path.read_text(errors='replace')}")
-        time.sleep(0.5)
     model = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
     return ServerHandle(url, API_KEY, model, proc, log_path, headers)
 
