@@ -15,7 +15,7 @@ from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
 from kvserve.engine.output_processor import OutputProcessor
-from kvserve.kernels import paged_decode_attention_fn
+from kvserve.kernels import fused_ops, paged_decode_attention_fn
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
 from kvserve.model.tokenizer import Tokenizer
@@ -92,6 +92,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, connector=self.kv_store)
         if args.native_kernels and self.model.decode_fn is None:
             self.model.decode_fn = paged_decode_attention_fn()
+            self.model.ops = fused_ops(self.model.rotary) or self.model.ops
         self.runner = ModelRunner(self.model, self.kv_cache, pad_shapes=args.pad_shapes)
         self.output_processor = OutputProcessor(self.tokenizer)
         eos = set(self.model_config.eos_token_ids)

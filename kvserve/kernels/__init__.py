@@ -64,3 +64,13 @@ def paged_decode_attention_fn():
                                           scale)
 
     return decode
+
+
+def fused_ops(rotary):
+    """NativeOps (fused norms, RoPE + KV write, SiLU) for kvserve.model.llama.LlamaModel.ops, or None."""
+    mod = load("fused_ops")
+    if mod is None:
+        return None
+    from kvserve.model.layers import NativeOps
+
+    return NativeOps(rotary, mod)

@@ -136,7 +136,27 @@ inline void softmax_row(float* s, int64_t L) {
   for (; t < L; ++t) s[t] *= _mm512_cvtss_f32(inv);
 }
 
+inline float hsum512(__m512 s) {
+  // fold 16 lanes to 8 before the (slow) horizontal sum
+  __m256 lo = _mm512_castps512_ps256(s);
+  __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
+  __m256 s8 = _mm256_add_ps(lo, hi);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  return _mm_cvtss_f32(s4);
+}
+
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+}
+
 // bfloat16 with AVX512-BF16: q.k as bf16 pair dot products (vdpbf16ps) accumulated in float32, p.v in float32.
+// A work item is one sequence and a range of its KV heads: all of them when there are enough sequences to keep
+// every thread busy, so each token's K and V rows are read as one contiguous span (whole cache lines, next block
+// prefetched) instead of one head's slice at a time. KV for a decode batch is read from DRAM (a layer's cache is
+// far larger than the caches), so the access pattern, not the arithmetic, sets the speed.
 template <int D>
 void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
                                const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
@@ -148,54 +168,72 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;
   const int64_t blk = BS * row;
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  const int64_t per_item = B >= 2 * at::get_num_threads() ? Hkv : 1;  // kv heads per work item
+  const int64_t groups = Hkv / per_item;
+  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<__m512bh> qv(G * NQ);
-    std::vector<__m512> acc(G * NV);
+    std::vector<__m512bh> qv(per_item * G * NQ);
+    std::vector<__m512> acc(per_item * G * NV);
+    const int64_t nq = per_item * G;  // query heads of this item
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / Hkv, h = idx % Hkv;
+      const int64_t b = idx / groups, h0 = (idx % groups) * per_item;
       const int64_t L = lens[b];
       if (L <= 0) continue;
-      scores.resize(G * L);
-      for (int64_t g = 0; g < G; ++g)
+      scores.resize(nq * L);
+      for (int64_t j = 0; j < nq; ++j)  // query heads h0 * G ... are contiguous in q
         for (int i = 0; i < NQ; ++i)
-          qv[g * NQ + i] = (__m512bh)_mm512_loadu_si512(q + (b * H + h * G + g) * D + i * 32);
+          qv[j * NQ + i] = (__m512bh)_mm512_loadu_si512(q + (b * H + h0 * G + j) * D + i * 32);
       const int64_t* table = tables + b * MB;
-      for (int64_t t = 0; t < L; ++t) {
-        const c10::BFloat16* krow = k_cache + table[t / BS] * blk + (t % BS) * row + h * D;
-        __m512bh kr[NQ];
-        for (int i = 0; i < NQ; ++i) kr[i] = (__m512bh)_mm512_loadu_si512(krow + i * 32);
-        for (int64_t g = 0; g < G; ++g) {
-          __m512 s = _mm512_setzero_ps();
-          for (int i = 0; i < NQ; ++i) s = _mm512_dpbf16_ps(s, qv[g * NQ + i], kr[i]);
-          // fold 16 lanes to 8 before the (slow) horizontal sum
-          __m256 lo = _mm512_castps512_ps256(s);
-          __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1));
-          __m256 s8 = _mm256_add_ps(lo, hi);
-          __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-          s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-          s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-          scores[g * L + t] = _mm_cvtss_f32(s4) * scale;
+      const int64_t span = per_item * D * 2;  // bytes of this item's heads in one token row
+      const int64_t nblocks = (L + BS - 1) / BS;
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, L - t0);
+        if (bi + 1 < nblocks) {  // the next K block, and this block's V for the second pass
+          const c10::BFloat16* nxt = k_cache + table[bi + 1] * blk + h0 * D;
+          for (int64_t r = 0; r < BS; ++r) prefetch_span(nxt + r * row, span);
+        }
+        const c10::BFloat16* vb = v_cache + table[bi] * blk + h0 * D;
+        for (int64_t r = 0; r < tn; ++r) prefetch_span(vb + r * row, span);
+        const c10::BFloat16* kb = k_cache + table[bi] * blk + h0 * D;
+        for (int64_t r = 0; r < tn; ++r) {
+          const c10::BFloat16* krow = kb + r * row;
+          for (int64_t hh = 0; hh < per_item; ++hh) {
+            __m512bh kr[NQ];
+            for (int i = 0; i < NQ; ++i) kr[i] = (__m512bh)_mm512_loadu_si512(krow + hh * D + i * 32);
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t j = hh * G + g;
+              __m512 s = _mm512_setzero_ps();
+              for (int i = 0; i < NQ; ++i) s = _mm512_dpbf16_ps(s, qv[j * NQ + i], kr[i]);
+              scores[j * L + t0 + r] = hsum512(s) * scale;
+            }
+          }
         }
       }
-      for (int64_t g = 0; g < G; ++g) softmax_row(scores.data() + g * L, L);
+      for (int64_t j = 0; j < nq; ++j) softmax_row(scores.data() + j * L, L);
       for (auto& a : acc) a = _mm512_setzero_ps();
-      for (int64_t t = 0; t < L; ++t) {
-        const c10::BFloat16* vrow = v_cache + table[t / BS] * blk + (t % BS) * row + h * D;
-        __m512 vf[NV];
-        for (int i = 0; i < NV; ++i) {
-          __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + i * 16));
-          vf[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-        }
-        for (int64_t g = 0; g < G; ++g) {
-          const __m512 p = _mm512_set1_ps(scores[g * L + t]);
-          for (int i = 0; i < NV; ++i) acc[g * NV + i] = _mm512_fmadd_ps(p, vf[i], acc[g * NV + i]);
+      for (int64_t bi = 0; bi < nblocks; ++bi) {
+        const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, L - t0);
+        const c10::BFloat16* vb = v_cache + table[bi] * blk + h0 * D;
+        for (int64_t r = 0; r < tn; ++r) {
+          const c10::BFloat16* vrow = vb + r * row;
+          for (int64_t hh = 0; hh < per_item; ++hh) {
+            __m512 vf[NV];
+            for (int i = 0; i < NV; ++i) {
+              __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + hh * D + i * 16));
+              vf[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            }
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t j = hh * G + g;
+              const __m512 p = _mm512_set1_ps(scores[j * L + t0 + r]);
+              for (int i = 0; i < NV; ++i) acc[j * NV + i] = _mm512_fmadd_ps(p, vf[i], acc[j * NV + i]);
+            }
+          }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        c10::BFloat16* o = out + (b * H + h * G + g) * D;
+      for (int64_t j = 0; j < nq; ++j) {
+        c10::BFloat16* o = out + (b * H + h0 * G + j) * D;
         for (int i = 0; i < NV; ++i) {
-          __m256bh r = _mm512_cvtneps_pbh(acc[g * NV + i]);
+          __m256bh r = _mm512_cvtneps_pbh(acc[j * NV + i]);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i * 16), (__m256i)r);
         }
       }

@@ -111,6 +111,68 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, num_kv, d).index_copy_(0, slot_mapping, v)
 
 
+class TorchOps:
+    """The elementwise parts of a layer in eager PyTorch: the reference the fused native kernels
+    (kvserve.kernels.fused_ops) must match, and the fallback where they cannot be built."""
+
+    def __init__(self, rotary: RotaryEmbedding):
+        self.rotary = rotary
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    def add_rms_norm_(self, h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """The residual add (h += delta, in place), then the next norm of h."""
+        h.add_(delta)
+        return rms_norm(h, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
+        return F.silu(gate) * up
+
+    def rope_tables(self, positions: torch.Tensor):
+        """Per-step rotary state, computed once and passed to every layer's rope_qkv_write_."""
+        return self.rotary.tables(positions)  # cos/sin rows of this step's positions: (T, 1, D) each
+
+    def rope_qkv_write_(self, qkv: torch.Tensor, batch: ForwardBatch, tables, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, num_heads: int, num_kv_heads: int) -> None:
+        """Rotates q and k inside qkv (T, (H + 2 Hkv) D) and writes k and v into their cache slots."""
+        t = qkv.shape[0]
+        d = k_cache.shape[-1]
+        q_size, kv_size = num_heads * d, num_kv_heads * d
+        q = qkv[:, :q_size].view(t, num_heads, d)
+        k = qkv[:, q_size:q_size + kv_size].view(t, num_kv_heads, d)
+        v = qkv[:, q_size + kv_size:].view(t, num_kv_heads, d)
+        q_rot, k_rot = self.rotary(tables, q, k)
+        q.copy_(q_rot)
+        k.copy_(k_rot)
+        write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+
+
+class NativeOps(TorchOps):
+    """The same ops as fused C++ kernels: one pass over memory each instead of five to eight eager ops."""
+
+    def __init__(self, rotary: RotaryEmbedding, module):
+        super().__init__(rotary)
+        self.mod = module
+
+    def rms_norm(self, x, weight, eps):
+        return self.mod.rms_norm(x, weight, eps)
+
+    def add_rms_norm_(self, h, delta, weight, eps):
+        return self.mod.add_rms_norm_(h, delta, weight, eps)
+
+    def silu_mul(self, gate_up):
+        return self.mod.silu_mul(gate_up)
+
+    def rope_tables(self, positions):
+        return None  # the kernel reads the full cos/sin tables by position
+
+    def rope_qkv_write_(self, qkv, batch, tables, k_cache, v_cache, num_heads, num_kv_heads):
+        self.mod.rope_qkv_write_(qkv, batch.positions, self.rotary.cos, self.rotary.sin, k_cache, v_cache,
+                                 batch.slot_mapping, num_heads, num_kv_heads)
+
+
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
                            scale: float) -> torch.Tensor:
     """Single-token queries of many requests at once: gather their blocks, mask past each length."""
@@ -157,8 +219,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, batch: ForwardBatch, scale: float, decode_fn=None) -> torch.Tensor:
-    """q: (T, H, D), k/v: (T, Hkv, D). Writes k/v into their slots, returns (T, H, D)."""
-    write_kv(k_cache, v_cache, k, v, batch.slot_mapping)
+    """q: (T, H, D), k/v: (T, Hkv, D), already written into their cache slots. Returns (T, H, D)."""
     decode = decode_fn or decode_attention_torch
     nd = batch.num_decodes
     if not batch.prefills and nd == q.shape[0]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kvserve.config import ModelConfig
-from kvserve.model.layers import Linear, RotaryEmbedding, paged_attention, rms_norm
+from kvserve.model.layers import Linear, RotaryEmbedding, TorchOps, paged_attention
 from kvserve.worker.batch import ForwardBatch
 
 
@@ -60,7 +60,8 @@ class LlamaModel:
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
         self.scale = c.head_dim ** -0.5
-        self.decode_fn = None  # optional faster decode-attention kernel, set by the runner
+        self.decode_fn = None  # optional faster decode-attention kernel, set by the engine
+        self.ops = TorchOps(self.rotary)  # norms, RoPE + KV write, SiLU; the engine swaps in fused kernels
 
     def fingerprint_weights(self) -> dict[str, torch.Tensor]:
         """A few plain tensors that differ between checkpoints (stored KV is keyed by them)."""
@@ -78,25 +79,28 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Returns the final hidden states of the rows in batch.logits_indices: (R, hidden)."""
         c = self.config
+        ops = self.ops
         t = batch.num_tokens
         h = F.embedding(batch.input_ids, self.embed)  # (T, hidden)
-        cos_sin = self.rotary.tables(batch.positions)
-        for lw, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = rms_norm(h, lw.input_norm, c.rms_norm_eps)
+        rope = ops.rope_tables(batch.positions)
+        x = ops.rms_norm(h, self.layers[0].input_norm, c.rms_norm_eps)
+        for i, (lw, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             qkv = lw.qkv(x)  # (T, (H + 2 Hkv) D)
+            ops.rope_qkv_write_(qkv, batch, rope, k_cache, v_cache, c.num_heads, c.num_kv_heads)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(t, c.num_heads, c.head_dim)
             k = k.view(t, c.num_kv_heads, c.head_dim)
-            v = v.contiguous().view(t, c.num_kv_heads, c.head_dim)
-            q, k = self.rotary(cos_sin, q, k)
+            v = v.view(t, c.num_kv_heads, c.head_dim)
             attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, self.decode_fn)  # (T, H, D)
-            h = h + lw.o(attn.reshape(t, self.q_size))
-            x = rms_norm(h, lw.post_norm, c.rms_norm_eps)
-            gate, up = lw.gate_up(x).chunk(2, dim=-1)  # (T, I) each
-            h = h + lw.down(F.silu(gate) * up)
+            x = ops.add_rms_norm_(h, lw.o(attn.reshape(t, self.q_size)), lw.post_norm, c.rms_norm_eps)
+            mlp = lw.down(ops.silu_mul(lw.gate_up(x)))  # (T, hidden)
+            if i + 1 < len(self.layers):  # the residual add fused with the next layer's input norm
+                x = ops.add_rms_norm_(h, mlp, self.layers[i + 1].input_norm, c.rms_norm_eps)
+            else:
+                h.add_(mlp)
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]
-        return rms_norm(h, self.norm, c.rms_norm_eps)
+        return ops.rms_norm(h.contiguous(), self.norm, c.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # (R, vocab)

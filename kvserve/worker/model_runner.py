@@ -115,7 +115,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)  # (R, vocab) float32
         sampling = [s for s in ordered if s.sample]
         if sampling:
-            tokens, lps = self.sampler(logits[sample_rows], [s.request for s in sampling])
+            rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]  # (S, vocab)
+            tokens, lps = self.sampler(rows, [s.request for s in sampling])
             for s, tok, lp in zip(sampling, tokens, lps):
                 out.sampled[s.request_id] = tok
                 if lp is not None:

@@ -52,7 +52,9 @@ class Sampler:
         tokens = torch.empty(len(requests), dtype=torch.long)
         greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
         rand = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
-        if greedy:
+        if len(greedy) == len(requests):  # the common all-greedy batch: no row copies
+            tokens = logits.argmax(dim=-1)
+        elif greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         if rand:
             tokens[rand] = self._sample_random(logits[rand], [requests[i] for i in rand])
