@@ -15,7 +15,7 @@ from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
 from kvserve.engine.output_processor import OutputProcessor
-from kvserve.kernels import fused_ops, paged_decode_attention_fn
+from kvserve.kernels import fused_ops, paged_decode_attention_fn, prefill_attention_fn
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
 from kvserve.model.tokenizer import Tokenizer
@@ -44,7 +44,7 @@ class EngineArgs:
     max_model_len: int | None = None
     num_threads: int | None = None
     pad_shapes: bool = True
-    native_kernels: bool = True  # JIT-built C++ decode attention (falls back to PyTorch if it cannot build)
+    native_kernels: bool = True  # JIT-built C++ attention and fused ops (fall back to PyTorch if they cannot build)
     # tiered KV store below the pool, e.g. "memory:4GB,disk:/var/kv:20GB,redis://127.0.0.1:6379" (kvserve.kvstore)
     kv_store: str | None = None
     kv_store_chunk_size: int = 256
@@ -93,6 +93,7 @@ class LLMEngine:
         if args.native_kernels and self.model.decode_fn is None:
             self.model.decode_fn = paged_decode_attention_fn()
             self.model.ops = fused_ops(self.model.rotary) or self.model.ops
+            self.model.prefill_fn = prefill_attention_fn()
         self.runner = ModelRunner(self.model, self.kv_cache, pad_shapes=args.pad_shapes)
         self.output_processor = OutputProcessor(self.tokenizer)
         eos = set(self.model_config.eos_token_ids)

@@ -74,3 +74,20 @@ def fused_ops(rotary):
     from kvserve.model.layers import NativeOps
 
     return NativeOps(rotary, mod)
+
+
+def prefill_attention_fn():
+    """prefill_fn for kvserve.model.layers.paged_attention (bfloat16, AVX512-BF16), or None."""
+    mod = load("prefill_attention")
+    if mod is None:
+        return None
+    import torch
+
+    def prefill(q, k_cache, v_cache, batch, out, scale) -> bool:
+        if q.dtype != torch.bfloat16 or not mod.supported(q.shape[-1], k_cache.shape[1]):
+            return False
+        mod.prefill_attention(q, k_cache, v_cache, batch.prefill_token_starts, batch.prefill_num_tokens,
+                              batch.prefill_ctx_starts, batch.prefill_block_tables, out, scale)
+        return True
+
+    return prefill

@@ -218,8 +218,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch: ForwardBatch, scale: float, decode_fn=None) -> torch.Tensor:
-    """q: (T, H, D), k/v: (T, Hkv, D), already written into their cache slots. Returns (T, H, D)."""
+                    v_cache: torch.Tensor, batch: ForwardBatch, scale: float, decode_fn=None,
+                    prefill_fn=None) -> torch.Tensor:
+    """q: (T, H, D), k/v: (T, Hkv, D), already written into their cache slots. Returns (T, H, D).
+    prefill_fn(q, k_cache, v_cache, batch, out, scale) attends every prefill chunk in one call and returns False
+    where it cannot (dtype, head_dim), leaving them to the per-chunk SDPA path."""
     decode = decode_fn or decode_attention_torch
     nd = batch.num_decodes
     if not batch.prefills and nd == q.shape[0]:
@@ -227,6 +230,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.zeros_like(q)  # rows of padding tokens stay zero
     if nd:
         out[:nd] = decode(q[:nd], k_cache, v_cache, batch, scale)
+    if batch.prefills and prefill_fn is not None and prefill_fn(q, k_cache, v_cache, batch, out, scale):
+        return out
     for seq in batch.prefills:
         s, e = seq.token_start, seq.token_start + seq.num_tokens
         out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, seq, scale)

@@ -61,6 +61,7 @@ class LlamaModel:
         self.kv_size = c.num_kv_heads * c.head_dim
         self.scale = c.head_dim ** -0.5
         self.decode_fn = None  # optional faster decode-attention kernel, set by the engine
+        self.prefill_fn = None  # optional native attention for all prefill chunks of a step, set by the engine
         self.ops = TorchOps(self.rotary)  # norms, RoPE + KV write, SiLU; the engine swaps in fused kernels
 
     def fingerprint_weights(self) -> dict[str, torch.Tensor]:
@@ -91,7 +92,8 @@ class LlamaModel:
             q = q.view(t, c.num_heads, c.head_dim)
             k = k.view(t, c.num_kv_heads, c.head_dim)
             v = v.view(t, c.num_kv_heads, c.head_dim)
-            attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, self.decode_fn)  # (T, H, D)
+            attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, self.decode_fn,
+                                   self.prefill_fn)  # (T, H, D)
             x = ops.add_rms_norm_(h, lw.o(attn.reshape(t, self.q_size)), lw.post_norm, c.rms_norm_eps)
             mlp = lw.down(ops.silu_mul(lw.gate_up(x)))  # (T, hidden)
             if i + 1 < len(self.layers):  # the residual add fused with the next layer's input norm

@@ -32,6 +32,12 @@ class ForwardBatch:
     decode_seq_lens: torch.Tensor | None = None  # (num_decodes,) int32: context length including the new token
     prefills: list[PrefillSeq] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # (R,) rows whose logits are needed
+    # The prefill chunks again as flat tensors for a native kernel that attends to all of them in one call:
+    # (S,) int64 each, and (S, max_blocks) int64 block tables padded with block 0. None when there are no prefills.
+    prefill_token_starts: torch.Tensor | None = None
+    prefill_num_tokens: torch.Tensor | None = None
+    prefill_ctx_starts: torch.Tensor | None = None
+    prefill_block_tables: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -88,6 +88,14 @@ class ModelRunner:
             prefills=seqs,
             logits_indices=torch.tensor(rows, dtype=torch.long),
         )
+        if seqs:
+            batch.prefill_token_starts = torch.tensor([q.token_start for q in seqs], dtype=torch.long)
+            batch.prefill_num_tokens = torch.tensor([q.num_tokens for q in seqs], dtype=torch.long)
+            batch.prefill_ctx_starts = torch.tensor([q.ctx_start for q in seqs], dtype=torch.long)
+            width = max(q.block_ids.numel() for q in seqs)
+            batch.prefill_block_tables = torch.zeros(len(seqs), width, dtype=torch.long)
+            for i, q in enumerate(seqs):
+                batch.prefill_block_tables[i, :q.block_ids.numel()] = q.block_ids
         if decodes:
             max_blocks = max(-(-(s.start + 1) // bs) for s in decodes)
             table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)

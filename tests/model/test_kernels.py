@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvserve.kernels import fused_ops, load, paged_decode_attention_fn
+from kvserve.kernels import fused_ops, load, paged_decode_attention_fn, prefill_attention_fn
 from kvserve.model.layers import Linear, RotaryEmbedding, TorchOps, decode_attention_torch
-from kvserve.worker.batch import ForwardBatch
+from kvserve.worker.batch import ForwardBatch, PrefillSeq
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -102,3 +102,49 @@ def test_fused_rope_rejects_bad_slots_and_positions(op_pair):
         batch = ForwardBatch(torch.tensor(positions), torch.tensor(positions), torch.tensor(slots))
         with pytest.raises(RuntimeError, match="out of range"):
             nat.rope_qkv_write_(qkv, batch, None, caches[0], caches[1], 9, 3)
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 4, 2)])
+def test_native_prefill_attention_matches_sdpa(head_dim, heads, kv_heads):
+    """Fresh prompts and chunks over a cached prefix, all in one call, against SDPA on the gathered float32 KV."""
+    fn = prefill_attention_fn()
+    assert fn is not None, "the C++ kernel should build on this machine (g++ + ninja)"
+    g = torch.Generator().manual_seed(3)
+    nb, bs = 300, 16
+    kc = torch.randn(nb, bs, kv_heads, head_dim, generator=g).to(torch.bfloat16)
+    vc = torch.randn(nb, bs, kv_heads, head_dim, generator=g).to(torch.bfloat16)
+    chunks = [(0, 5), (0, 37), (20, 13), (100, 64), (3, 1), (0, 130), (16, 16)]  # (tokens cached before, chunk)
+    t = sum(n for _, n in chunks) + 3  # + 3 padding rows
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g).to(torch.bfloat16)
+    q = qkv[:, :heads * head_dim].view(t, heads, head_dim)  # a strided view, as the model passes it
+    perm, used, row, seqs = torch.randperm(nb, generator=g), 0, 0, []
+    for c, n in chunks:
+        nblk = -(-(c + n) // bs)
+        seqs.append(PrefillSeq(row, n, c, perm[used:used + nblk]))
+        used, row = used + nblk, row + n
+    batch = ForwardBatch(torch.zeros(t, dtype=torch.long), torch.zeros(t, dtype=torch.long),
+                         torch.zeros(t, dtype=torch.long), prefills=seqs)
+    batch.prefill_token_starts = torch.tensor([s.token_start for s in seqs])
+    batch.prefill_num_tokens = torch.tensor([s.num_tokens for s in seqs])
+    batch.prefill_ctx_starts = torch.tensor([s.ctx_start for s in seqs])
+    batch.prefill_block_tables = torch.zeros(len(seqs), max(s.block_ids.numel() for s in seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch.prefill_block_tables[i, :s.block_ids.numel()] = s.block_ids
+    out = torch.zeros(t, heads, head_dim, dtype=torch.bfloat16)
+    assert fn(q, kc, vc, batch, out, head_dim ** -0.5)
+    for s in seqs:
+        ctx = s.ctx_start + s.num_tokens
+        k = kc[s.block_ids].reshape(-1, kv_heads, head_dim)[:ctx].float()
+        v = vc[s.block_ids].reshape(-1, kv_heads, head_dim)[:ctx].float()
+        mask = torch.arange(ctx)[None, :] <= torch.arange(s.ctx_start, ctx)[:, None]
+        ref = F.scaled_dot_product_attention(
+            q[s.token_start:s.token_start + s.num_tokens].float().transpose(0, 1), k.transpose(0, 1),
+            v.transpose(0, 1), attn_mask=mask, scale=head_dim ** -0.5, enable_gqa=True).transpose(0, 1)
+        got = out[s.token_start:s.token_start + s.num_tokens].float()
+        assert (got - ref).abs().max().item() < 2e-2, (s.ctx_start, s.num_tokens)
+    assert out[row:].abs().sum() == 0, "rows outside the chunks are not written"
+    bad = batch.prefill_block_tables.clone()
+    bad[0, 0] = nb
+    batch.prefill_block_tables = bad
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        fn(q, kc, vc, batch, out, head_dim ** -0.5)
