@@ -3,7 +3,10 @@
     python -m kvserve.bench.micro [--threads 2]
 
 1. decode attention over the paged KV cache: PyTorch gather + einsum vs the native in-place kernel;
-2. bf16 linear layers: F.linear vs oneDNN with the weight pre-packed once (kvserve.model.layers.Linear).
+2. prefill attention of one fresh prompt and of a chunk over a cached prefix: SDPA (as kvserve calls it without
+   the native kernel: causal, or gathered prefix + mask) vs the native kernel reading the paged KV in place;
+3. one layer's elementwise ops at a step's token count: eager PyTorch vs the fused kernels;
+4. bf16 linear layers: F.linear vs oneDNN with the weight pre-packed once (kvserve.model.layers.Linear).
 Medians of repeated timings after a warm-up at the same shapes.
 """
 
@@ -48,6 +51,66 @@ def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, f
     return rows
 
 
+def bench_prefill_attention() -> list[tuple[str, float]]:
+    from kvserve.kernels import prefill_attention_fn
+    from kvserve.model.layers import prefill_attention
+    from kvserve.worker.batch import ForwardBatch, PrefillSeq
+
+    native = prefill_attention_fn()
+    g = torch.Generator().manual_seed(0)
+    nb, bs, hkv, d, h = 600, 16, 3, 64, 9
+    kc = torch.randn(nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+    vc = torch.randn(nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+    rows = []
+    for ctx_start, n in ((0, 128), (0, 1024), (3584, 512)):
+        blocks = torch.randperm(nb, generator=g)[: -(-(ctx_start + n) // bs)]
+        seq = PrefillSeq(0, n, ctx_start, blocks)
+        q = torch.randn(n, h, d, generator=g).to(torch.bfloat16)
+        k = kc[blocks].view(-1, hkv, d)[ctx_start:ctx_start + n]  # this chunk's own K/V (the fresh-prompt path)
+        v = vc[blocks].view(-1, hkv, d)[ctx_start:ctx_start + n]
+        fb = ForwardBatch(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                          torch.zeros(n, dtype=torch.long), prefills=[seq])
+        fb.prefill_token_starts, fb.prefill_num_tokens = torch.tensor([0]), torch.tensor([n])
+        fb.prefill_ctx_starts, fb.prefill_block_tables = torch.tensor([ctx_start]), blocks[None]
+        out = torch.zeros(n, h, d, dtype=torch.bfloat16)
+        label = f"prefill attention bf16, {n} tokens after {ctx_start} cached"
+        rows.append((f"{label}: SDPA", timeit(lambda: prefill_attention(q, k, v, kc, vc, seq, 0.125), 10)))
+        if native is not None:
+            rows.append((f"{label}: native paged kernel", timeit(lambda: native(q, kc, vc, fb, out, 0.125), 10)))
+    return rows
+
+
+def bench_fused_ops(tokens: int = 64) -> list[tuple[str, float]]:
+    """One layer's elementwise work: input norm, RoPE + KV write, residual add + post norm, SiLU * up."""
+    from kvserve.kernels import fused_ops
+    from kvserve.model.layers import RotaryEmbedding, TorchOps
+    from kvserve.worker.batch import ForwardBatch
+
+    rotary = RotaryEmbedding(64, 8192, 10000.0, None, None, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, 576, generator=g).to(torch.bfloat16)
+    w = torch.randn(576, generator=g).to(torch.bfloat16)
+    delta = (torch.randn(tokens, 576, generator=g) * 1e-3).to(torch.bfloat16)
+    qkv = torch.randn(tokens, 960, generator=g).to(torch.bfloat16)
+    gu = torch.randn(tokens, 3072, generator=g).to(torch.bfloat16)
+    caches = torch.zeros(2, 600, 16, 3, 64, dtype=torch.bfloat16)
+    pos = torch.arange(tokens) + 100
+    fb = ForwardBatch(pos, pos, torch.randperm(600 * 16, generator=g)[:tokens])
+    rows = []
+    for name, ops in (("eager PyTorch", TorchOps(rotary)), ("fused kernels", fused_ops(rotary))):
+        if ops is None:
+            continue
+
+        def layer():
+            ops.rms_norm(h, w, 1e-5)
+            ops.rope_qkv_write_(qkv, fb, ops.rope_tables(pos), caches[0], caches[1], 9, 3)
+            ops.add_rms_norm_(h, delta, w, 1e-5)
+            ops.silu_mul(gu)
+
+        rows.append((f"a layer's elementwise ops, {tokens} tokens: {name}", timeit(layer)))
+    return rows
+
+
 def bench_linear() -> list[tuple[str, float]]:
     from kvserve.model.layers import Linear
 
@@ -70,7 +133,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("| what | median ms |\n| --- | --- |")
-    for name, ms in bench_decode_attention() + bench_linear():
+    for name, ms in bench_decode_attention() + bench_prefill_attention() + bench_fused_ops() + \
+            bench_fused_ops(2048) + bench_linear():
         print(f"| {name} | {ms:.3f} |")
 
 
