@@ -147,6 +147,25 @@ inline float hsum512(__m512 s) {
   return _mm_cvtss_f32(s4);
 }
 
+// v[t] (16 lanes each) -> one vector whose lane t is the sum of v[t]'s lanes.
+inline __m512 reduce16(const __m512 v[16]) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves: lanes 0-7 / 8-15 of w[i] hold 8 partial sums of v[2i] / v[2i+1]
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane k of x[i] holds 4 partial sums of v[4i + k]
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // lane k: [v[8i + k] x2 partials, v[8i + 4 + k] x2 partials]
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane 4k + m now holds the sum of v[k + 4m]
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, z);
+}
+
 inline void prefetch_span(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
@@ -195,6 +214,22 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
         const c10::BFloat16* vb = v_cache + table[bi] * blk + h0 * D;
         for (int64_t r = 0; r < tn; ++r) prefetch_span(vb + r * row, span);
         const c10::BFloat16* kb = k_cache + table[bi] * blk + h0 * D;
+        if (tn == 16) {  // a full block: 16 dot products per query, summed across lanes in one transpose tree
+          for (int64_t hh = 0; hh < per_item; ++hh)
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t j = hh * G + g;
+              __m512 part[16];
+              for (int r = 0; r < 16; ++r) {
+                const c10::BFloat16* krow = kb + r * row + hh * D;
+                __m512 acc_r = _mm512_setzero_ps();
+                for (int i = 0; i < NQ; ++i)
+                  acc_r = _mm512_dpbf16_ps(acc_r, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
+                part[r] = acc_r;
+              }
+              _mm512_storeu_ps(scores.data() + j * L + t0, _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale)));
+            }
+          continue;
+        }
         for (int64_t r = 0; r < tn; ++r) {
           const c10::BFloat16* krow = kb + r * row;
           for (int64_t hh = 0; hh < per_item; ++hh) {
