@@ -84,7 +84,9 @@ def prefill_attention_fn():
     import torch
 
     def prefill(q, k_cache, v_cache, batch, out, scale) -> bool:
-        if q.dtype != torch.bfloat16 or not mod.supported(q.shape[-1], k_cache.shape[1]):
+        heads, kv_heads = q.shape[1], k_cache.shape[2]
+        if (q.dtype != torch.bfloat16 or not mod.supported(q.shape[-1], k_cache.shape[1])
+                or heads // kv_heads > 16 or kv_heads >= 256):  # the kernel's per-item row and head limits
             return False
         mod.prefill_attention(q, k_cache, v_cache, batch.prefill_token_starts, batch.prefill_num_tokens,
                               batch.prefill_ctx_starts, batch.prefill_block_tables, out, scale)
