@@ -148,3 +148,17 @@ def test_native_prefill_attention_matches_sdpa(head_dim, heads, kv_heads):
     batch.prefill_block_tables = bad
     with pytest.raises(RuntimeError, match="block id out of range"):
         fn(q, kc, vc, batch, out, head_dim ** -0.5)
+
+
+def test_native_prefill_attention_declines_what_it_does_not_cover():
+    """float32 (the parity path) and layouts outside the kernel go to SDPA: the function says no, writes nothing."""
+    fn = prefill_attention_fn()
+    batch = ForwardBatch(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long),
+                         torch.zeros(4, dtype=torch.long))
+    for dtype, heads, kv_heads, d in ((torch.float32, 9, 3, 64), (torch.bfloat16, 32, 1, 64),
+                                      (torch.bfloat16, 4, 2, 80)):
+        q = torch.ones(4, heads, d, dtype=dtype)
+        cache = torch.ones(4, 16, kv_heads, d, dtype=dtype)
+        out = torch.zeros_like(q)
+        assert fn(q, cache, cache, batch, out, 0.125) is False
+        assert out.abs().sum() == 0
