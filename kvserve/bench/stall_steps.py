@@ -42,10 +42,11 @@ def step_times(budget: int) -> dict:
 
 
 def chunk_attention_ms(n: int, start: int, reps: int = 10) -> tuple[float, float]:
-    """One layer's attention for an n-token chunk over `start` cached tokens: SDPA (kvserve's prefill path) and
-    kvserve's native decode kernel run once per query row."""
-    from kvserve.kernels import paged_decode_attention_fn
+    """One layer's attention for an n-token chunk over `start` cached tokens: SDPA (kvserve's prefill path without
+    the native kernels), kvserve's native decode kernel run once per query row, and the native prefill kernel."""
+    from kvserve.kernels import paged_decode_attention_fn, prefill_attention_fn
     from kvserve.model.layers import prefill_attention
+    from kvserve.worker.batch import ForwardBatch
 
     heads, kv_heads, dim, bs = 9, 3, 64, 16
     ctx = start + n
@@ -59,6 +60,12 @@ def chunk_attention_ms(n: int, start: int, reps: int = 10) -> tuple[float, float
     rows = types.SimpleNamespace(num_decodes=n, decode_block_tables=blocks.expand(n, nb).contiguous(),
                                  decode_seq_lens=torch.arange(start + 1, ctx + 1, dtype=torch.int32))
     decode = paged_decode_attention_fn()
+    prefill = prefill_attention_fn()
+    fb = ForwardBatch(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                      torch.zeros(n, dtype=torch.long), prefill_token_starts=torch.tensor([0]),
+                      prefill_num_tokens=torch.tensor([n]), prefill_ctx_starts=torch.tensor([start]),
+                      prefill_block_tables=blocks[None])
+    out = torch.zeros(n, heads, dim, dtype=torch.bfloat16)
 
     def timed(fn) -> float:
         fn()
@@ -69,7 +76,8 @@ def chunk_attention_ms(n: int, start: int, reps: int = 10) -> tuple[float, float
 
     sdpa = timed(lambda: prefill_attention(q, k, k, kc, vc, seq, dim ** -0.5))
     native = timed(lambda: decode(q, kc, vc, rows, dim ** -0.5)) if decode is not None else float("nan")
-    return sdpa, native
+    paged = timed(lambda: prefill(q, kc, vc, fb, out, dim ** -0.5)) if prefill is not None else float("nan")
+    return sdpa, native, paged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         r = step_times(b)
         print(f"| {b} | {r['decode_ms']:.0f} ms | {r['mixed_steps']} | {r['mixed_median_ms']:.0f} ms | "
               f"{r['mixed_max_ms']:.0f} ms | {r['prefill_s']:.1f} s |", flush=True)
-    print("\n| chunk over 4,000 cached tokens | SDPA, one layer | native decode kernel per row, one layer |")
-    print("| --- | --- | --- |")
+    print("\n| chunk over 4,000 cached tokens, one layer | SDPA | native decode kernel per row | native prefill kernel |")
+    print("| --- | --- | --- | --- |")
     for n in (32, 128, 512):
-        sdpa, native = chunk_attention_ms(n, 4000)
-        print(f"| {n} tokens | {sdpa:.2f} ms | {native:.2f} ms |", flush=True)
+        sdpa, native, paged = chunk_attention_ms(n, 4000)
+        print(f"| {n} tokens | {sdpa:.2f} ms | {native:.2f} ms | {paged:.2f} ms |", flush=True)
     return 0
 
 
