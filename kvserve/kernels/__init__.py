@@ -19,9 +19,12 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-
 def _build_dir(name: str, source: str) -> str:
     import torch
 
-    with open(source, "rb") as f:
-        digest = hashlib.sha256(f.read() + " ".join(CFLAGS).encode() + torch.__version__.encode()
-                                + platform.machine().encode()).hexdigest()[:16]
+    text = b""
+    for path in (source, os.path.join(_HERE, "common.h")):  # a changed header gets a fresh build too
+        with open(path, "rb") as f:
+            text += f.read()
+    digest = hashlib.sha256(text + " ".join(CFLAGS).encode() + torch.__version__.encode()
+                            + platform.machine().encode()).hexdigest()[:16]
     root = os.environ.get("KVSERVE_EXT_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvserve", "ext")
     path = os.path.join(root, f"{name}-{digest}")
     os.makedirs(path, exist_ok=True)
@@ -39,7 +42,8 @@ def load(name: str):
         from torch.utils.cpp_extension import load as jit_load
 
         source = os.path.join(_HERE, f"{name}.cpp")
-        module = jit_load(name=f"kvserve_{name}", sources=[source], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        module = jit_load(name=f"kvserve_{name}", sources=[source], extra_include_paths=[_HERE],
+                          extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                           build_directory=_build_dir(name, source), verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: slower but correct
         log.warning("native kernel %s unavailable (%s); using the PyTorch fallback", name, e)

@@ -15,15 +15,11 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common.h"
+
 namespace {
 
-inline float to_f(float x) { return x; }
-inline float to_f(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+using kvserve::to_float;
 
 // float -> bfloat16 bits, round to nearest even (NaN stays NaN); written with plain integer ops so it vectorizes.
 inline uint16_t bf16_bits(float f) {
@@ -80,18 +76,18 @@ void rms_norm_rows(T* h, const T* delta, const T* w, T* out, int64_t rows, int64
       if (delta) {
         const T* d = delta + r * n;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) store(to_f(x[i]) + to_f(d[i]), x + i);
+        for (int64_t i = 0; i < n; ++i) store(to_float(x[i]) + to_float(d[i]), x + i);
       }
       float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
       for (int64_t i = 0; i < n; ++i) {
-        const float v = to_f(x[i]);
+        const float v = to_float(x[i]);
         ss += v * v;
       }
       const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
       T* o = out + r * n;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) store(to_f(w[i]) * rnd<T>(to_f(x[i]) * inv), o + i);
+      for (int64_t i = 0; i < n; ++i) store(to_float(w[i]) * rnd<T>(to_float(x[i]) * inv), o + i);
     }
   });
 }
@@ -106,9 +102,9 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t inter) {
       T* o = out + r * inter;
 #pragma omp simd
       for (int64_t i = 0; i < inter; ++i) {
-        const float x = to_f(g[i]);
+        const float x = to_float(g[i]);
         const float s = rnd<T>(x / (1.f + exp_approx(-x)));
-        store(s * to_f(u[i]), o + i);
+        store(s * to_float(u[i]), o + i);
       }
     }
   });
@@ -119,9 +115,9 @@ template <typename T>
 inline void rope_head(T* x, const T* cos, const T* sin, int64_t half) {
 #pragma omp simd
   for (int64_t i = 0; i < half; ++i) {
-    const float x1 = to_f(x[i]), x2 = to_f(x[i + half]);
-    const float a = rnd<T>(rnd<T>(x1 * to_f(cos[i])) + rnd<T>(-x2 * to_f(sin[i])));
-    const float b = rnd<T>(rnd<T>(x2 * to_f(cos[i + half])) + rnd<T>(x1 * to_f(sin[i + half])));
+    const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+    const float a = rnd<T>(rnd<T>(x1 * to_float(cos[i])) + rnd<T>(-x2 * to_float(sin[i])));
+    const float b = rnd<T>(rnd<T>(x2 * to_float(cos[i + half])) + rnd<T>(x1 * to_float(sin[i + half])));
     store(a, x + i);
     store(b, x + i + half);
   }
