@@ -252,7 +252,7 @@ class KVStore:
         blobs: dict[str, bytes] = {}
         stored = False
         for tier in self.tiers:
-            if not tier.healthy or not tier.accepts_writes():
+            if not tier.available or not tier.accepts_writes():
                 continue
             if tier.codec not in blobs:
                 t0 = time.perf_counter()
@@ -293,7 +293,7 @@ class KVStore:
 
     def _lookup(self, keys: list[str]) -> list[Tier | None]:
         """For each key, the first tier holding it, up to the first key no tier holds."""
-        found: list[list[bool]] = [t.contains(keys) if t.healthy else [False] * len(keys) for t in self.tiers]
+        found: list[list[bool]] = [t.contains(keys) if t.available else [False] * len(keys) for t in self.tiers]
         owners: list[Tier | None] = []
         for i in range(len(keys)):
             owner = next((t for t, f in zip(self.tiers, found) if f[i]), None)
@@ -328,7 +328,7 @@ class KVStore:
             return None, ""
         ident = self.identity(chunk_hash)
         for tier in self.tiers[self.tiers.index(first):]:
-            if not tier.healthy:
+            if not tier.available:
                 continue
             if not self.cost.should_load(tier, self.chunk_size, self.raw_chunk_bytes):
                 self.counters["decisions_recompute"] += 1

@@ -1,6 +1,6 @@
 """Storage tiers for encoded KV entries: in-process memory, a local directory, Redis. Each one is size-capped with
 LRU eviction, thread-safe, counts its own traffic, and never raises into the engine: a failing tier reports the
-error, marks itself unhealthy and is retried after an exponential backoff.
+error, is marked down and is retried after an exponential backoff; it is healthy again once a retry succeeds.
 """
 
 from __future__ import annotations
@@ -60,27 +60,36 @@ class Tier:
         self.stats = TierStats()
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._up = True
         self._backoff = self.BACKOFF_START
         self.last_error: str | None = None
 
     # ------------------------------------------------------------------ health
     @property
     def healthy(self) -> bool:
-        return time.monotonic() >= self._down_until
+        """False from a failure until an operation succeeds again (a state, not a clock: what the gauge reports)."""
+        return self._up
+
+    @property
+    def available(self) -> bool:
+        """Worth calling now: healthy, or down with its backoff over (the next call is the retry)."""
+        return self._up or time.monotonic() >= self._down_until
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.stats.errors += 1
+        self._up = False
         self.last_error = f"{what}: {exc!r}"
         self._down_until = time.monotonic() + self._backoff
         log.warning("kv store tier %s failed (%s); retrying in %.0fs", self.spec.label, self.last_error, self._backoff)
         self._backoff = min(self._backoff * 2, self.BACKOFF_MAX)
 
     def _ok(self) -> None:
+        self._up = True
         self._backoff = self.BACKOFF_START
 
     # ------------------------------------------------------------------ public, never raise
     def get(self, key: str) -> bytes | None:
-        if not self.healthy:
+        if not self.available:
             return None
         try:
             blob = self._get(key)
@@ -93,7 +102,7 @@ class Tier:
         return blob
 
     def contains(self, keys: list[str]) -> list[bool]:
-        if not self.healthy:
+        if not self.available:
             return [False] * len(keys)
         try:
             found = self._contains(keys)
@@ -104,7 +113,7 @@ class Tier:
         return found
 
     def put(self, key: str, blob: bytes) -> bool:
-        if not self.healthy or not self.accepts_writes():
+        if not self.available or not self.accepts_writes():
             return False
         if len(blob) > self.capacity:
             return False

@@ -93,7 +93,7 @@ def _kv_store_metrics(store: dict, model_name: str) -> Iterable:
         "evictions": ("counter", "Entries evicted from the tier by its LRU cap."),
         "used_bytes": ("gauge", "Bytes held by the tier."),
         "capacity_bytes": ("gauge", "The tier's cap in bytes."),
-        "healthy": ("gauge", "1 while the tier is usable, 0 while it backs off after an error."),
+        "healthy": ("gauge", "0 from a tier error until a retry (after the backoff) succeeds, else 1."),
     }
     for key, (kind, doc) in per_tier.items():
         family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(P + "kv_store_" + key, doc,

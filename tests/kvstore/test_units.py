@@ -181,3 +181,6 @@ def test_redis_down_marks_the_tier_unhealthy_without_raising():
     assert tier.get("k") is None and not tier.healthy and tier.stats.errors == 1
     assert not tier.put("k", b"v") and tier.contains(["k"]) == [False]
     assert tier.stats.errors == 1  # backing off: no new attempt, no new error
+    tier._down_until = 0.0  # the backoff is over: the next call is a retry, and the tier stays down until one works
+    assert tier.available and not tier.healthy
+    assert tier.get("k") is None and tier.stats.errors == 2 and not tier.healthy and not tier.available
