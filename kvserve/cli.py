@@ -24,6 +24,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="tiered KV store below the pool, e.g. memory:4GB,disk:/var/kv:20GB:int4,"
                              "redis://127.0.0.1:6379?codec=int8 (codecs: none, zstd, int8, int4)")
     parser.add_argument("--kv-store-chunk-size", type=int, default=256, help="tokens per stored KV chunk")
+    parser.add_argument("--kv-store-load", choices=("auto", "always"), default="auto",
+                        help="auto: load a stored chunk only when its measured load time beats recomputing it; "
+                             "always: load every stored chunk")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +104,7 @@ def _engine_args(args: argparse.Namespace, **extra):
 
     return EngineArgs(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
                       max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
-                      kv_store_chunk_size=args.kv_store_chunk_size, **extra)
+                      kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load, **extra)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -118,7 +121,8 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.kv_store:
         from kvserve.kvstore import parse_kv_store
 
-        parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size)  # a bad spec fails before the model loads
+        # a bad spec fails before the model loads
+        parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size, load_policy=args.kv_store_load)
     if not config.is_loopback and config.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", config.host)
     started = time.monotonic()
@@ -153,7 +157,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
     llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
               max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
-              kv_store_chunk_size=args.kv_store_chunk_size)
+              kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     started = time.monotonic()

@@ -48,6 +48,7 @@ class EngineArgs:
     # tiered KV store below the pool, e.g. "memory:4GB,disk:/var/kv:20GB,redis://127.0.0.1:6379" (kvserve.kvstore)
     kv_store: str | None = None
     kv_store_chunk_size: int = 256
+    kv_store_load: str = "auto"  # auto: load or recompute by the store's cost model; always: load whatever is stored
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in _DTYPES:
@@ -108,7 +109,7 @@ class LLMEngine:
             return None
         from kvserve.kvstore import KVStore, model_fingerprint, parse_kv_store
 
-        config = parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size)
+        config = parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size, load_policy=args.kv_store_load)
         config.check_block_size(args.block_size)
         c = self.model_config
         return KVStore(config, model_fingerprint(self.model_name, c, model.fingerprint_weights()), dtype,

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 from kvserve.config import ConfigError
 
 CODECS = ("none", "zstd", "int8", "int4")
+LOAD_POLICIES = ("auto", "always")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -66,8 +67,12 @@ class KVStoreConfig:
     save_queue_chunks: int = 256  # chunks waiting to be written; beyond it saves are dropped (and counted)
     int4_high_precision_layers: int = 2  # first layers kept at int8 by the int4 codec (CacheGen: shallow layers matter)
     zstd_level: int = 3
+    load_policy: str = "auto"  # auto: load a chunk when the cost model expects it to beat recomputing; always: load
 
     def __post_init__(self) -> None:
+        if self.load_policy not in LOAD_POLICIES:
+            raise ConfigError(f"kv store load policy must be one of {', '.join(LOAD_POLICIES)}, "
+                              f"got {self.load_policy!r}")
         if not self.tiers:
             raise ConfigError("a KV store needs at least one tier")
         if self.chunk_size <= 0:

@@ -58,11 +58,13 @@ class CostModel:
 
     ALPHA = 0.3
     PREFILL_ALPHA = 0.2
+    PROBE_EVERY = 8
 
     def __init__(self):
         self.rates: dict[str, float] = {}  # "prefill" -> tokens/s
         self.sec_per_byte: dict[str, float] = {}
         self.entry_bytes: dict[str, float] = {}  # typical encoded size per tier (its codec)
+        self.declined: dict[str, int] = {}  # chunks in a row the model chose to recompute rather than load, per tier
 
     @staticmethod
     def _ema(table: dict, key: str, value: float, alpha: float) -> None:
@@ -93,6 +95,17 @@ class CostModel:
 
     def should_load(self, tier: Tier, tokens: int, raw_bytes: int) -> bool:
         return self.load_seconds(tier, raw_bytes) < self.recompute_seconds(tokens)
+
+    def decide(self, tier: Tier, tokens: int, raw_bytes: int) -> bool:
+        """should_load, except that every PROBE_EVERY-th chunk a tier loses is loaded anyway: a declined tier is
+        never measured again, so one slow load (a cold connection, a busy moment) would otherwise rule it out for
+        the life of the process."""
+        if self.should_load(tier, tokens, raw_bytes):
+            self.declined[tier.spec.label] = 0
+            return True
+        n = self.declined.get(tier.spec.label, 0) + 1
+        self.declined[tier.spec.label] = 0 if n >= self.PROBE_EVERY else n
+        return n >= self.PROBE_EVERY
 
 
 def model_fingerprint(name: str, config, weights: dict[str, torch.Tensor] | None = None) -> str:
@@ -330,7 +343,8 @@ class KVStore:
         for tier in self.tiers[self.tiers.index(first):]:
             if not tier.available:
                 continue
-            if not self.cost.should_load(tier, self.chunk_size, self.raw_chunk_bytes):
+            if (self.config.load_policy == "auto"
+                    and not self.cost.decide(tier, self.chunk_size, self.raw_chunk_bytes)):
                 self.counters["decisions_recompute"] += 1
                 return None, ""
             t0 = time.perf_counter()

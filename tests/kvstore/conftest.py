@@ -20,3 +20,15 @@ def redis_server():
     server = start_redis()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def make_engine(make_engine):
+    """The root fixture with `kv_store_load="always"` by default: these tests check what is loaded; whether loading
+    pays off on this machine at that moment is the cost model's business, tested with pinned rates."""
+
+    def build(**kw):
+        kw.setdefault("kv_store_load", "always")
+        return make_engine(**kw)
+
+    return build

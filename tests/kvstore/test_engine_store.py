@@ -177,6 +177,33 @@ def test_killing_redis_mid_run_leaves_every_request_answered(make_engine, fp32_p
         engine.close()
 
 
+def test_auto_policy_loads_only_what_beats_recomputing(make_engine, prompt, reference):
+    """The cost model with its prefill rate pinned: recomputing at a huge rate beats any load, so the fetch stops at
+    the first chunk; at one token per second every stored chunk is worth loading."""
+    engine = make_engine(kv_store="memory:64MB", kv_store_load="auto")
+    try:
+        assert generate(engine, prompt) == reference
+        assert engine.kv_store.flush(30)
+        cost = engine.kv_store.cost
+
+        engine.reset_prefix_cache()
+        cost.rates["prefill"] = 1e12
+        computed_before, loaded_before, _ = stats(engine)
+        assert generate(engine, prompt) == reference
+        computed, loaded, store = stats(engine)
+        assert loaded == loaded_before and computed - computed_before == PROMPT_TOKENS
+        assert store["counters"]["decisions_recompute"] == 1 and store["counters"].get("decisions_load", 0) == 0
+
+        engine.reset_prefix_cache()
+        cost.rates["prefill"] = 1.0
+        assert generate(engine, prompt) == reference
+        computed2, loaded2, store = stats(engine)
+        assert loaded2 - loaded == 1024 and computed2 - computed == PROMPT_TOKENS - 1024
+        assert store["counters"]["decisions_load"] == 4
+    finally:
+        engine.close()
+
+
 def test_store_numbers_reach_prometheus(make_engine, prompt, tmp_path):
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families

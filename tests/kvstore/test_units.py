@@ -13,6 +13,7 @@ from kvserve.kvstore import codec as codecs
 from kvserve.kvstore.config import TierSpec, parse_kv_store, parse_size
 from kvserve.kvstore.entry import EntryError, EntryIdentity, pack, unpack
 from kvserve.kvstore.redis_server import free_port
+from kvserve.kvstore.store import CostModel
 from kvserve.kvstore.tiers import DiskTier, MemoryTier, RedisTier
 
 SHAPE = (4, 2, 32, 3, 64)  # (layers, K|V, tokens, kv_heads, head_dim)
@@ -45,6 +46,11 @@ def test_parse_spec_from_the_issue():
 def test_bad_specs_give_clear_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
         parse_kv_store(spec)
+
+
+def test_unknown_load_policy_is_named():
+    with pytest.raises(ConfigError, match="load policy must be one of auto, always, got 'sometimes'"):
+        parse_kv_store("memory:1GB", load_policy="sometimes")
 
 
 def test_chunk_size_must_be_a_multiple_of_the_block_size():
@@ -184,3 +190,20 @@ def test_redis_down_marks_the_tier_unhealthy_without_raising():
     tier._down_until = 0.0  # the backoff is over: the next call is a retry, and the tier stays down until one works
     assert tier.available and not tier.healthy
     assert tier.get("k") is None and tier.stats.errors == 2 and not tier.healthy and not tier.available
+
+
+def test_cost_model_loads_when_cheaper_and_reprobes_a_declined_tier():
+    cost = CostModel()
+    tier = MemoryTier(TierSpec("memory", 1 << 30))
+    raw = 4 << 20  # a 4 MiB chunk of 256 tokens
+    cost.rates["prefill"] = 1000.0  # recompute: 0.256 s
+    assert cost.decide(tier, 256, raw)  # default memory path: ~1 ms
+    cost.observe_load(tier, raw, 2.0)  # one very slow load (a cold start, a busy moment)
+    decisions = [cost.decide(tier, 256, raw) for _ in range(2 * CostModel.PROBE_EVERY)]
+    # declined, except every PROBE_EVERY-th chunk, which is loaded to measure the tier again
+    assert decisions == ([False] * (CostModel.PROBE_EVERY - 1) + [True]) * 2
+    for _ in range(10):
+        cost.observe_load(tier, raw, 0.004)  # the probes were fast: the average comes back down
+    assert all(cost.decide(tier, 256, raw) for _ in range(3))
+    cost.rates["prefill"] = 1e9  # a prefill far faster than any load: recompute
+    assert not cost.decide(tier, 256, raw)
