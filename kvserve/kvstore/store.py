@@ -306,7 +306,7 @@ class KVStore:
 
     def _lookup(self, keys: list[str]) -> list[Tier | None]:
         """For each key, the first tier holding it, up to the first key no tier holds."""
-        found: list[list[bool]] = [t.contains(keys) if t.available else [False] * len(keys) for t in self.tiers]
+        found: list[list[bool]] = [t.contains(keys) for t in self.tiers]  # an unavailable tier answers all False
         owners: list[Tier | None] = []
         for i in range(len(keys)):
             owner = next((t for t, f in zip(self.tiers, found) if f[i]), None)
