@@ -8,7 +8,7 @@ A chunk is a tensor (layers, 2, tokens, kv_heads, head_dim) in the model's dtype
         entropy-codes to ~4.5 bits), 5-bit V in the first `high_precision_layers` layers; one fp16 scale per 32
         channels of a token; + zstd. About 3.7x smaller than bf16 on SmolLM2 (docs/benchmarks.md).
 Decoding checks every size against the shape first, so a payload that passed the integrity hash but disagrees with
-its header still cannot be misread.
+its header still cannot be misread, and never inflates past the size its shape decodes to (no decompression bomb).
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ _NUMPY_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.
 
 
 class CodecError(ValueError):
-    pass
+    """The payload cannot be decoded; `reason` is a short metric label, as for entry.EntryError."""
+
+    def __init__(self, detail: str, reason: str = "corrupt"):
+        super().__init__(detail)
+        self.reason = reason
 
 
 def _raw_bytes(x: torch.Tensor) -> bytes:
@@ -144,6 +148,30 @@ def raw_size(shape: tuple, dtype: torch.dtype) -> int:
     return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
 
 
+def decoded_size(codec: str, shape: tuple, dtype: torch.dtype, high_precision_layers: int = 2) -> int:
+    """Bytes a compressed codec's zstd frame must decompress to for a chunk of `shape`."""
+    if codec == "zstd":
+        return raw_size(shape, dtype)
+    _, _, tokens, heads, dim = shape
+    total = 0
+    for l0, l1, _, levels, group in _plan(codec, shape[0], dim, high_precision_layers):
+        values = (l1 - l0) * tokens * heads * dim
+        total += 2 * values // group + (values // 2 if levels <= 7 else values)
+    return total
+
+
+def _decompress(payload: bytes, limit: int) -> bytes:
+    """zstd, never past `limit` bytes. python-zstandard ignores max_output_size when the frame declares its content
+    size and allocates whatever the frame declares, so a forged frame claiming gigabytes is refused before that."""
+    try:
+        declared = zstandard.frame_content_size(payload)  # -1: not declared, then max_output_size holds
+        if declared > limit:
+            raise CodecError(f"zstd frame declares {declared} bytes, the chunk decodes to {limit}", "oversized")
+        return zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"zstd: {e}") from None
+
+
 def decode(payload: bytes, codec: str, shape: tuple, dtype: torch.dtype,
            high_precision_layers: int = 2) -> torch.Tensor:
     """payload bytes -> (layers, 2, tokens, kv_heads, head_dim) tensor in `dtype`."""
@@ -152,14 +180,10 @@ def decode(payload: bytes, codec: str, shape: tuple, dtype: torch.dtype,
         raise CodecError(f"bad chunk shape {shape}")
     if codec == "none":
         return _from_raw(payload, shape, dtype)
-    limit = 2 * raw_size(shape, torch.float32)  # no decompression bomb gets past this
-    try:
-        data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit)
-    except zstandard.ZstdError as e:
-        raise CodecError(f"zstd: {e}") from None
+    if codec not in ("zstd", "int8", "int4"):
+        raise CodecError(f"unknown codec {codec!r}")
+    data = _decompress(payload, decoded_size(codec, shape, dtype, high_precision_layers))
     if codec == "zstd":
         return _from_raw(data, shape, dtype)
-    if codec not in ("int8", "int4"):
-        raise CodecError(f"unknown codec {codec!r}")
     x = _decode_sections(memoryview(data), _plan(codec, shape[0], shape[-1], high_precision_layers), shape)
     return x.to(dtype)

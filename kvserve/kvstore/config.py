@@ -3,14 +3,17 @@
 Grammar (comma-separated tiers, tried in the order given when loading):
     memory:SIZE[:CODEC]
     disk:PATH:SIZE[:CODEC]
-    redis://HOST:PORT[/DB][?cap=SIZE&codec=CODEC&timeout=SECONDS]
+    redis://[[USER]:PASSWORD@]HOST:PORT[/DB][?cap=SIZE&codec=CODEC&timeout=SECONDS]
 SIZE is bytes with an optional K/M/G/T suffix (powers of 1024, `B` optional): 512MB, 4GB, 20G.
+A Redis URL's userinfo (its password) is kept only to connect: labels, reprs and logs show `redis://***@HOST...`.
+The optional key (`--kv-store-key-file`, $KVSERVE_KV_STORE_KEY) makes every entry carry an HMAC (see entry.py).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
 from kvserve.config import ConfigError
@@ -19,6 +22,7 @@ CODECS = ("none", "zstd", "int8", "int4")
 LOAD_POLICIES = ("auto", "always")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+KEY_ENV = "KVSERVE_KV_STORE_KEY"
 
 
 def parse_size(text: str) -> int:
@@ -29,6 +33,31 @@ def parse_size(text: str) -> int:
     if n <= 0:
         raise ConfigError(f"size {text!r} must be positive")
     return n
+
+
+def redact_url(url: str) -> str:
+    """`url` with its userinfo replaced by `***`: a Redis password must never reach a metric label or a log line."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def read_key(path: str | None) -> str | None:
+    """The KV store's MAC key: the first line of `path` (a file, so the key never shows up in `ps` or shell
+    history), else $KVSERVE_KV_STORE_KEY, else None (entries are then integrity-checked but not authenticated)."""
+    if path is None:
+        return os.environ.get(KEY_ENV) or None
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            key = f.readline().strip()
+    except UnicodeDecodeError:  # its message would quote a byte of the key
+        raise ConfigError(f"kv store key file {path!r} is not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read kv store key file {path!r}: {e}") from e
+    if not key:
+        raise ConfigError(f"kv store key file {path!r} is empty")
+    return key
 
 
 def _codec(text: str, where: str) -> str:
@@ -43,7 +72,7 @@ class TierSpec:
     capacity_bytes: int
     codec: str = "none"
     path: str | None = None  # disk directory
-    url: str | None = None  # redis URL without our query options
+    url: str | None = field(default=None, repr=False)  # redis URL without our query options; may hold a password
     timeout_s: float = 0.5  # redis socket timeout: a slow Redis counts as down
 
     def __post_init__(self) -> None:
@@ -57,7 +86,8 @@ class TierSpec:
 
     @property
     def label(self) -> str:
-        return {"memory": "memory", "disk": f"disk:{self.path}", "redis": self.url or "redis"}[self.kind]
+        """The tier's name in metrics, stats and logs (a Redis URL without its password)."""
+        return {"memory": "memory", "disk": f"disk:{self.path}", "redis": redact_url(self.url or "redis")}[self.kind]
 
 
 @dataclass(frozen=True)
@@ -68,8 +98,13 @@ class KVStoreConfig:
     int4_high_precision_layers: int = 2  # first layers kept at int8 by the int4 codec (CacheGen: shallow layers matter)
     zstd_level: int = 3
     load_policy: str = "auto"  # auto: load a chunk when the cost model expects it to beat recomputing; always: load
+    key: bytes | None = field(default=None, repr=False)  # HMAC key for entries (a str is taken as UTF-8); None: no MAC
 
     def __post_init__(self) -> None:
+        if isinstance(self.key, str):
+            object.__setattr__(self, "key", self.key.encode())
+        if self.key is not None and not self.key:
+            raise ConfigError("kv store key is empty")
         if self.load_policy not in LOAD_POLICIES:
             raise ConfigError(f"kv store load policy must be one of {', '.join(LOAD_POLICIES)}, "
                               f"got {self.load_policy!r}")

@@ -1,24 +1,32 @@
-"""Stored entry format: magic, version, a small JSON header, then the codec's payload. No pickle anywhere.
+"""Stored entry format: magic, version, a small JSON header, the codec's payload, an optional MAC. No pickle anywhere.
 
-    b"KVSV" | u16 version | u32 header length | header (UTF-8 JSON) | payload
+    b"KVSV" | u16 version | u32 header length | header (UTF-8 JSON) | payload | [HMAC-SHA256 tag, 32 bytes]
 
 The header names everything a load must agree with: model identity, dtype, shape, codec, token count, the chunk's
-prefix hash (which covers every earlier token and the cache salt), and the payload's length and BLAKE2b-256 digest.
-`verify` rejects an entry unless all of them match what the request expects, so a corrupt, truncated, foreign-model,
-wrong-salt or mislabelled entry is never decoded into the KV cache.
+prefix hash (which covers every earlier token and the cache salt), the payload's length and BLAKE2b-256 digest, and
+whether a tag follows. `unpack` rejects an entry unless all of them match what the request expects, so a corrupt,
+truncated, foreign-model, wrong-salt or mislabelled entry is never decoded into the KV cache.
+
+The digest only catches accidents: whoever can write to a tier can compute it. With a key, every entry carries an
+HMAC over everything before it, checked (in constant time) before the header is even parsed; an entry without one,
+or with another key's, is rejected as "unauthenticated". A store without a key still reads keyed entries (their
+digest holds), it just cannot tell who wrote them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 from dataclasses import dataclass
 
 MAGIC = b"KVSV"
-VERSION = 1
+VERSION = 2  # 2: the "mac" header field and the optional tag
 _PREFIX = struct.Struct("<4sHI")
 MAX_HEADER = 16 * 1024
+MAC = "hmac-sha256"
+MAC_SIZE = 32
 
 
 class EntryError(ValueError):
@@ -43,17 +51,30 @@ def digest(payload: bytes | memoryview) -> str:
     return hashlib.blake2b(payload, digest_size=32).hexdigest()
 
 
-def pack(identity: EntryIdentity, codec: str, payload: bytes) -> bytes:
+def _tag(key: bytes, body: bytes | memoryview) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).digest()
+
+
+def pack(identity: EntryIdentity, codec: str, payload: bytes, key: bytes | None = None) -> bytes:
     header = json.dumps({
         "model": identity.model_id, "dtype": identity.dtype, "shape": list(identity.shape), "codec": codec,
         "tokens": identity.shape[2], "chunk": identity.chunk_hash, "payload_len": len(payload),
-        "payload_blake2b": digest(payload),
+        "payload_blake2b": digest(payload), "mac": MAC if key else None,
     }, separators=(",", ":"), sort_keys=True).encode()
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
+    body = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
+    return body + _tag(key, body) if key else body
 
 
-def unpack(blob: bytes, expected: EntryIdentity) -> tuple[str, memoryview]:
-    """Verify `blob` against `expected`; returns (codec, payload) or raises EntryError."""
+def _authenticated_body(view: memoryview, key: bytes) -> memoryview:
+    """The entry without its tag, once the tag is proven to be `key`'s HMAC of everything before it."""
+    body, tag = view[:-MAC_SIZE], view[-MAC_SIZE:]
+    if len(body) < _PREFIX.size or not hmac.compare_digest(_tag(key, body), tag):
+        raise EntryError("unauthenticated", "no valid MAC for this store's key")
+    return body
+
+
+def unpack(blob: bytes, expected: EntryIdentity, key: bytes | None = None) -> tuple[str, memoryview]:
+    """Verify `blob` against `expected` (and its MAC, given a key); returns (codec, payload) or raises EntryError."""
     view = memoryview(blob)
     if len(view) < _PREFIX.size:
         raise EntryError("truncated", f"{len(view)} bytes")
@@ -62,6 +83,8 @@ def unpack(blob: bytes, expected: EntryIdentity) -> tuple[str, memoryview]:
         raise EntryError("corrupt", "bad magic")
     if version != VERSION:
         raise EntryError("version", f"entry version {version}, this build reads {VERSION}")
+    if key is not None:
+        view = _authenticated_body(view, key)
     if hlen > MAX_HEADER or _PREFIX.size + hlen > len(view):
         raise EntryError("truncated", "header runs past the end")
     try:
@@ -70,6 +93,8 @@ def unpack(blob: bytes, expected: EntryIdentity) -> tuple[str, memoryview]:
         raise EntryError("corrupt", f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise EntryError("corrupt", "header is not an object")
+    if key is None and header.get("mac") == MAC:
+        view = view[:max(len(view) - MAC_SIZE, _PREFIX.size + hlen)]  # a keyed store's tag, which we cannot check
     if header.get("model") != expected.model_id:
         raise EntryError("foreign_model", f"entry is for model {header.get('model')!r}")
     if header.get("dtype") != expected.dtype:

@@ -271,7 +271,7 @@ class KVStore:
                 t0 = time.perf_counter()
                 payload = codecs.encode(kv, tier.codec, self.config.zstd_level,
                                         self.config.int4_high_precision_layers)
-                blobs[tier.codec] = pack(ident, tier.codec, payload)
+                blobs[tier.codec] = pack(ident, tier.codec, payload, self.config.key)
                 self.counters[f"encode_seconds_{tier.codec}"] += time.perf_counter() - t0
             stored |= tier.put(key, blobs[tier.codec])
         if stored:
@@ -352,13 +352,12 @@ class KVStore:
             if blob is None:
                 continue
             try:
-                codec, payload = unpack(blob, ident)
+                codec, payload = unpack(blob, ident, self.config.key)
                 kv = codecs.decode(payload, codec, self.chunk_shape, self.dtype,
                                    self.config.int4_high_precision_layers)
             except (EntryError, codecs.CodecError) as e:
-                reason = getattr(e, "reason", "corrupt")
                 tier.stats.rejected += 1
-                self.rejected[reason] += 1
+                self.rejected[e.reason] += 1
                 log.warning("kv store: dropped entry %s from %s (%s)", key, tier.spec.label, e)
                 tier.delete(key)
                 self._forget(chunk_hash)  # so the recomputed chunk is written again

@@ -28,7 +28,7 @@ class TierStats:
     bytes_in: int = 0  # written to the tier
     bytes_out: int = 0  # read from the tier
     errors: int = 0  # I/O or connection failures
-    rejected: int = 0  # entries that failed verification (corrupt, truncated, foreign model, wrong salt)
+    rejected: int = 0  # entries that failed verification (corrupt, oversized, unauthenticated, foreign model, ...)
     evictions: int = 0
     writes: int = 0
     load_seconds: list[float] = field(default_factory=lambda: [0] * (len(LOAD_LATENCY_BUCKETS) + 1))
@@ -280,19 +280,21 @@ class DiskTier(Tier):
     def _put(self, key: str, blob: bytes) -> None:
         name = self._key_name(key)
         path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         with self._lock:
             self._evict_to(self.capacity - len(blob))
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        try:
+        tmp = None
+        try:  # creating the fan-out directory and the temp file can hit a full disk as much as the write itself
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
             os.replace(tmp, path)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.disk_full_events += 1
                 self._full_until = time.monotonic() + self.FULL_RETRY_S
@@ -364,6 +366,17 @@ end
 return {evicted, total}
 """
 
+# Delete with the byte counter in the same atomic step: decremented apart, a put in between would see the deleted
+# bytes as still used and evict live entries for them, and a client dying in between would leak them for good.
+_DELETE_LUA = """
+local size = redis.call('HGET', KEYS[3], KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], KEYS[1])
+redis.call('HDEL', KEYS[3], KEYS[1])
+if size then return redis.call('DECRBY', KEYS[4], size) end
+return tonumber(redis.call('GET', KEYS[4]) or '0')
+"""
+
 
 class RedisTier(Tier):
     """Entries in Redis, shared by every instance pointing at it. A sorted set of access times per namespace gives
@@ -380,6 +393,7 @@ class RedisTier(Tier):
         self._sizes = f"kvserve:{namespace}:sizes"
         self._total = f"kvserve:{namespace}:bytes"
         self._script = self._redis.register_script(_PUT_LUA)
+        self._delete_script = self._redis.register_script(_DELETE_LUA)
         self._used = 0
 
     def _get(self, key: str) -> bytes | None:
@@ -402,17 +416,10 @@ class RedisTier(Tier):
         self._used = int(total)
 
     def _delete(self, key: str) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.zrem(self._lru, key)
-        pipe.hget(self._sizes, key)
-        pipe.hdel(self._sizes, key)
-        _, _, size, _ = pipe.execute()
-        if size:
-            self._redis.decrby(self._total, int(size))
+        self._used = int(self._delete_script(keys=[key, self._lru, self._sizes, self._total]))
 
     def used_bytes(self) -> int:
-        """As of this instance's last write (a metrics scrape must not wait on Redis)."""
+        """As of this instance's last write or delete (a metrics scrape must not wait on Redis)."""
         return self._used
 
     def close(self) -> None:
