@@ -10,6 +10,9 @@ from kvserve.core.hashing import hash_block
 from kvserve.core.request import Request
 
 MISS_CAUSES = ("no_match", "short_prompt", "evicted", "different_salt")
+# Salts remembered per first block. Two distinct ones already answer "is it cached under a salt other than mine?"
+# for any request, and a cap keeps a client that sends a new cache_salt each time from growing the set without bound.
+SALTS_PER_FIRST_BLOCK = 2
 
 
 @dataclass
@@ -38,8 +41,10 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[Block]] = {}
         self._num_cached_blocks: dict[str, int] = {}
         self.stats = PrefixCacheStats()
-        # content hash of a first block (no salt) -> salts it is cached under; tells "different salt" from "no match"
-        self._first_block_salts: OrderedDict[bytes, set] = OrderedDict()
+        # content hash of a first block (no salt) -> hashes of the last few salts it was cached under, as an ordered
+        # set; tells "different salt" from "no match". Bounded: BlockPool.EVICTED_MEMORY keys, SALTS_PER_FIRST_BLOCK
+        # salts each, stored as hash() so a long salt string is not kept alive by a metric
+        self._first_block_salts: OrderedDict[bytes, dict[int, None]] = OrderedDict()
 
     # ------------------------------------------------------------------ lookup
     def match_prefix(self, request: Request) -> PrefixMatch:
@@ -80,7 +85,18 @@ class KVCacheManager:
 
     def _other_salt_cached(self, request: Request) -> bool:
         salts = self._first_block_salts.get(self._first_block_key(request))
-        return bool(salts) and any(s != request.cache_salt for s in salts)
+        return bool(salts) and any(s != hash(request.cache_salt) for s in salts)
+
+    def _remember_salt(self, request: Request) -> None:
+        key = self._first_block_key(request)
+        salts = self._first_block_salts.setdefault(key, {})
+        salts.pop(hash(request.cache_salt), None)
+        salts[hash(request.cache_salt)] = None  # most recent last
+        if len(salts) > SALTS_PER_FIRST_BLOCK:
+            del salts[next(iter(salts))]
+        self._first_block_salts.move_to_end(key)
+        if len(self._first_block_salts) > BlockPool.EVICTED_MEMORY:
+            self._first_block_salts.popitem(last=False)
 
     # ------------------------------------------------------------------ allocation
     def num_blocks_needed(self, num_tokens: int) -> int:
@@ -125,11 +141,7 @@ class KVCacheManager:
         for i in range(start, end):
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         if start == 0 and end > 0:
-            key = self._first_block_key(request)
-            self._first_block_salts.setdefault(key, set()).add(request.cache_salt)
-            self._first_block_salts.move_to_end(key)
-            if len(self._first_block_salts) > BlockPool.EVICTED_MEMORY:
-                self._first_block_salts.popitem(last=False)
+            self._remember_salt(request)
         if end > start:
             self._num_cached_blocks[request.request_id] = end
 
@@ -147,6 +159,23 @@ class KVCacheManager:
         return self.req_blocks.get(request_id, [])
 
     # ------------------------------------------------------------------ checks
+    # ---------------------------------------------------------------- pool facts for the engine (its stats, EngineInfo)
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_used_blocks
+
+    @property
+    def num_evictions(self) -> int:
+        return self.pool.num_evictions
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block hash; False (nothing done) while requests hold blocks."""
+        return self.pool.reset_prefix_cache()
+
     def check_invariants(self) -> None:
         self.pool.check_invariants()
         refs = Counter(b.block_id for blocks in self.req_blocks.values() for b in blocks)

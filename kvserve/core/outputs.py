@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kvserve.core.request import FinishReason
+
 if TYPE_CHECKING:
-    from kvserve.core.request import FinishReason, Request
+    from kvserve.core.request import Request
 
 
 @dataclass
@@ -42,7 +44,7 @@ class KVLoad:
 
 @dataclass
 class KVSave:
-    """Full chunks of a finished request to copy out of the pool (before its blocks are reused) and store."""
+    """Full chunks of a request to copy out of the pool (before its blocks are reused) and store."""
 
     request_id: str
     chunks: list[tuple[bytes, list[int]]]  # (hash-chain value at the chunk's last block, the chunk's block ids)
@@ -53,7 +55,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # freed since the last step (runner drops their state)
-    kv_loads: list[KVLoad] = field(default_factory=list)  # applied by the runner before the forward pass
+    # worker-side KV operations, applied in this order by the runner before the forward pass: a save copies blocks
+    # out before a later load (or this step's forward) may overwrite them (docs/architecture.md, rule 4)
+    kv_ops: list[KVLoad | KVSave] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -61,7 +65,7 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled and not self.kv_loads
+        return not self.scheduled and not self.kv_ops
 
 
 # (token_id, logprob, rank) of the sampled token, then the top-k as (token_id, logprob) pairs
@@ -84,6 +88,6 @@ class RequestUpdate:
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs]
     prompt_logprobs: tuple[int, list[TokenLogprobs]] | None
-    finish_reason: "FinishReason | None"
+    finish_reason: FinishReason | None
     stop_reason: int | str | None
     num_cached_tokens: int

@@ -54,8 +54,8 @@ class Scheduler:
         # tiered KV store: requests whose prefix is being fetched wait here, holding no blocks and no budget
         self.connector = connector
         self.fetching: dict[str, Request] = {}
-        self._kv_loads: list[KVLoad] = []
-        self._kv_saves: list[KVSave] = []
+        # worker-side KV operations (loads into, saves out of the pool) in the order they were decided
+        self._kv_ops: list[KVLoad | KVSave] = []
         self.num_computed_prompt_tokens = 0  # prompt tokens run through the model (not cached, not loaded)
         self.num_loaded_tokens = 0
 
@@ -171,21 +171,30 @@ class Scheduler:
             if sr.start < sr.request.num_prompt_tokens:
                 self.num_computed_prompt_tokens += min(sr.num_new_tokens, sr.request.num_prompt_tokens - sr.start)
         finished, self._finished_ids = self._finished_ids, []
-        loads, self._kv_loads = self._kv_loads, []
-        return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished, loads)
+        ops, self._kv_ops = self._kv_ops, []
+        return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished, ops)
 
     def _admit(self, req: Request, budget: int) -> int | None:
         """Match the prefix, allocate the first chunk; returns its size or None if the request cannot start now."""
         parent = req.share_prompt_with
-        shared = []
+        shared, match = [], None
         if parent is not None and not parent.is_finished and self._prompt_done(parent):
-            shared = self.kv.get_blocks(parent.request_id)[: (req.num_tokens - 1) // self.block_size]
+            # Only the prompt's full blocks, the tokens both sequences have: past them the parent's blocks hold its
+            # own output, not a sibling's resuming after preemption. Prompt done means these blocks hold computed
+            # prompt KV (a preempted parent has no blocks and 0 computed tokens until it recomputes or matches it).
+            n_shared = min(req.num_tokens - 1, req.num_prompt_tokens) // self.block_size
+            shared = self.kv.get_blocks(parent.request_id)[:n_shared]
+        if shared and req.num_output_tokens:
+            # resuming: the prefix cache (hashes cover every token) may still hold its own blocks past the prompt
+            match = self.kv.match_prefix(req)
+            if match.num_blocks > len(shared):
+                shared = []
         if shared:
             computed, match = shared, None
         elif req.sampling_params.prompt_logprobs is not None:
             computed, match = [], None  # prompt logprobs need every prompt position computed
         else:
-            match = self.kv.match_prefix(req)
+            match = match if match is not None else self.kv.match_prefix(req)
             computed = match.blocks
         num_computed = len(computed) * self.block_size
         n_load = self._loadable(req, num_computed) if not shared else 0
@@ -210,7 +219,7 @@ class Scheduler:
             fetched = req.fetched_kv
             first = num_computed // self.block_size
             block_ids = self.kv.get_block_ids(req.request_id)[first:first + n_load // self.block_size]
-            self._kv_loads.append(KVLoad(req.request_id, block_ids, fetched, num_computed - fetched.start, n_load))
+            self._kv_ops.append(KVLoad(req.request_id, block_ids, fetched, num_computed - fetched.start, n_load))
             req.num_loaded_tokens += n_load
             self.num_loaded_tokens += n_load
         req.fetched_kv = None  # used or outdated: either way, free its memory
@@ -284,13 +293,16 @@ class Scheduler:
             if not self.connector.is_known(h):
                 chunks.append((h, block_ids[k * per:(k + 1) * per]))
         if chunks:
-            self._kv_saves.append(KVSave(req.request_id, chunks))
+            self._kv_ops.append(KVSave(req.request_id, chunks))
 
-    def take_kv_saves(self) -> list[KVSave]:
-        """Chunks to store since the last call: prompts that just finished computing (blocks still held) and requests
-        freed (blocks free but untouched until the next forward pass, so the engine must copy them out before it)."""
-        saves, self._kv_saves = self._kv_saves, []
-        return saves
+    def has_pending_kv_ops(self) -> bool:
+        """Saves queued by a finish or abort outside a step still need a step (or take_kv_ops) to run."""
+        return bool(self._kv_ops)
+
+    def take_kv_ops(self) -> list[KVLoad | KVSave]:
+        """The KV operations not yet handed out in a SchedulerOutput (for a final flush when the engine closes)."""
+        ops, self._kv_ops = self._kv_ops, []
+        return ops
 
     def _preempt(self, req: Request) -> None:
         """Recompute-style preemption: drop the KV (it stays in the prefix cache), resume first when blocks free up."""

@@ -6,32 +6,48 @@ from __future__ import annotations
 
 import hashlib
 
-from kvserve.core.outputs import ModelOutput, SchedulerOutput
+from kvserve.core.outputs import KVSave, ModelOutput, SchedulerOutput
 
 
-def next_token(context: list[int], vocab: int = 1000) -> int:
-    digest = hashlib.sha256(str(context).encode()).digest()
+def next_token(context: list[int], vocab: int = 1000, seed: str = "") -> int:
+    digest = hashlib.sha256((seed + str(context)).encode()).digest()
     return 3 + int.from_bytes(digest[:4], "little") % (vocab - 3)
 
 
 class FakeRunner:
-    def __init__(self, block_size: int, eos: int | None = None, eos_after: int | None = None):
+    """`sampling=True`: the next token depends on the sequence (its id seeds it, like a per-sequence sampler seed) as
+    well as on the context read back, so n > 1 siblings of one prompt diverge, and a sibling running on another
+    sequence's KV produces other tokens. Off, decoding is greedy: equal contexts give equal tokens."""
+
+    def __init__(self, block_size: int, eos: int | None = None, eos_after: int | None = None, store=None,
+                 sampling: bool = False):
         self.block_size = block_size
+        self.sampling = sampling
+        self.store = store  # receives KVSave operations (a test connector with a `chunks` dict)
         self.slots: dict[int, tuple[int, int]] = {}
         self.steps: list[SchedulerOutput] = []
         self.eos = eos
         self.eos_after = eos_after
 
+    def apply_kv_ops(self, ops) -> None:
+        """In order, like the real runner: saves copy (token, position) pairs out into `store.chunks`, loads write
+        fetched pairs into their blocks."""
+        bs = self.block_size
+        for op in ops:
+            if isinstance(op, KVSave):
+                for h, block_ids in op.chunks:
+                    self.store.chunks[h] = [self.slots[b * bs + i] for b in block_ids for i in range(bs)]
+                continue
+            first = op.fetched.start + op.src_offset
+            for i in range(op.num_tokens):
+                p = first + i
+                self.slots[op.block_ids[i // bs] * bs + p % bs] = op.fetched.kv[op.src_offset + i]
+
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         self.steps.append(sched)
         out = ModelOutput()
         bs = self.block_size
-        for load in sched.kv_loads:  # fetched "KV" is a list of (token, position) pairs, like the slots
-            first = load.fetched.start + load.src_offset
-            for i in range(load.num_tokens):
-                p = first + i
-                slot = load.block_ids[i // bs] * bs + p % bs
-                self.slots[slot] = load.fetched.kv[load.src_offset + i]
+        self.apply_kv_ops(sched.kv_ops)
         for sr in sched.scheduled:
             toks = sr.request.token_ids
             for p in range(sr.start, sr.start + sr.num_new_tokens):
@@ -45,7 +61,7 @@ class FakeRunner:
                     assert pos == p, f"{sr.request_id}: slot for position {p} holds position {pos}"
                     context.append(tok)
                 assert context == toks[:end], f"{sr.request_id}: KV context differs from the request's tokens"
-                tok = next_token(context)
+                tok = next_token(context, seed=sr.request_id if self.sampling else "")
                 if self.eos is not None and self.eos_after is not None and \
                         end - sr.request.num_prompt_tokens + 1 >= self.eos_after:
                     tok = self.eos

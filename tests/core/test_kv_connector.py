@@ -55,11 +55,6 @@ class DictConnector:
     def is_known(self, chunk_hash):
         return chunk_hash in self.chunks
 
-    def save_from(self, sched, runner):
-        for save in sched.take_kv_saves():
-            for h, block_ids in save.chunks:
-                self.chunks[h] = [runner.slots[b * BS + i] for b in block_ids for i in range(BS)]
-
 
 def sched_with(conn, **kw):
     s = make_sched(**kw)
@@ -70,7 +65,6 @@ def sched_with(conn, **kw):
 def run_saving(sched, runner, conn):
     """Run to the end, answering every fetch at once and storing what requests leave behind."""
     def hook(i, so):
-        conn.save_from(sched, runner)
         for rid in list(conn.jobs):
             conn.complete(rid)
     return run(sched, runner, on_step=hook)
@@ -78,19 +72,20 @@ def run_saving(sched, runner, conn):
 
 def test_saves_copy_every_full_chunk_from_the_right_blocks():
     conn = DictConnector()
-    sched, runner = sched_with(conn), FakeRunner(BS)
+    sched, runner = sched_with(conn), FakeRunner(BS, store=conn)
     r = req("a", 200, max_tokens=3)
     sched.add_request(r)
     saved_at: dict[int, int] = {}  # chunks stored -> output tokens the request had by then
 
     def hook(i, so):
-        conn.save_from(sched, runner)
         saved_at.setdefault(len(conn.chunks), r.num_output_tokens)
         for rid in list(conn.jobs):
             conn.complete(rid)
 
     run(sched, runner, on_step=hook)
-    assert saved_at[3] == 1  # the prompt's chunks are stored as soon as it is computed, not when the request ends
+    # the prompt's chunks are stored as soon as it is computed (by the next step's KV operations, before its forward
+    # pass), not when the request ends
+    assert saved_at[3] == 2
     # 200 prompt + 2 computed outputs = 202 tokens computed: 3 full chunks of 64
     assert len(conn.chunks) == 3
     for k in range(3):
@@ -100,11 +95,11 @@ def test_saves_copy_every_full_chunk_from_the_right_blocks():
 
 def test_fetching_request_waits_without_blocking_others_then_loads_into_its_blocks():
     conn = DictConnector()
-    first, runner = sched_with(conn), FakeRunner(BS)
+    first, runner = sched_with(conn), FakeRunner(BS, store=conn)
     first.add_request(req("warm", 300, max_tokens=4, seed_tokens=7))
     expected = run_saving(first, runner, conn)["warm"]
 
-    sched, runner = sched_with(conn), FakeRunner(BS)  # a fresh pool: only the store knows the prefix
+    sched, runner = sched_with(conn), FakeRunner(BS, store=conn)  # a fresh pool: only the store knows the prefix
     long = req("long", 300, max_tokens=4, seed_tokens=7)
     short = req("short", 20, max_tokens=30)
     sched.add_request(long)
@@ -119,7 +114,7 @@ def test_fetching_request_waits_without_blocking_others_then_loads_into_its_bloc
         sched.check_invariants()
     conn.complete("long")
     so = sched.schedule()
-    (load,) = so.kv_loads
+    (load,) = so.kv_ops
     blocks = sched.kv.get_block_ids("long")
     # 300 tokens: chunks [0, 64) .. [192, 256) come from the store; the last 44 tokens are computed
     assert (load.src_offset, load.num_tokens, load.block_ids) == (0, 256, blocks[:16])
@@ -138,11 +133,11 @@ def test_fetching_request_waits_without_blocking_others_then_loads_into_its_bloc
 
 def test_pool_prefix_then_store_chunks_and_the_last_token_is_never_loaded():
     conn = DictConnector()
-    first, runner = sched_with(conn), FakeRunner(BS)
+    first, runner = sched_with(conn), FakeRunner(BS, store=conn)
     first.add_request(req("warm", 256, max_tokens=2, seed_tokens=9))
     run_saving(first, runner, conn)
 
-    sched, runner = sched_with(conn), FakeRunner(BS)
+    sched, runner = sched_with(conn), FakeRunner(BS, store=conn)
     sched.add_request(req("head", 80, max_tokens=1, seed_tokens=9))  # puts 5 blocks (80 tokens) in the pool
     sched.connector = None
     run(sched, runner)
@@ -153,7 +148,7 @@ def test_pool_prefix_then_store_chunks_and_the_last_token_is_never_loaded():
     assert r.status == RequestStatus.FETCHING and conn.jobs["full"][1] == 64  # the chunk the pool ends in
     conn.complete("full")
     so = sched.schedule()
-    (load,) = so.kv_loads
+    (load,) = so.kv_ops
     # the pool gives 80 tokens; the store's chunks start at 64, so its copy starts 16 tokens in and ends at 240:
     # the last block holds the final token and is computed
     assert (load.src_offset, load.num_tokens) == (16, 240 - 80)
@@ -166,7 +161,7 @@ def test_pool_prefix_then_store_chunks_and_the_last_token_is_never_loaded():
 
 def test_abort_while_fetching_cancels_and_leaks_nothing():
     conn = DictConnector()
-    sched, runner = sched_with(conn), FakeRunner(BS)
+    sched = sched_with(conn)
     sched.add_request(req("x", 200, max_tokens=4))
     so = sched.schedule()
     assert so.is_empty and "x" in sched.fetching
@@ -178,7 +173,7 @@ def test_abort_while_fetching_cancels_and_leaks_nothing():
 
 def test_a_miss_in_the_store_admits_the_request_normally():
     conn = DictConnector()
-    sched, runner = sched_with(conn), FakeRunner(BS)
+    sched, runner = sched_with(conn), FakeRunner(BS, store=conn)
     sched.add_request(req("m", 150, max_tokens=3))
     out = run_saving(sched, runner, conn)
     assert len(out["m"]) == 3 and sched.num_loaded_tokens == 0 and sched.num_computed_prompt_tokens == 150

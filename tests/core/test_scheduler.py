@@ -30,7 +30,7 @@ def req(rid, n_prompt, max_tokens=8, seed_tokens=None, salt=None, share=None, eo
 def run(sched, runner, max_steps=10_000, check=True, on_step=None):
     outputs: dict[str, list[int]] = {}
     steps = 0
-    while sched.has_unfinished_requests():
+    while sched.has_unfinished_requests() or sched.has_pending_kv_ops():  # as EngineCore steps
         so = sched.schedule()
         assert so.num_batched_tokens <= sched.config.max_num_batched_tokens
         assert len(so.scheduled) <= sched.config.max_num_seqs
@@ -154,6 +154,63 @@ def test_n_siblings_share_prompt_blocks():
     assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks
 
 
+@pytest.mark.parametrize("caching", [True, False])
+def test_sibling_resumed_after_preemption_does_not_reuse_parent_output_kv(caching):
+    """n = 2 at temperature > 0 under KV pressure: the sibling is preempted once its output fills blocks past the
+    prompt and resumes while the parent still decodes. The parent's blocks past the prompt's full blocks hold the
+    parent's own output, which differs from the sibling's: the sibling must not start on them."""
+    def start(num_blocks):
+        sched = make_sched(num_blocks=num_blocks, budget=64, caching=caching)
+        parent = req("g#0", 20, max_tokens=80, seed_tokens=1)
+        sib = req("g#1", 20, max_tokens=80, seed_tokens=1, share=parent)
+        for r in (parent, sib, req("other", 40, max_tokens=200)):  # "other" takes blocks until it is aborted
+            sched.add_request(r)
+        return sched, parent, sib
+
+    ref_sched, _, _ = start(256)
+    ref = run(ref_sched, FakeRunner(BS, sampling=True))
+    assert ref_sched.num_preemptions == 0 and ref["g#0"] != ref["g#1"]
+
+    sched, parent, sib = start(12)
+    runner = FakeRunner(BS, sampling=True)
+    out: dict[str, list[int]] = {}
+
+    def step(so=None):
+        if so is None:
+            so = sched.schedule()
+            sched.check_invariants()
+        for u in sched.update(so, runner.execute(so)):
+            out.setdefault(u.request_id, []).extend(u.new_token_ids)
+        sched.check_invariants()
+
+    while sib.num_preemptions == 0:
+        step()
+        assert len(runner.steps) < 200
+    # preempted (the newest running sequence is the victim) with whole blocks of its own output past the prompt
+    assert sib.status == RequestStatus.PREEMPTED and parent.status == RequestStatus.RUNNING
+    assert sib.num_tokens > 3 * BS and parent.num_tokens > 3 * BS
+    sched.finish_request("other", RequestStatus.FINISHED_ABORTED)  # frees room: the sibling resumes next step
+    sched.check_invariants()
+    parent_blocks = sched.kv.get_block_ids("g#0")
+    so = sched.schedule()  # checked before the fake runner reads the KV back (and fails on a mix-up itself)
+    sched.check_invariants()
+    assert "g#1" in {s.request_id for s in so.scheduled} and parent.status == RequestStatus.RUNNING
+    table = sched.kv.get_block_ids("g#1")
+    n_prompt_blocks = sib.num_prompt_tokens // BS
+    assert table[:n_prompt_blocks] == parent_blocks[:n_prompt_blocks]  # the prompt's full blocks: shared or cached
+    assert not set(table) & set(parent_blocks[n_prompt_blocks:]), "resumed sibling runs on the parent's output KV"
+    (resumed,) = [s for s in so.scheduled if s.request_id == "g#1"]
+    # with prefix caching its own freed blocks (hashes cover every token) still hold its output: it resumes on them
+    assert resumed.start == ((sib.num_tokens - 1) // BS * BS if caching else n_prompt_blocks * BS)
+    step(so)
+
+    while sched.has_unfinished_requests():
+        step()
+        assert len(runner.steps) < 1000
+    assert out["g#0"] == ref["g#0"] and out["g#1"] == ref["g#1"]
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks
+
+
 def test_too_long_prompt_rejected_at_admission():
     sched = make_sched(max_len=128)
     with pytest.raises(RequestTooLongError):
@@ -182,13 +239,19 @@ def test_eos_and_stop_token_finish():
     assert out["a"][-1] == 2 and len(out["a"]) == 3 and r.finish_reason.value == "stop"
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(12))
 def test_randomized_invariants(seed):
+    """Random arrivals, n > 1, aborts, a pool from tiny to ample. The fake runner samples per sequence, so siblings
+    diverge and a sequence running on another's KV gives other tokens; every sequence's tokens must equal a run of the
+    same requests with no KV pressure (an aborted one's, a prefix of them)."""
     rng = random.Random(seed)
     caching = seed % 2 == 0
-    sched = make_sched(num_blocks=rng.choice([12, 40, 200]), budget=rng.choice([16, 48, 128]),
-                       max_seqs=rng.choice([2, 5, 16]), caching=caching, max_len=512)
-    runner = FakeRunner(BS)
+    budget, max_seqs = rng.choice([16, 48, 128]), rng.choice([2, 5, 16])
+    sched = make_sched(num_blocks=rng.choice([12, 40, 200]), budget=budget, max_seqs=max_seqs, caching=caching,
+                       max_len=512)
+    runner = FakeRunner(BS, sampling=True)
+    added: list[Request] = []
+    aborted = set()
     prefixes = [[rng.randrange(3, 1000) for _ in range(rng.choice([16, 40, 64]))] for _ in range(3)]
     n_added = 0
     pending = 25
@@ -200,17 +263,21 @@ def test_randomized_invariants(seed):
             toks = (rng.choice(prefixes) if rng.random() < 0.6 else []) + body
             n = rng.choice([1, 1, 1, 2, 3])
             rid = f"q{n_added}"
-            sp = SamplingParams(temperature=0, max_tokens=rng.randrange(1, 30))
+            # up to 186 tokens: even the 12-block pool holds any one sequence alone (none ends for lack of blocks)
+            sp = SamplingParams(temperature=1.0, max_tokens=rng.randrange(1, 64))
             first = Request(f"{rid}#0", toks, sp, BS, (), cache_salt=rng.choice([None, None, "s"]))
             sched.add_request(first)
+            added.append(first)
             for i in range(1, n):
                 sched.add_request(Request(f"{rid}#{i}", toks, sp, BS, (), cache_salt=first.cache_salt,
                                           share_prompt_with=first))
+                added.append(sched.requests[f"{rid}#{i}"])
             n_added += 1
             pending -= 1
         if rng.random() < 0.05 and sched.requests:
             victim = rng.choice(sorted(sched.requests))
             sched.finish_request(victim, RequestStatus.FINISHED_ABORTED)
+            aborted.add(victim)
             sched.check_invariants()
         so = sched.schedule()
         sched.check_invariants()
@@ -222,6 +289,25 @@ def test_randomized_invariants(seed):
         assert steps < 20_000
     assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks, "blocks leaked"
     assert not sched.kv.req_blocks
+
+    # the same requests, fresh, with room for all of them at once: nothing is preempted
+    ref_sched = make_sched(num_blocks=sum(r.num_prompt_tokens + r.max_tokens for r in added) // BS + len(added),
+                           budget=budget, max_seqs=max_seqs, caching=caching, max_len=512)
+    parents = {}
+    for r in added:
+        parent = r.share_prompt_with and parents[r.share_prompt_with.request_id]
+        parents[r.request_id] = Request(r.request_id, r.prompt_token_ids, r.sampling_params, BS, (),
+                                        cache_salt=r.cache_salt, share_prompt_with=parent)
+        ref_sched.add_request(parents[r.request_id])
+    ref = run(ref_sched, FakeRunner(BS, sampling=True))
+    assert ref_sched.num_preemptions == 0
+    assert all(len(ref[r.request_id]) == r.max_tokens for r in added)
+    groups = [r for r in added if r.share_prompt_with is not None]
+    assert all(ref[r.request_id] != ref[r.share_prompt_with.request_id] for r in groups), "siblings must diverge"
+    for r in added:
+        got = results.get(r.request_id, [])
+        want = ref[r.request_id][:len(got)] if r.request_id in aborted else ref[r.request_id]
+        assert got == want, f"{r.request_id} (preempted {r.num_preemptions}x) differs from the unpressured run"
 
 
 def test_sequence_larger_than_pool_ends_instead_of_spinning():
