@@ -16,9 +16,12 @@ import json
 
 import torch
 
-from kvserve import LLM, SamplingParams
 from kvserve.bench.offline import text_token_ids
-from kvserve.model.layers import TorchOps
+from kvserve.engine.llm_engine import LLM, EngineArgs, LLMEngine
+from kvserve.model.llama import LlamaModel
+from kvserve.model.loader import load_model
+from kvserve.model.tokenizer import Tokenizer
+from kvserve.sampling import SamplingParams
 
 
 def teacher_forced(llm: LLM, ids: list[int]) -> list[tuple[int, float, dict]]:
@@ -42,17 +45,22 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     text = text_token_ids()
     ids = (text * (args.tokens // len(text) + 1))[: args.tokens]
-    common = dict(max_num_batched_tokens=args.chunk, enable_prefix_caching=False, kv_cache_memory_gb=0.5)
-    ref = teacher_forced(LLM(dtype="float32", **common), ids)
-    llm = LLM(dtype="bfloat16", **common)
-    model = llm.engine.model
-    native = (model.ops, model.prefill_fn, model.decode_fn)
+    loaded = load_model(None)
+    tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template)
+
+    def llm(model: LlamaModel) -> LLM:
+        """An engine over a model built here: the weights are loaded once for all three runs."""
+        engine_args = EngineArgs(dtype=str(model.dtype).removeprefix("torch."), max_num_batched_tokens=args.chunk,
+                                 enable_prefix_caching=False, kv_cache_memory_gb=0.5)
+        return LLM.from_engine(LLMEngine(engine_args, model=model, tokenizer=tokenizer, model_name=loaded.name))
+
+    ref = teacher_forced(llm(LlamaModel(loaded.config, loaded.weights, torch.float32)), ids)
+    native = LlamaModel(loaded.config, loaded.weights, torch.bfloat16)
     report = {"tokens": args.tokens, "chunk": args.chunk,
-              "native_prefill_kernel": model.prefill_fn is not None}
-    for name, (ops, prefill_fn) in {"bf16 native kernels": (native[0], native[1]),
-                                    "bf16 PyTorch (SDPA, eager ops)": (TorchOps(model.rotary), None)}.items():
-        model.ops, model.prefill_fn = ops, prefill_fn
-        got = teacher_forced(llm, ids)
+              "native_prefill_kernel": native.attention.prefill_kernel is not None}
+    for name, model in {"bf16 native kernels": native,
+                        "bf16 PyTorch (SDPA, eager ops)": native.with_native_kernels(False)}.items():
+        got = teacher_forced(llm(model), ids)
         agree = sum(g[0] == r[0] for g, r in zip(got, ref)) / len(ref)
         # logprob of float32's top-1 token under bf16 (when it is in bf16's top 5; else bf16's 5th logprob bounds it)
         diffs = [abs(g[2].get(r[0], min(g[2].values())) - r[1]) for g, r in zip(got, ref)]

@@ -24,11 +24,11 @@ def timeit(fn, repeats: int = 30, warmup: int = 5) -> float:
 
 
 def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, float]]:
-    from kvserve.kernels import paged_decode_attention_fn
-    from kvserve.model.layers import decode_attention_torch
-    from kvserve.worker.batch import ForwardBatch
+    from kvserve.kernels import decode_attention_kernel
+    from kvserve.model.attention import decode_attention_torch
+    from kvserve.model.batch import ForwardBatch
 
-    native = paged_decode_attention_fn()
+    native = decode_attention_kernel()
     g = torch.Generator().manual_seed(0)
     nb, bs, hkv, d, h = 2000, 16, 3, 64, 9
     rows = []
@@ -47,16 +47,16 @@ def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, f
                      timeit(lambda: decode_attention_torch(q, kc, vc, fb, 0.125), 10)))
         if native is not None:
             rows.append((f"decode attention, native in-place kernel, {name}, B={batch} ctx={ctx}",
-                         timeit(lambda: native(q, kc, vc, fb, 0.125))))
+                         timeit(lambda: native(q, kc, vc, tables, lens, 0.125))))
     return rows
 
 
 def bench_prefill_attention() -> list[tuple[str, float]]:
-    from kvserve.kernels import prefill_attention_fn
-    from kvserve.model.layers import prefill_attention
-    from kvserve.worker.batch import ForwardBatch, PrefillSeq
+    from kvserve.kernels import prefill_attention_kernel
+    from kvserve.model.attention import prefill_attention
+    from kvserve.model.batch import PrefillSeq
 
-    native = prefill_attention_fn()
+    native = prefill_attention_kernel()
     g = torch.Generator().manual_seed(0)
     nb, bs, hkv, d, h = 600, 16, 3, 64, 9
     kc = torch.randn(nb, bs, hkv, d, generator=g).to(torch.bfloat16)
@@ -68,23 +68,19 @@ def bench_prefill_attention() -> list[tuple[str, float]]:
         q = torch.randn(n, h, d, generator=g).to(torch.bfloat16)
         k = kc[blocks].view(-1, hkv, d)[ctx_start:ctx_start + n]  # this chunk's own K/V (the fresh-prompt path)
         v = vc[blocks].view(-1, hkv, d)[ctx_start:ctx_start + n]
-        fb = ForwardBatch(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
-                          torch.zeros(n, dtype=torch.long), prefills=[seq])
-        fb.prefill_token_starts, fb.prefill_num_tokens = torch.tensor([0]), torch.tensor([n])
-        fb.prefill_ctx_starts, fb.prefill_block_tables = torch.tensor([ctx_start]), blocks[None]
+        chunk = (torch.tensor([0]), torch.tensor([n]), torch.tensor([ctx_start]), blocks[None])  # one chunk
         out = torch.zeros(n, h, d, dtype=torch.bfloat16)
         label = f"prefill attention bf16, {n} tokens after {ctx_start} cached"
         rows.append((f"{label}: SDPA", timeit(lambda: prefill_attention(q, k, v, kc, vc, seq, 0.125), 10)))
         if native is not None:
-            rows.append((f"{label}: native paged kernel", timeit(lambda: native(q, kc, vc, fb, out, 0.125), 10)))
+            rows.append((f"{label}: native paged kernel", timeit(lambda: native(q, kc, vc, *chunk, out, 0.125), 10)))
     return rows
 
 
 def bench_fused_ops(tokens: int = 64) -> list[tuple[str, float]]:
     """One layer's elementwise work: input norm, RoPE + KV write, residual add + post norm, SiLU * up."""
-    from kvserve.kernels import fused_ops
-    from kvserve.model.layers import RotaryEmbedding, TorchOps
-    from kvserve.worker.batch import ForwardBatch
+    from kvserve.model.batch import ForwardBatch
+    from kvserve.model.layers import RotaryEmbedding, TorchOps, native_ops
 
     rotary = RotaryEmbedding(64, 8192, 10000.0, None, None, torch.bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -97,7 +93,7 @@ def bench_fused_ops(tokens: int = 64) -> list[tuple[str, float]]:
     pos = torch.arange(tokens) + 100
     fb = ForwardBatch(pos, pos, torch.randperm(600 * 16, generator=g)[:tokens])
     rows = []
-    for name, ops in (("eager PyTorch", TorchOps(rotary)), ("fused kernels", fused_ops(rotary))):
+    for name, ops in (("eager PyTorch", TorchOps(rotary)), ("fused kernels", native_ops(rotary))):
         if ops is None:
             continue
 

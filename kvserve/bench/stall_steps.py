@@ -10,7 +10,6 @@ import argparse
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -41,12 +40,12 @@ def step_times(budget: int) -> dict:
             "prefill_s": time.perf_counter() - started}
 
 
-def chunk_attention_ms(n: int, start: int, reps: int = 10) -> tuple[float, float]:
+def chunk_attention_ms(n: int, start: int, reps: int = 10) -> tuple[float, float, float]:
     """One layer's attention for an n-token chunk over `start` cached tokens: SDPA (kvserve's prefill path without
     the native kernels), kvserve's native decode kernel run once per query row, and the native prefill kernel."""
-    from kvserve.kernels import paged_decode_attention_fn, prefill_attention_fn
-    from kvserve.model.layers import prefill_attention
-    from kvserve.worker.batch import ForwardBatch
+    from kvserve.kernels import decode_attention_kernel, prefill_attention_kernel
+    from kvserve.model.attention import prefill_attention
+    from kvserve.model.batch import PrefillSeq
 
     heads, kv_heads, dim, bs = 9, 3, 64, 16
     ctx = start + n
@@ -56,15 +55,12 @@ def chunk_attention_ms(n: int, start: int, reps: int = 10) -> tuple[float, float
     blocks = torch.arange(nb)
     q = torch.randn(n, heads, dim, dtype=torch.bfloat16)
     k = torch.randn(n, kv_heads, dim, dtype=torch.bfloat16)
-    seq = types.SimpleNamespace(num_tokens=n, ctx_start=start, ctx_len=ctx, block_ids=blocks)
-    rows = types.SimpleNamespace(num_decodes=n, decode_block_tables=blocks.expand(n, nb).contiguous(),
-                                 decode_seq_lens=torch.arange(start + 1, ctx + 1, dtype=torch.int32))
-    decode = paged_decode_attention_fn()
-    prefill = prefill_attention_fn()
-    fb = ForwardBatch(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
-                      torch.zeros(n, dtype=torch.long), prefill_token_starts=torch.tensor([0]),
-                      prefill_num_tokens=torch.tensor([n]), prefill_ctx_starts=torch.tensor([start]),
-                      prefill_block_tables=blocks[None])
+    seq = PrefillSeq(0, n, start, blocks)
+    # each query row as its own decode: (n, nb) block tables, (n,) lengths start + 1 .. ctx
+    rows = (blocks.expand(n, nb).contiguous(), torch.arange(start + 1, ctx + 1, dtype=torch.int32))
+    chunk = (torch.tensor([0]), torch.tensor([n]), torch.tensor([start]), blocks[None])  # the n tokens as one chunk
+    decode = decode_attention_kernel()
+    prefill = prefill_attention_kernel()
     out = torch.zeros(n, heads, dim, dtype=torch.bfloat16)
 
     def timed(fn) -> float:
@@ -75,8 +71,8 @@ def chunk_attention_ms(n: int, start: int, reps: int = 10) -> tuple[float, float
         return 1e3 * (time.perf_counter() - t) / reps
 
     sdpa = timed(lambda: prefill_attention(q, k, k, kc, vc, seq, dim ** -0.5))
-    native = timed(lambda: decode(q, kc, vc, rows, dim ** -0.5)) if decode is not None else float("nan")
-    paged = timed(lambda: prefill(q, kc, vc, fb, out, dim ** -0.5)) if prefill is not None else float("nan")
+    native = timed(lambda: decode(q, kc, vc, *rows, dim ** -0.5)) if decode is not None else float("nan")
+    paged = timed(lambda: prefill(q, kc, vc, *chunk, out, dim ** -0.5)) if prefill is not None else float("nan")
     return sdpa, native, paged
 
 

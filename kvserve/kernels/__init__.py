@@ -1,4 +1,9 @@
-"""Native CPU kernels, JIT-built once with torch's cpp_extension; every caller keeps a pure-PyTorch fallback."""
+"""Native CPU kernels, JIT-built once with torch's cpp_extension.
+
+Each entry point is None where its kernel did not build, and declines (None / False) a shape or dtype it does not
+cover; choosing the PyTorch fallback is the caller's decision (kvserve.model.attention). Plain tensors in and out:
+this package knows nothing of the model or its batch types.
+"""
 
 from __future__ import annotations
 
@@ -51,49 +56,47 @@ def load(name: str):
     return module
 
 
-def paged_decode_attention_fn():
-    """decode_fn for kvserve.model.layers.paged_attention, or None."""
+def decode_attention_kernel():
+    """The paged decode attention kernel, or None where it did not build.
+
+    fn(q (B, H, D), k_cache, v_cache (NB, BS, Hkv, D), block_tables (B, MB) int64, seq_lens (B,) int32, scale)
+    returns (B, H, D), or None (nothing computed) for a head_dim or dtype the kernel does not cover."""
     mod = load("paged_attention")
     if mod is None:
         return None
-
     import torch
 
-    from kvserve.model.layers import decode_attention_torch
-
-    def decode(q, k_cache, v_cache, batch, scale):
+    def decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
         if q.shape[-1] not in KERNEL_HEAD_DIMS or q.dtype not in (torch.float32, torch.bfloat16):
-            return decode_attention_torch(q, k_cache, v_cache, batch, scale)
-        return mod.paged_decode_attention(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens,
-                                          scale)
+            return None
+        return mod.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
     return decode
 
 
-def fused_ops(rotary):
-    """NativeOps (fused norms, RoPE + KV write, SiLU) for kvserve.model.llama.LlamaModel.ops, or None."""
-    mod = load("fused_ops")
-    if mod is None:
-        return None
-    from kvserve.model.layers import NativeOps
+def prefill_attention_kernel():
+    """The paged prefill attention kernel (bfloat16, AVX512-BF16), or None where it did not build.
 
-    return NativeOps(rotary, mod)
-
-
-def prefill_attention_fn():
-    """prefill_fn for kvserve.model.layers.paged_attention (bfloat16, AVX512-BF16), or None."""
+    fn(q (T, H, D), k_cache, v_cache (NB, BS, Hkv, D), token_starts, num_tokens, ctx_starts (S,) int64,
+    block_tables (S, MB) int64, out (T, H, D), scale) attends every chunk in one call, writing its rows of out, and
+    returns True; it returns False (out untouched) for a dtype, head_dim or head layout it does not cover."""
     mod = load("prefill_attention")
     if mod is None:
         return None
     import torch
 
-    def prefill(q, k_cache, v_cache, batch, out, scale) -> bool:
+    def prefill(q, k_cache, v_cache, token_starts, num_tokens, ctx_starts, block_tables, out, scale) -> bool:
         heads, kv_heads = q.shape[1], k_cache.shape[2]
         if (q.dtype != torch.bfloat16 or not mod.supported(q.shape[-1], k_cache.shape[1])
                 or heads // kv_heads > 16 or kv_heads >= 256):  # the kernel's per-item row and head limits
             return False
-        mod.prefill_attention(q, k_cache, v_cache, batch.prefill_token_starts, batch.prefill_num_tokens,
-                              batch.prefill_ctx_starts, batch.prefill_block_tables, out, scale)
+        mod.prefill_attention(q, k_cache, v_cache, token_starts, num_tokens, ctx_starts, block_tables, out, scale)
         return True
 
     return prefill
+
+
+def fused_ops_module():
+    """The fused elementwise kernels (rms_norm, add_rms_norm_, silu_mul, rope_qkv_write_), or None where they did
+    not build. They check their own inputs and raise on what they cannot take."""
+    return load("fused_ops")

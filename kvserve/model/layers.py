@@ -1,4 +1,5 @@
-"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding, attention over the paged KV cache."""
+"""Building blocks of a Llama-family decoder: packed linear layers, RMSNorm, rotary embedding, and a layer's
+elementwise ops (eager PyTorch, or the fused native kernels)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kvserve.worker.batch import ForwardBatch
+from kvserve import kernels
+from kvserve.model.batch import ForwardBatch
 
 
 class Linear:
@@ -113,7 +115,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 class TorchOps:
     """The elementwise parts of a layer in eager PyTorch: the reference the fused native kernels
-    (kvserve.kernels.fused_ops) must match, and the fallback where they cannot be built."""
+    (kvserve/kernels/fused_ops.cpp) must match, and the fallback where they cannot be built."""
 
     def __init__(self, rotary: RotaryEmbedding):
         self.rotary = rotary
@@ -173,66 +175,7 @@ class NativeOps(TorchOps):
                                  batch.slot_mapping, num_heads, num_kv_heads)
 
 
-def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-                           scale: float) -> torch.Tensor:
-    """Single-token queries of many requests at once: gather their blocks, mask past each length."""
-    nd = batch.num_decodes
-    num_heads, d = q.shape[1:]
-    num_kv = k_cache.shape[2]
-    group = num_heads // num_kv
-    tables = batch.decode_block_tables  # (B, MB)
-    max_len = tables.shape[1] * k_cache.shape[1]
-    keys = k_cache[tables].view(nd, max_len, num_kv, d)  # (B, L, Hkv, D)
-    values = v_cache[tables].view(nd, max_len, num_kv, d)
-    qg = q.view(nd, num_kv, group, d)  # (B, Hkv, G, D)
-    scores = torch.einsum("bkgd,blkd->bkgl", qg.float(), keys.float()) * scale  # (B, Hkv, G, L)
-    pos = torch.arange(max_len)
-    mask = pos[None, :] >= batch.decode_seq_lens[:, None].long()  # (B, L)
-    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgl,blkd->bkgd", probs, values.float())  # (B, Hkv, G, D)
-    return out.reshape(nd, num_heads, d).to(q.dtype)
-
-
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, seq, scale: float) -> torch.Tensor:
-    """One request's chunk: causal within the chunk, full over the KV it already has in the cache."""
-    n = seq.num_tokens
-    num_heads, d = q.shape[1:]
-    num_kv = k_cache.shape[2]
-    if seq.ctx_start == 0:
-        keys, values, mask, causal = k, v, None, True  # (n, Hkv, D): nothing cached before this chunk
-    else:
-        ctx = seq.ctx_len
-        keys = k_cache[seq.block_ids].view(-1, num_kv, d)[:ctx]  # (ctx, Hkv, D)
-        values = v_cache[seq.block_ids].view(-1, num_kv, d)[:ctx]
-        qpos = torch.arange(seq.ctx_start, ctx)
-        mask = torch.arange(ctx)[None, :] <= qpos[:, None]  # (n, ctx) bool, True = attend
-        causal = False
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0),  # (1, H, n, D)
-        keys.transpose(0, 1).unsqueeze(0),  # (1, Hkv, ctx, D)
-        values.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=num_heads != num_kv)
-    return out.squeeze(0).transpose(0, 1).reshape(n, num_heads, d)
-
-
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch: ForwardBatch, scale: float, decode_fn=None,
-                    prefill_fn=None) -> torch.Tensor:
-    """q: (T, H, D), k/v: (T, Hkv, D), already written into their cache slots. Returns (T, H, D).
-    prefill_fn(q, k_cache, v_cache, batch, out, scale) attends every prefill chunk in one call and returns False
-    where it cannot (dtype, head_dim), leaving them to the per-chunk SDPA path."""
-    decode = decode_fn or decode_attention_torch
-    nd = batch.num_decodes
-    if not batch.prefills and nd == q.shape[0]:
-        return decode(q, k_cache, v_cache, batch, scale)
-    out = torch.zeros_like(q)  # rows of padding tokens stay zero
-    if nd:
-        out[:nd] = decode(q[:nd], k_cache, v_cache, batch, scale)
-    if batch.prefills and prefill_fn is not None and prefill_fn(q, k_cache, v_cache, batch, out, scale):
-        return out
-    for seq in batch.prefills:
-        s, e = seq.token_start, seq.token_start + seq.num_tokens
-        out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, seq, scale)
-    return out
+def native_ops(rotary: RotaryEmbedding) -> NativeOps | None:
+    """The fused ops over these rotary tables, or None where the kernels did not build."""
+    module = kernels.fused_ops_module()
+    return None if module is None else NativeOps(rotary, module)

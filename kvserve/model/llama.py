@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kvserve.config import ModelConfig
-from kvserve.model.layers import Linear, RotaryEmbedding, TorchOps, paged_attention
-from kvserve.worker.batch import ForwardBatch
+from kvserve.model.attention import AttentionBackend
+from kvserve.model.batch import ForwardBatch
+from kvserve.model.layers import Linear, RotaryEmbedding
 
 
 @dataclass
@@ -25,7 +27,9 @@ class LayerWeights:
 class LlamaModel:
     """Plain tensors, no nn.Module: the forward is a short loop the runner calls under inference_mode."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
+                 native_kernels: bool = True):
+        """`native_kernels`: attend and fuse elementwise ops with the JIT-built C++ kernels where they build."""
         self.config = config
         self.dtype = dtype
         c = config
@@ -60,9 +64,17 @@ class LlamaModel:
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
         self.scale = c.head_dim ** -0.5
-        self.decode_fn = None  # optional faster decode-attention kernel, set by the engine
-        self.prefill_fn = None  # optional native attention for all prefill chunks of a step, set by the engine
-        self.ops = TorchOps(self.rotary)  # norms, RoPE + KV write, SiLU; the engine swaps in fused kernels
+        self.attention = AttentionBackend.build(self.rotary, native_kernels)
+
+    @property
+    def uses_native_kernels(self) -> bool:
+        return self.attention.native
+
+    def with_native_kernels(self, native_kernels: bool) -> LlamaModel:
+        """The same weights under another backend, for comparing the native kernels with PyTorch."""
+        view = copy.copy(self)
+        view.attention = AttentionBackend.build(self.rotary, native_kernels)
+        return view
 
     def fingerprint_weights(self) -> dict[str, torch.Tensor]:
         """A few plain tensors that differ between checkpoints (stored KV is keyed by them)."""
@@ -80,7 +92,7 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Returns the final hidden states of the rows in batch.logits_indices: (R, hidden)."""
         c = self.config
-        ops = self.ops
+        ops = self.attention.ops
         t = batch.num_tokens
         h = F.embedding(batch.input_ids, self.embed)  # (T, hidden)
         rope = ops.rope_tables(batch.positions)
@@ -92,8 +104,7 @@ class LlamaModel:
             q = q.view(t, c.num_heads, c.head_dim)
             k = k.view(t, c.num_kv_heads, c.head_dim)
             v = v.view(t, c.num_kv_heads, c.head_dim)
-            attn = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale, self.decode_fn,
-                                   self.prefill_fn)  # (T, H, D)
+            attn = self.attention(q, k, v, k_cache, v_cache, batch, self.scale)  # (T, H, D)
             x = ops.add_rms_norm_(h, lw.o(attn.reshape(t, self.q_size)), lw.post_norm, c.rms_norm_eps)
             mlp = lw.down(ops.silu_mul(lw.gate_up(x)))  # (T, hidden)
             if i + 1 < len(self.layers):  # the residual add fused with the next layer's input norm

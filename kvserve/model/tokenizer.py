@@ -24,6 +24,7 @@ class Tokenizer:
         self.vocab_size = len(self.hf)
         self.eos_token_id = self.hf.eos_token_id
         self.all_special_ids = set(self.hf.all_special_ids)
+        self._max_token_chars: int | None = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
@@ -36,14 +37,24 @@ class Tokenizer:
         return self.hf.decode([token_id], skip_special_tokens=False)
 
     @property
+    def max_token_chars(self) -> int:
+        """Characters in the longest token: a text longer than n times this cannot fit in n tokens."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self.hf.get_vocab()), default=64)
+        return self._max_token_chars
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def render_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use a completion prompt instead")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            **kwargs)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        text = self.render_chat_template(messages, add_generation_prompt, **kwargs)
         # the template already contains any BOS/special tokens it wants
         return self.encode(text, add_special_tokens=False)
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvserve.kernels import fused_ops, load, paged_decode_attention_fn, prefill_attention_fn
-from kvserve.model.layers import Linear, RotaryEmbedding, TorchOps, decode_attention_torch
-from kvserve.worker.batch import ForwardBatch, PrefillSeq
+from kvserve.kernels import decode_attention_kernel, load, prefill_attention_kernel
+from kvserve.model.attention import AttentionBackend, decode_attention_torch
+from kvserve.model.batch import ForwardBatch, PrefillSeq
+from kvserve.model.layers import Linear, RotaryEmbedding, TorchOps, native_ops
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -14,7 +15,7 @@ from kvserve.worker.batch import ForwardBatch, PrefillSeq
 @pytest.mark.parametrize("b", [3, 14])  # one KV head per work item (few sequences), all heads per item (many)
 def test_native_decode_attention_matches_reference(dtype, tol, head_dim, heads, kv_heads, b):
     assert load("paged_attention") is not None, "the C++ kernel should build on this machine (g++ + ninja)"
-    fn = paged_decode_attention_fn()
+    fn = decode_attention_kernel()
     g = torch.Generator().manual_seed(0)
     nb, bs = 200, 16
     kc = torch.randn(nb, bs, kv_heads, head_dim, generator=g).to(dtype)
@@ -26,7 +27,7 @@ def test_native_decode_attention_matches_reference(dtype, tol, head_dim, heads, 
     batch = ForwardBatch(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long),
                          torch.zeros(b, dtype=torch.long), num_decodes=b, decode_block_tables=tables,
                          decode_seq_lens=lens)
-    ours = fn(q, kc, vc, batch, head_dim ** -0.5).float()
+    ours = fn(q, kc, vc, tables, lens, head_dim ** -0.5).float()
     ref = decode_attention_torch(q, kc, vc, batch, head_dim ** -0.5).float()
     assert (ours - ref).abs().max().item() < tol
 
@@ -44,7 +45,7 @@ def test_packed_bf16_linear_is_bit_identical():
 def op_pair(request):
     dtype = request.param
     rotary = RotaryEmbedding(64, 4096, 10000.0, None, None, dtype)
-    native = fused_ops(rotary)
+    native = native_ops(rotary)
     assert native is not None, "the fused C++ kernels should build on this machine (g++ + ninja)"
     return dtype, TorchOps(rotary), native
 
@@ -107,7 +108,7 @@ def test_fused_rope_rejects_bad_slots_and_positions(op_pair):
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 4, 2)])
 def test_native_prefill_attention_matches_sdpa(head_dim, heads, kv_heads):
     """Fresh prompts and chunks over a cached prefix, all in one call, against SDPA on the gathered float32 KV."""
-    fn = prefill_attention_fn()
+    fn = prefill_attention_kernel()
     assert fn is not None, "the C++ kernel should build on this machine (g++ + ninja)"
     g = torch.Generator().manual_seed(3)
     nb, bs = 300, 16
@@ -122,16 +123,13 @@ def test_native_prefill_attention_matches_sdpa(head_dim, heads, kv_heads):
         nblk = -(-(c + n) // bs)
         seqs.append(PrefillSeq(row, n, c, perm[used:used + nblk]))
         used, row = used + nblk, row + n
-    batch = ForwardBatch(torch.zeros(t, dtype=torch.long), torch.zeros(t, dtype=torch.long),
-                         torch.zeros(t, dtype=torch.long), prefills=seqs)
-    batch.prefill_token_starts = torch.tensor([s.token_start for s in seqs])
-    batch.prefill_num_tokens = torch.tensor([s.num_tokens for s in seqs])
-    batch.prefill_ctx_starts = torch.tensor([s.ctx_start for s in seqs])
-    batch.prefill_block_tables = torch.zeros(len(seqs), max(s.block_ids.numel() for s in seqs), dtype=torch.long)
+    chunks_at = [torch.tensor([s.token_start for s in seqs]), torch.tensor([s.num_tokens for s in seqs]),
+                 torch.tensor([s.ctx_start for s in seqs])]  # (S,) each
+    tables = torch.zeros(len(seqs), max(s.block_ids.numel() for s in seqs), dtype=torch.long)  # (S, MB)
     for i, s in enumerate(seqs):
-        batch.prefill_block_tables[i, :s.block_ids.numel()] = s.block_ids
+        tables[i, :s.block_ids.numel()] = s.block_ids
     out = torch.zeros(t, heads, head_dim, dtype=torch.bfloat16)
-    assert fn(q, kc, vc, batch, out, head_dim ** -0.5)
+    assert fn(q, kc, vc, *chunks_at, tables, out, head_dim ** -0.5)
     for s in seqs:
         ctx = s.ctx_start + s.num_tokens
         k = kc[s.block_ids].reshape(-1, kv_heads, head_dim)[:ctx].float()
@@ -143,22 +141,53 @@ def test_native_prefill_attention_matches_sdpa(head_dim, heads, kv_heads):
         got = out[s.token_start:s.token_start + s.num_tokens].float()
         assert (got - ref).abs().max().item() < 2e-2, (s.ctx_start, s.num_tokens)
     assert out[row:].abs().sum() == 0, "rows outside the chunks are not written"
-    bad = batch.prefill_block_tables.clone()
-    bad[0, 0] = nb
-    batch.prefill_block_tables = bad
+    tables[0, 0] = nb
     with pytest.raises(RuntimeError, match="block id out of range"):
-        fn(q, kc, vc, batch, out, head_dim ** -0.5)
+        fn(q, kc, vc, *chunks_at, tables, out, head_dim ** -0.5)
 
 
 def test_native_prefill_attention_declines_what_it_does_not_cover():
     """float32 (the parity path) and layouts outside the kernel go to SDPA: the function says no, writes nothing."""
-    fn = prefill_attention_fn()
-    batch = ForwardBatch(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long),
-                         torch.zeros(4, dtype=torch.long))
+    fn = prefill_attention_kernel()
+    one_chunk = (torch.tensor([0]), torch.tensor([4]), torch.tensor([0]), torch.tensor([[0]]))
     for dtype, heads, kv_heads, d in ((torch.float32, 9, 3, 64), (torch.bfloat16, 32, 1, 64),
                                       (torch.bfloat16, 4, 2, 80)):
         q = torch.ones(4, heads, d, dtype=dtype)
         cache = torch.ones(4, 16, kv_heads, d, dtype=dtype)
         out = torch.zeros_like(q)
-        assert fn(q, cache, cache, batch, out, 0.125) is False
+        assert fn(q, cache, cache, *one_chunk, out, 0.125) is False
         assert out.abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype,head_dim,tol", [(torch.float32, 48, 0.0), (torch.bfloat16, 64, 2e-2)])
+def test_backend_matches_pytorch_on_a_mixed_step(dtype, head_dim, tol):
+    """Decodes and prefill chunks of one step through the native backend and the PyTorch one. Both attention
+    kernels decline float32 at head_dim 48, so there the backend must answer exactly as PyTorch does."""
+    heads, kv_heads, nb, bs = 6, 2, 64, 16
+    g = torch.Generator().manual_seed(4)
+    kc = torch.randn(nb, bs, kv_heads, head_dim, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(nb, generator=g)
+    seqs = [PrefillSeq(2, 20, 0, perm[6:8]), PrefillSeq(22, 7, 30, perm[8:11])]  # a fresh prompt, a later chunk
+    t = 2 + 20 + 7 + 1  # 2 decodes, the chunks, 1 padding row
+    q = torch.randn(t, heads, head_dim, generator=g).to(dtype)
+    k = torch.zeros(t, kv_heads, head_dim, dtype=dtype)
+    v = torch.zeros(t, kv_heads, head_dim, dtype=dtype)
+    for s in seqs:  # the chunks' own K/V, as the model has just written them into their slots
+        rows, ctx = slice(s.token_start, s.token_start + s.num_tokens), slice(s.ctx_start, s.ctx_len)
+        k[rows] = kc[s.block_ids].view(-1, kv_heads, head_dim)[ctx]
+        v[rows] = vc[s.block_ids].view(-1, kv_heads, head_dim)[ctx]
+    zeros = torch.zeros(t, dtype=torch.long)
+    batch = ForwardBatch(zeros, zeros, zeros, num_decodes=2, decode_block_tables=perm[:6].view(2, 3),
+                         decode_seq_lens=torch.tensor([9, 40], dtype=torch.int32), prefills=seqs,
+                         prefill_token_starts=torch.tensor([2, 22]), prefill_num_tokens=torch.tensor([20, 7]),
+                         prefill_ctx_starts=torch.tensor([0, 30]),
+                         prefill_block_tables=torch.stack([torch.cat([perm[6:8], torch.zeros(1, dtype=torch.long)]),
+                                                           perm[8:11]]))  # padded with block 0
+    rotary = RotaryEmbedding(head_dim, 64, 10000.0, None, None, dtype)
+    native = AttentionBackend.build(rotary)
+    assert native.decode_kernel is not None and native.prefill_kernel is not None
+    ours = native(q, k, v, kc, vc, batch, head_dim ** -0.5)
+    ref = AttentionBackend.build(rotary, native_kernels=False)(q, k, v, kc, vc, batch, head_dim ** -0.5)
+    assert (ours.float() - ref.float()).abs().max().item() <= tol
+    assert ours[-1].abs().sum() == 0, "the padding row stays zero"

@@ -1,4 +1,5 @@
-"""ForwardBatch: everything one forward pass needs, as flat tensors. Built by the model runner, read by the model."""
+"""ForwardBatch: everything one forward pass needs, as flat tensors. Built by the model runner, read by the model
+and its attention backend."""
 
 from __future__ import annotations
 

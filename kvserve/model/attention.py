@@ -1,0 +1,118 @@
+"""Attention over the paged KV cache, and the backend a model runs it and its elementwise ops with.
+
+The backend is chosen once, when the model is built: the native kernels where they built, PyTorch otherwise. A kernel
+that declines a call (a dtype or head layout it does not cover) falls back to PyTorch for that call only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kvserve import kernels
+from kvserve.model.batch import ForwardBatch, PrefillSeq
+from kvserve.model.layers import NativeOps, RotaryEmbedding, TorchOps, native_ops
+
+
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                           scale: float) -> torch.Tensor:
+    """Single-token queries of many requests at once: gather their blocks, mask past each length."""
+    nd = batch.num_decodes
+    num_heads, d = q.shape[1:]
+    num_kv = k_cache.shape[2]
+    group = num_heads // num_kv
+    tables = batch.decode_block_tables  # (B, MB)
+    max_len = tables.shape[1] * k_cache.shape[1]
+    keys = k_cache[tables].view(nd, max_len, num_kv, d)  # (B, L, Hkv, D)
+    values = v_cache[tables].view(nd, max_len, num_kv, d)
+    qg = q.view(nd, num_kv, group, d)  # (B, Hkv, G, D)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg.float(), keys.float()) * scale  # (B, Hkv, G, L)
+    pos = torch.arange(max_len)
+    mask = pos[None, :] >= batch.decode_seq_lens[:, None].long()  # (B, L)
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgl,blkd->bkgd", probs, values.float())  # (B, Hkv, G, D)
+    return out.reshape(nd, num_heads, d).to(q.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, seq: PrefillSeq, scale: float) -> torch.Tensor:
+    """One request's chunk: causal within the chunk, full over the KV it already has in the cache."""
+    n = seq.num_tokens
+    num_heads, d = q.shape[1:]
+    num_kv = k_cache.shape[2]
+    if seq.ctx_start == 0:
+        keys, values, mask, causal = k, v, None, True  # (n, Hkv, D): nothing cached before this chunk
+    else:
+        ctx = seq.ctx_len
+        keys = k_cache[seq.block_ids].view(-1, num_kv, d)[:ctx]  # (ctx, Hkv, D)
+        values = v_cache[seq.block_ids].view(-1, num_kv, d)[:ctx]
+        qpos = torch.arange(seq.ctx_start, ctx)
+        mask = torch.arange(ctx)[None, :] <= qpos[:, None]  # (n, ctx) bool, True = attend
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # (1, H, n, D)
+        keys.transpose(0, 1).unsqueeze(0),  # (1, Hkv, ctx, D)
+        values.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=num_heads != num_kv)
+    return out.squeeze(0).transpose(0, 1).reshape(n, num_heads, d)
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """How a model attends over the paged KV cache and runs a layer's elementwise ops."""
+
+    ops: TorchOps  # norms, RoPE + KV write, SiLU: NativeOps where the fused kernels built
+    decode_kernel: Callable | None = None  # kvserve.kernels.decode_attention_kernel(); None: PyTorch
+    prefill_kernel: Callable | None = None  # kvserve.kernels.prefill_attention_kernel(); None: SDPA per chunk
+
+    @classmethod
+    def build(cls, rotary: RotaryEmbedding, native_kernels: bool = True) -> AttentionBackend:
+        """Each native kernel where it builds, PyTorch for the rest; only PyTorch when native_kernels is False."""
+        if not native_kernels:
+            return cls(TorchOps(rotary))
+        return cls(native_ops(rotary) or TorchOps(rotary), kernels.decode_attention_kernel(),
+                   kernels.prefill_attention_kernel())
+
+    @property
+    def native(self) -> bool:
+        """Whether any native kernel runs (the attention kernels may still decline some calls)."""
+        return (self.decode_kernel is not None or self.prefill_kernel is not None
+                or isinstance(self.ops, NativeOps))
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+               scale: float) -> torch.Tensor:
+        """q: (B, H, D), one query per decode row. Returns (B, H, D)."""
+        if self.decode_kernel is not None:
+            out = self.decode_kernel(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale)
+            if out is not None:
+                return out
+        return decode_attention_torch(q, k_cache, v_cache, batch, scale)
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, batch: ForwardBatch, out: torch.Tensor, scale: float) -> None:
+        """Writes the rows of every prefill chunk into out (T, H, D): in one kernel call, else chunk by chunk."""
+        if self.prefill_kernel is not None and self.prefill_kernel(
+                q, k_cache, v_cache, batch.prefill_token_starts, batch.prefill_num_tokens, batch.prefill_ctx_starts,
+                batch.prefill_block_tables, out, scale):
+            return
+        for seq in batch.prefills:
+            s, e = seq.token_start, seq.token_start + seq.num_tokens
+            out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, seq, scale)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:
+        """q: (T, H, D), k/v: (T, Hkv, D), already written into their cache slots. Returns (T, H, D): the decode
+        rows first, then the prefill chunks."""
+        nd = batch.num_decodes
+        if not batch.prefills and nd == q.shape[0]:
+            return self.decode(q, k_cache, v_cache, batch, scale)
+        out = torch.zeros_like(q)  # rows of padding tokens stay zero
+        if nd:
+            out[:nd] = self.decode(q[:nd], k_cache, v_cache, batch, scale)
+        if batch.prefills:
+            self.prefill(q, k, v, k_cache, v_cache, batch, out, scale)
+        return out
