@@ -10,6 +10,8 @@ import time
 
 import uvicorn
 
+from kvserve.config import ConfigError
+
 log = logging.getLogger("kvserve.cli")
 
 
@@ -27,6 +29,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-store-load", choices=("auto", "always"), default="auto",
                         help="auto: load a stored chunk only when its measured load time beats recomputing it; "
                              "always: load every stored chunk")
+    parser.add_argument("--kv-store-key-file", default=None, metavar="PATH",
+                        help="authenticate stored KV entries (HMAC) with the key on this file's first line, and "
+                             "reject entries without it; none: $KVSERVE_KV_STORE_KEY if set")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger request bodies get 413")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="after SIGTERM, streams still running this long end with an error event")
+    serve.add_argument("--stream-write-timeout", type=float, default=30.0,
+                       help="a streaming client that reads nothing for this long is cut off (slot and KV freed)")
+    serve.add_argument("--enable-prompt-tokens-details", action="store_true",
+                       help="report usage.prompt_tokens_details.cached_tokens to every client (it tells a client "
+                            "whether others sent the same prefix); without it, only requests with a cache_salt get it")
+    serve.add_argument("--require-cache-salt", action="store_true",
+                       help="refuse generation requests without a cache_salt (per-tenant prefix caches)")
+    serve.add_argument("--max-connections", type=int, default=1024,
+                       help="open HTTP connections beyond this get 503 (uvicorn limit_concurrency)")
+    serve.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                       help="seconds an idle keep-alive connection is kept open")
+    serve.add_argument("--timeout-request-headers", type=float, default=10.0,
+                       help="a connection whose request headers are not complete this long after it opened (or "
+                            "after its previous response) is closed (slowloris)")
+    serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                       help="run the engine core in its own process (off: in a thread of the API server)")
+    serve.add_argument("--max-engine-restarts", type=int, default=3,
+                       help="times a dead engine-core process is started again before the server reports it dead")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
     serve.set_defaults(func=serve_command)
@@ -86,6 +109,7 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def _server_config(args: argparse.Namespace):
+    """Every HTTP-side flag, validated at once (ConfigError) before the model loads."""
     from kvserve.server.config import ServerConfig, read_api_key_file
 
     api_key = args.api_key
@@ -96,21 +120,29 @@ def _server_config(args: argparse.Namespace):
     return ServerConfig(host=args.host, port=args.port, api_key=api_key, served_model_name=args.served_model_name,
                         max_queued_requests=args.max_queued_requests,
                         request_timeout=args.request_timeout if args.request_timeout > 0 else None,
-                        max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+                        max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                        write_timeout=args.stream_write_timeout,
+                        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+                        require_cache_salt=args.require_cache_salt, max_connections=args.max_connections,
+                        keep_alive_timeout=args.timeout_keep_alive, header_timeout=args.timeout_request_headers)
 
 
 def _engine_args(args: argparse.Namespace, **extra):
     from kvserve.engine.llm_engine import EngineArgs
+    from kvserve.kvstore.config import read_key
 
     return EngineArgs(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
                       max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
-                      kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load, **extra)
+                      kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
+                      kv_store_key=read_key(args.kv_store_key_file), **extra)
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from kvserve.engine.async_engine import AsyncLLMEngine
-    from kvserve.engine.llm_engine import LLMEngine
-    from kvserve.server.api import build_app
+    from kvserve.engine.async_llm import AsyncLLM, InprocCoreClient
+    from kvserve.engine.core import EngineCore
+    from kvserve.engine.core_proc import MPCoreClient
+    from kvserve.server.app import build_app
+    from kvserve.server.http import protocol_with_header_timeout
 
     config = _server_config(args)  # validate every flag before spending seconds on the model
     engine_args = _engine_args(args, max_num_seqs=args.max_num_seqs,
@@ -123,16 +155,21 @@ def serve_command(args: argparse.Namespace) -> int:
 
         # a bad spec fails before the model loads
         parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size, load_policy=args.kv_store_load)
+    if args.max_engine_restarts < 0:
+        raise ConfigError("--max-engine-restarts must be >= 0")
     if not config.is_loopback and config.api_key is None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", config.host)
-    started = time.monotonic()
-    engine = LLMEngine(engine_args)
-    log.info("loaded %s (%s, %d KV blocks) in %.1fs", engine.model_name, args.dtype,
-             engine.kv_manager.pool.num_blocks, time.monotonic() - started)
-    app = build_app(AsyncLLMEngine(engine), config)
+    if args.engine_process:
+        client = MPCoreClient(engine_args, max_restarts=args.max_engine_restarts, log_level=args.log_level)
+    else:
+        client = InprocCoreClient(lambda: EngineCore(engine_args))
+    app = build_app(AsyncLLM(client), config)
     state = app.state.kvserve
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                                access_log=args.access_log, lifespan="on",
+                               http=protocol_with_header_timeout(config.header_timeout),
+                               limit_concurrency=config.max_connections,
+                               timeout_keep_alive=config.keep_alive_timeout,
                                timeout_graceful_shutdown=int(config.shutdown_timeout) + 5)
     DrainingServer(uv_config, state.request_drain).run()
     return 0
@@ -153,11 +190,13 @@ class DrainingServer(uvicorn.Server):
 
 def generate_command(args: argparse.Namespace) -> int:
     from kvserve.engine.llm_engine import LLM
+    from kvserve.kvstore.config import read_key
     from kvserve.sampling import SamplingParams
 
     llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
               max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
-              kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load)
+              kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
+              kv_store_key=read_key(args.kv_store_key_file))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     started = time.monotonic()
@@ -176,7 +215,6 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvserve.config import ConfigError
     from kvserve.sampling import ParamError
 
     argv = sys.argv[1:] if argv is None else list(argv)

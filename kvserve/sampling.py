@@ -10,11 +10,12 @@ MAX_LOGPROBS = 20
 
 
 class ParamError(ValueError):
-    """A request parameter is invalid; `param` names it (used for OpenAI-style 400 bodies)."""
+    """A request parameter is invalid; `param` names it and `code` classifies it (OpenAI-style 400 bodies)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)

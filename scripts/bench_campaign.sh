@@ -3,6 +3,8 @@
 # llama-server (one server at a time, same bf16 weights), kvserve's ablations (prefix caching off, chunked prefill
 # off), and two kvserve instances sharing KV through Redis on the multi-turn workload.
 #   scripts/bench_campaign.sh [OUT_DIR] [ENGINES]     e.g. scripts/bench_campaign.sh results "kvserve vllm llamacpp"
+#   engines: kvserve kvserve-inproc (engine core in a thread) kvserve-offline (LLM.generate on the same requests)
+#            kvserve-nopc kvserve-nochunk vllm llamacpp redis-pair; WORKLOADS="sharegpt-like ..." limits the workloads
 #   PAIR_LABEL=-doc PAIR_ARGS="-W system_len=2048 --num-requests 40 --request-rate 0.1" \
 #       scripts/bench_campaign.sh results redis-pair      (the two-instance run on long-document conversations)
 set -uo pipefail
@@ -44,17 +46,27 @@ stop() {
   sleep 2
 }
 
+WORKLOADS=${WORKLOADS:-"sharegpt-like shared-prefix multi-turn rag stall"}  # e.g. WORKLOADS="sharegpt-like"
+
 all_workloads() {  # label port
-  bench "$1" "$2" sharegpt-like --num-requests 100 --request-rate inf
-  bench "$1" "$2" shared-prefix --num-requests 100 --request-rate 1
-  bench "$1" "$2" multi-turn --num-requests 60 --request-rate 0.5
-  bench "$1" "$2" rag --num-requests 50 --request-rate 0.5
-  bench "$1" "$2" stall
+  for w in $WORKLOADS; do
+    case $w in
+      sharegpt-like) bench "$1" "$2" sharegpt-like --num-requests 100 --request-rate inf ;;
+      shared-prefix) bench "$1" "$2" shared-prefix --num-requests 100 --request-rate 1 ;;
+      multi-turn) bench "$1" "$2" multi-turn --num-requests 60 --request-rate 0.5 ;;
+      rag) bench "$1" "$2" rag --num-requests 50 --request-rate 0.5 ;;
+      stall) bench "$1" "$2" stall ;;
+    esac
+  done
 }
 
 for e in $ENGINES; do
   case $e in
     kvserve) start kvserve kvserve 8000 && { all_workloads kvserve 8000; stop; } ;;
+    kvserve-inproc) start kvserve-inproc kvserve 8000 -- --no-engine-process && {
+        bench kvserve-inproc 8000 sharegpt-like --num-requests 100 --request-rate inf; stop; } ;;
+    kvserve-offline) $PY -m kvserve.bench.offline_workload --workload sharegpt-like --num-requests 100 \
+        --out "$OUT/kvserve-offline-sharegpt-like.json" >"$OUT/kvserve-offline.log" 2>&1 ;;
     kvserve-nopc) start kvserve-nopc kvserve 8000 --no-prefix-caching && {
         bench kvserve-nopc 8000 shared-prefix --num-requests 100 --request-rate 1
         bench kvserve-nopc 8000 multi-turn --num-requests 60 --request-rate 0.5; stop; } ;;

@@ -40,6 +40,23 @@ def make_engine(fp32_parts):
 
 
 @pytest.fixture(scope="session")
+def make_async_llm(fp32_parts):
+    """AsyncLLM over an in-process (thread) engine core sharing the session's weights; call `await llm.start()`."""
+    from kvserve.engine.async_llm import AsyncLLM, InprocCoreClient
+    from kvserve.engine.core import EngineArgs, EngineCore
+
+    model, tok, name = fp32_parts
+
+    def build(**kw):
+        kw.setdefault("dtype", "float32")
+        kw.setdefault("kv_cache_memory_gb", 0.25)
+        return AsyncLLM(InprocCoreClient(lambda: EngineCore(EngineArgs(**kw), model=model, tokenizer=tok,
+                                                            model_name=name)), tokenizer=tok)
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def hf_model():
     import torch
     from transformers import AutoModelForCausalLM

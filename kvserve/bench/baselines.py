@@ -212,7 +212,8 @@ def vllm_command(args) -> tuple[list[str], dict]:
 def kvserve_command(args) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(args.port),
            "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--num-threads", str(args.threads),
-           "--kv-cache-memory-gb", str(args.kv_gb), "--max-num-seqs", str(args.max_num_seqs), "--no-access-log"]
+           "--kv-cache-memory-gb", str(args.kv_gb), "--max-num-seqs", str(args.max_num_seqs), "--no-access-log",
+           "--enable-prompt-tokens-details"]  # cached-token counts in usage, as vLLM is started with
     if args.no_prefix_caching:
         cmd.append("--no-enable-prefix-caching")
     return cmd + args.extra, {"OMP_NUM_THREADS": str(args.threads), "KVSERVE_NO_TQDM": "1"}

@@ -57,14 +57,14 @@ def _ttft(engine: LLMEngine, ids: list[int]) -> tuple[float, int]:
 
 def _stored_chunks(engine: LLMEngine, ids: list[int], chunk: int) -> list[tuple[bytes, torch.Tensor]]:
     """(hash, KV) of every full chunk of `ids`, read from the blocks the last run left cached in the pool."""
-    bs = engine.kv_cache.block_size
+    bs = engine.core.kv_cache.block_size
     probe = Request("probe", ids, GREEDY1, bs)
-    blocks = engine.kv_manager.match_prefix(probe).blocks
+    blocks = engine.core.kv_manager.match_prefix(probe).blocks
     per = chunk // bs
     out = []
     for k in range(len(blocks) // per):
         ids_k = [b.block_id for b in blocks[k * per:(k + 1) * per]]
-        out.append((probe.block_hashes[(k + 1) * per - 1], engine.kv_cache.read_blocks(ids_k)))
+        out.append((probe.block_hashes[(k + 1) * per - 1], engine.core.kv_cache.read_blocks(ids_k)))
     return out
 
 
@@ -89,12 +89,12 @@ def bench_ttft(base: LLMEngine, text_ids: list[int], lengths: list[int], tiers: 
                         "redis": f"{redis_url}?codec={codec}&cap=8GB&timeout=5" if redis_url else None}[tier]
                 if spec is None:
                     continue
-                engine = LLMEngine(EngineArgs(kv_store=spec, max_num_batched_tokens=base.args.max_num_batched_tokens,
-                                              kv_cache_memory_gb=0.5),
-                                   model=base.model, tokenizer=base.tokenizer, model_name=base.model_name)
-                engine.kv_store.observe_prefill(length, rec)  # this run's measured prefill speed
-                engine.kv_store.save(chunks)
-                engine.kv_store.flush(600)
+                engine = LLMEngine(EngineArgs(kv_store=spec, kv_cache_memory_gb=0.5,
+                                              max_num_batched_tokens=base.core.args.max_num_batched_tokens),
+                                   model=base.core.model, tokenizer=base.tokenizer, model_name=base.info.model_name)
+                engine.core.kv_store.observe_prefill(length, rec)  # this run's measured prefill speed
+                engine.core.kv_store.save(chunks)
+                engine.core.kv_store.flush(600)
                 loads, cached = [], 0
                 for _ in range(repeats + 1):  # the first load warms the shapes of the tail
                     engine.reset_prefix_cache()
@@ -129,26 +129,26 @@ def bench_sizes(base: LLMEngine, text_ids: list[int], codec_names: list[str]) ->
 def _run_chunk(engine: LLMEngine, req: Request, start: int, n: int, block_ids: list[int],
                want_logits: bool) -> torch.Tensor | None:
     sr = ScheduledRequest(req, start, n, block_ids, sample=False, prompt_logprobs=want_logits)
-    batch, _, (_, prompt_rows) = engine.runner.build_batch([sr])
-    hidden = engine.model.forward(batch, engine.kv_cache.layers)
+    batch, _, (_, prompt_rows) = engine.core.runner.build_batch([sr])
+    hidden = engine.core.model.forward(batch, engine.core.kv_cache.layers)
     if not want_logits:
         return None
     first, count, _ = prompt_rows[req.request_id]
-    return engine.model.compute_logits(hidden)[first:first + count].float()
+    return engine.core.model.compute_logits(hidden)[first:first + count].float()
 
 
 def _context_kv(engine: LLMEngine, ids: list[int], context: int) -> torch.Tensor:
-    bs = engine.kv_cache.block_size
+    bs = engine.core.kv_cache.block_size
     block_ids = list(range(-(-len(ids) // bs)))
     req = Request("q", ids + [0], SamplingParams(), bs)
     for s in range(0, context, 512):
         _run_chunk(engine, req, s, min(512, context - s), block_ids, False)
-    return engine.kv_cache.read_blocks(block_ids[: context // bs])
+    return engine.core.kv_cache.read_blocks(block_ids[: context // bs])
 
 
 def bench_quality(base: LLMEngine, text_ids: list[int], codec_names: list[str], num_prompts: int, context: int,
                   new_tokens: int) -> list[dict]:
-    bs = base.kv_cache.block_size
+    bs = base.core.kv_cache.block_size
     per_codec = {c: {"agree": 0, "total": 0, "kl": []} for c in codec_names}
     for p in range(num_prompts):
         ctx = _prompt(text_ids, context, 300 + p)
@@ -164,13 +164,13 @@ def bench_quality(base: LLMEngine, text_ids: list[int], codec_names: list[str], 
         ref_lp = torch.log_softmax(ref, -1)
         for codec in codec_names:
             kv = codecs.decode(codecs.encode(exact_kv, codec), codec, tuple(exact_kv.shape), exact_kv.dtype)
-            base.kv_cache.write_blocks(ctx_blocks, kv)
+            base.core.kv_cache.write_blocks(ctx_blocks, kv)
             got = torch.log_softmax(_run_chunk(base, req, context, len(cont), block_ids, True), -1)
             st = per_codec[codec]
             st["agree"] += int((got.argmax(-1) == ref_lp.argmax(-1)).sum())
             st["total"] += got.shape[0]
             st["kl"].extend((ref_lp.exp() * (ref_lp - got)).sum(-1).tolist())
-        base.kv_cache.write_blocks(ctx_blocks, exact_kv)
+        base.core.kv_cache.write_blocks(ctx_blocks, exact_kv)
     return [{"codec": c, "greedy_agreement": st["agree"] / st["total"], "mean_kl": statistics.fmean(st["kl"]),
              "max_kl": max(st["kl"]), "positions": st["total"]} for c, st in per_codec.items()]
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     text_ids = text_token_ids()
     base = LLMEngine(EngineArgs(dtype=args.dtype, max_num_batched_tokens=512, kv_cache_memory_gb=2.0))
     report = {"machine": {"threads": args.threads, "torch": torch.__version__}, "dtype": args.dtype,
-              "model": base.model_name, "chunk_size": 256}
+              "model": base.info.model_name, "chunk_size": 256}
     workdir = args.workdir or tempfile.mkdtemp(prefix="kvserve-kvbench-")
     redis = None
     try:

@@ -148,19 +148,19 @@ class KvserveEngine:
                                                                      "kv_cache_memory_gb", "block_size",
                                                                      "enable_prefix_caching", "pad_shapes",
                                                                      "native_kernels")},
-                     "native_decode_kernel": e.model.decode_fn is not None,
-                     "weight_bytes": e.model.weight_bytes(), "torch_threads": torch.get_num_threads()}
+                     "native_decode_kernel": e.core.model.attention.decode_kernel is not None,
+                     "weight_bytes": e.core.model.weight_bytes(), "torch_threads": torch.get_num_threads()}
 
     def generate(self, reqs: list[list]) -> dict:
         prompts = [{"prompt_token_ids": ids} for ids, _ in reqs]
         params = [self.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in reqs]
-        pre = self.llm.engine.stats().get("num_preemptions", 0)
+        pre = self.llm.engine.stats().num_preemptions
         t0 = time.perf_counter()
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t0
         return {"elapsed_s": dt, "outputs": [list(o.outputs[0].token_ids) for o in outs],
                 "cached_prompt_tokens": sum(o.num_cached_tokens or 0 for o in outs),
-                "preemptions": self.llm.engine.stats().get("num_preemptions", 0) - pre}
+                "preemptions": self.llm.engine.stats().num_preemptions - pre}
 
 
 class HFEngine:
@@ -375,9 +375,9 @@ def run_roofline(opts: dict) -> dict:
     del a, b
     from kvserve import LLM
     llm = LLM(dtype="bfloat16", kv_cache_memory_gb=0.05)
-    wb = llm.engine.model.weight_bytes()
+    wb = llm.engine.core.model.weight_bytes()
     params = wb / 2  # bf16
-    c = llm.engine.model_config
+    c = llm.engine.core.model.config
     return {"copy_gb_s": copy_gbs, "clone_gb_s": clone_gbs, "copy_mib": opts["roofline_copy_mib"],
             "bf16_matmul_gflop_s": peak_gflops, "fp32_matmul_gflop_s": fp32_gflops, "matmul_n": n,
             "weight_bytes": wb,

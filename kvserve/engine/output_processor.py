@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvserve.core.outputs import RequestUpdate, TokenLogprobs
+from kvserve.engine.protocol import sequence_ids
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from kvserve.sampling import SamplingParams
@@ -56,9 +57,9 @@ class OutputProcessor:
         self.seq_to_group: dict[str, tuple[GroupState, SeqState]] = {}
 
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-            seq_ids: list[str], arrival_time: float) -> None:
+            arrival_time: float) -> None:
         seqs = []
-        for i, sid in enumerate(seq_ids):
+        for i, sid in enumerate(sequence_ids(request_id, params.n)):
             st = SeqState(i, sid, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
                           params, logprobs=[] if params.logprobs is not None else None,
                           cumulative_logprob=0.0 if params.logprobs is not None else None)
@@ -80,11 +81,16 @@ class OutputProcessor:
                 d[t] = Logprob(v, i + 1, piece(t))
         return d
 
-    def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
+    def process(self, updates: list[RequestUpdate], first_scheduled: dict[str, float] | None = None) \
+            -> tuple[list[RequestOutput], list[str]]:
         """Returns the outputs of touched requests and the sequence ids a stop string ended (to free in the core)."""
         now = time.monotonic()
         touched: dict[str, GroupState] = {}
         stopped: list[str] = []
+        for sid, at in (first_scheduled or {}).items():
+            entry = self.seq_to_group.get(sid)
+            if entry is not None and entry[0].metrics.first_scheduled_time is None:
+                entry[0].metrics.first_scheduled_time = at
         for u in updates:
             entry = self.seq_to_group.get(u.request_id)
             if entry is None:

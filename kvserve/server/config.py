@@ -27,6 +27,13 @@ class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     shutdown_timeout: float = 30.0  # after SIGTERM, streams still running this long end with an error event
     retry_after_s: int = 1  # Retry-After header on 429
+    # a streaming client that takes no bytes for this long (socket buffers full) is cut off, its slot and KV freed
+    write_timeout: float = 30.0
+    enable_prompt_tokens_details: bool = False  # report cached prompt tokens to every client (a cross-tenant oracle)
+    require_cache_salt: bool = False  # refuse generation requests without a cache_salt
+    max_connections: int | None = 1024  # uvicorn limit_concurrency: more open connections get 503
+    keep_alive_timeout: float = 5.0  # idle keep-alive connections are closed after this many seconds
+    header_timeout: float = 10.0  # request headers must be complete this long after a connection (re)starts
 
     def __post_init__(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
@@ -46,6 +53,13 @@ class ServerConfig:
         _require(math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0,
                  "shutdown timeout must be a non-negative number of seconds")
         _require(isinstance(self.retry_after_s, int) and self.retry_after_s >= 1, "retry-after must be >= 1 second")
+        _require(math.isfinite(self.write_timeout) and self.write_timeout > 0,
+                 "stream write timeout must be a positive number of seconds")
+        _require(self.max_connections is None or (isinstance(self.max_connections, int) and self.max_connections >= 1),
+                 "max connections must be a positive integer")
+        for name in ("keep_alive_timeout", "header_timeout"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, f"{name.replace('_', ' ')} must be a positive number of seconds")
 
     @property
     def is_loopback(self) -> bool:

@@ -2,20 +2,21 @@
 
 Request-level observations (TTFT, inter-token gaps, e2e, queue wait, token counters, finish reasons) are made on the
 event loop from the RequestOutputs each request already receives. Engine-level state (running/waiting, KV blocks,
-prefix-cache hits and misses by cause, preemptions) is read from `LLMEngine.stats()` in the engine thread at scrape
-time, so an idle server reports its true idle values instead of whatever the last step saw.
+prefix-cache hits and misses by cause, preemptions) is the engine core's typed EngineStats, read at scrape
+time (one utility call to the engine core), so an idle server reports its true idle values.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from kvserve.core.kv_cache_manager import MISS_CAUSES
+from kvserve.engine.protocol import EngineStats, KVStoreStats
 from kvserve.outputs import RequestOutput
 
 P = "kvserve:"
@@ -26,18 +27,20 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0)
 FINISH_REASONS = ("stop", "length", "abort")
-ABORT_REASONS = ("client_disconnect", "timeout", "shutdown", "error")
+ABORT_REASONS = ("client_disconnect", "client_stalled", "timeout", "shutdown", "error")
 
 
 class _EngineStatsCollector(Collector):
-    """Exposes the latest `LLMEngine.stats()` snapshot; counters come straight from the engine's cumulative totals."""
+    """Exposes the latest EngineStats snapshot; counters come straight from the engine's cumulative totals."""
 
     def __init__(self, model_name: str):
         self.model_name = model_name
-        self.snapshot: dict[str, Any] = {}
+        self.snapshot: EngineStats | None = None
+        self.state = "ready"
+        self.restarts = 0
 
     def collect(self) -> Iterable:
-        s, labels = self.snapshot, ["model_name"]
+        labels = ["model_name"]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(P + name, doc, labels=labels)
@@ -49,36 +52,40 @@ class _EngineStatsCollector(Collector):
             c.add_metric([self.model_name], value)
             return c
 
-        total = s.get("kv_blocks_total", 0)
-        used = s.get("kv_blocks_used", 0)
-        yield gauge("num_requests_running", "Sequences in the engine's running batch.", s.get("num_running", 0))
-        yield gauge("num_requests_waiting", "Sequences waiting (or preempted) in the engine.", s.get("num_waiting", 0))
+        yield gauge("engine_ready", "1 while the engine core is up and serving, else 0 (loading, restarting, dead).",
+                    1.0 if self.state == "ready" else 0.0)
+        yield counter("engine_restarts", "Engine-core processes restarted after one died.", self.restarts)
+        s = self.snapshot
+        if s is None:
+            return
+        total, used = s.kv_blocks_total, s.kv_blocks_used
+        yield gauge("num_requests_running", "Sequences in the engine's running batch.", s.num_running)
+        yield gauge("num_requests_waiting", "Sequences waiting (or preempted) in the engine.", s.num_waiting)
         yield gauge("kv_cache_blocks_used", "KV blocks referenced by live sequences.", used)
         yield gauge("kv_cache_blocks_total", "KV blocks in the pool.", total)
         yield gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full).", used / total if total else 0.0)
-        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                      s.get("prefix_cache_queried_tokens", 0))
-        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.",
-                      s.get("prefix_cache_hit_tokens", 0))
-        yield counter("prefix_cache_lookups", "Requests looked up in the prefix cache.", s.get("prefix_cache_queries", 0))
+        pc = s.prefix_cache
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", pc.queried_tokens)
+        yield counter("prefix_cache_hits", "Prompt tokens served from the prefix cache.", pc.hit_tokens)
+        yield counter("prefix_cache_lookups", "Requests looked up in the prefix cache.", pc.queries)
         misses = CounterMetricFamily(P + "prefix_cache_misses", "Prefix-cache lookups that missed, by cause.",
                                      labels=labels + ["cause"])
-        by_cause = s.get("prefix_cache_misses", {})
-        for cause in sorted(set(MISS_CAUSES) | set(by_cause)):
-            misses.add_metric([self.model_name, cause], by_cause.get(cause, 0))
+        for cause in sorted(set(MISS_CAUSES) | set(pc.misses)):
+            misses.add_metric([self.model_name, cause], pc.misses.get(cause, 0))
         yield misses
-        yield counter("num_preemptions", "Sequences preempted (KV dropped, recomputed later).",
-                      s.get("num_preemptions", 0))
-        yield counter("kv_cache_evictions", "Cached KV blocks evicted to make room.", s.get("evictions", 0))
+        yield counter("num_preemptions", "Sequences preempted (KV dropped, recomputed later).", s.num_preemptions)
+        yield counter("kv_cache_evictions", "Cached KV blocks evicted to make room.", s.evictions)
         yield counter("prompt_tokens_computed", "Prompt tokens run through the model (not cached, not loaded).",
-                      s.get("prompt_tokens_computed", 0))
+                      s.prompt_tokens_computed)
         yield counter("prompt_tokens_loaded", "Prompt tokens whose KV was loaded from the tiered KV store.",
-                      s.get("prompt_tokens_loaded", 0))
-        if s.get("kv_store"):
-            yield from _kv_store_metrics(s["kv_store"], self.model_name)
+                      s.prompt_tokens_loaded)
+        yield counter("ipc_frames_dropped", "Malformed or oversized frames the engine-core process refused.",
+                      s.ipc_frames_dropped)
+        if s.kv_store is not None:
+            yield from _kv_store_metrics(s.kv_store, self.model_name)
 
 
-def _kv_store_metrics(store: dict, model_name: str) -> Iterable:
+def _kv_store_metrics(store: KVStoreStats, model_name: str) -> Iterable:
     """Per-tier traffic, health and load latency of the tiered KV store (kvserve.kvstore)."""
     from kvserve.kvstore.tiers import LOAD_LATENCY_BUCKETS
 
@@ -98,19 +105,19 @@ def _kv_store_metrics(store: dict, model_name: str) -> Iterable:
     for key, (kind, doc) in per_tier.items():
         family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(P + "kv_store_" + key, doc,
                                                                                    labels=labels)
-        for t in store["tiers"]:
-            family.add_metric([model_name, t["tier"], t["codec"]], float(t[key]))
+        for t in store.tiers:
+            family.add_metric([model_name, t.tier, t.codec], float(getattr(t, key)))
         yield family
     hist = HistogramMetricFamily(P + "kv_store_load_seconds", "Fetch + verify + decode time of one chunk.",
                                  labels=labels)
-    for t in store["tiers"]:
+    for t in store.tiers:
         cumulative, buckets = 0, []
-        for bound, n in zip(list(LOAD_LATENCY_BUCKETS) + [float("inf")], t["load_seconds_buckets"]):
+        for bound, n in zip(list(LOAD_LATENCY_BUCKETS) + [float("inf")], t.load_seconds_buckets):
             cumulative += n
             buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
-        hist.add_metric([model_name, t["tier"], t["codec"]], buckets, t["load_seconds_sum"])
+        hist.add_metric([model_name, t.tier, t.codec], buckets, t.load_seconds_sum)
     yield hist
-    c = store["counters"]
+    c = store.counters
     events = CounterMetricFamily(P + "kv_store_events", "KV store events: fetches, chunks loaded and saved, "
                                  "load/recompute decisions, dropped saves, errors.", labels=["model_name", "event"])
     for name in ("fetches", "loaded_chunks", "chunks_saved", "decisions_load", "decisions_recompute",
@@ -119,8 +126,8 @@ def _kv_store_metrics(store: dict, model_name: str) -> Iterable:
     yield events
     rejected = CounterMetricFamily(P + "kv_store_rejected_entries", "Entries dropped at load, by reason.",
                                    labels=["model_name", "reason"])
-    for reason in sorted({"corrupt", "truncated", "foreign_model", "identity", "version"} | set(store["rejected"])):
-        rejected.add_metric([model_name, reason], store["rejected"].get(reason, 0))
+    for reason in sorted({"corrupt", "truncated", "foreign_model", "identity", "version"} | set(store.rejected)):
+        rejected.add_metric([model_name, reason], store.rejected.get(reason, 0))
     yield rejected
 
 
@@ -164,8 +171,11 @@ class ServerMetrics:
     def http_response(self, endpoint: str, status: int) -> None:
         self._http.labels(self.model_name, endpoint, str(status)).inc()
 
-    def set_engine_stats(self, stats: dict[str, Any]) -> None:
+    def set_engine_stats(self, stats: EngineStats) -> None:
         self.engine.snapshot = stats
+
+    def engine_state(self, state: str, restarts: int) -> None:
+        self.engine.state, self.engine.restarts = state, restarts
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -267,7 +267,7 @@ class Usage(_Out):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    prompt_tokens_details: PromptTokensDetails | None = None  # only where cached counts may be told (server.md)
 
 
 class CompletionLogprobs(_Out):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from kvserve.core.outputs import ModelOutput, ScheduledRequest, SchedulerOutput
+from kvserve.model.batch import ForwardBatch, PrefillSeq
 from kvserve.model.llama import LlamaModel
-from kvserve.worker.batch import ForwardBatch, PrefillSeq
 from kvserve.worker.kv_cache import KVCache
+from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
 from kvserve.worker.sampler import Sampler, token_logprobs
 
 
@@ -23,10 +24,11 @@ def bucket(n: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, sampler: Sampler | None = None,
-                 pad_shapes: bool = True):
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, kv_transfer: KVTransfer | NullKVTransfer | None = None,
+                 sampler: Sampler | None = None, pad_shapes: bool = True):
         self.model = model
         self.kv_cache = kv_cache
+        self.kv_transfer = kv_transfer or NullKVTransfer()
         self.block_size = kv_cache.block_size
         self.sampler = sampler or Sampler()
         self.pad_shapes = pad_shapes
@@ -107,12 +109,13 @@ class ModelRunner:
             batch.decode_seq_lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.int32)
         return batch, ordered, (sample_rows, prompt_rows)
 
+    def apply_kv_ops(self, ops) -> None:
+        self.kv_transfer.apply(ops)
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         self.sampler.drop(sched.finished_ids)
-        for load in sched.kv_loads:  # KV fetched from a tier, into its freshly allocated blocks
-            kv = load.fetched.tensor[:, :, load.src_offset:load.src_offset + load.num_tokens]
-            self.kv_cache.write_blocks(load.block_ids, kv)
+        self.apply_kv_ops(sched.kv_ops)
         out = ModelOutput()
         if not sched.scheduled:
             return out

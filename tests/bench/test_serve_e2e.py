@@ -21,7 +21,8 @@ API_KEY = "bench-test-key"
 def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("bench-server") / "server.log"
     proc, url = start_kvserve(["--api-key", API_KEY, "--dtype", "float32", "--kv-cache-memory-gb", "0.25",
-                               "--max-num-seqs", "8", "--log-level", "warning", "--no-access-log"], log_path, 240)
+                               "--max-num-seqs", "8", "--log-level", "warning", "--no-access-log",
+                               "--enable-prompt-tokens-details"], log_path, 240)
     try:
         yield url
     finally:

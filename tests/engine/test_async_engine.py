@@ -1,4 +1,5 @@
-"""The async engine: concurrent streams equal offline results, deltas add up, abandoned streams free their KV."""
+"""AsyncLLM over an in-process core: concurrent streams equal offline results, deltas add up, abandoned streams free
+their KV, a slow consumer's undelivered outputs are merged (one pending output, deltas intact)."""
 
 from __future__ import annotations
 
@@ -7,57 +8,85 @@ import asyncio
 import pytest
 
 from kvserve import LLM, SamplingParams
-from kvserve.engine.async_engine import AsyncLLMEngine
 from kvserve.sampling import ParamError
 
 
 @pytest.fixture()
-def async_engine(make_engine):
-    eng = AsyncLLMEngine(make_engine(max_num_batched_tokens=64))
-    eng.start()
-    yield eng
-    eng.shutdown()
+async def async_llm(make_async_llm):
+    llm = make_async_llm(max_num_batched_tokens=64)
+    await llm.start()
+    yield llm
+    await llm.shutdown()
 
 
-async def collect(eng, prompt, sp, rid):
-    text, last = "", None
-    async for out in eng.generate(prompt, sp, rid):
+async def collect(llm, prompt, sp, rid, delay=0.0):
+    text, ids, last = "", [], None
+    async for out in llm.generate(prompt, sp, rid):
         text += out.outputs[0].delta_text
+        ids += out.outputs[0].delta_token_ids
         last = out
-    return text, last
+        await asyncio.sleep(delay)
+    return text, ids, last
 
 
-async def test_concurrent_streams_match_offline(async_engine, make_engine):
+def ids_of(llm, text):
+    return {"prompt_token_ids": llm.tokenizer.encode(text), "prompt": text}
+
+
+async def idle_stats(llm):
+    for _ in range(200):
+        stats = await llm.stats()
+        if stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0:
+            return stats
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"engine not idle: {stats}")
+
+
+async def test_concurrent_streams_match_offline(async_llm, make_engine):
     prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(6)]
     sp = SamplingParams(temperature=0, max_tokens=12)
-    results = await asyncio.gather(*(collect(async_engine, p, sp, f"r{i}") for i, p in enumerate(prompts)))
+    # the last consumer is slow: its outputs pile up and must be merged without losing a delta
+    results = await asyncio.gather(*(collect(async_llm, ids_of(async_llm, p), sp, f"r{i}", 0.3 if i == 5 else 0.0)
+                                     for i, p in enumerate(prompts)))
     offline = LLM.from_engine(make_engine(max_num_batched_tokens=512)).generate(prompts, sp, use_tqdm=False)
-    for (text, last), ref in zip(results, offline):
+    for (text, ids, last), ref in zip(results, offline):
         assert last.finished
         assert text == last.outputs[0].text == ref.outputs[0].text
-        assert last.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert ids == last.outputs[0].token_ids == ref.outputs[0].token_ids
 
 
-async def test_abandoned_stream_is_aborted_and_frees_blocks(async_engine):
+async def test_abandoned_stream_is_aborted_and_frees_blocks(async_llm):
     sp = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
-    gen = async_engine.generate("Tell me everything about the ocean.", sp, "long")
+    gen = async_llm.generate(ids_of(async_llm, "Tell me everything about the ocean."), sp, "long")
     async for out in gen:
         if len(out.outputs[0].token_ids) >= 3:
             break
     await gen.aclose()  # what a disconnecting client does
-    kv = async_engine.engine.kv_manager
-    for _ in range(100):
-        used = await asyncio.get_running_loop().run_in_executor(
-            None, async_engine.call_in_engine, lambda e: e.kv_manager.pool.num_used_blocks)
-        if used == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert kv.pool.num_used_blocks == 0
-    assert not async_engine.engine.has_unfinished_requests()
+    await idle_stats(async_llm)
+    assert async_llm.num_active == 0
 
 
-async def test_validation_error_raised_before_streaming(async_engine):
-    with pytest.raises(ParamError):
-        async for _ in async_engine.generate({"prompt_token_ids": []}, SamplingParams(), "bad"):
+async def test_cancel_before_the_first_output_leaks_nothing(async_llm):
+    """A client gone while its request waits to enter the engine: the abort follows the add, never precedes it."""
+    agen = async_llm.generate(ids_of(async_llm, "Hello"), SamplingParams(max_tokens=4000, ignore_eos=True), "early")
+    step = asyncio.ensure_future(agen.__anext__())
+    await asyncio.sleep(0)  # the add is queued, no step has run yet
+    step.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await step
+    await agen.aclose()
+    await idle_stats(async_llm)
+    assert async_llm.num_active == 0
+
+
+async def test_validation_error_raised_before_streaming(async_llm):
+    with pytest.raises(ParamError) as e:
+        async for _ in async_llm.generate({"prompt_token_ids": []}, SamplingParams(), "bad"):
             pass
-    assert async_engine.num_active == 0
+    assert e.value.param == "prompt"
+    long = {"prompt_token_ids": [1] * async_llm.info.max_model_len}
+    with pytest.raises(ParamError) as e:
+        async for _ in async_llm.generate(long, SamplingParams(), "long"):
+            pass
+    assert e.value.code == "context_length_exceeded"
+    assert async_llm.num_active == 0

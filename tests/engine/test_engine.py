@@ -48,7 +48,7 @@ def test_stop_string_never_leaks_in_stream(engine, llm):
     inc = llm.generate("Count: 1, 2, 3, 4, 5,", sp.replace(stop=(stop,), include_stop_str_in_output=True),
                        use_tqdm=False)[0].outputs[0].text
     assert inc == ref[: ref.index(stop) + len(stop)]
-    assert engine.kv_manager.pool.num_used_blocks == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_n_outputs_share_prompt_and_differ(engine, llm):
@@ -60,7 +60,7 @@ def test_n_outputs_share_prompt_and_differ(engine, llm):
     assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
     greedy = llm.generate(prompt, SamplingParams(n=2, temperature=0, max_tokens=12), use_tqdm=False)[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
-    assert engine.kv_manager.pool.num_used_blocks == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_logprobs_are_consistent(llm):
@@ -123,14 +123,14 @@ def test_bad_input_is_rejected_without_leaking(engine):
     with pytest.raises(ParamError):
         engine.add_request(None, {"prompt_token_ids": []})
     assert not engine.has_unfinished_requests()
-    assert engine.kv_manager.pool.num_used_blocks == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_abort_mid_generation_frees_blocks(engine):
     engine.add_request("to-abort", "Tell me a long story.", SamplingParams(max_tokens=200, ignore_eos=True))
     for _ in range(3):
         engine.step()
-    assert engine.kv_manager.pool.num_used_blocks > 0
+    assert engine.stats().kv_blocks_used > 0
     out = engine.abort_request("to-abort")
     assert out.finished and out.outputs[0].finish_reason == "abort"
-    assert engine.kv_manager.pool.num_used_blocks == 0 and not engine.has_unfinished_requests()
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_unfinished_requests()

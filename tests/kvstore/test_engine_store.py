@@ -45,7 +45,7 @@ def generate(engine, ids, params=GREEDY, salt=None):
 
 def stats(engine):
     s = engine.stats()
-    return s["prompt_tokens_computed"], s["prompt_tokens_loaded"], s["kv_store"]
+    return s.prompt_tokens_computed, s.prompt_tokens_loaded, s.kv_store
 
 
 def test_two_instances_share_kv_through_redis(make_engine, prompt, reference, redis_server):
@@ -54,13 +54,13 @@ def test_two_instances_share_kv_through_redis(make_engine, prompt, reference, re
     b = make_engine(kv_store=url)  # another instance: its own pool, its own store client
     try:
         assert generate(a, prompt) == reference
-        assert a.kv_store.flush(30)
-        assert stats(a)[2]["counters"]["chunks_saved"] == 4
+        assert a.core.kv_store.flush(30)
+        assert stats(a)[2].counters["chunks_saved"] == 4
         assert generate(b, prompt) == reference
         computed, loaded, store = stats(b)
         assert loaded == 1024 and computed == PROMPT_TOKENS - 1024  # 76 of 1100 prompt tokens computed
-        tier = store["tiers"][0]
-        assert tier["hits"] == 4 and tier["rejected"] == 0 and tier["bytes_out"] > 4 * 256 * 23040 * 2
+        tier = store.tiers[0]
+        assert tier.hits == 4 and tier.rejected == 0 and tier.bytes_out > 4 * 256 * 23040 * 2
     finally:
         a.close()
         b.close()
@@ -85,9 +85,9 @@ def _entry_files(engine, prompt_ids, salt=None):
     from kvserve.core.request import Request
 
     r = Request("probe", prompt_ids, GREEDY, 16, cache_salt=salt)
-    tier = engine.kv_store.tiers[0]
+    tier = engine.core.kv_store.tiers[0]
     hashes = [r.block_hashes[(k + 1) * 16 - 1] for k in range(4)]
-    return hashes, [tier.file_path(engine.kv_store.key(h)) for h in hashes]
+    return hashes, [tier.file_path(engine.core.kv_store.key(h)) for h in hashes]
 
 
 def test_bad_entries_are_detected_dropped_and_recomputed(make_engine, prompt, reference, tmp_path):
@@ -104,8 +104,8 @@ def test_bad_entries_are_detected_dropped_and_recomputed(make_engine, prompt, re
             assert generate(engine, prompt) == reference
             computed, loaded, store = stats(engine)
             assert loaded == expect_loaded and computed == PROMPT_TOKENS - expect_loaded
-            assert store["rejected"] == {reason: 1}
-            assert store["tiers"][0]["rejected"] == 1
+            assert store.rejected == {reason: 1}
+            assert store.tiers[0].rejected == 1
         finally:
             engine.close()  # writes the recomputed chunk back
 
@@ -138,7 +138,7 @@ def test_bad_entries_are_detected_dropped_and_recomputed(make_engine, prompt, re
     try:
         assert generate(engine, prompt, salt="tenant-b") == reference
         computed, loaded, store = stats(engine)
-        assert loaded == 0 and store["rejected"] == {"identity": 1}
+        assert loaded == 0 and store.rejected == {"identity": 1}
     finally:
         engine.close()
 
@@ -154,7 +154,7 @@ def test_killing_redis_mid_run_leaves_every_request_answered(make_engine, fp32_p
     try:
         expected = [generate(plain, p) for p in prompts]
         assert generate(engine, prompts[0]) == reference
-        assert engine.kv_store.flush(30)
+        assert engine.core.kv_store.flush(30)
         engine.reset_prefix_cache()
         ids = [engine.add_request(None, {"prompt_token_ids": p}, GREEDY) for p in prompts]
         results, steps = {}, 0
@@ -169,9 +169,9 @@ def test_killing_redis_mid_run_leaves_every_request_answered(make_engine, fp32_p
         assert [results[i] for i in ids] == expected
         late = generate(engine, prompts[1])  # after the crash: the tier is skipped, the request still succeeds
         assert late == expected[1]
-        tier = stats(engine)[2]["tiers"][0]
-        assert tier["errors"] >= 1 and not tier["healthy"]
-        assert engine.kv_manager.pool.num_used_blocks == 0
+        tier = stats(engine)[2].tiers[0]
+        assert tier.errors >= 1 and not tier.healthy
+        assert engine.stats().kv_blocks_used == 0
     finally:
         server.stop()
         engine.close()
@@ -183,8 +183,8 @@ def test_auto_policy_loads_only_what_beats_recomputing(make_engine, prompt, refe
     engine = make_engine(kv_store="memory:64MB", kv_store_load="auto")
     try:
         assert generate(engine, prompt) == reference
-        assert engine.kv_store.flush(30)
-        cost = engine.kv_store.cost
+        assert engine.core.kv_store.flush(30)
+        cost = engine.core.kv_store.cost
 
         engine.reset_prefix_cache()
         cost.rates["prefill"] = 1e12
@@ -192,14 +192,14 @@ def test_auto_policy_loads_only_what_beats_recomputing(make_engine, prompt, refe
         assert generate(engine, prompt) == reference
         computed, loaded, store = stats(engine)
         assert loaded == loaded_before and computed - computed_before == PROMPT_TOKENS
-        assert store["counters"]["decisions_recompute"] == 1 and store["counters"].get("decisions_load", 0) == 0
+        assert store.counters["decisions_recompute"] == 1 and store.counters.get("decisions_load", 0) == 0
 
         engine.reset_prefix_cache()
         cost.rates["prefill"] = 1.0
         assert generate(engine, prompt) == reference
         computed2, loaded2, store = stats(engine)
         assert loaded2 - loaded == 1024 and computed2 - computed == PROMPT_TOKENS - 1024
-        assert store["counters"]["decisions_load"] == 4
+        assert store.counters["decisions_load"] == 4
     finally:
         engine.close()
 
@@ -213,7 +213,7 @@ def test_store_numbers_reach_prometheus(make_engine, prompt, tmp_path):
     engine = make_engine(kv_store=f"memory:64MB:int8,disk:{tmp_path}:1GB:int4")
     try:
         generate(engine, prompt)
-        engine.kv_store.flush(30)
+        engine.core.kv_store.flush(30)
         engine.reset_prefix_cache()
         generate(engine, prompt)
         metrics = ServerMetrics("smollm2")
@@ -240,7 +240,7 @@ def test_a_hung_redis_costs_reuse_not_time(make_engine, prompt, reference):
     engine = make_engine(kv_store=f"{server.url}?timeout=0.3")
     try:
         assert generate(engine, prompt) == reference
-        assert engine.kv_store.flush(30)
+        assert engine.core.kv_store.flush(30)
         engine.reset_prefix_cache()
         started = time.monotonic()
         plain_ids = prompt[::-1]  # same length, nothing stored: the recompute time for comparison
@@ -252,15 +252,15 @@ def test_a_hung_redis_costs_reuse_not_time(make_engine, prompt, reference):
         started = time.monotonic()
         assert generate(engine, prompt) == reference
         assert time.monotonic() - started < recompute_s + 2.0  # one timed-out lookup, no waiting on Redis after
-        assert stats(engine)[2]["tiers"][0]["errors"] >= 1
-        assert "Timeout" in engine.kv_store.tiers[0].last_error
+        assert stats(engine)[2].tiers[0].errors >= 1
+        assert "Timeout" in engine.core.kv_store.tiers[0].last_error
 
         os.kill(server.proc.pid, signal.SIGCONT)
-        time.sleep(engine.kv_store.tiers[0].BACKOFF_START * 2 + 0.5)  # past the backoff (it may have doubled)
+        time.sleep(engine.core.kv_store.tiers[0].BACKOFF_START * 2 + 0.5)  # past the backoff (it may have doubled)
         engine.reset_prefix_cache()
         loaded_before = stats(engine)[1]
         assert generate(engine, prompt) == reference
-        assert stats(engine)[1] - loaded_before == 1024 and stats(engine)[2]["tiers"][0]["healthy"]
+        assert stats(engine)[1] - loaded_before == 1024 and stats(engine)[2].tiers[0].healthy
     finally:
         if server.proc is not None:
             os.kill(server.proc.pid, signal.SIGCONT)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 # --kv-store-load always: the test checks what is loaded, not how fast this machine happens to be at that moment
 SERVE_ARGS = ["--dtype", "float32", "--kv-cache-memory-gb", "0.25", "--log-level", "warning", "--no-access-log",
-              "--kv-store-load", "always"]
+              "--kv-store-load", "always", "--enable-prompt-tokens-details"]
 
 
 def test_disk_store_survives_a_server_restart(tmp_path):

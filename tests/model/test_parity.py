@@ -94,17 +94,17 @@ def test_greedy_parity_mixed_batch(make_engine, prompts, hf_reference, budget, c
         assert all(o.num_cached_tokens >= (len(p) - 1) // 16 * 16 for o, p in zip(outs2, prompts))
     else:
         assert all(o.num_cached_tokens == 0 for o in outs)
-    assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.pool.num_blocks
-    engine.kv_manager.check_invariants()
+    assert engine.stats().kv_blocks_used == 0
+    engine.core.scheduler.check_invariants()
 
 
 def test_greedy_parity_under_forced_preemption(make_engine, prompts, hf_reference):
     engine = make_engine(max_num_batched_tokens=64, num_blocks=160, max_num_seqs=16)
     got, _ = run_batch(engine, prompts)
-    assert engine.scheduler.num_preemptions > 0, "the tiny KV budget should have forced preemption"
+    assert engine.stats().num_preemptions > 0, "the tiny KV budget should have forced preemption"
     for i, (g, ref) in enumerate(zip(got, hf_reference)):
         assert_parity(g, ref, f"prompt {i} preempted run")
-    assert engine.kv_manager.pool.num_free_blocks == engine.kv_manager.pool.num_blocks
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_prompt_logprobs_match_hf(make_engine, prompts, hf_model):

@@ -12,30 +12,20 @@ import json
 import httpx
 import pytest
 
-from kvserve.engine.async_engine import AsyncLLMEngine
-from kvserve.server.api import build_app
+from kvserve.server.app import build_app
 from kvserve.server.config import ServerConfig
+
+from tests.engine.test_async_engine import idle_stats
 
 TIMEOUT_S = 2.0
 
 
 @pytest.fixture
-def small_app(make_engine):
-    engine = AsyncLLMEngine(make_engine(max_num_seqs=2))
-    engine.start()
+async def small_app(make_async_llm):
+    engine = make_async_llm(max_num_seqs=2)
     app = build_app(engine, ServerConfig(max_queued_requests=1, request_timeout=TIMEOUT_S, served_model_name="m"))
-    yield app, engine
-    engine.shutdown()
-
-
-async def _idle_stats(engine: AsyncLLMEngine) -> dict:
-    loop = asyncio.get_running_loop()
-    for _ in range(100):
-        stats = await loop.run_in_executor(None, engine.call_in_engine, lambda e: e.stats())
-        if stats["kv_blocks_used"] == 0 and stats["num_running"] == 0 and stats["num_waiting"] == 0:
-            return stats
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"engine not idle: {stats}")
+    async with app.router.lifespan_context(app):
+        yield app, engine
 
 
 async def test_queue_full_429_then_timeouts_408_and_stream_error(small_app):
@@ -61,7 +51,7 @@ async def test_queue_full_429_then_timeouts_408_and_stream_error(small_app):
         assert r.json()["error"] == {"message": f"the request did not finish within {TIMEOUT_S:g} seconds",
                                      "type": "timeout_error", "param": None, "code": "timeout"}
         assert state.in_flight == 0
-        await _idle_stats(engine)
+        await idle_stats(engine)
 
         r = await c.post("/v1/chat/completions", json={"model": "m", "stream": True, "max_tokens": 4000,
                                                        "ignore_eos": True,
@@ -71,7 +61,7 @@ async def test_queue_full_429_then_timeouts_408_and_stream_error(small_app):
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "timeout"
         assert len(events) > 3  # it streamed tokens before the deadline
-        await _idle_stats(engine)
+        await idle_stats(engine)
         r = await c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
 
@@ -80,22 +70,20 @@ async def test_queue_full_429_then_timeouts_408_and_stream_error(small_app):
     assert 'kvserve:http_requests_total{endpoint="/v1/completions",model_name="m",status_code="429"} 1.0' in text
 
 
-async def test_cancel_while_the_add_is_queued_leaks_nothing(make_engine):
-    """A client gone while its request waits to enter the engine: the abort must follow the add, not precede it."""
-    from kvserve.sampling import SamplingParams
-
-    engine = AsyncLLMEngine(make_engine())
-    agen = engine.generate("Hello", SamplingParams(max_tokens=4000, ignore_eos=True), "cancelled-early")
-    step = asyncio.ensure_future(agen.__anext__())
-    await asyncio.sleep(0.05)  # the add is queued; the engine loop is not running yet
-    step.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await step
-    engine.start()
-    try:
-        stats = await _idle_stats(engine)
-        assert stats["kv_blocks_used"] == 0 and engine.num_active == 0
-        assert not await asyncio.get_running_loop().run_in_executor(
-            None, engine.call_in_engine, lambda e: e.has_unfinished_requests())
-    finally:
-        engine.shutdown()
+async def test_require_cache_salt_and_non_ascii_api_key(make_async_llm):
+    """--require-cache-salt refuses unsalted generation; an API key with non-ASCII characters matches the UTF-8 bytes
+    a client sends (ASGI hands headers over as latin-1) and nothing else."""
+    key = "clé-ü-🔑"
+    engine = make_async_llm()
+    app = build_app(engine, ServerConfig(served_model_name="m", require_cache_salt=True, api_key=key))
+    auth = {"Authorization": b"Bearer " + key.encode("utf-8")}
+    body = {"model": "m", "prompt": "hi", "max_tokens": 2}
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            wrong = {"Authorization": b"Bearer " + key.encode("latin-1", "replace")}
+            assert (await c.post("/v1/completions", json=body, headers=wrong)).status_code == 401
+            r = await c.post("/v1/completions", json=body, headers=auth)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text
+            r = await c.post("/v1/completions", json={**body, "cache_salt": "t1"}, headers=auth)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # salted: told

@@ -1,0 +1,94 @@
+"""Where an engine-core decode step goes: schedule, runner (batch build + forward + sample), update, and the IPC
+encode of the step's outputs, at a fixed number of running sequences. The engine core's own overhead is everything
+but the runner; the front end's per-step work (decode the message, detokenize, stop strings) runs in the API server
+process and is listed separately.
+
+    python -m kvserve.bench.core_overhead [--batch 64] [--steps 40] [--threads 2] [--prompt-len 128] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import msgspec
+
+
+def run(batch: int, steps: int, prompt_len: int, threads: int | None, dtype: str) -> dict:
+    from kvserve.engine.core import EngineArgs, EngineCore
+    from kvserve.engine.ipc import Outputs, output_codec
+    from kvserve.engine.output_processor import OutputProcessor
+    from kvserve.engine.protocol import EngineCoreRequest, StepOutputs
+    from kvserve.sampling import SamplingParams
+
+    core = EngineCore(EngineArgs(dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=2048, num_threads=threads))
+    front = OutputProcessor(core.tokenizer)
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0.8, seed=1, max_tokens=4096, ignore_eos=True)
+    for i in range(batch):
+        ids = [rng.randrange(100, 40_000) for _ in range(prompt_len)]
+        core.add_request(EngineCoreRequest(f"r{i}", ids, params, None, time.monotonic()))
+        front.add(f"r{i}", None, ids, params, time.monotonic())
+    codec, decoder = output_codec(), msgspec.msgpack.Decoder(Outputs)
+    sched = core.scheduler
+    while sched.num_waiting or any(r.in_prefill for r in sched.running):  # prefill everything first
+        core.step()
+    rows = []
+    for i in range(steps + 5):  # the first 5 warm oneDNN's kernels for this shape
+        t0 = time.perf_counter()
+        so = sched.schedule()
+        t1 = time.perf_counter()
+        out = core.runner.execute(so)
+        t2 = time.perf_counter()
+        updates = sched.update(so, out)
+        t3 = time.perf_counter()
+        frame = codec.encode(Outputs(1, StepOutputs(updates)))
+        t4 = time.perf_counter()
+        msg = decoder.decode(frame)
+        front.process(msg.step.updates, msg.step.first_scheduled)
+        t5 = time.perf_counter()
+        assert len(so.scheduled) == batch
+        if i >= 5:
+            rows.append({"schedule": t1 - t0, "runner": t2 - t1, "update": t3 - t2, "ipc_encode": t4 - t3,
+                         "front_end": t5 - t4, "frame_bytes": len(frame)})
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    step = med["schedule"] + med["runner"] + med["update"] + med["ipc_encode"]
+    overhead = med["schedule"] + med["update"] + med["ipc_encode"]
+    return {"batch": batch, "steps": steps, "prompt_len": prompt_len, "dtype": dtype, "threads": threads,
+            "median_ms": {k: v * 1e3 for k, v in med.items() if k != "frame_bytes"},
+            "frame_bytes": med["frame_bytes"], "core_step_ms": step * 1e3,
+            "core_overhead_fraction": overhead / step}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--json", default=None, help="write the result here too")
+    args = ap.parse_args(argv)
+    res = run(args.batch, args.steps, args.prompt_len, args.threads, args.dtype)
+    m = res["median_ms"]
+    print(f"decode step at {res['batch']} running sequences ({res['dtype']}, {res['threads']} threads), "
+          f"median of {res['steps']} steps:")
+    print("| part | ms | share of the core's step |")
+    print("| --- | ---: | ---: |")
+    for k in ("schedule", "runner", "update", "ipc_encode"):
+        print(f"| {k} | {m[k]:.3f} | {m[k] / res['core_step_ms']:.1%} |")
+    print(f"| engine core step | {res['core_step_ms']:.3f} | 100% |")
+    print(f"| (API server: decode + detokenize + stop strings) | {m['front_end']:.3f} | other process |")
+    print(f"outside the forward pass (schedule + update + IPC): {res['core_overhead_fraction']:.1%}; "
+          f"message {res['frame_bytes']:.0f} bytes per step")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

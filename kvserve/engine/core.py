@@ -1,0 +1,213 @@
+"""EngineCore: model, scheduler, runner and KV store behind the narrow engine API (kvserve.engine.protocol).
+
+It takes tokenized requests and returns per-sequence token updates; detokenization, stop strings and everything
+user-facing live in the front end (`LLMEngine` in-process, `AsyncLLM` over IPC), so a step here is only
+schedule / execute / update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvserve.config import CacheConfig, ConfigError, SchedulerConfig
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.request import Request, RequestStatus
+from kvserve.core.scheduler import Scheduler
+from kvserve.engine.protocol import (EngineCoreRequest, EngineInfo, EngineStats, KVStoreStats, PrefixCacheStats,
+                                     StepOutputs, TierStats, check_new_id, group_id, sequence_ids,
+                                     validate_request)
+from kvserve.model.llama import LlamaModel
+from kvserve.model.loader import load_model
+from kvserve.model.tokenizer import Tokenizer
+from kvserve.worker.kv_cache import KVCache, num_blocks_for_budget
+from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
+from kvserve.worker.model_runner import ModelRunner
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+           "float": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str | None = None
+    dtype: str = "bfloat16"
+    block_size: int = 16
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 128
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kv_cache_memory_gb: float = 2.0
+    num_blocks: int | None = None
+    max_model_len: int | None = None
+    num_threads: int | None = None
+    pad_shapes: bool = True
+    native_kernels: bool = True  # JIT-built C++ attention and fused ops (fall back to PyTorch if they cannot build)
+    # tiered KV store below the pool, e.g. "memory:4GB,disk:/var/kv:20GB,redis://127.0.0.1:6379" (kvserve.kvstore)
+    kv_store: str | None = field(default=None, repr=False)  # may hold a Redis password
+    kv_store_chunk_size: int = 256
+    kv_store_load: str = "auto"  # auto: load or recompute by the store's cost model; always: load whatever is stored
+    kv_store_key: str | None = field(default=None, repr=False)  # secret that authenticates stored entries (HMAC); None: integrity check only
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        return _DTYPES[self.dtype]
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs, model: LlamaModel | None = None, tokenizer: Tokenizer | None = None,
+                 model_name: str | None = None, tokenizer_source: tuple[str, str | None] | None = None,
+                 chat_template: str | None = None):
+        """`model`/`tokenizer` let several engines (tests, benchmarks) share one set of loaded weights."""
+        self.args = args
+        dtype = args.torch_dtype()
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+        if model is None or tokenizer is None:
+            loaded = load_model(args.model)
+            model = LlamaModel(loaded.config, loaded.weights, dtype, native_kernels=args.native_kernels)
+            tokenizer_source, chat_template = loaded.tokenizer_source, loaded.chat_template
+            tokenizer = Tokenizer(tokenizer_source, chat_template)
+            model_name = loaded.name
+            del loaded
+        if model.dtype != dtype:
+            raise ConfigError(f"shared model has dtype {model.dtype}, engine asked for {dtype}")
+        self.model = model
+        self.tokenizer = tokenizer  # the in-process front end shares it; the core itself only needs EOS ids
+        config = model.config
+        max_len = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        cache_config = CacheConfig(args.block_size, args.num_blocks, args.kv_cache_memory_gb,
+                                   args.enable_prefix_caching)
+        budget = args.max_num_batched_tokens
+        if not args.enable_chunked_prefill:
+            budget = max(budget, max_len)  # every prompt must fit one step when it cannot be split
+        scheduler_config = SchedulerConfig(budget, args.max_num_seqs, max_len, args.enable_chunked_prefill)
+        num_blocks = args.num_blocks or num_blocks_for_budget(config, args.block_size, dtype,
+                                                              args.kv_cache_memory_gb)
+        self.kv_cache = KVCache(config, num_blocks, args.block_size, dtype)
+        self.kv_manager = KVCacheManager(num_blocks, args.block_size, cache_config.enable_prefix_caching)
+        name = model_name or "model"
+        self.kv_store = self._make_kv_store(args, name, model, dtype)
+        self.scheduler = Scheduler(scheduler_config, self.kv_manager, connector=self.kv_store)
+        transfer = NullKVTransfer() if self.kv_store is None else KVTransfer(self.kv_cache, self.kv_store)
+        self.runner = ModelRunner(self.model, self.kv_cache, transfer, pad_shapes=args.pad_shapes)
+        eos = set(config.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.info = EngineInfo(
+            model_name=name, model_path=args.model,
+            tokenizer_source=tokenizer_source or ("", None), chat_template=chat_template,
+            max_model_len=max_len, vocab_size=config.vocab_size, block_size=args.block_size,
+            kv_capacity_tokens=num_blocks * args.block_size, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=budget, dtype=str(dtype).removeprefix("torch."),
+            enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
+            kv_store=self.kv_store is not None, native_kernels=model.uses_native_kernels)
+        self._group_seqs: dict[str, list[str]] = {}
+
+    def _make_kv_store(self, args: EngineArgs, name: str, model: LlamaModel, dtype: torch.dtype):
+        if not args.kv_store:
+            return None
+        from kvserve.kvstore import KVStore, model_fingerprint, parse_kv_store
+
+        config = parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size, load_policy=args.kv_store_load,
+                                key=args.kv_store_key)
+        config.check_block_size(args.block_size)
+        c = model.config
+        return KVStore(config, model_fingerprint(name, c, model.fingerprint_weights()), dtype,
+                       c.num_layers, c.num_kv_heads, c.head_dim, args.block_size)
+
+    def close(self) -> None:
+        """Stop the KV store's threads (after its queued saves are written)."""
+        if self.kv_store is not None:
+            self.runner.apply_kv_ops(self.scheduler.take_kv_ops())
+            self.kv_store.flush(timeout=30.0)
+            self.kv_store.close()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Raises ParamError (nothing is queued) if the request cannot run; n > 1 becomes n sequences."""
+        rid, params = request.request_id, request.params
+        check_new_id(rid, self._group_seqs)
+        validate_request(self.info, request.prompt_token_ids, params, request.cache_salt)
+        seq_ids = sequence_ids(rid, params.n)
+        for sid in seq_ids:
+            check_new_id(sid, self.scheduler.requests)
+        arrival = request.arrival_time or time.monotonic()
+        requests, first = [], None
+        for i, sid in enumerate(seq_ids):
+            sp = params
+            if i > 0 and params.seed is not None:
+                sp = params.replace(seed=params.seed + i)
+            req = Request(sid, request.prompt_token_ids, sp, self.info.block_size, self.eos_token_ids,
+                          request.cache_salt, arrival, request.priority, self.info.max_model_len,
+                          share_prompt_with=first)
+            first = first or req
+            requests.append(req)
+        for req in requests:  # everything is validated above: nothing can fail half-way and leave state behind
+            self.scheduler.add_request(req)
+        self._group_seqs[rid] = seq_ids
+
+    def finish_requests(self, ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """End requests (every sequence of a request id) or single sequences (`rid#i`, e.g. a stop string matched
+        in the front end); their blocks are freed at once and their KV saved by the next step's KV operations."""
+        for rid in ids:
+            for sid in self._group_seqs.get(rid) or (rid,):
+                self.scheduler.finish_request(sid, status)
+                self._forget_seq(sid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self.scheduler.has_pending_kv_ops()
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> StepOutputs:
+        sched = self.scheduler.schedule()
+        now = time.monotonic()
+        first_scheduled = {}
+        for sr in sched.scheduled:
+            if sr.request.first_scheduled_time is None:
+                sr.request.first_scheduled_time = now
+                first_scheduled[sr.request_id] = now
+        if sched.is_empty and self.scheduler.fetching and self.kv_store is not None:
+            self.kv_store.wait_for_fetch(0.01)  # idle until a fetch lands, without spinning
+        started = time.perf_counter()
+        out = self.runner.execute(sched)
+        if self.kv_store is not None and sched.scheduled:
+            self.kv_store.observe_prefill(sched.num_batched_tokens, time.perf_counter() - started)
+        updates = self.scheduler.update(sched, out)
+        for u in updates:
+            if u.finish_reason is not None:
+                self._forget_seq(u.request_id)
+        return StepOutputs(updates, first_scheduled)
+
+    def _forget_seq(self, seq_id: str) -> None:
+        group = group_id(seq_id)
+        live = self._group_seqs.get(group)
+        if live is not None and all(s not in self.scheduler.requests for s in live):
+            del self._group_seqs[group]
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the pool's prefix cache (the tiered store keeps its entries); False while requests hold blocks."""
+        return self.kv_manager.reset_prefix_cache()
+
+    def stats(self) -> EngineStats:
+        kv, sched = self.kv_manager, self.scheduler
+        return EngineStats(
+            num_running=sched.num_running, num_waiting=sched.num_waiting,
+            kv_blocks_total=kv.num_blocks, kv_blocks_used=kv.num_used_blocks,
+            prefix_cache=PrefixCacheStats(kv.stats.queries, kv.stats.queried_tokens, kv.stats.hit_tokens,
+                                          dict(kv.stats.misses)),
+            num_preemptions=sched.num_preemptions, evictions=kv.num_evictions,
+            prompt_tokens_computed=sched.num_computed_prompt_tokens, prompt_tokens_loaded=sched.num_loaded_tokens,
+            kv_store=self._kv_store_stats())
+
+    def _kv_store_stats(self) -> KVStoreStats | None:
+        if self.kv_store is None:
+            return None
+        s = self.kv_store.stats()
+        return KVStoreStats(tiers=[TierStats(**t) for t in s["tiers"]], counters=s["counters"],
+                            rejected=s["rejected"], prefill_tokens_per_s=s["prefill_tokens_per_s"],
+                            pending_saves=s["pending_saves"])

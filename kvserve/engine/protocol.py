@@ -1,0 +1,148 @@
+"""The narrow engine API: what a front end (server, CLI, offline LLM, benchmarks) may know of and send to an engine core.
+
+Everything here is a msgspec Struct, so the same objects are passed in-process and encoded (msgpack, never pickle)
+between the API server and the engine-core process. `validate_request` is the one place where a request is checked
+against the engine (context length, KV capacity, token ids, duplicate ids, cache salt); SamplingParams checks itself.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvserve.core.outputs import RequestUpdate
+from kvserve.sampling import ParamError, SamplingParams
+
+MAX_CACHE_SALT_CHARS = 256
+
+
+class EngineInfo(msgspec.Struct, frozen=True):
+    """Facts about a running engine core, fixed for its lifetime."""
+
+    model_name: str
+    model_path: str | None
+    tokenizer_source: tuple[str, str | None]  # (directory, gguf file name or None): the front end loads it from here
+    chat_template: str | None
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    kv_capacity_tokens: int  # pool blocks x block size: no sequence can grow past this
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    dtype: str
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
+    kv_store: bool
+    native_kernels: bool
+
+
+class EngineCoreRequest(msgspec.Struct, frozen=True):
+    """A tokenized, validated request; the core expands n > 1 into sequences `{request_id}#{i}`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None = None
+    arrival_time: float = 0.0  # time.monotonic() of the front end (CLOCK_MONOTONIC is machine-wide on Linux)
+    priority: int = 0
+
+
+class StepOutputs(msgspec.Struct, frozen=True):
+    """What one engine step changed, per sequence, plus when sequences were first scheduled (queue-time metric)."""
+
+    updates: list[RequestUpdate]
+    first_scheduled: dict[str, float] = {}  # sequence id -> time.monotonic() of its first scheduling
+
+
+class PrefixCacheStats(msgspec.Struct, frozen=True):
+    queries: int  # requests looked up
+    queried_tokens: int
+    hit_tokens: int
+    misses: dict[str, int]  # by cause
+
+
+class TierStats(msgspec.Struct, frozen=True):
+    tier: str  # label (secrets redacted)
+    kind: str
+    codec: str
+    healthy: bool
+    accepts_writes: bool
+    capacity_bytes: int
+    used_bytes: int
+    hits: int
+    misses: int
+    bytes_in: int
+    bytes_out: int
+    errors: int
+    rejected: int
+    evictions: int
+    writes: int
+    load_seconds_buckets: list[int]
+    load_seconds_sum: float
+    load_seconds_count: int
+
+
+class KVStoreStats(msgspec.Struct, frozen=True):
+    tiers: list[TierStats]
+    counters: dict[str, int]
+    rejected: dict[str, int]  # entries dropped at load, by reason
+    prefill_tokens_per_s: float | None
+    pending_saves: int
+
+
+class EngineStats(msgspec.Struct, frozen=True):
+    """A snapshot of the engine core's counters and gauges (cumulative counters never go down)."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_cache: PrefixCacheStats
+    num_preemptions: int
+    evictions: int
+    prompt_tokens_computed: int
+    prompt_tokens_loaded: int
+    kv_store: KVStoreStats | None = None
+    ipc_frames_dropped: int = 0  # malformed or oversized frames the engine-core process refused
+    engine_restarts: int = 0  # engine-core processes started again after one died
+
+
+def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams,
+                     cache_salt: str | None) -> None:
+    """Raises ParamError (with `param` and `code`) if this request can never run on this engine."""
+    ids, vocab, max_len = prompt_token_ids, info.vocab_size, info.max_model_len
+    if not ids:
+        raise ParamError("the prompt is empty", "prompt")
+    if any(type(t) is not int or t < 0 or t >= vocab for t in ids):
+        raise ParamError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+    if len(ids) >= max_len:
+        raise ParamError(f"this model's maximum context length is {max_len} tokens, but the prompt has "
+                         f"{len(ids)} tokens", "prompt", "context_length_exceeded")
+    if params.max_tokens is not None and len(ids) + params.max_tokens > max_len:
+        raise ParamError(f"this model's maximum context length is {max_len} tokens; the prompt has {len(ids)} "
+                         f"tokens and max_tokens is {params.max_tokens} ({len(ids) + params.max_tokens} in total)",
+                         "max_tokens", "context_length_exceeded")
+    if len(ids) + 1 > info.kv_capacity_tokens:
+        raise ParamError(f"the prompt has {len(ids)} tokens but the KV cache holds at most "
+                         f"{info.kv_capacity_tokens - 1}; raise kv_cache_memory_gb", "prompt",
+                         "context_length_exceeded")
+    if params.max_tokens == 0 and params.n > 1:
+        raise ParamError("max_tokens=0 (scoring) needs n=1", "n")
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt
+                                   or len(cache_salt) > MAX_CACHE_SALT_CHARS):
+        raise ParamError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters",
+                         "cache_salt")
+
+
+def sequence_ids(request_id: str, n: int) -> list[str]:
+    """The core's id for each of a request's n sequences (the front end maps updates back by them)."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
+def group_id(seq_id: str) -> str:
+    return seq_id.rpartition("#")[0] if "#" in seq_id else seq_id
+
+
+def check_new_id(request_id: str, live: object) -> None:
+    """Duplicate ids would cross two clients' streams; `live` is any container of the ids in flight."""
+    if request_id in live:
+        raise ParamError(f"duplicate request id {request_id!r}", "request_id", "duplicate_request_id")
