@@ -31,11 +31,12 @@ def main(argv: list[str] | None = None) -> int:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     tok = llm.engine.tokenizer
     reqs = generate(args.workload, tok, args.num_requests, args.seed)
-    prompts = [{"prompt_token_ids": tok.apply_chat_template(r.messages)} for r in reqs]
+    # what `kvserve bench serve` sends by default: /v1/completions with the messages' contents joined
+    prompts = [{"prompt_token_ids": tok.encode(r.prompt_text())} for r in reqs]
     params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in reqs]
     # warm-up at the timed shapes' buckets, on other text so the prefix cache cannot help the timed run
     warm = generate(args.workload, tok, min(32, args.num_requests), args.seed + 1)
-    llm.generate([{"prompt_token_ids": tok.apply_chat_template(r.messages)} for r in warm],
+    llm.generate([{"prompt_token_ids": tok.encode(r.prompt_text())} for r in warm],
                  SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     started = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -392,14 +392,3 @@ class TokenizeResponse(_Out):
 
 class DetokenizeResponse(_Out):
     prompt: str
-
-
-class ErrorInfo(_Out):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(_Out):
-    error: ErrorInfo
