@@ -13,28 +13,30 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 import msgspec
 
 from kvserve.core.request import RequestStatus
-from kvserve.engine.core import EngineCore
 from kvserve.engine.ipc import Rejected
 from kvserve.engine.output_processor import OutputProcessor
-from kvserve.engine.protocol import (EngineCoreRequest, EngineInfo, EngineStats, StepOutputs, check_new_id,
-                                     validate_request)
+from kvserve.engine.protocol import (
+    EngineCoreRequest,
+    EngineDeadError,
+    EngineInfo,
+    EngineStats,
+    StepOutputs,
+    check_new_id,
+    validate_request,
+)
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput
 from kvserve.sampling import ParamError, SamplingParams
 
 if TYPE_CHECKING:
-    from kvserve.engine.core_proc import MPCoreClient
+    from kvserve.engine.core import EngineCore
 
 log = logging.getLogger("kvserve.engine")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine core died (or could not start) while this request was running; it was not retried."""
 
 
 class CoreEvents:
@@ -43,6 +45,20 @@ class CoreEvents:
     def __init__(self, on_ready: Callable[[EngineInfo], None], on_outputs: Callable[[StepOutputs], None],
                  on_rejected: Callable[[Rejected], None], on_died: Callable[[str, bool], None]):
         self.ready, self.outputs, self.rejected, self.died = on_ready, on_outputs, on_rejected, on_died
+
+
+class CoreClient(Protocol):
+    """What AsyncLLM needs of an engine core: InprocCoreClient (a thread) or core_proc.MPCoreClient (a process)."""
+
+    def start(self, loop: asyncio.AbstractEventLoop, events: CoreEvents) -> None: ...
+
+    def add(self, request: EngineCoreRequest) -> None: ...
+
+    def finish(self, ids: list[str], stopped: bool) -> None: ...
+
+    async def call(self, method: str) -> Any: ...
+
+    async def shutdown(self) -> None: ...
 
 
 class OutputStream:
@@ -83,7 +99,7 @@ def merge_outputs(old: RequestOutput, new: RequestOutput) -> RequestOutput:
 
 
 class AsyncLLM:
-    def __init__(self, client: "InprocCoreClient | MPCoreClient", tokenizer: Tokenizer | None = None):
+    def __init__(self, client: CoreClient, tokenizer: Tokenizer | None = None):
         """`tokenizer`: share one already loaded (tests); otherwise it is loaded from the core's EngineInfo."""
         self.client = client
         self.info: EngineInfo | None = None
@@ -225,9 +241,9 @@ class InprocCoreClient:
     """The engine core in a thread of this process: torch releases the GIL in its kernels, so the event loop stays
     responsive, but every Python line of the front end still competes with the step loop (hence MPCoreClient)."""
 
-    def __init__(self, make_core: Callable[[], EngineCore]):
+    def __init__(self, make_core: Callable[[], "EngineCore"]):
         self._make_core = make_core
-        self.core: EngineCore | None = None
+        self.core: "EngineCore | None" = None
         self._commands: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -276,7 +292,7 @@ class InprocCoreClient:
                     future.set_result(value)
         self._emit(done)
 
-    def _drain(self, core: EngineCore) -> None:
+    def _drain(self, core: "EngineCore") -> None:
         while True:
             try:
                 kind, payload = self._commands.get_nowait()

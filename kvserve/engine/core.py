@@ -16,9 +16,19 @@ from kvserve.config import CacheConfig, ConfigError, SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
-from kvserve.engine.protocol import (EngineCoreRequest, EngineInfo, EngineStats, KVStoreStats, PrefixCacheStats,
-                                     StepOutputs, TierStats, check_new_id, group_id, sequence_ids,
-                                     validate_request)
+from kvserve.engine.protocol import (
+    EngineCoreRequest,
+    EngineInfo,
+    EngineStats,
+    KVStoreStats,
+    PrefixCacheStats,
+    StepOutputs,
+    TierStats,
+    check_new_id,
+    group_id,
+    sequence_ids,
+    validate_request,
+)
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
 from kvserve.model.tokenizer import Tokenizer

@@ -27,9 +27,20 @@ import time
 import msgspec
 import zmq
 
-from kvserve.engine.ipc import (AddRequests, Codec, FinishRequests, Outputs, Ready, Rejected, Shutdown,
-                                UtilityCall, UtilityResult, input_codec, output_codec)
-from kvserve.engine.protocol import EngineCoreRequest
+from kvserve.engine.ipc import (
+    AddRequests,
+    Codec,
+    FinishRequests,
+    Outputs,
+    Ready,
+    Rejected,
+    Shutdown,
+    UtilityCall,
+    UtilityResult,
+    input_codec,
+    output_codec,
+)
+from kvserve.engine.protocol import EngineCoreRequest, EngineDeadError
 
 log = logging.getLogger("kvserve.engine")
 
@@ -209,8 +220,6 @@ class MPCoreClient:
         self._schedule_flush()
 
     async def call(self, method: str):
-        from kvserve.engine.async_llm import EngineDeadError
-
         if self._ready_epoch != self.epoch:
             raise EngineDeadError("the engine core is not running")
         self._call_ids += 1
@@ -298,8 +307,6 @@ class MPCoreClient:
             self._spawn()
 
     def _fail_calls(self, reason: str) -> None:
-        from kvserve.engine.async_llm import EngineDeadError
-
         for future in self._calls.values():
             if not future.done():
                 future.set_exception(EngineDeadError(reason))

@@ -15,6 +15,10 @@ from kvserve.sampling import ParamError, SamplingParams
 MAX_CACHE_SALT_CHARS = 256
 
 
+class EngineDeadError(RuntimeError):
+    """The engine core died (or could not start) while this request was running; it was not retried."""
+
+
 class EngineInfo(msgspec.Struct, frozen=True):
     """Facts about a running engine core, fixed for its lifetime."""
 

@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from kvserve.engine.async_llm import AsyncLLM, EngineDeadError
+from kvserve.engine.async_llm import AsyncLLM
+from kvserve.engine.protocol import EngineDeadError
 from kvserve.server import chat, completions
 from kvserve.server import protocol as p
 from kvserve.server.chat import apply_template

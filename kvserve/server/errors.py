@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
-from kvserve.engine.async_llm import EngineDeadError
+from kvserve.engine.protocol import EngineDeadError
 from kvserve.sampling import ParamError
 
 log = logging.getLogger("kvserve.server")

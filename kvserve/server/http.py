@@ -1,13 +1,23 @@
-"""uvicorn's h11 protocol with a request-header deadline: uvicorn bounds idle keep-alive connections but not a client
-that opens a connection and sends its headers a byte at a time (slowloris), which would hold a connection slot
-(--max-connections) forever. Each request's headers must be complete within `header_timeout` seconds of the
-connection opening or of the previous response ending."""
+"""uvicorn's h11 protocol with a request-header deadline and a bounded kernel send buffer.
+
+uvicorn bounds idle keep-alive connections but not a client that opens a connection and sends its headers a byte at
+a time (slowloris), which would hold a connection slot (--max-connections) forever: each request's headers must be
+complete within `header_timeout` seconds of the connection opening or of the previous response ending.
+
+A client that stops reading a stream is cut off once a chunk waits longer than --stream-write-timeout (session.py),
+but only after the socket's buffers are full; Linux grows a TCP send buffer up to 4 MiB, so a stalled client could
+pin that much kernel memory and take minutes to be noticed. A token stream needs a few KB/s, so the send buffer is
+capped at SEND_BUFFER_BYTES."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+SEND_BUFFER_BYTES = 256 * 1024
 
 
 class HeaderDeadlineH11Protocol(H11Protocol):
@@ -15,6 +25,9 @@ class HeaderDeadlineH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._header_timer: asyncio.TimerHandle | None = None
         self._arm()
 

@@ -16,7 +16,8 @@ from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
-from kvserve.engine.async_llm import EngineDeadError, merge_outputs
+from kvserve.engine.async_llm import merge_outputs
+from kvserve.engine.protocol import EngineDeadError
 from kvserve.outputs import RequestOutput
 from kvserve.sampling import ParamError, SamplingParams
 from kvserve.server.errors import ApiError, error_body

@@ -6,18 +6,21 @@ import asyncio
 import hmac
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
-from kvserve.engine.async_llm import AsyncLLM, EngineDeadError
-from kvserve.engine.protocol import EngineInfo
+from kvserve.engine.async_llm import AsyncLLM
+from kvserve.engine.protocol import EngineDeadError, EngineInfo
 from kvserve.sampling import ParamError, SamplingParams
 from kvserve.server.config import ServerConfig
 from kvserve.server.errors import ApiError
 from kvserve.server.inputs import EngineInput
 from kvserve.server.metrics import ServerMetrics
 
-if TYPE_CHECKING:
-    from kvserve.server.session import Session
+
+class _Endable(Protocol):
+    """A running request the server can end (session.Session)."""
+
+    def expire(self, reason: str) -> None: ...
 
 log = logging.getLogger("kvserve.server")
 
@@ -29,7 +32,7 @@ class ServerState:
         self.api_key = config.api_key.encode("utf-8") if config.api_key else None
         self.in_flight = 0
         self.draining = False
-        self.sessions: set[Session] = set()
+        self.sessions: set[_Endable] = set()
         self.tok_pool = ThreadPoolExecutor(1, thread_name_prefix="kvserve-tok")  # one tokenizer user at a time
         self.loop: asyncio.AbstractEventLoop | None = None
         self.metrics: ServerMetrics | None = None
