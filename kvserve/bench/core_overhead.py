@@ -3,7 +3,8 @@ encode of the step's outputs, at a fixed number of running sequences. The engine
 but the runner; the front end's per-step work (decode the message, detokenize, stop strings) runs in the API server
 process and is listed separately.
 
-    python -m kvserve.bench.core_overhead [--batch 64] [--steps 40] [--threads 2] [--prompt-len 128] [--json out.json]
+    python -m kvserve.bench.core_overhead [--batch 64] [--steps 40] [--threads 2] [--prompt-len 128]
+                                          [--temperature 0] [--seed S] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import time
 import msgspec
 
 
-def run(batch: int, steps: int, prompt_len: int, threads: int | None, dtype: str) -> dict:
+def run(batch: int, steps: int, prompt_len: int, threads: int | None, dtype: str, temperature: float,
+        seed: int | None) -> dict:
     from kvserve.engine.core import EngineArgs, EngineCore
     from kvserve.engine.ipc import Outputs, output_codec
     from kvserve.engine.output_processor import OutputProcessor
@@ -27,7 +29,7 @@ def run(batch: int, steps: int, prompt_len: int, threads: int | None, dtype: str
     core = EngineCore(EngineArgs(dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=2048, num_threads=threads))
     front = OutputProcessor(core.tokenizer)
     rng = random.Random(0)
-    params = SamplingParams(temperature=0.8, seed=1, max_tokens=4096, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, seed=seed, max_tokens=4096, ignore_eos=True)
     for i in range(batch):
         ids = [rng.randrange(100, 40_000) for _ in range(prompt_len)]
         core.add_request(EngineCoreRequest(f"r{i}", ids, params, None, time.monotonic()))
@@ -58,6 +60,7 @@ def run(batch: int, steps: int, prompt_len: int, threads: int | None, dtype: str
     step = med["schedule"] + med["runner"] + med["update"] + med["ipc_encode"]
     overhead = med["schedule"] + med["update"] + med["ipc_encode"]
     return {"batch": batch, "steps": steps, "prompt_len": prompt_len, "dtype": dtype, "threads": threads,
+            "temperature": temperature, "seed": seed,
             "median_ms": {k: v * 1e3 for k, v in med.items() if k != "frame_bytes"},
             "frame_bytes": med["frame_bytes"], "core_step_ms": step * 1e3,
             "core_overhead_fraction": overhead / step}
@@ -70,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the serving benchmark samples")
+    ap.add_argument("--seed", type=int, default=None, help="per-request seeded sampling (a generator per row)")
     ap.add_argument("--json", default=None, help="write the result here too")
     args = ap.parse_args(argv)
-    res = run(args.batch, args.steps, args.prompt_len, args.threads, args.dtype)
+    res = run(args.batch, args.steps, args.prompt_len, args.threads, args.dtype, args.temperature, args.seed)
     m = res["median_ms"]
-    print(f"decode step at {res['batch']} running sequences ({res['dtype']}, {res['threads']} threads), "
-          f"median of {res['steps']} steps:")
+    print(f"decode step at {res['batch']} running sequences ({res['dtype']}, {res['threads']} threads, temperature "
+          f"{res['temperature']}, seed {res['seed']}), median of {res['steps']} steps:")
     print("| part | ms | share of the core's step |")
     print("| --- | ---: | ---: |")
     for k in ("schedule", "runner", "update", "ipc_encode"):

@@ -113,8 +113,13 @@ class Sampler:
         if (min_ps > 0).any():
             thresh = probs.max(dim=1, keepdim=True).values * min_ps[:, None]
             probs = probs.masked_fill(probs < thresh, 0.0)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (renormalisation not needed).
-        noise = torch.empty_like(probs)
-        for i, r in enumerate(requests):
-            noise[i].exponential_(generator=self._generator(r))
-        return (probs / noise).argmax(dim=1)
+        # Inverse CDF: one uniform draw per row from its own generator, then a batched search of the cumulative
+        # (unnormalised) probabilities. An exponential race (argmax p / E) needs a draw per vocabulary entry: 49k per
+        # row, ~0.7 ms each on this CPU, a third of a 64-sequence decode step.
+        u = torch.tensor([torch.rand(1, generator=self._generator(r)).item() for r in requests],
+                         dtype=torch.float64)  # (B,)
+        cum = probs.double().cumsum(dim=1)  # (B, V); float64 so a 49k-term sum keeps every small probability
+        target = (u * cum[:, -1]).unsqueeze(1)  # (B, 1), below each row's total
+        # the first entry whose cumulative sum passes the target: never one of zero probability (its sum equals the
+        # entry before it, which would have passed already)
+        return torch.searchsorted(cum, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
