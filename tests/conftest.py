@@ -25,16 +25,21 @@ def fp32_parts():
     return model, tok, loaded.name
 
 
+def _test_engine_args(**kw):
+    """EngineArgs for engines on the shared float32 weights, with a small KV pool unless a test asks otherwise."""
+    from kvserve.engine.core import EngineArgs
+
+    return EngineArgs(**{"dtype": "float32", "kv_cache_memory_gb": 0.25, **kw})
+
+
 @pytest.fixture(scope="session")
 def make_engine(fp32_parts):
-    from kvserve.engine.llm_engine import EngineArgs, LLMEngine
+    from kvserve.engine.llm_engine import LLMEngine
 
     model, tok, name = fp32_parts
 
     def build(**kw):
-        kw.setdefault("dtype", "float32")
-        kw.setdefault("kv_cache_memory_gb", 0.25)
-        return LLMEngine(EngineArgs(**kw), model=model, tokenizer=tok, model_name=name)
+        return LLMEngine(_test_engine_args(**kw), model=model, tokenizer=tok, model_name=name)
 
     return build
 
@@ -43,15 +48,14 @@ def make_engine(fp32_parts):
 def make_async_llm(fp32_parts):
     """AsyncLLM over an in-process (thread) engine core sharing the session's weights; call `await llm.start()`."""
     from kvserve.engine.async_llm import AsyncLLM, InprocCoreClient
-    from kvserve.engine.core import EngineArgs, EngineCore
+    from kvserve.engine.core import EngineCore
 
     model, tok, name = fp32_parts
 
     def build(**kw):
-        kw.setdefault("dtype", "float32")
-        kw.setdefault("kv_cache_memory_gb", 0.25)
-        return AsyncLLM(InprocCoreClient(lambda: EngineCore(EngineArgs(**kw), model=model, tokenizer=tok,
-                                                            model_name=name)), tokenizer=tok)
+        args = _test_engine_args(**kw)
+        return AsyncLLM(InprocCoreClient(lambda: EngineCore(args, model=model, tokenizer=tok, model_name=name)),
+                        tokenizer=tok)
 
     return build
 

@@ -178,6 +178,7 @@ class MPCoreClient:
         if self._in is not None:
             self._in.close(linger=0)  # drop whatever was queued for the dead core
         self._in = self._ctx.socket(zmq.PUSH)  # to this core; connects once it has bound (it then says Ready)
+        self._in.setsockopt(zmq.SNDHWM, 0)  # no high-water mark: a NOBLOCK send must never fail with EAGAIN
         self._in.connect(input_address(self._dir, self.epoch))
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, start_new_session=True)
         self.proc.stdin.write(msgspec.json.encode(dataclasses.asdict(self.args)))
@@ -251,7 +252,7 @@ class MPCoreClient:
             if ids:
                 frames.append(self._codec_in.encode(FinishRequests(ids, stopped)))
         self._pending_finish = {True: [], False: []}
-        for frame in frames:  # PUSH over IPC with a free high-water mark: sends do not block
+        for frame in frames:  # SNDHWM 0 (see _spawn): sends queue, never block or fail
             self._in.send(frame, flags=zmq.NOBLOCK)
 
     # ------------------------------------------------------------------ background tasks
