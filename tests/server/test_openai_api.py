@@ -112,12 +112,14 @@ def test_stop_strings_cut_and_never_stream(server, client):
 
 
 def test_seed_reproducibility(server, client):
+    # ignore_eos: after a finished sentence the model ends more often than not (p(EOS) = 0.57 on a full stop), and
+    # two empty texts are equal whatever the seeds did
     kw = dict(model=server.model, prompt="Write a short poem about the sea.", max_tokens=16, temperature=1.0,
-              top_p=0.95)
+              top_p=0.95, extra_body={"ignore_eos": True})
     a = client.completions.create(**kw, seed=1234).choices[0].text
     b = client.completions.create(**kw, seed=1234).choices[0].text
-    c = client.completions.create(**kw, seed=4321).choices[0].text
-    assert a == b and a != c
+    others = {client.completions.create(**kw, seed=s).choices[0].text for s in (4321, 7, 99)}
+    assert a and a == b and others - {a}
     chat_kw = dict(model=server.model, messages=[{"role": "user", "content": "Name a color."}], max_tokens=12,
                    temperature=1.2, seed=99, n=2)
     first = [ch.message.content for ch in client.chat.completions.create(**chat_kw).choices]
