@@ -19,6 +19,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="GGUF file, HF model directory or hub id; none: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32 | float16")
+    parser.add_argument("--quantization", default="auto", choices=("auto", "none", "q8_0", "w8a8"),
+                        help="matmul weights: auto keeps a GGUF file's format where it runs natively (else none); "
+                             "none: dequantized to --dtype; q8_0: int8 blocks of 32 (half the bytes per decoded "
+                             "token); w8a8: int8 weights and per-token int8 activations (fastest for batches)")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")
@@ -131,7 +135,8 @@ def _engine_args(args: argparse.Namespace, **extra):
     from kvserve.engine.llm_engine import EngineArgs
     from kvserve.kvstore.config import read_key
 
-    return EngineArgs(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
+    return EngineArgs(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                      kv_cache_memory_gb=args.kv_cache_memory_gb,
                       max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
                       kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
                       kv_store_key=read_key(args.kv_store_key_file), **extra)
@@ -193,7 +198,8 @@ def generate_command(args: argparse.Namespace) -> int:
     from kvserve.kvstore.config import read_key
     from kvserve.sampling import SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, kv_cache_memory_gb=args.kv_cache_memory_gb,
+    llm = LLM(model=args.model, dtype=args.dtype, quantization=args.quantization,
+              kv_cache_memory_gb=args.kv_cache_memory_gb,
               max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
               kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
               kv_store_key=read_key(args.kv_store_key_file))

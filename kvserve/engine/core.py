@@ -31,6 +31,7 @@ from kvserve.engine.protocol import (
 )
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
+from kvserve.model.quant import QUANTIZATIONS, resolve_quantization
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.worker.kv_cache import KVCache, num_blocks_for_budget
 from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
@@ -60,6 +61,13 @@ class EngineArgs:
     kv_store_chunk_size: int = 256
     kv_store_load: str = "auto"  # auto: load or recompute by the store's cost model; always: load whatever is stored
     kv_store_key: str | None = field(default=None, repr=False)  # secret that authenticates stored entries (HMAC); None: integrity check only
+    # matmul weights: auto keeps a checkpoint's own format where kvserve runs it natively (else none: dequantized to
+    # dtype); q8_0 / w8a8 quantize at load (kvserve.model.quant)
+    quantization: str = "auto"
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in _DTYPES:
@@ -78,13 +86,17 @@ class EngineCore:
             torch.set_num_threads(args.num_threads)
         if model is None or tokenizer is None:
             loaded = load_model(args.model)
-            model = LlamaModel(loaded.config, loaded.weights, dtype, native_kernels=args.native_kernels)
+            model = LlamaModel(loaded.config, loaded.weights, dtype, native_kernels=args.native_kernels,
+                               quantization=resolve_quantization(args.quantization, loaded.weight_format))
             tokenizer_source, chat_template = loaded.tokenizer_source, loaded.chat_template
             tokenizer = Tokenizer(tokenizer_source, chat_template)
             model_name = loaded.name
             del loaded
         if model.dtype != dtype:
             raise ConfigError(f"shared model has dtype {model.dtype}, engine asked for {dtype}")
+        if args.quantization not in ("auto", model.quantization):
+            raise ConfigError(f"shared model is quantized as {model.quantization}, engine asked for "
+                              f"{args.quantization}")
         self.model = model
         self.tokenizer = tokenizer  # the in-process front end shares it; the core itself only needs EOS ids
         config = model.config
@@ -115,7 +127,8 @@ class EngineCore:
             kv_capacity_tokens=num_blocks * args.block_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=budget, dtype=str(dtype).removeprefix("torch."),
             enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
-            kv_store=self.kv_store is not None, native_kernels=model.uses_native_kernels)
+            kv_store=self.kv_store is not None, native_kernels=model.uses_native_kernels,
+            quantization=model.quantization)
         self._group_seqs: dict[str, list[str]] = {}
 
     def _make_kv_store(self, args: EngineArgs, name: str, model: LlamaModel, dtype: torch.dtype):
@@ -127,7 +140,7 @@ class EngineCore:
                                 key=args.kv_store_key)
         config.check_block_size(args.block_size)
         c = model.config
-        return KVStore(config, model_fingerprint(name, c, model.fingerprint_weights()), dtype,
+        return KVStore(config, model_fingerprint(name, c, model.fingerprint_weights(), model.quantization), dtype,
                        c.num_layers, c.num_kv_heads, c.head_dim, args.block_size)
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ class EngineInfo(msgspec.Struct, frozen=True):
     enable_chunked_prefill: bool
     kv_store: bool
     native_kernels: bool
+    quantization: str = "none"  # the matmul weights' format: none (dtype), q8_0, w8a8
 
 
 class EngineCoreRequest(msgspec.Struct, frozen=True):

@@ -100,3 +100,9 @@ def fused_ops_module():
     """The fused elementwise kernels (rms_norm, add_rms_norm_, silu_mul, rope_qkv_write_), or None where they did
     not build. They check their own inputs and raise on what they cannot take."""
     return load("fused_ops")
+
+
+def quant_gemm_module():
+    """The Q8_0 linear kernels (q8_linear, quantize_activations, has_vnni), or None where they did not build.
+    They check their own inputs and raise on what they cannot take."""
+    return load("quant_gemm")

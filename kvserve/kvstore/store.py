@@ -108,11 +108,14 @@ class CostModel:
         return n >= self.PROBE_EVERY
 
 
-def model_fingerprint(name: str, config, weights: dict[str, torch.Tensor] | None = None) -> str:
-    """Model identity for stored KV: name, architecture and a digest of a few weight slices, so two checkpoints that
-    share a name (a fine-tune, another quantization) never read each other's KV."""
+def model_fingerprint(name: str, config, weights: dict[str, torch.Tensor] | None = None,
+                      quantization: str = "none") -> str:
+    """Model identity for stored KV: name, architecture, the weights' run-time quantization and a digest of a few
+    weight slices, so two checkpoints that share a name (a fine-tune, another quantization) never read each other's KV
+    (the same file run as q8_0 and as bf16 computes different KV)."""
     h = hashlib.blake2b(digest_size=12)
     h.update(repr(config).encode())
+    h.update(b"quantization=" + quantization.encode())
     for key in sorted(weights or {})[:8]:
         t = weights[key].detach().reshape(-1)[:4096].float().contiguous()
         h.update(key.encode())

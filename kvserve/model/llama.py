@@ -12,38 +12,54 @@ from kvserve.config import ModelConfig
 from kvserve.model.attention import AttentionBackend
 from kvserve.model.batch import ForwardBatch
 from kvserve.model.layers import Linear, RotaryEmbedding
+from kvserve.model.quant import INT8_FORMATS, Int8Linear, can_quantize
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # (hidden,)
-    qkv: Linear  # ((H + 2 Hkv) D, hidden): q, k, v projections fused into one matmul (+ Qwen2 bias)
-    o: Linear  # (hidden, H D)
+    qkv: Linear | Int8Linear  # ((H + 2 Hkv) D, hidden): q, k, v projections fused into one matmul (+ Qwen2 bias)
+    o: Linear | Int8Linear  # (hidden, H D)
     post_norm: torch.Tensor
-    gate_up: Linear  # (2 I, hidden)
-    down: Linear  # (hidden, I)
+    gate_up: Linear | Int8Linear  # (2 I, hidden)
+    down: Linear | Int8Linear  # (hidden, I)
 
 
 class LlamaModel:
     """Plain tensors, no nn.Module: the forward is a short loop the runner calls under inference_mode."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
-                 native_kernels: bool = True):
-        """`native_kernels`: attend and fuse elementwise ops with the JIT-built C++ kernels where they build."""
+                 native_kernels: bool = True, quantization: str = "none"):
+        """`native_kernels`: attend and fuse elementwise ops with the JIT-built C++ kernels where they build.
+        `quantization`: "none" keeps the matmul weights in `dtype`; "q8_0" / "w8a8" store them as int8
+        (kvserve.model.quant), quantized here from the checkpoint's float values."""
+        if quantization not in ("none", *INT8_FORMATS):
+            raise ValueError(f"quantization must be none or one of {INT8_FORMATS}, got {quantization!r}")
         self.config = config
         self.dtype = dtype
+        self.quantization = quantization
         c = config
 
-        def w(name: str) -> torch.Tensor:
+        def raw(name: str) -> torch.Tensor:
             if name not in weights:
                 raise ValueError(f"checkpoint is missing tensor {name}")
-            return weights[name].to(dtype).contiguous()
+            return weights[name]
+
+        def w(name: str) -> torch.Tensor:
+            return raw(name).to(dtype).contiguous()
+
+        def linear(parts: list[str], bias: torch.Tensor | None = None) -> Linear | Int8Linear:
+            """One matmul over the named weights stacked by rows; int8 where asked and the shape allows."""
+            full = torch.cat([raw(p) for p in parts]) if len(parts) > 1 else raw(parts[0])
+            if quantization != "none" and can_quantize(full):
+                return Int8Linear(full, quantization, bias, native=native_kernels)
+            return Linear(full.to(dtype).contiguous(), bias)
 
         self.embed = w("model.embed_tokens.weight")  # (vocab, hidden)
         if self.embed.shape != (c.vocab_size, c.hidden_size):
             raise ValueError(f"embedding shape {tuple(self.embed.shape)} does not match the config "
                              f"({c.vocab_size}, {c.hidden_size})")
-        self.lm_head = Linear(self.embed if c.tie_word_embeddings else w("lm_head.weight"))
+        self.lm_head = linear(["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"])
         self.norm = w("model.norm.weight")
         self.layers: list[LayerWeights] = []
         for i in range(c.num_layers):
@@ -53,11 +69,11 @@ class LlamaModel:
                 bias = torch.cat([w(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
             self.layers.append(LayerWeights(
                 input_norm=w(p + "input_layernorm.weight"),
-                qkv=Linear(torch.cat([w(p + f"self_attn.{x}_proj.weight") for x in "qkv"]).contiguous(), bias),
-                o=Linear(w(p + "self_attn.o_proj.weight")),
+                qkv=linear([p + f"self_attn.{x}_proj.weight" for x in "qkv"], bias),
+                o=linear([p + "self_attn.o_proj.weight"]),
                 post_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous()),
-                down=Linear(w(p + "mlp.down_proj.weight")),
+                gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
+                down=linear([p + "mlp.down_proj.weight"]),
             ))
         self.rotary = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling_dict,
                                       weights.get("rope_freqs"), dtype)

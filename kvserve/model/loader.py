@@ -32,6 +32,7 @@ class LoadedModel:
     tokenizer_source: tuple[str, str | None]  # (directory, gguf file name or None)
     chat_template: str | None
     name: str
+    weight_format: str | None = None  # the checkpoint's own storage of its matmul weights ("q8_0", "q4_1", "f16"...)
 
 
 def default_model_path() -> str:
@@ -151,11 +152,14 @@ def load_gguf(path: str) -> LoadedModel:
     eos_ids = tuple(sorted({int(x) for x in (eos, eot) if x is not None}))
 
     weights: dict[str, torch.Tensor] = {}
+    formats: dict[str, int] = {}
     for t in reader.tensors:
         name = gguf_to_hf_name(t.name)
         if name is None:
             continue
         qtype = t.tensor_type.name
+        if name.endswith("_proj.weight"):
+            formats[qtype.lower()] = formats.get(qtype.lower(), 0) + int(np.prod(t.shape))
         if qtype not in SUPPORTED_GGUF_TYPES:
             raise ValueError(f"tensor {t.name} has unsupported GGUF type {qtype}")
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -186,8 +190,9 @@ def load_gguf(path: str) -> LoadedModel:
         eos_token_ids=eos_ids,
     )
     name = _field(reader, "general.name") or os.path.basename(path)
+    weight_format = max(formats, key=formats.get) if formats else None  # most of the layers' weights
     return LoadedModel(config, weights, (os.path.dirname(os.path.abspath(path)), os.path.basename(path)),
-                       _field(reader, "tokenizer.chat_template"), str(name))
+                       _field(reader, "tokenizer.chat_template"), str(name), weight_format)
 
 
 # ---------------------------------------------------------------------------------------------------------- HF dir

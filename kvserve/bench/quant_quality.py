@@ -1,0 +1,71 @@
+"""What int8 weights cost in quality and buy in bytes, against the bfloat16 model (and float32, for scale).
+
+    python -m kvserve.bench.quant_quality [--tokens 1024] [--formats q8_0,w8a8]
+
+Teacher-forced over the kernel_quality text (the offline benchmark's fixed text, --tokens long, one prefill): per
+format, the share of positions whose top-1 next token equals bfloat16's, the mean KL(bf16 || format) of the next-token
+distributions over the full vocabulary, and the bytes of weights a decode step reads. bfloat16 against float32 is
+printed too: the rounding the engine already accepts, the yardstick for the int8 formats' numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from kvserve.bench.offline import text_token_ids
+from kvserve.model.batch import ForwardBatch, PrefillSeq
+from kvserve.model.llama import LlamaModel
+from kvserve.model.loader import load_model
+from kvserve.worker.kv_cache import KVCache
+
+
+def prompt_logprobs(model: LlamaModel, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Log-softmax of the next-token logits at every position of one prefill: (N, vocab) float32."""
+    n = len(ids)
+    num_blocks = (n + block_size - 1) // block_size
+    cache = KVCache(model.config, num_blocks, block_size, model.dtype)
+    blocks = torch.arange(num_blocks, dtype=torch.long)
+    rows = torch.arange(n, dtype=torch.long)
+    batch = ForwardBatch(torch.tensor(ids, dtype=torch.long), rows.clone(), rows.clone(),
+                         prefills=[PrefillSeq(0, n, 0, blocks)], logits_indices=rows,
+                         prefill_token_starts=torch.tensor([0]), prefill_num_tokens=torch.tensor([n]),
+                         prefill_ctx_starts=torch.tensor([0]), prefill_block_tables=blocks[None])
+    with torch.inference_mode():
+        return torch.log_softmax(model.compute_logits(model.forward(batch, cache.layers)), dim=-1)
+
+
+def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    kl = (ref.exp() * (ref - got)).sum(-1)  # (N,) KL(ref || got)
+    return {"top1_agreement": round(agree, 4), "mean_kl": round(kl.mean().item(), 5),
+            "p99_kl": round(kl.quantile(0.99).item(), 5)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--formats", default="q8_0,w8a8")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    text = text_token_ids()
+    ids = (text * (args.tokens // len(text) + 1))[: args.tokens]
+    loaded = load_model(None)
+    bf16 = LlamaModel(loaded.config, loaded.weights, torch.bfloat16)
+    ref = prompt_logprobs(bf16, ids)
+    fp32 = prompt_logprobs(LlamaModel(loaded.config, loaded.weights, torch.float32), ids)
+    report = {"model": loaded.name, "source_format": loaded.weight_format, "tokens": args.tokens,
+              "bf16": {"weight_bytes": bf16.weight_bytes(), "vs_float32": compare(fp32, ref)}}
+    for fmt in args.formats.split(","):
+        model = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization=fmt)
+        got = prompt_logprobs(model, ids)
+        report[fmt] = {"weight_bytes": model.weight_bytes(), "vs_bf16": compare(ref, got),
+                       "vs_float32": compare(fp32, got)}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

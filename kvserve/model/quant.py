@@ -1,0 +1,116 @@
+"""Int8 linear layers executed natively (kvserve/kernels/quant_gemm.cpp): Q8_0 and w8a8.
+
+q8_0: int8 weights in blocks of 32 along the input dimension with one scale per (row, block) (GGUF's Q8_0), 34 bytes
+per 32 weights against 64 in bfloat16, so a bandwidth-bound decode step reads half the bytes. Activations are
+quantized on the fly to the same blocks (llama.cpp's scheme for Q8_0): each block is an exact int32 dot product on
+VNNI and the error stays near the weights' own, no per-token activation scale to be ruined by an outlier.
+
+w8a8: one scale per weight row and one per token (dynamic), so the int32 sums run over the whole row and nearly every
+instruction is a multiply-add: for compute-bound batches, at a larger rounding error (measured in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve import kernels
+
+QUANTIZATIONS = ("auto", "none", "q8_0", "w8a8")
+INT8_FORMATS = ("q8_0", "w8a8")
+QK = 32  # weights per block
+NR = 16  # rows per packed group (kernel layout)
+
+
+def resolve_quantization(requested: str, source_format: str | None) -> str:
+    """The format the model runs in: `auto` keeps a checkpoint's own format where it runs natively, else none."""
+    if requested not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return source_format if source_format in INT8_FORMATS else "none"
+
+
+def block_size(fmt: str, k: int) -> int:
+    """Values per scale along the input dimension."""
+    return QK if fmt == "q8_0" else k
+
+
+def quantize_blocks(t: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (R, K) -> q (R, K) int8, d (R, K/bs) float32 with t ~ q * d, d = max|t| / 127 per block of bs (GGUF's rule
+    for weights; the kernel's for activations, whose PyTorch twin this is)."""
+    r, k = t.shape
+    blocks = t.float().reshape(r, k // bs, bs)
+    d = blocks.abs().amax(-1) / 127.0  # (R, K/bs)
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = (blocks * inv[..., None]).round().clamp_(-127, 127).to(torch.int8).reshape(r, k)
+    return q, d.contiguous()
+
+
+def reference_int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes, in PyTorch: exact int dots per scale block, scaled and summed in float32.
+    x (M, K), q (N, K) int8, d (N, K/bs) -> (M, N) in x's dtype."""
+    m, k = x.shape
+    n, sb = d.shape
+    bs = k // sb
+    xq, xd = quantize_blocks(x, bs)
+    # block dots as float64 matmuls: exact for |sum| < 2^53 (a row's is < 8192 * 127 * 127)
+    dots = torch.einsum("mbi,nbi->mnb", xq.double().reshape(m, sb, bs), q.double().reshape(n, sb, bs))
+    scale = xd[:, None, :] * d[None, :, :]  # (M, N, K/bs) float32
+    return (dots.float() * scale).sum(-1).to(x.dtype)
+
+
+def pack_int8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (N, K) int8, d (N, SB) with SB = K/32 (q8_0) or 1 (w8a8) -> the kernel's layout (see quant_gemm.cpp):
+    packed (N/16, K/32, 8, 64) int8, scales (N/16, SB, 16) float32, comp (N/16, SB, 16) int32."""
+    n, k = q.shape
+    g, kb, sb = n // NR, k // QK, d.shape[1]
+    packed = q.reshape(g, NR, kb, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, kb, 8, NR * 4).contiguous()
+    scales = d.float().reshape(g, NR, sb).permute(0, 2, 1).contiguous()
+    comp = (-128 * q.reshape(g, NR, sb, k // sb).int().sum(-1)).to(torch.int32).permute(0, 2, 1).contiguous()
+    return packed, scales, comp
+
+
+def unpack_int8(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack_int8 (tests, and the PyTorch fallback)."""
+    g, kb = packed.shape[:2]
+    q = packed.reshape(g, kb, 8, NR, 4).permute(0, 3, 1, 2, 4).reshape(g * NR, kb * QK)
+    d = scales.permute(0, 2, 1).reshape(g * NR, scales.shape[1])
+    return q.contiguous(), d.contiguous()
+
+
+def can_quantize(weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return n % NR == 0 and k % QK == 0
+
+
+class Int8Linear:
+    """y = x W^T + b over int8 weights (q8_0 or w8a8): the native kernel where it builds, else its PyTorch reference
+    (slow, same rounding). Holds no float copy of W."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, native: bool = True):
+        if fmt not in INT8_FORMATS:
+            raise ValueError(f"unknown int8 format {fmt!r}")
+        if not can_quantize(weight):
+            raise ValueError(f"{fmt} needs out_features % {NR} == 0 and in_features % {QK} == 0, got "
+                             f"{tuple(weight.shape)}")
+        self.format = fmt
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        q, d = quantize_blocks(weight, block_size(fmt, self.in_features))
+        self.mod = kernels.quant_gemm_module() if native else None
+        self.packed, self.scales, self.comp = pack_int8(q, d)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x (T, K) -> (T, N) in x's dtype
+        x = x.contiguous()
+        if self.mod is not None and x.dtype in (torch.bfloat16, torch.float32):
+            y = self.mod.q8_linear(x, self.packed, self.scales, self.comp, False)
+        else:
+            q, d = unpack_int8(self.packed, self.scales)
+            y = reference_int8_linear(x, q, d)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read per call: int8 weights and their float32 block scales (the compensation sums included)."""
+        return self.packed.numel() + self.scales.numel() * 4 + self.comp.numel() * 4
