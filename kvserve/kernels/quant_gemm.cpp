@@ -1,18 +1,19 @@
-// Int8 linear layers (Q8_0 and w8a8): y = x W^T with W held as int8 in blocks of 32 along K, one float scale per (row, block), as
-// GGUF's Q8_0. Activations are quantized on the fly to the same blocks (what llama.cpp does for Q8_0 weights), so each
-// block's dot product is exact in int32 through AVX512-VNNI (vpdpbusd: 64 int8 multiply-adds per instruction, twice
-// the bf16 rate of vdpbf16ps) and only the block sums are scaled and added in float32.
+// Int8 linear layers (q8_0 and w8a8): y = x W^T with W held as int8 and x quantized to int8 on the fly, so every dot
+// product is exact in int32 through AVX512-VNNI (vpdpbusd: 64 byte multiply-adds per instruction, twice the bf16 rate
+// of vdpbf16ps) and only the partial sums are scaled in float32.
 //
-// Weight layout (prepared once in Python, kvserve/model/quant.py): rows in groups of 16; per group and block, eight
-// 64-byte vectors, vector j holding rows r = 0..15 x k = 4j..4j+3 at byte 4r + (k - 4j): exactly the operand shape of
-// vpdpbusd, so a group's block is eight loads and eight instructions per token. vpdpbusd multiplies unsigned by signed
-// bytes, so activations are stored +128 and each (row, block) carries -128 * sum(q) as the accumulator's start value.
+// q8_0 (GGUF's Q8_0): one fp16 scale per (row, block of 32 along K), activations quantized to the same blocks (what
+// llama.cpp does for Q8_0 weights): 34 bytes per 32 weights, as in the file format. w8a8: one float32 scale per row
+// and one per token; the int32 sums run over all of K and are converted once, so nearly every instruction is a
+// vpdpbusd (the route past the bf16 roof for batches), at the cost of rounding each activation to its row's largest.
 //
-// w8a8 is the same with one scale per row (scales and comp (N/16, 1, 16)) and one per token: the int32 sums then run
-// over all of K and are converted once, so nearly every instruction is a vpdpbusd (the route past the bf16 roof for
-// batches), at the cost of rounding every activation to its row's largest.
+// Weight layout (prepared once in Python, kvserve/model/quant.py): rows in groups of 16; per group and block of 32,
+// eight 64-byte vectors, vector j holding rows r = 0..15 x k = 4j..4j+3 at byte 4r + (k - 4j): exactly vpdpbusd's
+// operand shape, so a group's block is eight loads and eight instructions per token. vpdpbusd multiplies unsigned by
+// signed bytes: weights are stored + 128 (unsigned), activations signed, and each token's block sum starts at
+// -128 * sum(its activation codes), computed when the activations are quantized (no per-weight correction stored).
 //
-//   packed (N/16, K/32, 8, 64) int8, scales (N/16, K/32 or 1, 16) float32, comp (same shape) int32
+//   packed (N/16, K/32, 8, 64) uint8; scales (N/16, K/32, 16) float16 (q8_0) or (N/16, 1, 16) float32 (w8a8)
 //   x (M, K) bfloat16 or float32 -> y (M, N) same dtype
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -31,7 +32,7 @@
 
 namespace {
 
-constexpr int QK = 32;  // weights and activations per block
+constexpr int QK = 32;  // weights per q8_0 block, and the packing unit along K for both formats
 constexpr int NR = 16;  // rows per group (one zmm of int32 / float32 lanes)
 constexpr int MC = 64;  // tokens per pass over a thread's weight groups (their activations stay in L1/L2)
 
@@ -39,6 +40,13 @@ using kvserve::to_float;
 
 inline void store(float v, float* dst) { *dst = v; }
 inline void store(float v, c10::BFloat16* dst) { *dst = c10::BFloat16(v); }  // round to nearest even
+
+// Quantized activations of one call: codes (M, K) int8; per scale block (M, SB): scale d and start value -128 * sum.
+struct QAct {
+  const int8_t* q;
+  const float* d;
+  const int32_t* start;
+};
 
 #ifdef KVSERVE_VNNI
 template <typename T>
@@ -52,32 +60,34 @@ inline __m512 load16(const T* p) {
 }
 #endif
 
-// x (M, K) -> xq (M, K) uint8 (q + 128), xs (M, K/bs) float32 with q = round(x / d), d = max|x| / 127 per block of
-// bs values (32 for Q8_0, K for w8a8's per-token scale).
+// x (M, K) -> q (M, K) int8 = round(x / d), d = max|x| / 127 per block of bs values (32 for q8_0, K for w8a8),
+// start = -128 * sum(q) per block. The same float32 operations as kvserve.model.quant.quantize_blocks.
 template <typename T>
-void quantize_rows(const T* x, uint8_t* xq, float* xs, int64_t M, int64_t K, int64_t bs) {
+void quantize_rows(const T* x, int8_t* xq, float* xs, int32_t* xstart, int64_t M, int64_t K, int64_t bs) {
   const int64_t SB = K / bs;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     std::vector<float> buf(bs);
     for (int64_t m = m0; m < m1; ++m) {
       for (int64_t b = 0; b < SB; ++b) {
         const T* src = x + m * K + b * bs;
-        uint8_t* dst = xq + m * K + b * bs;
+        int8_t* dst = xq + m * K + b * bs;
 #ifdef KVSERVE_VNNI
-        if (bs % 16 == 0) {  // the same float32 operations 16 lanes at a time
+        if (bs % 16 == 0) {  // 16 lanes at a time
           __m512 vmax = _mm512_setzero_ps();
           for (int64_t i = 0; i < bs; i += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(src + i)));
           const float d = _mm512_reduce_max_ps(vmax) / 127.f;
           const float id = d > 0.f ? 1.f / d : 0.f;
-          xs[m * SB + b] = d;
           const __m512 vid = _mm512_set1_ps(id), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+          __m512i vsum = _mm512_setzero_si512();
           for (int64_t i = 0; i < bs; i += 16) {
             __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(load16(src + i), vid),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            q = _mm512_min_ps(hi, _mm512_max_ps(lo, q));
-            const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(u));
+            const __m512i qi = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, q)));
+            vsum = _mm512_add_epi32(vsum, qi);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtepi32_epi8(qi));
           }
+          xs[m * SB + b] = d;
+          xstart[m * SB + b] = -128 * _mm512_reduce_add_epi32(vsum);
           continue;
         }
 #endif
@@ -88,22 +98,33 @@ void quantize_rows(const T* x, uint8_t* xq, float* xs, int64_t M, int64_t K, int
         }
         const float d = amax / 127.f;
         const float id = d > 0.f ? 1.f / d : 0.f;
-        xs[m * SB + b] = d;
+        int32_t sum = 0;
         for (int64_t i = 0; i < bs; ++i) {
           float q = std::nearbyint(buf[i] * id);  // round half to even, as torch.round
           q = std::min(127.f, std::max(-127.f, q));
-          dst[i] = static_cast<uint8_t>(static_cast<int>(q) + 128);
+          dst[i] = static_cast<int8_t>(q);
+          sum += dst[i];
         }
+        xs[m * SB + b] = d;
+        xstart[m * SB + b] = -128 * sum;
       }
     }
   });
 }
 
-// Portable path: the same arithmetic (exact int32 block dots, float32 block sums in the same order) in plain C++.
+template <typename S>
+inline float scale_at(const S* ws, int64_t i) {
+  if constexpr (std::is_same_v<S, float>) {
+    return ws[i];
+  } else {
+    return static_cast<float>(ws[i]);
+  }
+}
+
+// Portable path: the same arithmetic (exact int32 dots, float32 block sums in the same order) in plain C++.
 // Used where AVX512-VNNI is missing (AVX2 laptops: the compiler vectorizes what it can) and forced in tests.
-template <typename T>
-void gemm_generic(const uint8_t* xq, const float* xs, const int8_t* wp, const float* ws, const int32_t* wc, T* y,
-                  int64_t M, int64_t N, int64_t K, int64_t SB) {
+template <typename T, typename S>
+void gemm_generic(QAct a, const uint8_t* wp, const S* ws, T* y, int64_t M, int64_t N, int64_t K, int64_t SB) {
   const int64_t KB = K / QK, G = N / NR, per = KB / SB;  // 32-blocks per scale block
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
@@ -111,18 +132,19 @@ void gemm_generic(const uint8_t* xq, const float* xs, const int8_t* wp, const fl
         float acc[NR] = {0.f};
         for (int64_t sb = 0; sb < SB; ++sb) {
           int32_t s[NR];
-          for (int r = 0; r < NR; ++r) s[r] = wc[(g * SB + sb) * NR + r];
+          for (int r = 0; r < NR; ++r) s[r] = a.start[m * SB + sb];
           for (int64_t b = sb * per; b < (sb + 1) * per; ++b) {
-            const int8_t* wb = wp + (g * KB + b) * QK * NR;
-            const uint8_t* a = xq + m * K + b * QK;
+            const uint8_t* wb = wp + (g * KB + b) * QK * NR;
+            const int8_t* xb = a.q + m * K + b * QK;
             for (int j = 0; j < QK / 4; ++j)
               for (int r = 0; r < NR; ++r)
-                for (int t = 0; t < 4; ++t) s[r] += int32_t(a[4 * j + t]) * int32_t(wb[j * 64 + 4 * r + t]);
+                for (int t = 0; t < 4; ++t) s[r] += int32_t(wb[j * 64 + 4 * r + t]) * int32_t(xb[4 * j + t]);
           }
-          const float xd = xs[m * SB + sb];
+          const float xd = a.d[m * SB + sb];
           for (int r = 0; r < NR; ++r) {
             const float v = float(s[r]) * xd;
-            acc[r] = SB == 1 ? v * ws[g * NR + r] : acc[r] + v * ws[(g * SB + sb) * NR + r];
+            const float w = scale_at(ws, (g * SB + sb) * NR + r);
+            acc[r] = SB == 1 ? v * w : acc[r] + v * w;
           }
         }
         for (int r = 0; r < NR; ++r) store(acc[r], y + m * N + g * NR + r);
@@ -141,20 +163,20 @@ inline void store16(__m512 v, T* dst) {
   }
 }
 
-// MT tokens x one group of 16 rows over all of K. BLOCK: Q8_0, a float scale per 32-block, so each block's int32
-// dot is converted and scaled; otherwise (w8a8: one scale per row and per token) the int32 sums run over all of K and
-// are converted once. Activation bytes and scales are broadcast straight from memory (embedded operands, no extra
-// instructions). A single token gets two int32 chains so it does not wait on one dependent vpdpbusd after another.
+// MT tokens x one group of 16 rows over all of K. BLOCK (q8_0): each block's int32 dot is converted and scaled by
+// the fp16 weight scale and the token's block scale; otherwise (w8a8) the int32 sums run over all of K. Activation
+// codes, scales and start values are broadcast straight from memory (embedded operands). A single token gets two
+// int32 chains so it does not wait on one dependent vpdpbusd after another.
 template <int MT, bool BLOCK, typename T>
-inline void tile(const uint8_t* xq, const float* xs, const int8_t* wp, const float* ws, const int32_t* wc, T* y,
-                 int64_t N, int64_t K, int64_t KB) {
+inline void tile(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t N, int64_t K, int64_t KB) {
   constexpr bool SPLIT = MT == 1;
+  const int64_t SB = BLOCK ? KB : 1;
   __m512 acc[MT];
   __m512i si[MT], si2[MT];
   for (int m = 0; m < MT; ++m) {
     acc[m] = _mm512_setzero_ps();
     if constexpr (!BLOCK) {
-      si[m] = _mm512_loadu_si512(wc);
+      si[m] = _mm512_set1_epi32(a.start[m]);
       si2[m] = _mm512_setzero_si512();
     }
   }
@@ -164,12 +186,17 @@ inline void tile(const uint8_t* xq, const float* xs, const int8_t* wp, const flo
     const __m512i w2 = _mm512_loadu_si512(wv + 2), w3 = _mm512_loadu_si512(wv + 3);
     const __m512i w4 = _mm512_loadu_si512(wv + 4), w5 = _mm512_loadu_si512(wv + 5);
     const __m512i w6 = _mm512_loadu_si512(wv + 6), w7 = _mm512_loadu_si512(wv + 7);
+    __m512 wsv;
+    if constexpr (BLOCK) {
+      wsv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+          static_cast<const c10::Half*>(ws) + b * NR)));
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
-      const int32_t* a = reinterpret_cast<const int32_t*>(xq + m * K + b * QK);
+      const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + b * QK);
       __m512i s0, s1;
       if constexpr (BLOCK) {
-        s0 = _mm512_loadu_si512(wc + b * NR);
+        s0 = _mm512_set1_epi32(a.start[m * SB + b]);
         s1 = _mm512_setzero_si512();
       } else {
         s0 = si[m];
@@ -177,18 +204,18 @@ inline void tile(const uint8_t* xq, const float* xs, const int8_t* wp, const flo
       }
       __m512i& t0 = s0;
       __m512i& t1 = SPLIT ? s1 : s0;
-      t0 = _mm512_dpbusd_epi32(t0, _mm512_set1_epi32(a[0]), w0);
-      t1 = _mm512_dpbusd_epi32(t1, _mm512_set1_epi32(a[4]), w4);
-      t0 = _mm512_dpbusd_epi32(t0, _mm512_set1_epi32(a[1]), w1);
-      t1 = _mm512_dpbusd_epi32(t1, _mm512_set1_epi32(a[5]), w5);
-      t0 = _mm512_dpbusd_epi32(t0, _mm512_set1_epi32(a[2]), w2);
-      t1 = _mm512_dpbusd_epi32(t1, _mm512_set1_epi32(a[6]), w6);
-      t0 = _mm512_dpbusd_epi32(t0, _mm512_set1_epi32(a[3]), w3);
-      t1 = _mm512_dpbusd_epi32(t1, _mm512_set1_epi32(a[7]), w7);
+      t0 = _mm512_dpbusd_epi32(t0, w0, _mm512_set1_epi32(xa[0]));
+      t1 = _mm512_dpbusd_epi32(t1, w4, _mm512_set1_epi32(xa[4]));
+      t0 = _mm512_dpbusd_epi32(t0, w1, _mm512_set1_epi32(xa[1]));
+      t1 = _mm512_dpbusd_epi32(t1, w5, _mm512_set1_epi32(xa[5]));
+      t0 = _mm512_dpbusd_epi32(t0, w2, _mm512_set1_epi32(xa[2]));
+      t1 = _mm512_dpbusd_epi32(t1, w6, _mm512_set1_epi32(xa[6]));
+      t0 = _mm512_dpbusd_epi32(t0, w3, _mm512_set1_epi32(xa[3]));
+      t1 = _mm512_dpbusd_epi32(t1, w7, _mm512_set1_epi32(xa[7]));
       if constexpr (BLOCK) {
         const __m512i s = SPLIT ? _mm512_add_epi32(s0, s1) : s0;
-        const __m512 sf = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(xs[m * KB + b]));
-        acc[m] = _mm512_fmadd_ps(sf, _mm512_loadu_ps(ws + b * NR), acc[m]);
+        const __m512 sf = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a.d[m * SB + b]));
+        acc[m] = _mm512_fmadd_ps(sf, wsv, acc[m]);
       } else {
         si[m] = s0;
         si2[m] = s1;
@@ -196,56 +223,66 @@ inline void tile(const uint8_t* xq, const float* xs, const int8_t* wp, const flo
     }
   }
   if constexpr (!BLOCK) {
-    const __m512 wsv = _mm512_loadu_ps(ws);
+    const __m512 wsv = _mm512_loadu_ps(static_cast<const float*>(ws));
     for (int m = 0; m < MT; ++m) {
       const __m512i s = SPLIT ? _mm512_add_epi32(si[m], si2[m]) : si[m];
-      acc[m] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(xs[m])), wsv);
+      acc[m] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a.d[m])), wsv);
     }
   }
   for (int m = 0; m < MT; ++m) store16(acc[m], y + m * N);
 }
 
 template <typename T>
-using TileFn = void (*)(const uint8_t*, const float*, const int8_t*, const float*, const int32_t*, T*, int64_t,
-                        int64_t, int64_t);
+using TileFn = void (*)(QAct, const uint8_t*, const void*, T*, int64_t, int64_t, int64_t);
 
 template <bool BLOCK, typename T>
-void gemm_vnni(const uint8_t* xq, const float* xs, const int8_t* wp, const float* ws, const int32_t* wc, T* y,
-               int64_t M, int64_t N, int64_t K) {
+void gemm_vnni(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t M, int64_t N, int64_t K) {
   // tokens per tile: 8 weight vectors + MT accumulators (+ chains and temporaries) within the 32 zmm registers
   constexpr int MT = 6;
   static const TileFn<T> tails[MT] = {nullptr, tile<1, BLOCK, T>, tile<2, BLOCK, T>, tile<3, BLOCK, T>,
                                       tile<4, BLOCK, T>, tile<5, BLOCK, T>};
   const int64_t KB = K / QK, G = N / NR;
   const int64_t SB = BLOCK ? KB : 1;  // scale blocks per row
+  const int64_t scale_bytes = BLOCK ? 2 : 4;
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t mc = 0; mc < M; mc += MC) {
       const int64_t mend = std::min(M, mc + MC);
       for (int64_t g = g0; g < g1; ++g) {
-        const int8_t* wg = wp + g * KB * QK * NR;
-        const float* sg = ws + g * SB * NR;
-        const int32_t* cg = wc + g * SB * NR;
+        const uint8_t* wg = wp + g * KB * QK * NR;
+        const void* sg = static_cast<const char*>(ws) + g * SB * NR * scale_bytes;
         int64_t m = mc;
-        for (; m + MT <= mend; m += MT)
-          tile<MT, BLOCK, T>(xq + m * K, xs + m * SB, wg, sg, cg, y + m * N + g * NR, N, K, KB);
-        if (m < mend) tails[mend - m](xq + m * K, xs + m * SB, wg, sg, cg, y + m * N + g * NR, N, K, KB);
+        for (; m + MT <= mend; m += MT) {
+          const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
+          tile<MT, BLOCK, T>(am, wg, sg, y + m * N + g * NR, N, K, KB);
+        }
+        if (m < mend) {
+          const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
+          tails[mend - m](am, wg, sg, y + m * N + g * NR, N, K, KB);
+        }
       }
     }
   });
 }
 #endif
 
-// Scale blocks per row: K/32 (Q8_0) or 1 (w8a8), read off the scales' shape.
-int64_t check_weights(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& comp, int64_t K) {
-  TORCH_CHECK(packed.dtype() == torch::kInt8 && packed.dim() == 4 && packed.size(2) == 8 && packed.size(3) == 64,
-              "packed weights must be int8 (N/16, K/32, 8, 64)");
+// Scale blocks per row: K/32 (q8_0, fp16 scales) or 1 (w8a8, float32), read off the scales' shape and dtype.
+int64_t check_weights(const torch::Tensor& packed, const torch::Tensor& scales, int64_t K) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 4 && packed.size(2) == 8 && packed.size(3) == 64,
+              "packed weights must be uint8 (N/16, K/32, 8, 64)");
   TORCH_CHECK(packed.size(1) * QK == K, "weights have K = ", packed.size(1) * QK, ", activations ", K);
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && comp.dtype() == torch::kInt32, "scales float32, comp int32");
-  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == packed.size(0) && scales.size(2) == NR &&
-                  (scales.size(1) == packed.size(1) || scales.size(1) == 1) && comp.sizes() == scales.sizes(),
-              "scales/comp must be (N/16, K/32 or 1, 16)");
-  TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && comp.is_contiguous(), "weights must be contiguous");
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == packed.size(0) && scales.size(2) == NR,
+              "scales must be (N/16, K/32 or 1, 16)");
+  const bool block = scales.size(1) == packed.size(1) && scales.dtype() == torch::kFloat16;
+  const bool row = scales.size(1) == 1 && scales.dtype() == torch::kFloat32;
+  TORCH_CHECK(block || row, "scales must be float16 (N/16, K/32, 16) for q8_0 or float32 (N/16, 1, 16) for w8a8");
+  TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous(), "weights must be contiguous");
   return scales.size(1);
+}
+
+template <typename T>
+void quantize(const torch::Tensor& x, torch::Tensor& xq, torch::Tensor& xs, torch::Tensor& xstart, int64_t bs) {
+  quantize_rows<T>(x.data_ptr<T>(), xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xstart.data_ptr<int32_t>(),
+                   x.size(0), x.size(1), bs);
 }
 
 }  // namespace
@@ -259,36 +296,41 @@ bool has_vnni() {
 }
 
 // x (M, K) -> y (M, N); generic=true forces the portable path (tests compare the two).
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                        const torch::Tensor& comp, bool generic) {
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
+                          bool generic) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
   TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16, "x must be float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % QK == 0, "K must be a multiple of 32");
-  const int64_t SB = check_weights(packed, scales, comp, K);
-  const bool block = SB == K / QK && SB > 1;
+  const int64_t SB = check_weights(packed, scales, K);
+  const bool block = scales.dtype() == torch::kFloat16;
+  TORCH_CHECK(block || K <= 65536, "w8a8 sums over all of K in int32: K must be <= 65536");
   const int64_t N = packed.size(0) * NR;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
-  auto xq = torch::empty({M, K}, x.options().dtype(torch::kUInt8));
+  auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
   auto xs = torch::empty({M, SB}, x.options().dtype(torch::kFloat32));
+  auto xstart = torch::empty({M, SB}, x.options().dtype(torch::kInt32));
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    quantize_rows<T>(x.data_ptr<T>(), xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), M, K, K / SB);
-    const auto* wp = packed.data_ptr<int8_t>();
-    const auto* ws = scales.data_ptr<float>();
-    const auto* wc = comp.data_ptr<int32_t>();
+    quantize<T>(x, xq, xs, xstart, K / SB);
+    const QAct a{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xstart.data_ptr<int32_t>()};
+    const auto* wp = packed.data_ptr<uint8_t>();
 #ifdef KVSERVE_VNNI
     if (!generic) {
       if (block) {
-        gemm_vnni<true, T>(xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), wp, ws, wc, y.data_ptr<T>(), M, N, K);
+        gemm_vnni<true, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
       } else {
-        gemm_vnni<false, T>(xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), wp, ws, wc, y.data_ptr<T>(), M, N, K);
+        gemm_vnni<false, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
       }
       return;
     }
 #endif
-    gemm_generic<T>(xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), wp, ws, wc, y.data_ptr<T>(), M, N, K, SB);
+    if (block) {
+      gemm_generic<T, c10::Half>(a, wp, scales.data_ptr<c10::Half>(), y.data_ptr<T>(), M, N, K, SB);
+    } else {
+      gemm_generic<T, float>(a, wp, scales.data_ptr<float>(), y.data_ptr<T>(), M, N, K, SB);
+    }
   };
   if (x.dtype() == torch::kFloat32) {
     run(float{});
@@ -298,25 +340,25 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& packed, con
   return y;
 }
 
-// The activation quantization alone (block of bs values), so tests can check it against the PyTorch reference.
+// The activation quantization alone (blocks of bs values): (codes int8, scales, -128 * code sums), for tests.
 std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t bs) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && bs > 0 && x.size(1) % bs == 0,
               "x must be contiguous (M, K) with K a multiple of the block size");
   TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16, "x must be float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1);
-  auto xq = torch::empty({M, K}, x.options().dtype(torch::kUInt8));
+  auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
   auto xs = torch::empty({M, K / bs}, x.options().dtype(torch::kFloat32));
+  auto xstart = torch::empty({M, K / bs}, x.options().dtype(torch::kInt32));
   if (x.dtype() == torch::kFloat32) {
-    quantize_rows<float>(x.data_ptr<float>(), xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), M, K, bs);
+    quantize<float>(x, xq, xs, xstart, bs);
   } else {
-    quantize_rows<c10::BFloat16>(x.data_ptr<c10::BFloat16>(), xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), M, K,
-                                 bs);
+    quantize<c10::BFloat16>(x, xq, xs, xstart, bs);
   }
-  return {xq, xs};
+  return {xq, xs, xstart};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni, "whether the AVX512-VNNI path was compiled in");
-  m.def("q8_linear", &q8_linear, "y = x W^T over Q8_0 weights with block-quantized activations");
-  m.def("quantize_activations", &quantize_activations, "x -> (q + 128 as uint8, per-block scales)");
+  m.def("int8_linear", &int8_linear, "y = x W^T over int8 weights (q8_0 or w8a8) with activations quantized on the fly");
+  m.def("quantize_activations", &quantize_activations, "x -> (int8 codes, per-block scales, -128 * per-block sums)");
 }

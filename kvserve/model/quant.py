@@ -1,7 +1,7 @@
 """Int8 linear layers executed natively (kvserve/kernels/quant_gemm.cpp): Q8_0 and w8a8.
 
-q8_0: int8 weights in blocks of 32 along the input dimension with one scale per (row, block) (GGUF's Q8_0), 34 bytes
-per 32 weights against 64 in bfloat16, so a bandwidth-bound decode step reads half the bytes. Activations are
+q8_0: int8 weights in blocks of 32 along the input dimension with one fp16 scale per (row, block) (GGUF's Q8_0), 34
+bytes per 32 weights against 64 in bfloat16, so a bandwidth-bound decode step reads half the bytes. Activations are
 quantized on the fly to the same blocks (llama.cpp's scheme for Q8_0): each block is an exact int32 dot product on
 VNNI and the error stays near the weights' own, no per-token activation scale to be ruined by an outlier.
 
@@ -59,22 +59,24 @@ def reference_int8_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> 
     return (dots.float() * scale).sum(-1).to(x.dtype)
 
 
-def pack_int8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_int8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (N, K) int8, d (N, SB) with SB = K/32 (q8_0) or 1 (w8a8) -> the kernel's layout (see quant_gemm.cpp):
-    packed (N/16, K/32, 8, 64) int8, scales (N/16, SB, 16) float32, comp (N/16, SB, 16) int32."""
+    packed (N/16, K/32, 8, 64) uint8 (q + 128), scales (N/16, SB, 16): float16 for q8_0 (GGUF's 34 bytes per 32
+    weights), float32 for w8a8 (one per row: no bytes worth saving)."""
     n, k = q.shape
     g, kb, sb = n // NR, k // QK, d.shape[1]
-    packed = q.reshape(g, NR, kb, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, kb, 8, NR * 4).contiguous()
-    scales = d.float().reshape(g, NR, sb).permute(0, 2, 1).contiguous()
-    comp = (-128 * q.reshape(g, NR, sb, k // sb).int().sum(-1)).to(torch.int32).permute(0, 2, 1).contiguous()
-    return packed, scales, comp
+    codes = (q.to(torch.int16) + 128).to(torch.uint8)
+    packed = codes.reshape(g, NR, kb, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, kb, 8, NR * 4).contiguous()
+    scales = d.to(torch.float16 if sb > 1 else torch.float32).reshape(g, NR, sb).permute(0, 2, 1).contiguous()
+    return packed, scales
 
 
 def unpack_int8(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of pack_int8 (tests, and the PyTorch fallback)."""
+    """The inverse of pack_int8: q (N, K) int8 and the stored scales as float32 (N, SB) (tests, the fallback)."""
     g, kb = packed.shape[:2]
-    q = packed.reshape(g, kb, 8, NR, 4).permute(0, 3, 1, 2, 4).reshape(g * NR, kb * QK)
-    d = scales.permute(0, 2, 1).reshape(g * NR, scales.shape[1])
+    codes = packed.reshape(g, kb, 8, NR, 4).permute(0, 3, 1, 2, 4).reshape(g * NR, kb * QK)
+    q = (codes.to(torch.int16) - 128).to(torch.int8)
+    d = scales.float().permute(0, 2, 1).reshape(g * NR, scales.shape[1])
     return q.contiguous(), d.contiguous()
 
 
@@ -98,13 +100,13 @@ class Int8Linear:
         self.bias = bias
         q, d = quantize_blocks(weight, block_size(fmt, self.in_features))
         self.mod = kernels.quant_gemm_module() if native else None
-        self.packed, self.scales, self.comp = pack_int8(q, d)
+        self.packed, self.scales = pack_int8(q, d)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x (T, K) -> (T, N) in x's dtype
         x = x.contiguous()
         if self.mod is not None and x.dtype in (torch.bfloat16, torch.float32):
-            y = self.mod.q8_linear(x, self.packed, self.scales, self.comp, False)
+            y = self.mod.int8_linear(x, self.packed, self.scales, False)
         else:
             q, d = unpack_int8(self.packed, self.scales)
             y = reference_int8_linear(x, q, d)
@@ -112,5 +114,5 @@ class Int8Linear:
 
     @property
     def nbytes(self) -> int:
-        """Bytes read per call: int8 weights and their float32 block scales (the compensation sums included)."""
-        return self.packed.numel() + self.scales.numel() * 4 + self.comp.numel() * 4
+        """Bytes read per call: int8 weights and their scales."""
+        return self.packed.numel() + self.scales.numel() * self.scales.element_size()

@@ -25,11 +25,12 @@ FORMATS = ("q8_0", "w8a8")
 
 
 def _weights(n, k, fmt, seed=0):
+    """(float weights, codes, the scales as stored: fp16-rounded for q8_0)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05
     w[:, 3] *= 20  # an outlier column, as real layers have
     q, d = quantize_blocks(w, block_size(fmt, k))
-    return w, q, d
+    return w, q, unpack_int8(*pack_int8(q, d))[1]
 
 
 def test_quantize_blocks_rule():
@@ -42,12 +43,13 @@ def test_quantize_blocks_rule():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_pack_roundtrip(fmt):
     _, q, d = _weights(48, 96, fmt)
-    packed, scales, comp = pack_int8(q, d)
-    assert packed.shape == (3, 3, 8, 64) and scales.shape == (3, d.shape[1], 16) and comp.dtype == torch.int32
+    packed, scales = pack_int8(q, d)
+    assert packed.shape == (3, 3, 8, 64) and scales.shape == (3, d.shape[1], 16)
+    assert scales.dtype == (torch.float16 if fmt == "q8_0" else torch.float32)  # GGUF's fp16 block scales
     q2, d2 = unpack_int8(packed, scales)
-    assert torch.equal(q, q2) and torch.equal(d, d2)
-    # row 17, k = 37 (block 1, vector 1, lane 1 of group 1) sits at byte 4 * 1 + 1 of that vector
-    assert packed[1, 1, 1, 4 * 1 + 1] == q[17, 37]
+    assert torch.equal(q, q2) and torch.equal(d.to(scales.dtype).float(), d2)
+    # row 17, k = 37 (block 1, vector 1, lane 1 of group 1) sits at byte 4 * 1 + 1 of that vector, stored + 128
+    assert packed[1, 1, 1, 4 * 1 + 1] == q[17, 37] + 128
 
 
 @needs_kernel
@@ -55,15 +57,15 @@ def test_pack_roundtrip(fmt):
 @pytest.mark.parametrize("m,n,k", [(1, 960, 576), (5, 576, 1536), (6, 32, 32), (13, 3072, 576), (130, 48, 64)])
 def test_kernel_matches_reference(fmt, m, n, k):
     _, q, d = _weights(n, k, fmt, seed=m)
-    packed, scales, comp = pack_int8(q, d)
+    packed, scales = pack_int8(q, d)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)) * 2
     x[0, 5] = 40.0  # an activation outlier
     ref = reference_int8_linear(x, q, d)
     for generic in (False, True):  # the VNNI path and the portable one (what machines without AVX512-VNNI run)
-        y = mod.q8_linear(x, packed, scales, comp, generic)
+        y = mod.int8_linear(x, packed, scales, generic)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     xb = x.bfloat16()
-    yb = mod.q8_linear(xb, packed, scales, comp, False)
+    yb = mod.int8_linear(xb, packed, scales, False)
     assert yb.dtype == torch.bfloat16
     # the same float32 sums rounded once to bfloat16: at most one bf16 ulp apart where the order of the sums differs
     torch.testing.assert_close(yb.float(), reference_int8_linear(xb, q, d).float(), rtol=2 ** -7, atol=1e-5)
@@ -75,22 +77,25 @@ def test_kernel_matches_reference(fmt, m, n, k):
 def test_activation_quantization_matches_torch(dtype, bs):
     x = (torch.randn(9, 576, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
     x[2] = 0  # a zero row: scale 0, all codes 128
-    xq, xd = mod.quantize_activations(x, bs)
+    xq, xd, start = mod.quantize_activations(x, bs)
     q, d = quantize_blocks(x, bs)
-    assert torch.equal(xq.int() - 128, q.int()) and torch.equal(xd, d)
+    assert torch.equal(xq, q) and torch.equal(xd, d)
+    assert torch.equal(start, -128 * q.reshape(9, -1, bs).int().sum(-1))  # vpdpbusd's +128 on the weights, undone
 
 
 @needs_kernel
 def test_kernel_rejects_bad_input():
     _, q, d = _weights(32, 64, "q8_0")
-    packed, scales, comp = pack_int8(q, d)
+    packed, scales = pack_int8(q, d)
     with pytest.raises(RuntimeError, match="K"):
-        mod.q8_linear(torch.randn(2, 96), packed, scales, comp, False)
+        mod.int8_linear(torch.randn(2, 96), packed, scales, False)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        mod.q8_linear(torch.randn(2, 64).half(), packed, scales, comp, False)
+        mod.int8_linear(torch.randn(2, 64).half(), packed, scales, False)
     with pytest.raises(RuntimeError, match="scales"):
-        mod.q8_linear(torch.randn(2, 64), packed, scales[:, :1].contiguous(), comp, False)
-    assert mod.q8_linear(torch.empty(0, 64), packed, scales, comp, False).shape == (0, 32)
+        mod.int8_linear(torch.randn(2, 64), packed, scales[:, :1].contiguous(), False)  # fp16 but one per row
+    with pytest.raises(RuntimeError, match="uint8"):
+        mod.int8_linear(torch.randn(2, 64), packed.view(torch.int8), scales, False)
+    assert mod.int8_linear(torch.empty(0, 64), packed, scales, False).shape == (0, 32)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
