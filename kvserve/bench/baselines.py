@@ -111,12 +111,17 @@ def llamacpp_source(root: str) -> str:
 
 def ensure_llama_server(root: str = LLAMACPP_DIR, jobs: int = 2) -> str:
     """Path of llama-server, built (once) from the llama-cpp-python sdist's vendored llama.cpp."""
-    binary = os.path.join(root, "build", "bin", "llama-server")
+    return ensure_llamacpp_tool("llama-server", root, jobs)
+
+
+def ensure_llamacpp_tool(target: str, root: str = LLAMACPP_DIR, jobs: int = 2) -> str:
+    """Path of a llama.cpp binary (llama-server, llama-bench), built (once) from the sdist's vendored llama.cpp."""
+    binary = os.path.join(root, "build", "bin", target)
     if os.access(binary, os.X_OK):
         return binary
     missing = [t for t in ("cmake", "c++") if shutil.which(t) is None]
     if missing:
-        raise Skip(f"building llama-server needs {', '.join(missing)} (apt-get install cmake g++)")
+        raise Skip(f"building {target} needs {', '.join(missing)} (apt-get install cmake g++)")
     os.makedirs(root, exist_ok=True)
     src = llamacpp_source(root)
     build = os.path.join(root, "build")
@@ -124,25 +129,38 @@ def ensure_llama_server(root: str = LLAMACPP_DIR, jobs: int = 2) -> str:
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     _run(["cmake", "-S", src, "-B", build, *gen, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
           "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-          "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DBUILD_SHARED_LIBS=OFF"], log_path, nice=True)
-    log(f"building llama-server with {jobs} jobs (several minutes; log {log_path}) ...")
-    _run(["cmake", "--build", build, "--target", "llama-server", "-j", str(jobs)], log_path, nice=True)
+          "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
+          "-DBUILD_SHARED_LIBS=OFF"], log_path, nice=True)
+    log(f"building {target} with {jobs} jobs (several minutes; log {log_path}) ...")
+    _run(["cmake", "--build", build, "--target", target, "-j", str(jobs)], log_path, nice=True)
     if not os.access(binary, os.X_OK):
         raise Skip(f"the build finished but {binary} is missing (log {log_path})")
     return binary
 
 
-def ensure_bf16_gguf(root: str = LLAMACPP_DIR, hf_dir: str = DEFAULT_VLLM_MODEL) -> str:
-    """A bf16 GGUF of the HF export (the same numbers kvserve and vLLM run), made with llama.cpp's converter."""
-    out = os.path.join(root, "models", "SmolLM2-135M-Instruct-bf16.gguf")
+def ensure_converter_deps() -> None:
+    """convert_hf_to_gguf.py imports sentencepiece (for any model, at import time), which kvserve does not need."""
+    import importlib.util
+
+    missing = [m for m in ("sentencepiece", "google.protobuf") if importlib.util.find_spec(m.split(".")[0]) is None]
+    if missing:
+        log(f"installing {', '.join(missing)} for llama.cpp's GGUF converter ...")
+        _run([sys.executable, "-m", "pip", "install", "-q", "sentencepiece", "protobuf"])
+
+
+def ensure_gguf(root: str = LLAMACPP_DIR, hf_dir: str = DEFAULT_VLLM_MODEL, outtype: str = "bf16") -> str:
+    """A GGUF of the HF export made with llama.cpp's converter: bf16 (the same numbers kvserve and vLLM run) or q8_0
+    (llama.cpp's own Q8_0 of those weights, for the native int8 comparison)."""
+    out = os.path.join(root, "models", f"SmolLM2-135M-Instruct-{outtype}.gguf")
     if os.path.isfile(out):
         return out
     src = llamacpp_source(root)
     hf_dir = ensure_hf_export(hf_dir)
+    ensure_converter_deps()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
     tmp = out + ".tmp"
-    _run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), hf_dir, "--outtype", "bf16", "--outfile", tmp],
+    _run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), hf_dir, "--outtype", outtype, "--outfile", tmp],
          os.path.join(root, "convert.log"), env=env)
     os.replace(tmp, out)
     return out
@@ -153,11 +171,13 @@ def llamacpp_command(args) -> tuple[list[str], dict]:
     if args.gguf == "embedded":
         from kvserve.model.loader import default_model_path
         gguf = default_model_path()
+    elif args.gguf in ("bf16", "q8_0"):
+        gguf = ensure_gguf(args.llamacpp_dir, outtype=args.gguf)
     elif args.gguf:
         gguf = args.gguf
     else:
         try:
-            gguf = ensure_bf16_gguf(args.llamacpp_dir)
+            gguf = ensure_gguf(args.llamacpp_dir)
         except Skip as e:
             from kvserve.model.loader import default_model_path
             gguf = default_model_path()
@@ -326,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-install", action="store_true", help="vLLM: skip instead of creating a missing venv")
     ap.add_argument("--llamacpp-dir", default=LLAMACPP_DIR)
     ap.add_argument("--build-jobs", type=int, default=2)
-    ap.add_argument("--gguf", default=None, help="llamacpp weights: a GGUF path, or `embedded` (Q4_1); default: "
-                                                 "the bf16 GGUF converted from the HF export")
+    ap.add_argument("--gguf", default=None, help="llamacpp weights: a GGUF path, `embedded` (Q4_1), `q8_0` (the HF "
+                                                 "export converted to Q8_0); default: the bf16 GGUF converted from it")
     ap.add_argument("--parallel", type=int, default=16, help="llamacpp -np slots")
     ap.add_argument("--ctx-per-slot", type=int, default=4608, help="llamacpp context per slot")
     ap.add_argument("--startup-timeout", type=float, default=900.0, help="--check: seconds to wait for /health")
@@ -351,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.engine == "llamacpp" and args.build_only:
             print(ensure_llama_server(args.llamacpp_dir, args.build_jobs))
-            if args.gguf is None:
-                print(ensure_bf16_gguf(args.llamacpp_dir))
+            print(ensure_llamacpp_tool("llama-bench", args.llamacpp_dir, args.build_jobs))
+            for outtype in ("bf16", "q8_0") if args.gguf is None else ():
+                print(ensure_gguf(args.llamacpp_dir, outtype=outtype))
             return 0
         builder = {"kvserve": kvserve_command, "vllm": vllm_command, "llamacpp": llamacpp_command}[args.engine]
         cmd, env = builder(args)

@@ -5,7 +5,8 @@
 Teacher-forced over the kernel_quality text (the offline benchmark's fixed text, --tokens long, one prefill): per
 format, the share of positions whose top-1 next token equals bfloat16's, the mean KL(bf16 || format) of the next-token
 distributions over the full vocabulary, and the bytes of weights a decode step reads. bfloat16 against float32 is
-printed too: the rounding the engine already accepts, the yardstick for the int8 formats' numbers.
+printed too: the rounding the engine already accepts, the yardstick for the int8 formats' numbers. w8a8 is built as
+the engine builds it (SmoothQuant-calibrated on kvserve.model.smoothquant's own text, not this one).
 """
 
 from __future__ import annotations
@@ -16,25 +17,15 @@ import json
 import torch
 
 from kvserve.bench.offline import text_token_ids
-from kvserve.model.batch import ForwardBatch, PrefillSeq
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
-from kvserve.worker.kv_cache import KVCache
+from kvserve.model.smoothquant import CALIBRATION_TEXT, smooth_for_w8a8
+from kvserve.model.tokenizer import Tokenizer
 
 
-def prompt_logprobs(model: LlamaModel, ids: list[int], block_size: int = 16) -> torch.Tensor:
+def prompt_logprobs(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     """Log-softmax of the next-token logits at every position of one prefill: (N, vocab) float32."""
-    n = len(ids)
-    num_blocks = (n + block_size - 1) // block_size
-    cache = KVCache(model.config, num_blocks, block_size, model.dtype)
-    blocks = torch.arange(num_blocks, dtype=torch.long)
-    rows = torch.arange(n, dtype=torch.long)
-    batch = ForwardBatch(torch.tensor(ids, dtype=torch.long), rows.clone(), rows.clone(),
-                         prefills=[PrefillSeq(0, n, 0, blocks)], logits_indices=rows,
-                         prefill_token_starts=torch.tensor([0]), prefill_num_tokens=torch.tensor([n]),
-                         prefill_ctx_starts=torch.tensor([0]), prefill_block_tables=blocks[None])
-    with torch.inference_mode():
-        return torch.log_softmax(model.compute_logits(model.forward(batch, cache.layers)), dim=-1)
+    return torch.log_softmax(model.prefill_logits(ids), dim=-1)
 
 
 def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
@@ -59,8 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     fp32 = prompt_logprobs(LlamaModel(loaded.config, loaded.weights, torch.float32), ids)
     report = {"model": loaded.name, "source_format": loaded.weight_format, "tokens": args.tokens,
               "bf16": {"weight_bytes": bf16.weight_bytes(), "vs_float32": compare(fp32, ref)}}
+    tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template)
     for fmt in args.formats.split(","):
-        model = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization=fmt)
+        weights = loaded.weights
+        if fmt == "w8a8":  # as the engine builds it
+            weights = smooth_for_w8a8(loaded.config, weights, tokenizer.encode(CALIBRATION_TEXT))
+        model = LlamaModel(loaded.config, weights, torch.bfloat16, quantization=fmt)
         got = prompt_logprobs(model, ids)
         report[fmt] = {"weight_bytes": model.weight_bytes(), "vs_bf16": compare(ref, got),
                        "vs_float32": compare(fp32, got)}

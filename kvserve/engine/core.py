@@ -32,6 +32,7 @@ from kvserve.engine.protocol import (
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
 from kvserve.model.quant import QUANTIZATIONS, resolve_quantization
+from kvserve.model.smoothquant import CALIBRATION_TEXT, smooth_for_w8a8
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.worker.kv_cache import KVCache, num_blocks_for_budget
 from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
@@ -86,10 +87,15 @@ class EngineCore:
             torch.set_num_threads(args.num_threads)
         if model is None or tokenizer is None:
             loaded = load_model(args.model)
-            model = LlamaModel(loaded.config, loaded.weights, dtype, native_kernels=args.native_kernels,
-                               quantization=resolve_quantization(args.quantization, loaded.weight_format))
             tokenizer_source, chat_template = loaded.tokenizer_source, loaded.chat_template
             tokenizer = Tokenizer(tokenizer_source, chat_template)
+            quantization = resolve_quantization(args.quantization, loaded.weight_format)
+            weights = loaded.weights
+            if quantization == "w8a8":  # activation outliers moved into the weights first (model/smoothquant.py)
+                weights = smooth_for_w8a8(loaded.config, weights, tokenizer.encode(CALIBRATION_TEXT), dtype)
+            model = LlamaModel(loaded.config, weights, dtype, native_kernels=args.native_kernels,
+                               quantization=quantization)
+            del weights
             model_name = loaded.name
             del loaded
         if model.dtype != dtype:

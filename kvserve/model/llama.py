@@ -133,3 +133,21 @@ class LlamaModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # (R, vocab)
+
+    def prefill_logits(self, ids: list[int], block_size: int = 16) -> torch.Tensor:
+        """Next-token logits at every position of one plain prefill over a private KV cache: (N, vocab) float32.
+        For calibration and quality measurements, outside any engine."""
+        from kvserve.model.batch import PrefillSeq
+
+        c = self.config
+        n = len(ids)
+        num_blocks = (n + block_size - 1) // block_size
+        cache = torch.zeros(c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype)
+        blocks = torch.arange(num_blocks, dtype=torch.long)
+        rows = torch.arange(n, dtype=torch.long)
+        batch = ForwardBatch(torch.tensor(ids, dtype=torch.long), rows.clone(), rows.clone(),
+                             prefills=[PrefillSeq(0, n, 0, blocks)], logits_indices=rows,
+                             prefill_token_starts=torch.tensor([0]), prefill_num_tokens=torch.tensor([n]),
+                             prefill_ctx_starts=torch.tensor([0]), prefill_block_tables=blocks[None])
+        with torch.inference_mode():
+            return self.compute_logits(self.forward(batch, [(cache[i, 0], cache[i, 1]) for i in range(c.num_layers)]))

@@ -209,3 +209,29 @@ def test_engine_runs_quantized_model(loaded, fp32_parts):
     out = LLM.from_engine(engine).generate(["The capital of France is"], SamplingParams(max_tokens=6, temperature=0),
                                            use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
+
+
+def test_smoothquant_is_exact_before_quantization_and_helps_w8a8(loaded, text_ids, fp32_parts):
+    """Smoothing moves scale between activations and weights: without quantization the outputs stay (float32: up to
+    rounding); with w8a8 the distance to bf16 drops (measured on 1,024 tokens: KL 0.025 -> 0.012)."""
+    from kvserve.bench.quant_quality import compare, prompt_logprobs
+    from kvserve.model.llama import LlamaModel
+    from kvserve.model.smoothquant import CALIBRATION_TEXT, input_absmax, smooth_for_w8a8, smoothed_weights
+
+    _, tok, _ = fp32_parts
+    cal = tok.encode(CALIBRATION_TEXT)
+    fp32 = LlamaModel(loaded.config, loaded.weights, torch.float32)
+    stats = input_absmax(fp32, cal[:128])
+    assert stats[0]["qkv"].shape == (loaded.config.hidden_size,)
+    assert stats[0]["down"].shape == (loaded.config.intermediate_size,)
+    smoothed = LlamaModel(loaded.config, smoothed_weights(loaded.config, loaded.weights, stats), torch.float32)
+    ids = text_ids[:32]
+    assert (prompt_logprobs(fp32, ids) - prompt_logprobs(smoothed, ids)).abs().max() < 2e-3
+
+    ref = prompt_logprobs(LlamaModel(loaded.config, loaded.weights, torch.bfloat16), text_ids)
+    plain = compare(ref, prompt_logprobs(LlamaModel(loaded.config, loaded.weights, torch.bfloat16,
+                                                    quantization="w8a8"), text_ids))
+    weights = smooth_for_w8a8(loaded.config, loaded.weights, cal)
+    smooth = compare(ref, prompt_logprobs(LlamaModel(loaded.config, weights, torch.bfloat16, quantization="w8a8"),
+                                          text_ids))
+    assert smooth["mean_kl"] < 0.8 * plain["mean_kl"], (smooth, plain)
