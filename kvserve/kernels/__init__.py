@@ -106,3 +106,10 @@ def quant_gemm_module():
     """The Q8_0 linear kernels (q8_linear, quantize_activations, has_vnni), or None where they did not build.
     They check their own inputs and raise on what they cannot take."""
     return load("quant_gemm")
+
+
+def gemv_module():
+    """The small-batch bfloat16 linear kernel (pack, gemv, MAX_M), or None where it did not build or the CPU lacks
+    AVX512-BF16. It checks its own inputs and raises on what it cannot take."""
+    mod = load("gemv")
+    return mod if mod is not None and mod.available() else None

@@ -53,7 +53,7 @@ class LlamaModel:
             full = torch.cat([raw(p) for p in parts]) if len(parts) > 1 else raw(parts[0])
             if quantization != "none" and can_quantize(full):
                 return Int8Linear(full, quantization, bias, native=native_kernels)
-            return Linear(full.to(dtype).contiguous(), bias)
+            return Linear(full.to(dtype).contiguous(), bias, small_batch_kernel=native_kernels)
 
         self.embed = w("model.embed_tokens.weight")  # (vocab, hidden)
         if self.embed.shape != (c.vocab_size, c.hidden_size):

@@ -1,0 +1,210 @@
+"""Per-token cost breakdown of decode at small batches: where a decode step's milliseconds go.
+
+    python -m kvserve.bench.token_cost [--batches 1,2,4,8] [--quantization none,q8_0] [--steps 40] [--json out.json]
+
+For each batch size and weight format, an engine core decodes that many sequences (128-token prompts, greedy) and
+every part of a step is timed: the layers' matmuls, the lm_head, attention, the fused elementwise ops, the rest of
+the forward pass (Python, dispatch, embedding, views: the forward's time minus its timed parts), the runner's batch
+build, sampling, the scheduler (schedule + update), the IPC encode of the step's outputs, and the API server's part
+(decode the message, detokenize, stop strings: another process when serving, listed apart). The untimed step (no
+wrappers) is measured first; the wrappers cost about a microsecond per call, and their sum is checked against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections import defaultdict
+
+PARTS = ("matmul", "lm_head", "attention", "elementwise", "forward_other", "batch_build", "runner_other",
+         "sampling", "scheduler", "ipc_encode")
+
+
+class _Timers:
+    def __init__(self):
+        self.acc: dict[str, float] = defaultdict(float)
+
+    def wrap(self, fn, part: str):
+        acc = self.acc
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[part] += time.perf_counter() - t
+
+        return timed
+
+
+class _TimedCallable:
+    """A callable object (the sampler) timed on call, its other attributes passed through."""
+
+    def __init__(self, obj, timers: _Timers, part: str):
+        self._obj = obj
+        self._call = timers.wrap(obj.__call__, part)
+
+    def __call__(self, *a, **kw):
+        return self._call(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._obj, name)
+
+
+class _TimedOps:
+    """The model's elementwise ops, each call timed as `elementwise`."""
+
+    def __init__(self, ops, timers: _Timers):
+        self._ops = ops
+        for name in ("rms_norm", "add_rms_norm_", "silu_mul", "rope_tables", "rope_qkv_write_"):
+            setattr(self, name, timers.wrap(getattr(ops, name), "elementwise"))
+
+
+class _TimedAttention:
+    def __init__(self, attention, timers: _Timers):
+        self._attention = attention
+        self.ops = _TimedOps(attention.ops, timers)
+        self._call = timers.wrap(attention.__call__, "attention")
+
+    def __call__(self, *a, **kw):
+        return self._call(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._attention, name)
+
+
+def _instrument(core, timers: _Timers):
+    """Wrap the parts of one engine core's step; returns a function that undoes it."""
+    model, runner = core.model, core.runner
+    saved = {"attention": model.attention, "lm_head": model.lm_head, "forward": model.forward,
+             "compute_logits": model.compute_logits, "sampler": runner.sampler, "build_batch": runner.build_batch,
+             "layers": [(lw.qkv, lw.o, lw.gate_up, lw.down) for lw in model.layers]}
+    for lw in model.layers:
+        lw.qkv, lw.o, lw.gate_up, lw.down = (timers.wrap(m, "matmul") for m in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    model.attention = _TimedAttention(model.attention, timers)
+    model.lm_head = timers.wrap(model.lm_head, "lm_head")
+    model.forward = timers.wrap(model.forward, "_forward")
+    model.compute_logits = timers.wrap(model.compute_logits, "_logits")
+    runner.sampler = _TimedCallable(runner.sampler, timers, "sampling")
+    runner.build_batch = timers.wrap(runner.build_batch, "batch_build")
+
+    def undo():
+        model.attention, model.lm_head = saved["attention"], saved["lm_head"]
+        for name in ("forward", "compute_logits"):
+            delattr(model, name)  # back to the class's methods
+        runner.sampler, runner.build_batch = saved["sampler"], saved["build_batch"]
+        for lw, (qkv, o, gate_up, down) in zip(model.layers, saved["layers"]):
+            lw.qkv, lw.o, lw.gate_up, lw.down = qkv, o, gate_up, down
+
+    return undo
+
+
+def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int) -> dict:
+    import msgspec
+
+    from kvserve.engine.core import EngineArgs, EngineCore
+    from kvserve.engine.ipc import Outputs, output_codec
+    from kvserve.engine.output_processor import OutputProcessor
+    from kvserve.engine.protocol import EngineCoreRequest, StepOutputs
+    from kvserve.sampling import SamplingParams
+
+    core = EngineCore(EngineArgs(max_num_seqs=batch, num_threads=threads, quantization=quantization,
+                                 kv_cache_memory_gb=0.5))
+    front = OutputProcessor(core.tokenizer)
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
+    for i in range(batch):
+        ids = [rng.randrange(100, 40_000) for _ in range(prompt_len)]
+        core.add_request(EngineCoreRequest(f"r{i}", ids, params, None, time.monotonic()))
+        front.add(f"r{i}", None, ids, params, time.monotonic())
+    codec, decoder = output_codec(), msgspec.msgpack.Decoder(Outputs)
+    sched, runner = core.scheduler, core.runner
+    while sched.num_waiting or any(r.in_prefill for r in sched.running):
+        core.step()
+
+    def one_step(timers: _Timers | None) -> dict:
+        t0 = time.perf_counter()
+        so = sched.schedule()
+        t1 = time.perf_counter()
+        out = runner.execute(so)
+        t2 = time.perf_counter()
+        updates = sched.update(so, out)
+        t3 = time.perf_counter()
+        frame = codec.encode(Outputs(1, StepOutputs(updates)))
+        t4 = time.perf_counter()
+        msg = decoder.decode(frame)
+        front.process(msg.step.updates, msg.step.first_scheduled)
+        t5 = time.perf_counter()
+        assert len(so.scheduled) == batch and all(s.num_new_tokens == 1 for s in so.scheduled)
+        row = {"step": t4 - t0, "scheduler": (t1 - t0) + (t3 - t2), "ipc_encode": t4 - t3, "api_server": t5 - t4,
+               "runner": t2 - t1}
+        if timers is not None:
+            a = timers.acc
+            row.update({k: a[k] for k in ("matmul", "lm_head", "attention", "elementwise", "sampling",
+                                          "batch_build")})
+            row["forward_other"] = a["_forward"] - a["matmul"] - a["attention"] - a["elementwise"]
+            row["runner_other"] = (t2 - t1) - a["_forward"] - a["_logits"] - a["sampling"] - a["batch_build"]
+            row["lm_head_other"] = a["_logits"] - a["lm_head"]  # the float() of the logits
+            a.clear()
+        return row
+
+    for _ in range(5):  # oneDNN builds its kernels for this batch's shapes
+        one_step(None)
+    plain = [one_step(None)["step"] for _ in range(steps)]
+    timers = _Timers()
+    undo = _instrument(core, timers)
+    try:
+        rows = [one_step(timers) for _ in range(steps)]
+    finally:
+        undo()
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    med["runner_other"] += med.pop("lm_head_other")
+    parts_sum = sum(med[k] for k in PARTS)
+    return {"batch": batch, "quantization": core.info.quantization, "threads": threads, "steps": steps,
+            "weight_bytes": core.model.weight_bytes(), "step_ms_untimed": statistics.median(plain) * 1e3,
+            "step_ms_timed": med["step"] * 1e3, "parts_sum_ms": parts_sum * 1e3,
+            "median_ms": {k: med[k] * 1e3 for k in (*PARTS, "api_server")}}
+
+
+def markdown(results: list[dict]) -> str:
+    head = "| part | " + " | ".join(f"b={r['batch']} {r['quantization']}" for r in results) + " |"
+    lines = [head, "|---|" + "---:|" * len(results)]
+    for part in (*PARTS, "api_server"):
+        cells = []
+        for r in results:
+            ms = r["median_ms"][part]
+            cells.append(f"{ms:.3f} ({ms / r['step_ms_timed']:.0%})" if part != "api_server" else f"{ms:.3f}")
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    lines.append("| **step (timed)** | " + " | ".join(f"**{r['step_ms_timed']:.2f}**" for r in results) + " |")
+    lines.append("| step (no wrappers) | " + " | ".join(f"{r['step_ms_untimed']:.2f}" for r in results) + " |")
+    lines.append("| per token, no wrappers | " + " | ".join(f"{r['step_ms_untimed'] / r['batch']:.2f}"
+                                                          for r in results) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,2,4,8")
+    ap.add_argument("--quantization", default="none,q8_0", help="comma list of none, q8_0, w8a8")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    results = []
+    for q in args.quantization.split(","):
+        for b in (int(x) for x in args.batches.split(",")):
+            results.append(run(b, q, args.steps, args.prompt_len, args.threads))
+    print("ms per decode step (share of the timed step); api_server runs in another process when serving")
+    print(markdown(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
