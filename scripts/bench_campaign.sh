@@ -5,6 +5,9 @@
 #   scripts/bench_campaign.sh [OUT_DIR] [ENGINES]     e.g. scripts/bench_campaign.sh results "kvserve vllm llamacpp"
 #   engines: kvserve kvserve-inproc (engine core in a thread) kvserve-offline (LLM.generate on the same requests)
 #            kvserve-nopc kvserve-nochunk vllm llamacpp redis-pair; WORKLOADS="sharegpt-like ..." limits the workloads
+#   single-stream (issue 16: one request at a time, 8 sharegpt-like requests, the same GGUF files for both engines):
+#            kvserve-c1 llamacpp-c1 (bf16) kvserve-q8-c1 llamacpp-q8-c1 (llama.cpp's Q8_0 of the same weights, run
+#            natively by both) llama-bench (llama.cpp's own decode rate on both files, beside kvserve.bench.decode1)
 #   PAIR_LABEL=-doc PAIR_ARGS="-W system_len=2048 --num-requests 40 --request-rate 0.1" \
 #       scripts/bench_campaign.sh results redis-pair      (the two-instance run on long-document conversations)
 set -uo pipefail
@@ -47,6 +50,13 @@ stop() {
 }
 
 WORKLOADS=${WORKLOADS:-"sharegpt-like shared-prefix multi-turn rag stall"}  # e.g. WORKLOADS="sharegpt-like"
+LLAMACPP_DIR=${KVSERVE_LLAMACPP_DIR:-/work/llamacpp}
+GGUF_BF16=$LLAMACPP_DIR/models/SmolLM2-135M-Instruct-bf16.gguf  # made by: baselines llamacpp --build-only
+GGUF_Q8=$LLAMACPP_DIR/models/SmolLM2-135M-Instruct-q8_0.gguf
+
+single_stream() {  # label port
+  bench "$1" "$2" sharegpt-like --num-requests 8 --request-rate inf --max-concurrency 1
+}
 
 all_workloads() {  # label port
   for w in $WORKLOADS; do
@@ -72,6 +82,19 @@ for e in $ENGINES; do
         bench kvserve-nopc 8000 multi-turn --num-requests 60 --request-rate 0.5; stop; } ;;
     kvserve-nochunk) start kvserve-nochunk kvserve 8000 -- --no-enable-chunked-prefill && {
         bench kvserve-nochunk 8000 stall; stop; } ;;
+    kvserve-c1) start kvserve-c1 kvserve 8000 -- --model "$GGUF_BF16" && { single_stream kvserve-c1 8000; stop; } ;;
+    llamacpp-c1) start llamacpp-c1 llamacpp 8002 --gguf bf16 && { single_stream llamacpp-c1 8002; stop; } ;;
+    kvserve-q8-c1) start kvserve-q8-c1 kvserve 8000 -- --model "$GGUF_Q8" --quantization auto && {
+        single_stream kvserve-q8-c1 8000; stop; } ;;
+    llamacpp-q8-c1) start llamacpp-q8-c1 llamacpp 8002 --gguf q8_0 && { single_stream llamacpp-q8-c1 8002; stop; } ;;
+    llama-bench)
+      "$LLAMACPP_DIR/build/bin/llama-bench" -m "$GGUF_BF16" -m "$GGUF_Q8" -t 2 -p 0 -n 256 -r 3 -o md \
+          >"$OUT/llama-bench.md" 2>"$OUT/llama-bench.log"
+      for q in "$GGUF_BF16 none" "$GGUF_Q8 auto"; do
+        set -- $q
+        $PY -m kvserve.bench.decode1 --model "$1" --quantization "$2" --json "$OUT/decode1-$2.json" \
+            >>"$OUT/decode1.md" 2>>"$OUT/decode1.log"
+      done ;;
     vllm) start vllm vllm 8001 && { all_workloads vllm 8001; stop; } ;;
     llamacpp) start llamacpp llamacpp 8002 && { all_workloads llamacpp 8002; stop; } ;;
     redis-pair)

@@ -3,7 +3,8 @@
     python -m kvserve.bench.token_cost [--batches 1,2,4,8] [--quantization none,q8_0] [--steps 40] [--json out.json]
 
 For each batch size and weight format, an engine core decodes that many sequences (128-token prompts, greedy) and
-every part of a step is timed: the layers' matmuls, the lm_head, attention, the fused elementwise ops, the rest of
+every part of a step is timed: all layers in one native call (the decode plan, kernels/decode_step.cpp, where it
+runs; --no-decode-plan times the Python layer loop instead, part by part), the layers' matmuls, the lm_head, attention, the fused elementwise ops, the rest of
 the forward pass (Python, dispatch, embedding, views: the forward's time minus its timed parts), the runner's batch
 build, sampling, the scheduler (schedule + update), the IPC encode of the step's outputs, and the API server's part
 (decode the message, detokenize, stop strings: another process when serving, listed apart). The untimed step (no
@@ -19,8 +20,8 @@ import statistics
 import time
 from collections import defaultdict
 
-PARTS = ("matmul", "lm_head", "attention", "elementwise", "forward_other", "batch_build", "runner_other",
-         "sampling", "scheduler", "ipc_encode")
+PARTS = ("layers_native", "matmul", "lm_head", "attention", "elementwise", "forward_other", "batch_build",
+         "runner_other", "sampling", "scheduler", "ipc_encode")
 
 
 class _Timers:
@@ -54,6 +55,11 @@ class _TimedCallable:
         return getattr(self._obj, name)
 
 
+class _TimedPlan:
+    def __init__(self, plan, timers: _Timers):
+        self.run = timers.wrap(plan.run, "layers_native")
+
+
 class _TimedOps:
     """The model's elementwise ops, each call timed as `elementwise`."""
 
@@ -79,12 +85,14 @@ class _TimedAttention:
 def _instrument(core, timers: _Timers):
     """Wrap the parts of one engine core's step; returns a function that undoes it."""
     model, runner = core.model, core.runner
-    saved = {"attention": model.attention, "lm_head": model.lm_head, "forward": model.forward,
+    saved = {"plan": model.decode_plan, "attention": model.attention, "lm_head": model.lm_head, "forward": model.forward,
              "compute_logits": model.compute_logits, "sampler": runner.sampler, "build_batch": runner.build_batch,
              "layers": [(lw.qkv, lw.o, lw.gate_up, lw.down) for lw in model.layers]}
     for lw in model.layers:
         lw.qkv, lw.o, lw.gate_up, lw.down = (timers.wrap(m, "matmul") for m in (lw.qkv, lw.o, lw.gate_up, lw.down))
     model.attention = _TimedAttention(model.attention, timers)
+    if model.decode_plan is not None:
+        model.decode_plan = _TimedPlan(model.decode_plan, timers)
     model.lm_head = timers.wrap(model.lm_head, "lm_head")
     model.forward = timers.wrap(model.forward, "_forward")
     model.compute_logits = timers.wrap(model.compute_logits, "_logits")
@@ -92,7 +100,7 @@ def _instrument(core, timers: _Timers):
     runner.build_batch = timers.wrap(runner.build_batch, "batch_build")
 
     def undo():
-        model.attention, model.lm_head = saved["attention"], saved["lm_head"]
+        model.attention, model.lm_head, model.decode_plan = saved["attention"], saved["lm_head"], saved["plan"]
         for name in ("forward", "compute_logits"):
             delattr(model, name)  # back to the class's methods
         runner.sampler, runner.build_batch = saved["sampler"], saved["build_batch"]
@@ -102,7 +110,7 @@ def _instrument(core, timers: _Timers):
     return undo
 
 
-def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int) -> dict:
+def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int, decode_plan: bool = True) -> dict:
     import msgspec
 
     from kvserve.engine.core import EngineArgs, EngineCore
@@ -113,6 +121,8 @@ def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int
 
     core = EngineCore(EngineArgs(max_num_seqs=batch, num_threads=threads, quantization=quantization,
                                  kv_cache_memory_gb=0.5))
+    if not decode_plan:
+        core.model.decode_plan = None
     front = OutputProcessor(core.tokenizer)
     rng = random.Random(0)
     params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
@@ -143,9 +153,10 @@ def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int
                "runner": t2 - t1}
         if timers is not None:
             a = timers.acc
-            row.update({k: a[k] for k in ("matmul", "lm_head", "attention", "elementwise", "sampling",
+            row.update({k: a[k] for k in ("layers_native", "matmul", "lm_head", "attention", "elementwise", "sampling",
                                           "batch_build")})
-            row["forward_other"] = a["_forward"] - a["matmul"] - a["attention"] - a["elementwise"]
+            row["forward_other"] = (a["_forward"] - a["layers_native"] - a["matmul"] - a["attention"]
+                                    - a["elementwise"])
             row["runner_other"] = (t2 - t1) - a["_forward"] - a["_logits"] - a["sampling"] - a["batch_build"]
             row["lm_head_other"] = a["_logits"] - a["lm_head"]  # the float() of the logits
             a.clear()
@@ -163,7 +174,8 @@ def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     med["runner_other"] += med.pop("lm_head_other")
     parts_sum = sum(med[k] for k in PARTS)
-    return {"batch": batch, "quantization": core.info.quantization, "threads": threads, "steps": steps,
+    return {"batch": batch, "quantization": core.info.quantization, "decode_plan": core.model.decode_plan is not None,
+            "threads": threads, "steps": steps,
             "weight_bytes": core.model.weight_bytes(), "step_ms_untimed": statistics.median(plain) * 1e3,
             "step_ms_timed": med["step"] * 1e3, "parts_sum_ms": parts_sum * 1e3,
             "median_ms": {k: med[k] * 1e3 for k in (*PARTS, "api_server")}}
@@ -192,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-decode-plan", action="store_true", help="time the Python layer loop, part by part")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     results = []
     for q in args.quantization.split(","):
         for b in (int(x) for x in args.batches.split(",")):
-            results.append(run(b, q, args.steps, args.prompt_len, args.threads))
+            results.append(run(b, q, args.steps, args.prompt_len, args.threads, not args.no_decode_plan))
     print("ms per decode step (share of the timed step); api_server runs in another process when serving")
     print(markdown(results))
     if args.json:

@@ -21,11 +21,16 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-
           "-fno-signed-zeros", "-ffp-contract=fast"]
 
 
+# Kernel files compiled into another module as well (decode_step.cpp includes them): a change rebuilds it too.
+_INCLUDES = {"decode_step": ("fused_ops.cpp", "paged_attention.cpp", "gemv.cpp", "quant_gemm.cpp")}
+
+
 def _build_dir(name: str, source: str) -> str:
     import torch
 
     text = b""
-    for path in (source, os.path.join(_HERE, "common.h")):  # a changed header gets a fresh build too
+    deps = [os.path.join(_HERE, f) for f in _INCLUDES.get(name, ())]
+    for path in (source, os.path.join(_HERE, "common.h"), *deps):  # a changed header gets a fresh build too
         with open(path, "rb") as f:
             text += f.read()
     digest = hashlib.sha256(text + " ".join(CFLAGS).encode() + torch.__version__.encode()
@@ -113,3 +118,11 @@ def gemv_module():
     AVX512-BF16. It checks its own inputs and raises on what it cannot take."""
     mod = load("gemv")
     return mod if mod is not None and mod.available() else None
+
+
+def decode_step_module():
+    """DecodePlan: every layer of a small decode batch in one call (bf16 gemv or int8 linears), or None where it did
+    not build or the CPU lacks AVX512-BF16."""
+    if gemv_module() is None:
+        return None
+    return load("decode_step")

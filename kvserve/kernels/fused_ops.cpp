@@ -222,9 +222,11 @@ void rope_qkv_write_(torch::Tensor qkv, torch::Tensor positions, torch::Tensor c
   });
 }
 
+#ifndef KVSERVE_NO_PYBIND  // decode_step.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with HF's roundings");
   m.def("add_rms_norm_", &add_rms_norm_, "h += delta (in place), then RMSNorm of h");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused (T, 2I) gate_up output");
   m.def("rope_qkv_write_", &rope_qkv_write_, "RoPE on q and k of a fused qkv (in place), k and v into the cache");
 }
+#endif

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from kvserve.config import ModelConfig
 from kvserve.model.attention import AttentionBackend
 from kvserve.model.batch import ForwardBatch
-from kvserve.model.layers import Linear, RotaryEmbedding
+from kvserve import kernels
+from kvserve.model.layers import GEMV_MAX_TOKENS, Linear, NativeOps, RotaryEmbedding
 from kvserve.model.quant import INT8_FORMATS, Int8Linear, can_quantize
 
 
@@ -81,6 +82,33 @@ class LlamaModel:
         self.kv_size = c.num_kv_heads * c.head_dim
         self.scale = c.head_dim ** -0.5
         self.attention = AttentionBackend.build(self.rotary, native_kernels)
+        self.decode_plan = self._decode_plan() if native_kernels and dtype == torch.bfloat16 else None
+
+    def _decode_plan(self):
+        """Every layer of a small decode batch in one native call (kernels/decode_step.cpp), where every piece it
+        needs is native: gemv or int8 linears without bias, the fused ops and the paged decode kernel."""
+        mod = kernels.decode_step_module()
+        if mod is None or not isinstance(self.attention.ops, NativeOps) or self.attention.decode_kernel is None:
+            return None
+        kinds, a, b, norms = [], [], [], []
+        empty = torch.empty(0)
+        for lw in self.layers:
+            norms += [lw.input_norm, lw.post_norm]
+            for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):
+                if lin.bias is not None:
+                    return None
+                if isinstance(lin, Int8Linear) and lin.mod is not None:
+                    kinds.append(1)
+                    a.append(lin.packed)
+                    b.append(lin.scales)
+                elif isinstance(lin, Linear) and lin.gemv is not None:
+                    kinds.append(0)
+                    a.append(lin.gemv_weight)
+                    b.append(empty)
+                else:
+                    return None
+        c = self.config
+        return mod.DecodePlan(norms, kinds, a, b, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
 
     @property
     def uses_native_kernels(self) -> bool:
@@ -90,6 +118,8 @@ class LlamaModel:
         """The same weights under another backend, for comparing the native kernels with PyTorch."""
         view = copy.copy(self)
         view.attention = AttentionBackend.build(self.rotary, native_kernels)
+        if not native_kernels:
+            view.decode_plan = None
         return view
 
     def fingerprint_weights(self) -> dict[str, torch.Tensor]:
@@ -113,6 +143,14 @@ class LlamaModel:
         h = F.embedding(batch.input_ids, self.embed)  # (T, hidden)
         rope = ops.rope_tables(batch.positions)
         x = ops.rms_norm(h, self.layers[0].input_norm, c.rms_norm_eps)
+        if (self.decode_plan is not None and not batch.prefills and batch.num_decodes and t <= GEMV_MAX_TOKENS
+                and h.dtype == torch.bfloat16):  # the same loop in one native call
+            h = self.decode_plan.run(h, x, [k for k, _ in kv_caches], [v for _, v in kv_caches], batch.positions,
+                                     batch.slot_mapping, batch.decode_block_tables, batch.decode_seq_lens,
+                                     batch.num_decodes, self.rotary.cos, self.rotary.sin)
+            if batch.logits_indices is not None:
+                h = h[batch.logits_indices]
+            return ops.rms_norm(h.contiguous(), self.norm, c.rms_norm_eps)
         for i, (lw, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             qkv = lw.qkv(x)  # (T, (H + 2 Hkv) D)
             ops.rope_qkv_write_(qkv, batch, rope, k_cache, v_cache, c.num_heads, c.num_kv_heads)

@@ -1,0 +1,84 @@
+"""Offline batch-1 decode against the memory-bandwidth bound of the weights' own format.
+
+    python -m kvserve.bench.decode1 [--model PATH] [--quantization none,q8_0,w8a8] [--tokens 256] [--repeats 3]
+
+A batch-1 decode step reads every weight once, so its ceiling is (read bandwidth) / (weight bytes). For each format
+this prints the median tok/s over --repeats generations of --tokens tokens after a 32-token prompt, the weight bytes
+a step reads (kvserve's own count: int8 codes and scales for q8_0), and the share of the bound, with the bandwidth
+measured in the same run: the larger of a 512 MiB copy (STREAM convention, read + write bytes, as `kvserve bench
+offline --roofline`) and a 512 MiB float32 sum (read only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def bandwidth_gb_s(mib: int = 512) -> tuple[float, float]:
+    """(copy: read + write bytes of a 512 MiB copy / s, read: bytes of a float32 sum over 512 MiB / s)."""
+    import torch
+
+    from kvserve.bench.offline import median_time
+
+    x = torch.ones((mib << 20) // 4, dtype=torch.float32)
+    y = torch.empty_like(x)
+    y.fill_(0)  # touch the pages first: a fresh tensor's first writes time page faults
+    copy = 2 * (mib << 20) / median_time(lambda: y.copy_(x)) / 1e9
+    read = (mib << 20) / median_time(lambda: x.sum()) / 1e9
+    return copy, read
+
+
+def run(model: str | None, quantization: str, tokens: int, repeats: int, threads: int) -> dict:
+    import torch
+
+    from kvserve import LLM, SamplingParams
+
+    torch.set_num_threads(threads)
+    llm = LLM(model=model, quantization=quantization, kv_cache_memory_gb=0.25, max_num_seqs=1)
+    prompt = {"prompt_token_ids": list(range(1000, 1032))}
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        dt = time.perf_counter() - t0
+        rates.append(len(out.outputs[0].token_ids) / dt)
+    info = llm.engine.info
+    wb = llm.engine.core.model.weight_bytes()
+    return {"model": info.model_name, "quantization": info.quantization, "tok_s": statistics.median(rates),
+            "runs": rates, "weight_bytes": wb}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--quantization", default="none,q8_0")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    results = [run(args.model, q, args.tokens, args.repeats, args.threads) for q in args.quantization.split(",")]
+    copy, read = bandwidth_gb_s()
+    bw = max(copy, read)  # the bound with the better of the two (the harder bar)
+    print(f"copy bandwidth {copy:.2f} GB/s, read bandwidth {read:.2f} GB/s; bound at {bw:.2f} GB/s; batch-1 decode, "
+          f"{args.tokens} tokens after a 32-token prompt, median of {args.repeats}")
+    print("| format | tok/s | ms/token | weight MB | bound tok/s | % of bound |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        bound = bw * 1e9 / r["weight_bytes"]
+        r["bound_tok_s"], r["copy_gb_s"], r["read_gb_s"] = bound, copy, read
+        print(f"| {r['quantization']} | {r['tok_s']:.1f} | {1e3 / r['tok_s']:.2f} | {r['weight_bytes'] / 1e6:.0f} | "
+              f"{bound:.1f} | {100 * r['tok_s'] / bound:.1f}% |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

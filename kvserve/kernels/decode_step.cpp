@@ -1,0 +1,129 @@
+// A small-batch decode step's layers in one call: the loop of kvserve.model.llama.LlamaModel.forward in C++.
+//
+// At batch 1 a SmolLM2 decode step is ~300 small calls from Python (four matmuls, four fused elementwise ops and an
+// attention call per layer, plus the views between them); once the matmuls stream at the memory bandwidth, the
+// Python, pybind and dispatch cost around them is a quarter of the step. This runs the same kernels, in the same
+// order, with the same roundings, from one Python call: every layer's kernels are compiled into this module (the
+// four kernel files are included below inside their own namespaces, their pybind modules switched off).
+//
+// Linear layers come as (kind, a, b): kind 0 = bfloat16 gemv (a: gemv.cpp's packed weight), kind 1 = int8 (a: packed
+// codes, b: scales, quant_gemm.cpp). Only decode batches (one new token per sequence, <= 8 rows with padding) of a
+// bfloat16 model without biases come here; the model checks that before calling.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+#define KVSERVE_NO_PYBIND 1
+namespace kv_fused {
+#include "fused_ops.cpp"
+}
+namespace kv_attn {
+#include "paged_attention.cpp"
+}
+namespace kv_gemv {
+#include "gemv.cpp"
+}
+namespace kv_int8 {
+#include "quant_gemm.cpp"
+}
+
+namespace {
+
+struct LinearRef {
+  int64_t kind;
+  torch::Tensor a, b;
+};
+
+struct LayerRef {
+  torch::Tensor input_norm, post_norm;
+  LinearRef qkv, o, gate_up, down;
+};
+
+torch::Tensor apply(const LinearRef& l, const torch::Tensor& x) {
+  return l.kind == 0 ? kv_gemv::gemv(x, l.a) : kv_int8::int8_linear(x, l.a, l.b, false);
+}
+
+}  // namespace
+
+// The per-model part, built once: every layer's norms and linear weights.
+class DecodePlan {
+ public:
+  DecodePlan(const std::vector<torch::Tensor>& norms, const std::vector<int64_t>& kinds,
+             const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b, int64_t heads,
+             int64_t kv_heads, double eps, double scale)
+      : H_(heads), Hkv_(kv_heads), eps_(eps), scale_(scale) {
+    const size_t L = norms.size() / 2;
+    TORCH_CHECK(norms.size() == 2 * L && kinds.size() == 4 * L && a.size() == 4 * L && b.size() == 4 * L,
+                "a plan needs 2 norms and 4 linear layers per layer");
+    for (size_t i = 0; i < L; ++i) {
+      LinearRef lin[4];
+      for (int j = 0; j < 4; ++j) {
+        const size_t k = 4 * i + j;
+        TORCH_CHECK(kinds[k] == 0 || kinds[k] == 1, "linear kind must be 0 (bf16 gemv) or 1 (int8)");
+        lin[j] = LinearRef{kinds[k], a[k], b[k]};
+      }
+      layers_.push_back(LayerRef{norms[2 * i], norms[2 * i + 1], lin[0], lin[1], lin[2], lin[3]});
+    }
+  }
+
+  // h: (T, hidden) residual stream after the embedding (updated in place); x: layer 0's normed input. Returns h after
+  // the last layer's residual add. The first `num_decodes` rows are real; padding rows attend to nothing (zeros).
+  torch::Tensor run(torch::Tensor h, torch::Tensor x, const std::vector<torch::Tensor>& k_caches,
+                    const std::vector<torch::Tensor>& v_caches, torch::Tensor positions, torch::Tensor slots,
+                    torch::Tensor block_tables, torch::Tensor seq_lens, int64_t num_decodes, torch::Tensor cos,
+                    torch::Tensor sin) {
+    const int64_t L = static_cast<int64_t>(layers_.size());
+    TORCH_CHECK(static_cast<int64_t>(k_caches.size()) == L && static_cast<int64_t>(v_caches.size()) == L,
+                "one K and one V cache per layer");
+    TORCH_CHECK(h.scalar_type() == torch::kBFloat16 && h.is_contiguous() && h.dim() == 2, "h must be bf16 (T, hidden)");
+    const int64_t T = h.size(0);
+    TORCH_CHECK(num_decodes >= 1 && num_decodes <= T && T <= kv_gemv::MAX_M, "1..8 decode rows");
+    const int64_t D = cos.size(1);
+    const int64_t qw = H_ * D;
+    for (int64_t i = 0; i < L; ++i) {
+      const LayerRef& lw = layers_[i];
+      torch::Tensor qkv = apply(lw.qkv, x);  // (T, (H + 2 Hkv) D)
+      kv_fused::rope_qkv_write_(qkv, positions, cos, sin, k_caches[i], v_caches[i], slots, H_, Hkv_);
+      torch::Tensor q = qkv.narrow(1, 0, qw).view({T, H_, D});
+      torch::Tensor attn;
+      if (num_decodes == T) {
+        attn = kv_attn::paged_decode_attention(q, k_caches[i], v_caches[i], block_tables, seq_lens, scale_);
+      } else {  // padding rows stay zero, as the PyTorch path leaves them
+        attn = torch::zeros({T, H_, D}, h.options());
+        attn.narrow(0, 0, num_decodes)
+            .copy_(kv_attn::paged_decode_attention(q.narrow(0, 0, num_decodes), k_caches[i], v_caches[i],
+                                                   block_tables, seq_lens, scale_));
+      }
+      torch::Tensor o = apply(lw.o, attn.view({T, qw}));
+      x = kv_fused::add_rms_norm_(h, o, lw.post_norm, eps_);
+      torch::Tensor mlp = apply(lw.down, kv_fused::silu_mul(apply(lw.gate_up, x)));
+      if (i + 1 < L) {
+        x = kv_fused::add_rms_norm_(h, mlp, layers_[i + 1].input_norm, eps_);
+      } else {
+        h.add_(mlp);
+      }
+    }
+    return h;
+  }
+
+ private:
+  std::vector<LayerRef> layers_;
+  int64_t H_, Hkv_;
+  double eps_, scale_;
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<DecodePlan>(m, "DecodePlan")
+      .def(pybind11::init<const std::vector<torch::Tensor>&, const std::vector<int64_t>&,
+                          const std::vector<torch::Tensor>&, const std::vector<torch::Tensor>&, int64_t, int64_t,
+                          double, double>())
+      .def("run", &DecodePlan::run, "every layer of a small decode batch; returns the residual stream");
+}

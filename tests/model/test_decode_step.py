@@ -1,0 +1,53 @@
+"""The one-call decode step (kernels/decode_step.cpp) computes exactly what the Python layer loop computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvserve import kernels
+
+pytestmark = pytest.mark.skipif(kernels.decode_step_module() is None, reason="decode_step kernel did not build")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from kvserve.model.loader import load_model
+
+    return load_model(None)
+
+
+@pytest.mark.parametrize("quantization", ["none", "q8_0"])
+def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quantization):
+    from kvserve.engine.llm_engine import LLM, EngineArgs, LLMEngine
+    from kvserve.model.llama import LlamaModel
+    from kvserve.sampling import SamplingParams
+
+    _, tok, name = fp32_parts
+    model = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization=quantization)
+    assert model.decode_plan is not None
+    llm = LLM.from_engine(LLMEngine(EngineArgs(kv_cache_memory_gb=0.1), model=model, tokenizer=tok,
+                                    model_name=name))
+    prompts = ["The capital of France is", "Write a poem about the sea.", "def fib(n):"]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+
+    def run():
+        # three sequences (a decode batch of 3, padded to 4: the padding row goes through the plan too) and one
+        outs = llm.generate(prompts, params, use_tqdm=False) + llm.generate(prompts[:1], params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                      o.outputs[0].token_ids)]) for o in outs]
+
+    with_plan = run()
+    plan, model.decode_plan = model.decode_plan, None
+    try:
+        without = run()
+    finally:
+        model.decode_plan = plan
+    assert with_plan == without  # same kernels, same order, same roundings: same tokens and logprobs
+
+
+def test_no_plan_where_a_piece_is_not_native(loaded):
+    from kvserve.model.llama import LlamaModel
+
+    assert LlamaModel(loaded.config, loaded.weights, torch.float32).decode_plan is None  # gemv is bf16-only
+    assert LlamaModel(loaded.config, loaded.weights, torch.bfloat16, native_kernels=False).decode_plan is None
