@@ -64,3 +64,18 @@ def test_compare_table(tmp_path, capsys):
     bad.write_text("{}")
     with pytest.raises(SystemExit):
         compare.main([str(bad)])
+
+
+def test_token_cost_parts_add_up():
+    """The per-token breakdown script on the real engine: every part timed, their sum the timed step (the rest is
+    the timers' own cost), with the decode plan and with the Python layer loop."""
+    from kvserve.bench.token_cost import PARTS, markdown, run
+
+    for plan in (True, False):
+        r = run(batch=2, quantization="none", steps=3, prompt_len=16, threads=2, decode_plan=plan)
+        assert set(PARTS) <= set(r["median_ms"])
+        assert 0.7 * r["step_ms_timed"] <= r["parts_sum_ms"] <= 1.05 * r["step_ms_timed"]
+        native = r["median_ms"]["layers_native"]
+        assert (native > 0) == plan == r["decode_plan"]
+        assert (r["median_ms"]["matmul"] > 0) != plan
+        assert "b=2 none" in markdown([r])
