@@ -52,7 +52,7 @@ class LlamaModel:
         def linear(parts: list[str], bias: torch.Tensor | None = None) -> Linear | Int8Linear:
             """One matmul over the named weights stacked by rows; int8 where asked and the shape allows."""
             full = torch.cat([raw(p) for p in parts]) if len(parts) > 1 else raw(parts[0])
-            if quantization != "none" and can_quantize(full):
+            if quantization != "none" and can_quantize(full, quantization):
                 return Int8Linear(full, quantization, bias, native=native_kernels)
             return Linear(full.to(dtype).contiguous(), bias, small_batch_kernel=native_kernels)
 

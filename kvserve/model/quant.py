@@ -80,9 +80,11 @@ def unpack_int8(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tenso
     return q.contiguous(), d.contiguous()
 
 
-def can_quantize(weight: torch.Tensor) -> bool:
+def can_quantize(weight: torch.Tensor, fmt: str = "q8_0") -> bool:
+    """Whether the kernel takes this weight: whole row groups and blocks, and (w8a8, whose int32 sums run over the
+    whole row) rows short enough not to overflow them."""
     n, k = weight.shape
-    return n % NR == 0 and k % QK == 0
+    return n % NR == 0 and k % QK == 0 and (fmt != "w8a8" or k <= 65536)
 
 
 class Int8Linear:
@@ -92,9 +94,9 @@ class Int8Linear:
     def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, native: bool = True):
         if fmt not in INT8_FORMATS:
             raise ValueError(f"unknown int8 format {fmt!r}")
-        if not can_quantize(weight):
-            raise ValueError(f"{fmt} needs out_features % {NR} == 0 and in_features % {QK} == 0, got "
-                             f"{tuple(weight.shape)}")
+        if not can_quantize(weight, fmt):
+            raise ValueError(f"{fmt} needs out_features % {NR} == 0 and in_features % {QK} == 0 (w8a8: <= 65536), "
+                             f"got {tuple(weight.shape)}")
         self.format = fmt
         self.out_features, self.in_features = weight.shape
         self.bias = bias

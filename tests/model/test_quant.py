@@ -113,6 +113,15 @@ def test_int8_linear_fallback_equals_kernel(fmt):
         Int8Linear(torch.randn(10, 128), fmt)
 
 
+def test_can_quantize_shapes():
+    from kvserve.model.quant import can_quantize
+
+    assert can_quantize(torch.empty(48, 96)) and not can_quantize(torch.empty(40, 96))
+    assert not can_quantize(torch.empty(48, 100))
+    wide = torch.empty(16, 65568)  # w8a8 sums a whole row in int32: too wide for it, fine in 32-blocks
+    assert can_quantize(wide, "q8_0") and not can_quantize(wide, "w8a8")
+
+
 def test_resolve_quantization():
     assert resolve_quantization("auto", "q4_1") == "none"  # not (yet) run natively: dequantized as before
     assert resolve_quantization("auto", "q8_0") == "q8_0"
@@ -235,3 +244,14 @@ def test_smoothquant_is_exact_before_quantization_and_helps_w8a8(loaded, text_id
     smooth = compare(ref, prompt_logprobs(LlamaModel(loaded.config, weights, torch.bfloat16, quantization="w8a8"),
                                           text_ids))
     assert smooth["mean_kl"] < 0.8 * plain["mean_kl"], (smooth, plain)
+
+
+def test_cli_quantization_flag():
+    from kvserve.cli import _engine_args, build_parser
+
+    for command in (["serve"], ["generate", "--prompt", "x"]):
+        assert _engine_args(build_parser().parse_args(command)).quantization == "auto"
+        args = build_parser().parse_args(command + ["--quantization", "q8_0"])
+        assert _engine_args(args).quantization == "q8_0"
+    with pytest.raises(SystemExit):  # argparse rejects an unknown format before any model is loaded
+        build_parser().parse_args(["serve", "--quantization", "q4"])
