@@ -19,10 +19,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="GGUF file, HF model directory or hub id; none: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32 | float16")
-    parser.add_argument("--quantization", default="auto", choices=("auto", "none", "q8_0", "w8a8"),
-                        help="matmul weights: auto keeps a GGUF file's format where it runs natively (else none); "
-                             "none: dequantized to --dtype; q8_0: int8 blocks of 32 (half the bytes per decoded "
-                             "token); w8a8: int8 weights and per-token int8 activations (fastest for batches)")
+    parser.add_argument("--quantization", default="auto", choices=("auto", "none", "q8_0", "w8a8", "q4_0", "q4_1"),
+                        help="matmul weights: auto keeps a GGUF file's Q8_0 (else none); none: dequantized to "
+                             "--dtype; q8_0: int8 blocks of 32 (half the bytes per decoded token); w8a8: int8 weights "
+                             "and per-token int8 activations (fastest for batches); q4_0 / q4_1: 4-bit blocks of 32")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")

@@ -7,7 +7,8 @@
 #            kvserve-nopc kvserve-nochunk vllm llamacpp redis-pair; WORKLOADS="sharegpt-like ..." limits the workloads
 #   single-stream (issue 16: one request at a time, 8 sharegpt-like requests, the same GGUF files for both engines):
 #            kvserve-c1 llamacpp-c1 (bf16) kvserve-q8-c1 llamacpp-q8-c1 (llama.cpp's Q8_0 of the same weights, run
-#            natively by both) llama-bench (llama.cpp's own decode rate on both files, beside kvserve.bench.decode1)
+#            natively by both) kvserve-q4-c1 llamacpp-q4-c1 (the embedded Q4_1 file, natively by both)
+#            llama-bench (llama.cpp's own decode rate on the three files, beside kvserve.bench.decode1)
 #   PAIR_LABEL=-doc PAIR_ARGS="-W system_len=2048 --num-requests 40 --request-rate 0.1" \
 #       scripts/bench_campaign.sh results redis-pair      (the two-instance run on long-document conversations)
 set -uo pipefail
@@ -87,10 +88,15 @@ for e in $ENGINES; do
     kvserve-q8-c1) start kvserve-q8-c1 kvserve 8000 -- --model "$GGUF_Q8" --quantization auto && {
         single_stream kvserve-q8-c1 8000; stop; } ;;
     llamacpp-q8-c1) start llamacpp-q8-c1 llamacpp 8002 --gguf q8_0 && { single_stream llamacpp-q8-c1 8002; stop; } ;;
+    kvserve-q4-c1) start kvserve-q4-c1 kvserve 8000 -- --quantization q4_1 && {
+        single_stream kvserve-q4-c1 8000; stop; } ;;
+    llamacpp-q4-c1) start llamacpp-q4-c1 llamacpp 8002 --gguf embedded && {
+        single_stream llamacpp-q4-c1 8002; stop; } ;;
     llama-bench)
-      "$LLAMACPP_DIR/build/bin/llama-bench" -m "$GGUF_BF16" -m "$GGUF_Q8" -t 2 -p 0 -n 256 -r 3 -o md \
+      GGUF_Q4=$($PY -c "from kvserve.model.loader import default_model_path; print(default_model_path())")
+      "$LLAMACPP_DIR/build/bin/llama-bench" -m "$GGUF_BF16" -m "$GGUF_Q8" -m "$GGUF_Q4" -t 2 -p 0 -n 256 -r 3 -o md \
           >"$OUT/llama-bench.md" 2>"$OUT/llama-bench.log"
-      for q in "$GGUF_BF16 none" "$GGUF_Q8 auto"; do
+      for q in "$GGUF_BF16 none" "$GGUF_Q8 auto" "$GGUF_Q4 q4_1"; do
         set -- $q
         $PY -m kvserve.bench.decode1 --model "$1" --quantization "$2" --json "$OUT/decode1-$2.json" \
             >>"$OUT/decode1.md" 2>>"$OUT/decode1.log"

@@ -687,7 +687,7 @@ def parse_args(argv):
     ap.add_argument("--log-dir", default=None, help="per-engine logs and specs (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per engine subprocess")
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--quantization", default="auto", choices=("auto", "none", "q8_0", "w8a8"),
+    ap.add_argument("--quantization", default="auto", choices=("auto", "none", "q8_0", "w8a8", "q4_0", "q4_1"),
                     help="kvserve's matmul weights (kvserve.model.quant)")
     ap.add_argument("--kv-gb", type=float, default=4.0, help="KV cache GiB for kvserve and vLLM")
     ap.add_argument("--max-model-len", type=int, default=2048, help="vLLM max_model_len")

@@ -7,7 +7,7 @@
 // four kernel files are included below inside their own namespaces, their pybind modules switched off).
 //
 // Linear layers come as (kind, a, b): kind 0 = bfloat16 gemv (a: gemv.cpp's packed weight), kind 1 = int8 (a: packed
-// codes, b: scales, quant_gemm.cpp). Only decode batches (one new token per sequence, <= 8 rows with padding) of a
+// codes, b: scales), kind 2 = Q4_0/Q4_1 (a: packed nibbles, b: d and m; both quant_gemm.cpp). Only decode batches (one new token per sequence, <= 8 rows with padding) of a
 // bfloat16 model without biases come here; the model checks that before calling.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -48,7 +48,9 @@ struct LayerRef {
 };
 
 torch::Tensor apply(const LinearRef& l, const torch::Tensor& x) {
-  return l.kind == 0 ? kv_gemv::gemv(x, l.a) : kv_int8::int8_linear(x, l.a, l.b, false);
+  if (l.kind == 0) return kv_gemv::gemv(x, l.a);
+  if (l.kind == 1) return kv_int8::int8_linear(x, l.a, l.b, false);
+  return kv_int8::q4_linear(x, l.a, l.b, false);
 }
 
 }  // namespace
@@ -67,7 +69,7 @@ class DecodePlan {
       LinearRef lin[4];
       for (int j = 0; j < 4; ++j) {
         const size_t k = 4 * i + j;
-        TORCH_CHECK(kinds[k] == 0 || kinds[k] == 1, "linear kind must be 0 (bf16 gemv) or 1 (int8)");
+        TORCH_CHECK(kinds[k] >= 0 && kinds[k] <= 2, "linear kind must be 0 (bf16 gemv), 1 (int8) or 2 (4-bit)");
         lin[j] = LinearRef{kinds[k], a[k], b[k]};
       }
       layers_.push_back(LayerRef{norms[2 * i], norms[2 * i + 1], lin[0], lin[1], lin[2], lin[3]});

@@ -153,6 +153,38 @@ void gemm_generic(QAct a, const uint8_t* wp, const S* ws, T* y, int64_t M, int64
   });
 }
 
+// The portable Q4 path: the same sums as tile_q4.
+template <typename T>
+void gemm_q4_generic(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t KB = K / QK, G = N / NR;
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t m = 0; m < M; ++m) {
+        float acc[NR] = {0.f};
+        for (int64_t b = 0; b < KB; ++b) {
+          const uint8_t* wb = wp + (g * KB + b) * QK * NR / 2;
+          const int8_t* xb = a.q + m * K + b * QK;
+          const c10::Half* dmb = dm + (g * KB + b) * 2 * NR;
+          const float da = a.d[m * KB + b];
+          const float sa = static_cast<float>(-a.start[m * KB + b] / 128) * da;
+          for (int r = 0; r < NR; ++r) {
+            int32_t s = 0;
+            for (int j = 0; j < QK / 4; ++j)
+              for (int t = 0; t < 4; ++t) {
+                const uint8_t byte = wb[(j % 4) * 64 + 4 * r + t];
+                const int32_t q = j < 4 ? (byte & 0x0F) : (byte >> 4);
+                s += q * int32_t(xb[4 * j + t]);
+              }
+            acc[r] = acc[r] + float(s) * da * static_cast<float>(dmb[r]);
+            acc[r] = acc[r] + static_cast<float>(dmb[NR + r]) * sa;
+          }
+        }
+        for (int r = 0; r < NR; ++r) store(acc[r], y + m * N + g * NR + r);
+      }
+    }
+  });
+}
+
 #ifdef KVSERVE_VNNI
 template <typename T>
 inline void store16(__m512 v, T* dst) {
@@ -263,6 +295,81 @@ void gemm_vnni(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t M, int64
     }
   });
 }
+
+// Q4_0 / Q4_1 (GGUF's 4-bit blocks of 32): w = d q + m with q in 0..15 (Q4_0: m = -8 d), one fp16 d and m per
+// (row, block), codes packed two per byte. Unsigned nibbles are vpdpbusd's unsigned operand as they are; a block's
+// sum is d d_x sum(q q_x) + m d_x sum(q_x), and sum(q_x) is the activation block sum quantize_rows already keeps
+// (start = -128 sum). Per group and block: four 64-byte loads, whose low nibbles are operand vectors 0..3 and high
+// nibbles 4..7 (the layout of kvserve.model.quant.pack_q4).
+template <int MT, typename T>
+inline void tile_q4(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64_t N, int64_t K, int64_t KB) {
+  constexpr bool SPLIT = MT == 1;
+  __m512 acc[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < KB; ++b) {
+    const __m512i* wv = reinterpret_cast<const __m512i*>(wp + b * QK * NR / 2);
+    const __m512i v0 = _mm512_loadu_si512(wv + 0), v1 = _mm512_loadu_si512(wv + 1);
+    const __m512i v2 = _mm512_loadu_si512(wv + 2), v3 = _mm512_loadu_si512(wv + 3);
+    const __m512i w0 = _mm512_and_si512(v0, low), w4 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low);
+    const __m512i w1 = _mm512_and_si512(v1, low), w5 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low);
+    const __m512i w2 = _mm512_and_si512(v2, low), w6 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), low);
+    const __m512i w3 = _mm512_and_si512(v3, low), w7 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), low);
+    const c10::Half* dmb = dm + b * 2 * NR;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmb)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmb + NR)));
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + b * QK);
+      __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+      __m512i& t0 = s0;
+      __m512i& t1 = SPLIT ? s1 : s0;
+      t0 = _mm512_dpbusd_epi32(t0, w0, _mm512_set1_epi32(xa[0]));
+      t1 = _mm512_dpbusd_epi32(t1, w4, _mm512_set1_epi32(xa[4]));
+      t0 = _mm512_dpbusd_epi32(t0, w1, _mm512_set1_epi32(xa[1]));
+      t1 = _mm512_dpbusd_epi32(t1, w5, _mm512_set1_epi32(xa[5]));
+      t0 = _mm512_dpbusd_epi32(t0, w2, _mm512_set1_epi32(xa[2]));
+      t1 = _mm512_dpbusd_epi32(t1, w6, _mm512_set1_epi32(xa[6]));
+      t0 = _mm512_dpbusd_epi32(t0, w3, _mm512_set1_epi32(xa[3]));
+      t1 = _mm512_dpbusd_epi32(t1, w7, _mm512_set1_epi32(xa[7]));
+      const __m512i s = SPLIT ? _mm512_add_epi32(s0, s1) : s0;
+      const float da = a.d[m * KB + b];
+      const float sa = static_cast<float>(-a.start[m * KB + b] / 128) * da;  // d_x sum(q_x)
+      acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(da)), dv, acc[m]);
+      acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sa), acc[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) store16(acc[m], y + m * N);
+}
+
+template <typename T>
+using TileQ4Fn = void (*)(QAct, const uint8_t*, const c10::Half*, T*, int64_t, int64_t, int64_t);
+
+template <typename T>
+void gemm_q4(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64_t M, int64_t N, int64_t K) {
+  constexpr int MT = 6;
+  static const TileQ4Fn<T> tails[MT] = {nullptr, tile_q4<1, T>, tile_q4<2, T>, tile_q4<3, T>, tile_q4<4, T>,
+                                        tile_q4<5, T>};
+  const int64_t KB = K / QK, G = N / NR;
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t mc = 0; mc < M; mc += MC) {
+      const int64_t mend = std::min(M, mc + MC);
+      for (int64_t g = g0; g < g1; ++g) {
+        const uint8_t* wg = wp + g * KB * QK * NR / 2;
+        const c10::Half* dg = dm + g * KB * 2 * NR;
+        int64_t m = mc;
+        for (; m + MT <= mend; m += MT) {
+          const QAct am{a.q + m * K, a.d + m * KB, a.start + m * KB};
+          tile_q4<MT, T>(am, wg, dg, y + m * N + g * NR, N, K, KB);
+        }
+        if (m < mend) {
+          const QAct am{a.q + m * K, a.d + m * KB, a.start + m * KB};
+          tails[mend - m](am, wg, dg, y + m * N + g * NR, N, K, KB);
+        }
+      }
+    }
+  });
+}
 #endif
 
 // Scale blocks per row: K/32 (q8_0, fp16 scales) or 1 (w8a8, float32), read off the scales' shape and dtype.
@@ -340,6 +447,46 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   return y;
 }
 
+// Q4_0 / Q4_1: x (M, K) -> y (M, N); packed (N/16, K/32, 4, 64) uint8, dm (N/16, K/32, 2, 16) float16 (d, then m).
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& dm, bool generic) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16, "x must be float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % QK == 0, "K must be a multiple of 32");
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 4 && packed.size(2) == 4 && packed.size(3) == 64 &&
+                  packed.is_contiguous(), "packed weights must be contiguous uint8 (N/16, K/32, 4, 64)");
+  TORCH_CHECK(packed.size(1) * QK == K, "weights have K = ", packed.size(1) * QK, ", activations ", K);
+  TORCH_CHECK(dm.dtype() == torch::kFloat16 && dm.dim() == 4 && dm.size(0) == packed.size(0) &&
+                  dm.size(1) == packed.size(1) && dm.size(2) == 2 && dm.size(3) == NR && dm.is_contiguous(),
+              "dm must be contiguous float16 (N/16, K/32, 2, 16)");
+  const int64_t N = packed.size(0) * NR;
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto xs = torch::empty({M, K / QK}, x.options().dtype(torch::kFloat32));
+  auto xstart = torch::empty({M, K / QK}, x.options().dtype(torch::kInt32));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    quantize<T>(x, xq, xs, xstart, QK);
+    const QAct a{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xstart.data_ptr<int32_t>()};
+    const auto* wp = packed.data_ptr<uint8_t>();
+    const auto* dp = dm.data_ptr<c10::Half>();
+#ifdef KVSERVE_VNNI
+    if (!generic) {
+      gemm_q4<T>(a, wp, dp, y.data_ptr<T>(), M, N, K);
+      return;
+    }
+#endif
+    gemm_q4_generic<T>(a, wp, dp, y.data_ptr<T>(), M, N, K);
+  };
+  if (x.dtype() == torch::kFloat32) {
+    run(float{});
+  } else {
+    run(c10::BFloat16{});
+  }
+  return y;
+}
+
 // The activation quantization alone (blocks of bs values): (codes int8, scales, -128 * code sums), for tests.
 std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t bs) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && bs > 0 && x.size(1) % bs == 0,
@@ -361,6 +508,7 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni, "whether the AVX512-VNNI path was compiled in");
   m.def("int8_linear", &int8_linear, "y = x W^T over int8 weights (q8_0 or w8a8) with activations quantized on the fly");
+  m.def("q4_linear", &q4_linear, "y = x W^T over Q4_0 / Q4_1 weights with activations quantized to blocks of 32");
   m.def("quantize_activations", &quantize_activations, "x -> (int8 codes, per-block scales, -128 * per-block sums)");
 }
 #endif

@@ -13,17 +13,17 @@ from kvserve.model.attention import AttentionBackend
 from kvserve.model.batch import ForwardBatch
 from kvserve import kernels
 from kvserve.model.layers import GEMV_MAX_TOKENS, Linear, NativeOps, RotaryEmbedding
-from kvserve.model.quant import INT8_FORMATS, Int8Linear, can_quantize
+from kvserve.model.quant import INT8_FORMATS, Q4_FORMATS, Int8Linear, Q4Linear, can_quantize
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # (hidden,)
-    qkv: Linear | Int8Linear  # ((H + 2 Hkv) D, hidden): q, k, v projections fused into one matmul (+ Qwen2 bias)
-    o: Linear | Int8Linear  # (hidden, H D)
+    qkv: Linear | Int8Linear | Q4Linear  # ((H + 2 Hkv) D, hidden): q, k, v fused into one matmul (+ Qwen2 bias)
+    o: Linear | Int8Linear | Q4Linear  # (hidden, H D)
     post_norm: torch.Tensor
-    gate_up: Linear | Int8Linear  # (2 I, hidden)
-    down: Linear | Int8Linear  # (hidden, I)
+    gate_up: Linear | Int8Linear | Q4Linear  # (2 I, hidden)
+    down: Linear | Int8Linear | Q4Linear  # (hidden, I)
 
 
 class LlamaModel:
@@ -34,8 +34,8 @@ class LlamaModel:
         """`native_kernels`: attend and fuse elementwise ops with the JIT-built C++ kernels where they build.
         `quantization`: "none" keeps the matmul weights in `dtype`; "q8_0" / "w8a8" store them as int8
         (kvserve.model.quant), quantized here from the checkpoint's float values."""
-        if quantization not in ("none", *INT8_FORMATS):
-            raise ValueError(f"quantization must be none or one of {INT8_FORMATS}, got {quantization!r}")
+        if quantization not in ("none", *INT8_FORMATS, *Q4_FORMATS):
+            raise ValueError(f"quantization must be none or one of {INT8_FORMATS + Q4_FORMATS}, got {quantization!r}")
         self.config = config
         self.dtype = dtype
         self.quantization = quantization
@@ -49,9 +49,11 @@ class LlamaModel:
         def w(name: str) -> torch.Tensor:
             return raw(name).to(dtype).contiguous()
 
-        def linear(parts: list[str], bias: torch.Tensor | None = None) -> Linear | Int8Linear:
-            """One matmul over the named weights stacked by rows; int8 where asked and the shape allows."""
+        def linear(parts: list[str], bias: torch.Tensor | None = None) -> Linear | Int8Linear | Q4Linear:
+            """One matmul over the named weights stacked by rows; quantized where asked and the shape allows."""
             full = torch.cat([raw(p) for p in parts]) if len(parts) > 1 else raw(parts[0])
+            if quantization in Q4_FORMATS and can_quantize(full):
+                return Q4Linear(full, quantization, bias, native=native_kernels)
             if quantization != "none" and can_quantize(full, quantization):
                 return Int8Linear(full, quantization, bias, native=native_kernels)
             return Linear(full.to(dtype).contiguous(), bias, small_batch_kernel=native_kernels)
@@ -60,7 +62,13 @@ class LlamaModel:
         if self.embed.shape != (c.vocab_size, c.hidden_size):
             raise ValueError(f"embedding shape {tuple(self.embed.shape)} does not match the config "
                              f"({c.vocab_size}, {c.hidden_size})")
-        self.lm_head = linear(["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"])
+        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        if quantization in Q4_FORMATS and can_quantize(raw(head)):
+            # 4-bit files keep the output matrix at 8 bits (llama.cpp's Q4 types do; the embedded Q4_1 file's
+            # token_embd is Q8_0): 4-bit logits cost 6 points of top-1 agreement
+            self.lm_head = Int8Linear(raw(head), "q8_0", native=native_kernels)
+        else:
+            self.lm_head = linear([head])
         self.norm = w("model.norm.weight")
         self.layers: list[LayerWeights] = []
         for i in range(c.num_layers):
@@ -97,7 +105,11 @@ class LlamaModel:
             for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):
                 if lin.bias is not None:
                     return None
-                if isinstance(lin, Int8Linear) and lin.mod is not None:
+                if isinstance(lin, Q4Linear) and lin.mod is not None:
+                    kinds.append(2)
+                    a.append(lin.packed)
+                    b.append(lin.scales)
+                elif isinstance(lin, Int8Linear) and lin.mod is not None:
                     kinds.append(1)
                     a.append(lin.packed)
                     b.append(lin.scales)

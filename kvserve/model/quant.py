@@ -15,14 +15,16 @@ import torch
 
 from kvserve import kernels
 
-QUANTIZATIONS = ("auto", "none", "q8_0", "w8a8")
+QUANTIZATIONS = ("auto", "none", "q8_0", "w8a8", "q4_0", "q4_1")
 INT8_FORMATS = ("q8_0", "w8a8")
 QK = 32  # weights per block
 NR = 16  # rows per packed group (kernel layout)
 
 
 def resolve_quantization(requested: str, source_format: str | None) -> str:
-    """The format the model runs in: `auto` keeps a checkpoint's own format where it runs natively, else none."""
+    """The format the model runs in: `auto` keeps a checkpoint's own Q8_0, else none. Q4_0 / Q4_1 files run natively
+    only when asked (`q4_0` / `q4_1`): the embedded model is Q4_1, and making its default path 4-bit changes what
+    every default server answers, which waits for its own review (docs/benchmarks.md has the quality cost)."""
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {requested!r}")
     if requested != "auto":
@@ -118,3 +120,91 @@ class Int8Linear:
     def nbytes(self) -> int:
         """Bytes read per call: int8 weights and their scales."""
         return self.packed.numel() + self.scales.numel() * self.scales.element_size()
+
+
+# ---------------------------------------------------------------------------------------------- 4-bit (Q4_0, Q4_1)
+
+Q4_FORMATS = ("q4_0", "q4_1")
+
+
+def quantize_q4(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) float -> codes (N, K) uint8 in 0..15, d and m (N, K/32) float32 (fp16-representable) with
+    w ~ d * q + m, by GGUF's rules: Q4_1 spans each block's [min, max] in 15 steps; Q4_0 puts the block's largest
+    magnitude at -8 steps (m = -8 d). Codes are rounded against the stored fp16 d and m."""
+    n, k = w.shape
+    blocks = w.float().reshape(n, k // QK, QK)
+    if fmt == "q4_1":
+        lo, hi = blocks.amin(-1), blocks.amax(-1)
+        d = ((hi - lo) / 15).half().float()
+        m = lo.half().float()
+    elif fmt == "q4_0":
+        idx = blocks.abs().argmax(-1, keepdim=True)
+        signed_max = blocks.gather(-1, idx).squeeze(-1)  # the largest magnitude, with its sign
+        d = (signed_max / -8).half().float()
+        m = -8 * d
+    else:
+        raise ValueError(f"unknown 4-bit format {fmt!r}")
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = ((blocks - m[..., None]) * inv[..., None]).round().clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    return q, d, m
+
+
+def pack_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (N, K) 0..15, d and m (N, K/32) -> the kernel's layout (quant_gemm.cpp, tile_q4): packed (N/16, K/32, 4,
+    64) uint8 whose low nibbles are operand vectors 0..3 of a block and high nibbles 4..7; dm (N/16, K/32, 2, 16) fp16."""
+    n, k = q.shape
+    g, kb = n // NR, k // QK
+    vec = q.reshape(g, NR, kb, 8, 4).permute(0, 2, 3, 1, 4).reshape(g, kb, 8, NR * 4)  # 8 operand vectors per block
+    packed = (vec[:, :, :4] | (vec[:, :, 4:] << 4)).contiguous()
+    dm = torch.stack([d, m], dim=-1).half().reshape(g, NR, kb, 2).permute(0, 2, 3, 1).contiguous()
+    return packed, dm
+
+
+def unpack_q4(packed: torch.Tensor, dm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of pack_q4: codes (N, K) uint8, d and m (N, K/32) float32."""
+    g, kb = packed.shape[:2]
+    vec = torch.cat([packed & 0x0F, packed >> 4], dim=2)  # (G, KB, 8, 64)
+    q = vec.reshape(g, kb, 8, NR, 4).permute(0, 3, 1, 2, 4).reshape(g * NR, kb * QK)
+    d = dm[:, :, 0].float().permute(0, 2, 1).reshape(g * NR, kb)
+    m = dm[:, :, 1].float().permute(0, 2, 1).reshape(g * NR, kb)
+    return q.contiguous(), d.contiguous(), m.contiguous()
+
+
+def reference_q4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The kernel's arithmetic in PyTorch: per block d d_x sum(q q_x) + m d_x sum(q_x), summed in float32."""
+    mt, k = x.shape
+    n = q.shape[0]
+    kb = k // QK
+    xq, xd = quantize_blocks(x, QK)
+    xb = xq.double().reshape(mt, kb, QK)
+    dots = torch.einsum("mbi,nbi->mnb", xb, q.double().reshape(n, kb, QK)).float()  # exact
+    xsum = xb.sum(-1).float()  # (M, KB)
+    out = dots * xd[:, None, :] * d[None] + m[None] * (xsum * xd)[:, None, :]
+    return out.sum(-1).to(x.dtype)
+
+
+class Q4Linear:
+    """y = x W^T + b over 4-bit weights (q4_0, q4_1; 20 bytes per 32 weights): the native kernel, else its PyTorch
+    reference. Holds no float copy of W."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, native: bool = True):
+        if not can_quantize(weight):
+            raise ValueError(f"{fmt} needs out_features % {NR} == 0 and in_features % {QK} == 0, "
+                             f"got {tuple(weight.shape)}")
+        self.format = fmt
+        self.out_features, self.in_features = weight.shape
+        self.bias = bias
+        self.mod = kernels.quant_gemm_module() if native else None
+        self.packed, self.scales = pack_q4(*quantize_q4(weight, fmt))  # scales: dm, d and m per block
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if self.mod is not None and x.dtype in (torch.bfloat16, torch.float32):
+            y = self.mod.q4_linear(x, self.packed, self.scales, False)
+        else:
+            y = reference_q4_linear(x, *unpack_q4(self.packed, self.scales))
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * 2

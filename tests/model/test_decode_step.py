@@ -17,7 +17,7 @@ def loaded():
     return load_model(None)
 
 
-@pytest.mark.parametrize("quantization", ["none", "q8_0"])
+@pytest.mark.parametrize("quantization", ["none", "q8_0", "q4_1"])
 def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quantization):
     from kvserve.engine.llm_engine import LLM, EngineArgs, LLMEngine
     from kvserve.model.llama import LlamaModel

@@ -255,3 +255,61 @@ def test_cli_quantization_flag():
         assert _engine_args(args).quantization == "q8_0"
     with pytest.raises(SystemExit):  # argparse rejects an unknown format before any model is loaded
         build_parser().parse_args(["serve", "--quantization", "q4"])
+
+
+# ---------------------------------------------------------------------------------------------- 4-bit
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+def test_q4_quantization_rules_and_packing(fmt):
+    from kvserve.model.quant import pack_q4, quantize_q4, unpack_q4
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 64, generator=g)
+    q, d, m = quantize_q4(w, fmt)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    deq = (q.float().reshape(32, 2, 32) * d[..., None] + m[..., None]).reshape(32, 64)
+    assert (deq - w).abs().max() <= (d.abs().max() * 0.5 + 1e-3)  # within half a step (plus fp16 rounding)
+    if fmt == "q4_0":
+        assert torch.equal(m, -8 * d)
+    else:  # each block's minimum is its m (code 0)
+        assert torch.allclose(m, w.reshape(32, 2, 32).amin(-1), atol=1e-3)
+    packed, dm = pack_q4(q, d, m)
+    assert packed.shape == (2, 2, 4, 64) and dm.shape == (2, 2, 2, 16) and dm.dtype == torch.float16
+    assert packed[0, 1, 2, 4 * 5 + 3] == q[5, 32 + 4 * 2 + 3] | (q[5, 32 + 4 * 6 + 3] << 4)  # vectors 2 and 6
+    q2, d2, m2 = unpack_q4(packed, dm)
+    assert torch.equal(q, q2) and torch.equal(d, d2) and torch.equal(m, m2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("m,n,k", [(1, 960, 576), (5, 576, 1536), (13, 48, 64), (130, 32, 32)])
+def test_q4_kernel_matches_reference(fmt, m, n, k):
+    from kvserve.model.quant import pack_q4, quantize_q4, reference_q4_linear
+
+    g = torch.Generator().manual_seed(m + n)
+    w = torch.randn(n, k, generator=g) * 0.05
+    q, d, mn = quantize_q4(w, fmt)
+    packed, dm = pack_q4(q, d, mn)
+    x = torch.randn(m, k, generator=g) * 2
+    x[0, 1] = -30.0
+    ref = reference_q4_linear(x, q, d, mn)
+    for generic in (False, True):
+        torch.testing.assert_close(mod.q4_linear(x, packed, dm, generic), ref, rtol=1e-5, atol=1e-5)
+    yb = mod.q4_linear(x.bfloat16(), packed, dm, False)
+    torch.testing.assert_close(yb.float(), reference_q4_linear(x.bfloat16(), q, d, mn).float(), rtol=2 ** -7,
+                               atol=1e-5)
+    with pytest.raises(RuntimeError, match="dm"):
+        mod.q4_linear(x, packed, dm.float(), False)
+
+
+def test_q4_model_quality_against_bf16(loaded, text_ids):
+    from kvserve.bench.quant_quality import compare, prompt_logprobs
+    from kvserve.model.llama import LlamaModel
+
+    ref = prompt_logprobs(LlamaModel(loaded.config, loaded.weights, torch.bfloat16), text_ids)
+    q4 = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization="q4_1")
+    assert q4.weight_bytes() < 0.4 * 269e6
+    c = compare(ref, prompt_logprobs(q4, text_ids))
+    # the embedded file is Q4_1 (its token_embd Q8_0): its own codes come back, so the error is the activations'
+    assert c["top1_agreement"] >= 0.95 and c["mean_kl"] < 0.01, c  # 1,024 tokens: 0.981, 0.0028
