@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from kvserve.core.kv_cache_manager import MISS_CAUSES
-from kvserve.engine.protocol import EngineStats, KVStoreStats
+from kvserve.engine.protocol import EngineInfo, EngineStats, KVStoreStats
 from kvserve.outputs import RequestOutput
 
 P = "kvserve:"
@@ -132,7 +132,9 @@ def _kv_store_metrics(store: KVStoreStats, model_name: str) -> Iterable:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, info: EngineInfo | None = None):
+        """`info`: the engine's configuration, exported once as `kvserve:model_config_info` (labels, value 1), as
+        vLLM exports its cache_config_info: which dtype, weight format and KV capacity a dashboard is looking at."""
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.engine = _EngineStatsCollector(model_name)
@@ -157,6 +159,12 @@ class ServerMetrics:
                              m + ["endpoint", "status_code"], registry=r)
         self.in_flight = Gauge(P + "num_requests_in_flight", "Sequences admitted by the server and not yet finished.",
                                m, registry=r).labels(model_name)
+        if info is not None:
+            labels = {"dtype": info.dtype, "quantization": info.quantization, "block_size": str(info.block_size),
+                      "max_model_len": str(info.max_model_len), "kv_capacity_tokens": str(info.kv_capacity_tokens),
+                      "max_num_seqs": str(info.max_num_seqs), "native_kernels": str(info.native_kernels).lower()}
+            Gauge(P + "model_config_info", "The engine's configuration (value 1, the configuration in labels).",
+                  m + list(labels), registry=r).labels(model_name, *labels.values()).set(1)
         for reason in FINISH_REASONS:
             self._success.labels(model_name, reason)
         for reason in ABORT_REASONS:

@@ -47,7 +47,7 @@ class ServerState:
         # a text longer than this cannot fit in the context whatever it tokenizes to (no token is longer)
         self.max_prompt_chars = info.max_model_len * self.tokenizer.max_token_chars
         self.capacity = info.max_num_seqs + self.config.max_queued_requests
-        self.metrics = ServerMetrics(self.model_name)
+        self.metrics = ServerMetrics(self.model_name, info)
 
     # ---------------------------------------------------------------- checks
     def check_model(self, model: str | None) -> None:

@@ -295,6 +295,9 @@ def test_metrics_parse_and_count(server, client):
     for cause in ("no_match", "short_prompt", "evicted", "different_salt"):
         assert f"kvserve:prefix_cache_misses_total{{cause={cause}}}" in m
     assert m["kvserve:request_success_total{finished_reason=length}"] > 0
+    config = [k for k in m if k.startswith("kvserve:model_config_info{")]
+    assert len(config) == 1 and m[config[0]] == 1
+    assert "dtype=float32" in config[0] and "quantization=none" in config[0] and "block_size=16" in config[0]
     assert m["kvserve:http_requests_total{endpoint=/v1/completions,status_code=200}"] > 0
     bad = {k: v for k, v in m.items() if not (math.isfinite(v) and v >= 0)}
     assert not bad, bad  # every sample a finite, non-negative number (no NaN gauge, no counter gone negative)
