@@ -267,13 +267,17 @@ def test_q4_quantization_rules_and_packing(fmt):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(32, 64, generator=g)
     q, d, m = quantize_q4(w, fmt)
-    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    blocks, codes = w.reshape(32, 2, 32), q.reshape(32, 2, 32)
     deq = (q.float().reshape(32, 2, 32) * d[..., None] + m[..., None]).reshape(32, 64)
     assert (deq - w).abs().max() <= (d.abs().max() * 0.5 + 1e-3)  # within half a step (plus fp16 rounding)
-    if fmt == "q4_0":
-        assert torch.equal(m, -8 * d)
-    else:  # each block's minimum is its m (code 0)
-        assert torch.allclose(m, w.reshape(32, 2, 32).amin(-1), atol=1e-3)
+    if fmt == "q4_0":  # the block's largest magnitude sits at -8 steps: code 0, and d carries its sign
+        big = blocks.abs().argmax(-1, keepdim=True)
+        assert (codes.gather(-1, big) == 0).all()
+        assert torch.equal(torch.sign(d), -torch.sign(blocks.gather(-1, big).squeeze(-1)))
+    else:  # each block spans [min, max] in 15 steps: its minimum is code 0 (and m), its maximum code 15
+        assert torch.allclose(m, blocks.amin(-1), atol=1e-3)
+        assert (codes.gather(-1, blocks.argmin(-1, keepdim=True)) == 0).all()
+        assert (codes.gather(-1, blocks.argmax(-1, keepdim=True)) == 15).all()
     packed, dm = pack_q4(q, d, m)
     assert packed.shape == (2, 2, 4, 64) and dm.shape == (2, 2, 2, 16) and dm.dtype == torch.float16
     assert packed[0, 1, 2, 4 * 5 + 3] == q[5, 32 + 4 * 2 + 3] | (q[5, 32 + 4 * 6 + 3] << 4)  # vectors 2 and 6
