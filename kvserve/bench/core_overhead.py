@@ -18,44 +18,62 @@ import time
 import msgspec
 
 
-def run(batch: int, steps: int, prompt_len: int, threads: int | None, dtype: str, temperature: float,
-        seed: int | None) -> dict:
-    from kvserve.engine.core import EngineArgs, EngineCore
-    from kvserve.engine.ipc import Outputs, output_codec
-    from kvserve.engine.output_processor import OutputProcessor
-    from kvserve.engine.protocol import EngineCoreRequest, StepOutputs
-    from kvserve.sampling import SamplingParams
+class DecodeHarness:
+    """An engine core and the API server's output processor, `batch` sequences (random `prompt_len`-token prompts)
+    prefilled and decoding; `step()` runs one decode step the way the engine-core process and the front end do and
+    times its parts. Shared by this script and kvserve.bench.token_cost."""
 
-    core = EngineCore(EngineArgs(dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=2048, num_threads=threads))
-    front = OutputProcessor(core.tokenizer)
-    rng = random.Random(0)
-    params = SamplingParams(temperature=temperature, seed=seed, max_tokens=4096, ignore_eos=True)
-    for i in range(batch):
-        ids = [rng.randrange(100, 40_000) for _ in range(prompt_len)]
-        core.add_request(EngineCoreRequest(f"r{i}", ids, params, None, time.monotonic()))
-        front.add(f"r{i}", None, ids, params, time.monotonic())
-    codec, decoder = output_codec(), msgspec.msgpack.Decoder(Outputs)
-    sched = core.scheduler
-    while sched.num_waiting or any(r.in_prefill for r in sched.running):  # prefill everything first
-        core.step()
-    rows = []
-    for i in range(steps + 5):  # the first 5 warm oneDNN's kernels for this shape
+    def __init__(self, core, batch: int, prompt_len: int, params):
+        from kvserve.engine.ipc import Outputs, output_codec
+        from kvserve.engine.output_processor import OutputProcessor
+        from kvserve.engine.protocol import EngineCoreRequest
+
+        self.core, self.batch = core, batch
+        self.front = OutputProcessor(core.tokenizer)
+        rng = random.Random(0)
+        for i in range(batch):
+            ids = [rng.randrange(100, 40_000) for _ in range(prompt_len)]
+            core.add_request(EngineCoreRequest(f"r{i}", ids, params, None, time.monotonic()))
+            self.front.add(f"r{i}", None, ids, params, time.monotonic())
+        self.codec, self.decoder = output_codec(), msgspec.msgpack.Decoder(Outputs)
+        sched = core.scheduler
+        while sched.num_waiting or any(r.in_prefill for r in sched.running):  # prefill everything first
+            core.step()
+
+    def step(self) -> dict:
+        """Seconds per part: schedule, runner, update, ipc_encode, front_end; and frame_bytes."""
+        from kvserve.engine.ipc import Outputs
+        from kvserve.engine.protocol import StepOutputs
+
+        sched = self.core.scheduler
         t0 = time.perf_counter()
         so = sched.schedule()
         t1 = time.perf_counter()
-        out = core.runner.execute(so)
+        out = self.core.runner.execute(so)
         t2 = time.perf_counter()
         updates = sched.update(so, out)
         t3 = time.perf_counter()
-        frame = codec.encode(Outputs(1, StepOutputs(updates)))
+        frame = self.codec.encode(Outputs(1, StepOutputs(updates)))
         t4 = time.perf_counter()
-        msg = decoder.decode(frame)
-        front.process(msg.step.updates, msg.step.first_scheduled)
+        msg = self.decoder.decode(frame)
+        self.front.process(msg.step.updates, msg.step.first_scheduled)
         t5 = time.perf_counter()
-        assert len(so.scheduled) == batch
-        if i >= 5:
-            rows.append({"schedule": t1 - t0, "runner": t2 - t1, "update": t3 - t2, "ipc_encode": t4 - t3,
-                         "front_end": t5 - t4, "frame_bytes": len(frame)})
+        assert len(so.scheduled) == self.batch and all(s.num_new_tokens == 1 for s in so.scheduled)
+        return {"schedule": t1 - t0, "runner": t2 - t1, "update": t3 - t2, "ipc_encode": t4 - t3,
+                "front_end": t5 - t4, "frame_bytes": len(frame)}
+
+
+def run(batch: int, steps: int, prompt_len: int, threads: int | None, dtype: str, temperature: float,
+        seed: int | None) -> dict:
+    from kvserve.engine.core import EngineArgs, EngineCore
+    from kvserve.sampling import SamplingParams
+
+    core = EngineCore(EngineArgs(dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=2048, num_threads=threads))
+    params = SamplingParams(temperature=temperature, seed=seed, max_tokens=4096, ignore_eos=True)
+    harness = DecodeHarness(core, batch, prompt_len, params)
+    for _ in range(5):  # warm oneDNN's kernels for this shape
+        harness.step()
+    rows = [harness.step() for _ in range(steps)]
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     step = med["schedule"] + med["runner"] + med["update"] + med["ipc_encode"]
     overhead = med["schedule"] + med["update"] + med["ipc_encode"]

@@ -36,6 +36,12 @@ def teacher_forced(llm: LLM, ids: list[int]) -> list[tuple[int, float, dict]]:
     return rows
 
 
+def quality_token_ids(tokens: int) -> list[int]:
+    """The quality text: the offline benchmark's fixed text, repeated to `tokens` tokens."""
+    text = text_token_ids()
+    return (text * (tokens // len(text) + 1))[:tokens]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=1024)
@@ -43,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    text = text_token_ids()
-    ids = (text * (args.tokens // len(text) + 1))[: args.tokens]
+    ids = quality_token_ids(args.tokens)
     loaded = load_model(None)
     tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template)
 

@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from kvserve.bench.offline import text_token_ids
+from kvserve.bench.kernel_quality import quality_token_ids
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
 from kvserve.model.smoothquant import CALIBRATION_TEXT, smooth_for_w8a8
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    text = text_token_ids()
-    ids = (text * (args.tokens // len(text) + 1))[: args.tokens]
+    ids = quality_token_ids(args.tokens)
     loaded = load_model(None)
     bf16 = LlamaModel(loaded.config, loaded.weights, torch.bfloat16)
     ref = prompt_logprobs(bf16, ids)

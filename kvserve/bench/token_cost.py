@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import time
 from collections import defaultdict
@@ -111,53 +110,28 @@ def _instrument(core, timers: _Timers):
 
 
 def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int, decode_plan: bool = True) -> dict:
-    import msgspec
-
+    from kvserve.bench.core_overhead import DecodeHarness
     from kvserve.engine.core import EngineArgs, EngineCore
-    from kvserve.engine.ipc import Outputs, output_codec
-    from kvserve.engine.output_processor import OutputProcessor
-    from kvserve.engine.protocol import EngineCoreRequest, StepOutputs
     from kvserve.sampling import SamplingParams
 
     core = EngineCore(EngineArgs(max_num_seqs=batch, num_threads=threads, quantization=quantization,
                                  kv_cache_memory_gb=0.5))
     if not decode_plan:
         core.model.decode_plan = None
-    front = OutputProcessor(core.tokenizer)
-    rng = random.Random(0)
-    params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
-    for i in range(batch):
-        ids = [rng.randrange(100, 40_000) for _ in range(prompt_len)]
-        core.add_request(EngineCoreRequest(f"r{i}", ids, params, None, time.monotonic()))
-        front.add(f"r{i}", None, ids, params, time.monotonic())
-    codec, decoder = output_codec(), msgspec.msgpack.Decoder(Outputs)
-    sched, runner = core.scheduler, core.runner
-    while sched.num_waiting or any(r.in_prefill for r in sched.running):
-        core.step()
+    harness = DecodeHarness(core, batch, prompt_len, SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True))
 
     def one_step(timers: _Timers | None) -> dict:
-        t0 = time.perf_counter()
-        so = sched.schedule()
-        t1 = time.perf_counter()
-        out = runner.execute(so)
-        t2 = time.perf_counter()
-        updates = sched.update(so, out)
-        t3 = time.perf_counter()
-        frame = codec.encode(Outputs(1, StepOutputs(updates)))
-        t4 = time.perf_counter()
-        msg = decoder.decode(frame)
-        front.process(msg.step.updates, msg.step.first_scheduled)
-        t5 = time.perf_counter()
-        assert len(so.scheduled) == batch and all(s.num_new_tokens == 1 for s in so.scheduled)
-        row = {"step": t4 - t0, "scheduler": (t1 - t0) + (t3 - t2), "ipc_encode": t4 - t3, "api_server": t5 - t4,
-               "runner": t2 - t1}
+        t = harness.step()
+        row = {"step": t["schedule"] + t["runner"] + t["update"] + t["ipc_encode"],
+               "scheduler": t["schedule"] + t["update"], "ipc_encode": t["ipc_encode"], "api_server": t["front_end"],
+               "runner": t["runner"]}
         if timers is not None:
             a = timers.acc
             row.update({k: a[k] for k in ("layers_native", "matmul", "lm_head", "attention", "elementwise", "sampling",
                                           "batch_build")})
             row["forward_other"] = (a["_forward"] - a["layers_native"] - a["matmul"] - a["attention"]
                                     - a["elementwise"])
-            row["runner_other"] = (t2 - t1) - a["_forward"] - a["_logits"] - a["sampling"] - a["batch_build"]
+            row["runner_other"] = t["runner"] - a["_forward"] - a["_logits"] - a["sampling"] - a["batch_build"]
             row["lm_head_other"] = a["_logits"] - a["lm_head"]  # the float() of the logits
             a.clear()
         return row
