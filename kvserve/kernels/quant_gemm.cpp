@@ -267,31 +267,37 @@ inline void tile(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t N, int
 template <typename T>
 using TileFn = void (*)(QAct, const uint8_t*, const void*, T*, int64_t, int64_t, int64_t);
 
-template <bool BLOCK, typename T>
-void gemm_vnni(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t M, int64_t N, int64_t K) {
-  // tokens per tile: 8 weight vectors + MT accumulators (+ chains and temporaries) within the 32 zmm registers
-  constexpr int MT = 6;
-  static const TileFn<T> tails[MT] = {nullptr, tile<1, BLOCK, T>, tile<2, BLOCK, T>, tile<3, BLOCK, T>,
-                                      tile<4, BLOCK, T>, tile<5, BLOCK, T>};
-  const int64_t KB = K / QK, G = N / NR;
-  const int64_t SB = BLOCK ? KB : 1;  // scale blocks per row
-  const int64_t scale_bytes = BLOCK ? 2 : 4;
+// Tokens per tile: 8 weight vectors + MT accumulators (+ chains and temporaries) within the 32 zmm registers.
+constexpr int MT = 6;
+
+// Calls tile_at(g, m, n) for every row group g (split across threads) and run of n <= MT tokens from m, MC tokens
+// at a time so a thread's weight groups are reused from cache across a chunk's tiles.
+template <typename F>
+void for_tiles(int64_t M, int64_t G, F&& tile_at) {
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t mc = 0; mc < M; mc += MC) {
       const int64_t mend = std::min(M, mc + MC);
-      for (int64_t g = g0; g < g1; ++g) {
-        const uint8_t* wg = wp + g * KB * QK * NR;
-        const void* sg = static_cast<const char*>(ws) + g * SB * NR * scale_bytes;
-        int64_t m = mc;
-        for (; m + MT <= mend; m += MT) {
-          const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
-          tile<MT, BLOCK, T>(am, wg, sg, y + m * N + g * NR, N, K, KB);
-        }
-        if (m < mend) {
-          const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
-          tails[mend - m](am, wg, sg, y + m * N + g * NR, N, K, KB);
-        }
-      }
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t m = mc; m < mend; m += MT) tile_at(g, m, std::min<int64_t>(MT, mend - m));
+    }
+  });
+}
+
+template <bool BLOCK, typename T>
+void gemm_vnni(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t M, int64_t N, int64_t K) {
+  static const TileFn<T> tiles[MT + 1] = {nullptr, tile<1, BLOCK, T>, tile<2, BLOCK, T>, tile<3, BLOCK, T>,
+                                          tile<4, BLOCK, T>, tile<5, BLOCK, T>, tile<6, BLOCK, T>};
+  const int64_t KB = K / QK;
+  const int64_t SB = BLOCK ? KB : 1;  // scale blocks per row
+  const int64_t scale_bytes = BLOCK ? 2 : 4;
+  for_tiles(M, N / NR, [&](int64_t g, int64_t m, int64_t n) {
+    const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
+    const uint8_t* wg = wp + g * KB * QK * NR;
+    const void* sg = static_cast<const char*>(ws) + g * SB * NR * scale_bytes;
+    if (n == MT) {  // full tiles inlined, the tail through the table
+      tile<MT, BLOCK, T>(am, wg, sg, y + m * N + g * NR, N, K, KB);
+    } else {
+      tiles[n](am, wg, sg, y + m * N + g * NR, N, K, KB);
     }
   });
 }
@@ -347,26 +353,16 @@ using TileQ4Fn = void (*)(QAct, const uint8_t*, const c10::Half*, T*, int64_t, i
 
 template <typename T>
 void gemm_q4(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64_t M, int64_t N, int64_t K) {
-  constexpr int MT = 6;
-  static const TileQ4Fn<T> tails[MT] = {nullptr, tile_q4<1, T>, tile_q4<2, T>, tile_q4<3, T>, tile_q4<4, T>,
-                                        tile_q4<5, T>};
-  const int64_t KB = K / QK, G = N / NR;
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t mc = 0; mc < M; mc += MC) {
-      const int64_t mend = std::min(M, mc + MC);
-      for (int64_t g = g0; g < g1; ++g) {
-        const uint8_t* wg = wp + g * KB * QK * NR / 2;
-        const c10::Half* dg = dm + g * KB * 2 * NR;
-        int64_t m = mc;
-        for (; m + MT <= mend; m += MT) {
-          const QAct am{a.q + m * K, a.d + m * KB, a.start + m * KB};
-          tile_q4<MT, T>(am, wg, dg, y + m * N + g * NR, N, K, KB);
-        }
-        if (m < mend) {
-          const QAct am{a.q + m * K, a.d + m * KB, a.start + m * KB};
-          tails[mend - m](am, wg, dg, y + m * N + g * NR, N, K, KB);
-        }
-      }
+  static const TileQ4Fn<T> tiles[MT + 1] = {nullptr, tile_q4<1, T>, tile_q4<2, T>, tile_q4<3, T>, tile_q4<4, T>,
+                                            tile_q4<5, T>, tile_q4<6, T>};
+  const int64_t KB = K / QK;
+  for_tiles(M, N / NR, [&](int64_t g, int64_t m, int64_t n) {
+    const QAct am{a.q + m * K, a.d + m * KB, a.start + m * KB};
+    const uint8_t* wg = wp + g * KB * QK * NR / 2;
+    if (n == MT) {
+      tile_q4<MT, T>(am, wg, dm + g * KB * 2 * NR, y + m * N + g * NR, N, K, KB);
+    } else {
+      tiles[n](am, wg, dm + g * KB * 2 * NR, y + m * N + g * NR, N, K, KB);
     }
   });
 }
