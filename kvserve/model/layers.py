@@ -14,7 +14,8 @@ from kvserve.model.batch import ForwardBatch
 
 
 # Up to this many tokens per call a bf16 Linear runs the bandwidth-bound kernel (kvserve/kernels/gemv.cpp), above it
-# oneDNN: measured over a SmolLM2 step's 120 layer matmuls, gemv is 1.76x oneDNN at 1 token, 1.46x at 4, 1.12x at 8.
+# oneDNN: over a SmolLM2 step's 120 layer matmuls gemv is 1.64x oneDNN at 1 token, 1.37x at 4, 1.18x at 8
+# (python -m kvserve.bench.linear_sweep).
 GEMV_MAX_TOKENS = 8
 
 

@@ -106,8 +106,8 @@ def smoothed_weights(config: ModelConfig, weights: dict[str, torch.Tensor], stat
 
 def smooth_for_w8a8(config: ModelConfig, weights: dict[str, torch.Tensor], calibration_ids: list[int],
                     dtype: torch.dtype = torch.bfloat16, alpha: float = 0.5) -> dict[str, torch.Tensor]:
-    """Weights to build a w8a8 model from: calibrated on the unquantized model in `dtype`, then smoothed.
-    alpha 0.5 measured best on SmolLM2 among 0.5 / 0.65 / 0.8 (docs/benchmarks.md)."""
+    """Weights to build a w8a8 model from: calibrated on the unquantized model in `dtype`, then smoothed with
+    SmoothQuant's default migration strength."""
     from kvserve.model.llama import LlamaModel
 
     stats = input_absmax(LlamaModel(config, weights, dtype), calibration_ids)
