@@ -60,14 +60,33 @@ class CacheConfig:
         _require(self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be positive")
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")  # kvserve.core.policy
+
+
+def check_scheduling(policy: str, tenant_weights: tuple, max_queue_wait_s: float | None) -> None:
+    """The scheduling options' rules (EngineArgs checks them before the model loads, SchedulerConfig again)."""
+    _require(policy in SCHEDULING_POLICIES,
+             f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
+    _require(all(isinstance(t, str) and isinstance(w, (int, float)) and not isinstance(w, bool)
+                 and 0 < w < float("inf") for t, w in tenant_weights),
+             "tenant weights must be (tenant name, positive number) pairs")
+    _require(max_queue_wait_s is None or (isinstance(max_queue_wait_s, (int, float))
+                                          and 0 < max_queue_wait_s < float("inf")),
+             "max_queue_wait_s must be a positive number of seconds")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 128
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"  # fcfs | priority | vtc (kvserve.core.policy)
+    tenant_weights: tuple[tuple[str, float], ...] = ()  # vtc: (tenant, weight) pairs; unlisted tenants weigh 1
+    max_queue_wait_s: float | None = None  # a request never scheduled within this many seconds is rejected
 
     def __post_init__(self) -> None:
+        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s)
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.max_model_len >= 2, "max_model_len must be >= 2")

@@ -20,23 +20,29 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
+    FINISHED_REJECTED = "finished_rejected"  # never scheduled: dropped by the engine (queue-wait deadline)
 
     @property
     def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+                        RequestStatus.FINISHED_REJECTED)
 
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+    REJECTED = "rejected"  # the engine gave up on it before it ran (stop_reason says why); the server answers 503
 
 
 _STATUS_TO_REASON = {
     RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
     RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
     RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_REJECTED: FinishReason.REJECTED,
 }
+
+DEFAULT_TENANT = "default"
 
 
 class Request:
@@ -45,7 +51,7 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: "SamplingParams",
                  block_size: int, eos_token_ids: tuple[int, ...] = (), cache_salt: str | None = None,
                  arrival_time: float | None = None, priority: int = 0, max_model_len: int | None = None,
-                 share_prompt_with: "Request | None" = None):
+                 share_prompt_with: "Request | None" = None, tenant: str = DEFAULT_TENANT):
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -58,6 +64,8 @@ class Request:
         self.cache_salt = cache_salt
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
+        self.tenant = tenant
+        self.prompt_charged = False  # the policy was charged for this prompt's computed tokens (once, at admission)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prompt tokens served from the prefix cache at first scheduling

@@ -6,13 +6,26 @@ running decodes their token first, then unfinished prefills a chunk, then admits
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
 from kvserve.config import SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
-from typing import Protocol
-
 from kvserve.core.outputs import KVLoad, KVSave, ModelOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
-from kvserve.core.policy import FCFSPolicy
+from kvserve.core.policy import SchedulingPolicy, make_policy
 from kvserve.core.request import Request, RequestStatus
+
+QUEUE_WAIT = "queue_wait"  # stop_reason of a request rejected by the queue-wait deadline
+
+
+@dataclass
+class TenantCounters:
+    """Service a tenant received (cumulative): what the per-tenant metrics and fairness benchmarks read."""
+
+    prompt_tokens_computed: int = 0
+    output_tokens: int = 0
+    rejected: int = 0
 
 
 class RequestTooLongError(ValueError):
@@ -37,18 +50,20 @@ class KVConnector(Protocol):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, policy: FCFSPolicy | None = None,
-                 connector: KVConnector | None = None):
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, policy: SchedulingPolicy | None = None,
+                 connector: KVConnector | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.kv = kv_manager
         self.block_size = kv_manager.block_size
-        self.waiting = policy or FCFSPolicy()
+        self.waiting = policy or make_policy(config.scheduling_policy, dict(config.tenant_weights))
+        self.clock = clock  # arrival times are on this clock (the queue-wait deadline compares against it)
+        self.tenants: dict[str, TenantCounters] = {}
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         # n > 1: siblings wait here until the first sequence has computed the prompt, then share its blocks
         self._held_siblings: dict[str, list[Request]] = {}
         self._finished_ids: list[str] = []
-        self._out_of_blocks: list[Request] = []  # ended in schedule(); reported by the next update()
+        self._ended_in_schedule: list[Request] = []  # out of blocks or rejected; reported by the next update()
         self.num_preemptions = 0
         self.step_count = 0
         # tiered KV store: requests whose prefix is being fetched wait here, holding no blocks and no budget
@@ -69,6 +84,7 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self.requests[request.request_id] = request
+        self.tenants.setdefault(request.tenant, TenantCounters())
         parent = request.share_prompt_with
         if parent is not None and parent.request_id in self.requests and not self._prompt_done(parent):
             self._held_siblings.setdefault(parent.request_id, []).append(request)
@@ -79,7 +95,21 @@ class Scheduler:
         self.running.remove(req)
         req.status = status
         self._release(req)
-        self._out_of_blocks.append(req)
+        self._ended_in_schedule.append(req)
+
+    def _reject_stale(self) -> None:
+        """Requests never scheduled within the queue-wait deadline end as rejected (the server answers 503):
+        a bounded wait instead of a queue that grows without end."""
+        deadline = self.clock() - self.config.max_queue_wait_s
+        stale = [r for r in self.waiting
+                 if r.arrival_time < deadline and r.num_preemptions == 0 and r.status == RequestStatus.WAITING]
+        for req in stale:
+            self.waiting.remove(req)
+            req.status = RequestStatus.FINISHED_REJECTED
+            req.stop_reason = QUEUE_WAIT
+            self.tenants[req.tenant].rejected += 1
+            self._release(req)
+            self._ended_in_schedule.append(req)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         """End a request from outside the step (abort, stop string); frees its blocks at once."""
@@ -109,11 +139,23 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def tenant_load(self) -> dict[str, tuple[int, int]]:
+        """Tenant -> (sequences waiting, sequences running), for every tenant seen."""
+        load = {t: [0, 0] for t in self.tenants}
+        for r in self.running:
+            load[r.tenant][1] += 1
+        for r in self.requests.values():
+            if r.status != RequestStatus.RUNNING and not r.is_finished:
+                load[r.tenant][0] += 1
+        return {t: (w, r) for t, (w, r) in load.items()}
+
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
         self.step_count += 1
         if self.connector is not None and self.fetching:
             self._collect_fetches()
+        if self.config.max_queue_wait_s is not None and len(self.waiting):
+            self._reject_stale()
         budget = self.config.max_num_batched_tokens
         num_new: dict[str, int] = {}
         preempted: list[Request] = []
@@ -225,6 +267,11 @@ class Scheduler:
         req.fetched_kv = None  # used or outdated: either way, free its memory
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_computed + n_load
+        if not req.prompt_charged:
+            req.prompt_charged = True
+            to_compute = max(req.num_prompt_tokens - req.num_computed_tokens, 0)
+            self.waiting.charge(req, to_compute, 0)
+            self.tenants[req.tenant].prompt_tokens_computed += to_compute
         return n
 
     # ------------------------------------------------------------------ tiered KV store
@@ -316,9 +363,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ update
     def update(self, sched: SchedulerOutput, out: ModelOutput) -> list[RequestUpdate]:
-        updates = [RequestUpdate(r.request_id, [], [], None, r.finish_reason, None, max(r.num_cached_tokens, 0))
-                   for r in self._out_of_blocks]
-        self._out_of_blocks = []
+        updates = [RequestUpdate(r.request_id, [], [], None, r.finish_reason, r.stop_reason,
+                                 max(r.num_cached_tokens, 0)) for r in self._ended_in_schedule]
+        self._ended_in_schedule = []
         for sr in sched.scheduled:
             req = sr.request
             if req.is_finished or req.status != RequestStatus.RUNNING:
@@ -336,6 +383,8 @@ class Scheduler:
             elif sr.sample:
                 tok = out.sampled[req.request_id]
                 req.append_output_token(tok)
+                self.waiting.charge(req, 0, 1)
+                self.tenants[req.tenant].output_tokens += 1
                 new_tokens.append(tok)
                 if req.request_id in out.logprobs:
                     new_lps.append(out.logprobs[req.request_id])

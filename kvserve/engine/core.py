@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvserve.config import CacheConfig, ConfigError, SchedulerConfig
+from kvserve.config import CacheConfig, ConfigError, SchedulerConfig, check_scheduling
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
@@ -23,6 +23,7 @@ from kvserve.engine.protocol import (
     KVStoreStats,
     PrefixCacheStats,
     StepOutputs,
+    TenantStats,
     TierStats,
     check_new_id,
     group_id,
@@ -65,10 +66,16 @@ class EngineArgs:
     # matmul weights: auto keeps a checkpoint's own format where kvserve runs it natively (else none: dequantized to
     # dtype); q8_0 / w8a8 quantize at load (kvserve.model.quant)
     quantization: str = "auto"
+    scheduling_policy: str = "fcfs"  # fcfs | priority | vtc (kvserve.core.policy)
+    tenant_weights: tuple[tuple[str, float], ...] = ()  # vtc fair-share weights; unlisted tenants weigh 1
+    max_queue_wait_s: float | None = None  # reject requests not scheduled within this many seconds
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        # msgspec decodes the weights (JSON to the engine-core process) as lists
+        object.__setattr__(self, "tenant_weights", tuple(tuple(pair) for pair in self.tenant_weights))
+        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in _DTYPES:
@@ -112,7 +119,8 @@ class EngineCore:
         budget = args.max_num_batched_tokens
         if not args.enable_chunked_prefill:
             budget = max(budget, max_len)  # every prompt must fit one step when it cannot be split
-        scheduler_config = SchedulerConfig(budget, args.max_num_seqs, max_len, args.enable_chunked_prefill)
+        scheduler_config = SchedulerConfig(budget, args.max_num_seqs, max_len, args.enable_chunked_prefill,
+                                           args.scheduling_policy, args.tenant_weights, args.max_queue_wait_s)
         num_blocks = args.num_blocks or num_blocks_for_budget(config, args.block_size, dtype,
                                                               args.kv_cache_memory_gb)
         self.kv_cache = KVCache(config, num_blocks, args.block_size, dtype)
@@ -134,7 +142,8 @@ class EngineCore:
             max_num_batched_tokens=budget, dtype=str(dtype).removeprefix("torch."),
             enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
             kv_store=self.kv_store is not None, native_kernels=model.uses_native_kernels,
-            quantization=model.quantization)
+            quantization=model.quantization, scheduling_policy=args.scheduling_policy,
+            max_queue_wait_s=args.max_queue_wait_s)
         self._group_seqs: dict[str, list[str]] = {}
 
     def _make_kv_store(self, args: EngineArgs, name: str, model: LlamaModel, dtype: torch.dtype):
@@ -161,7 +170,7 @@ class EngineCore:
         """Raises ParamError (nothing is queued) if the request cannot run; n > 1 becomes n sequences."""
         rid, params = request.request_id, request.params
         check_new_id(rid, self._group_seqs)
-        validate_request(self.info, request.prompt_token_ids, params, request.cache_salt)
+        validate_request(self.info, request.prompt_token_ids, params, request.cache_salt, request.tenant)
         seq_ids = sequence_ids(rid, params.n)
         for sid in seq_ids:
             check_new_id(sid, self.scheduler.requests)
@@ -173,7 +182,7 @@ class EngineCore:
                 sp = params.replace(seed=params.seed + i)
             req = Request(sid, request.prompt_token_ids, sp, self.info.block_size, self.eos_token_ids,
                           request.cache_salt, arrival, request.priority, self.info.max_model_len,
-                          share_prompt_with=first)
+                          share_prompt_with=first, tenant=request.tenant)
             first = first or req
             requests.append(req)
         for req in requests:  # everything is validated above: nothing can fail half-way and leave state behind
@@ -231,7 +240,14 @@ class EngineCore:
                                           dict(kv.stats.misses)),
             num_preemptions=sched.num_preemptions, evictions=kv.num_evictions,
             prompt_tokens_computed=sched.num_computed_prompt_tokens, prompt_tokens_loaded=sched.num_loaded_tokens,
-            kv_store=self._kv_store_stats())
+            kv_store=self._kv_store_stats(), tenants=self._tenant_stats())
+
+    def _tenant_stats(self) -> dict[str, TenantStats]:
+        sched = self.scheduler
+        load, vtc = sched.tenant_load(), sched.waiting.counters()
+        return {t: TenantStats(load[t][0], load[t][1], c.prompt_tokens_computed, c.output_tokens, c.rejected,
+                               vtc.get(t) if sched.config.scheduling_policy == "vtc" else None)
+                for t, c in sched.tenants.items()}
 
     def _kv_store_stats(self) -> KVStoreStats | None:
         if self.kv_store is None:

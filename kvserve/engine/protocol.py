@@ -10,9 +10,11 @@ from __future__ import annotations
 import msgspec
 
 from kvserve.core.outputs import RequestUpdate
+from kvserve.core.request import DEFAULT_TENANT
 from kvserve.sampling import ParamError, SamplingParams
 
 MAX_CACHE_SALT_CHARS = 256
+MAX_TENANT_CHARS = 64
 
 
 class EngineDeadError(RuntimeError):
@@ -38,6 +40,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     kv_store: bool
     native_kernels: bool
     quantization: str = "none"  # the matmul weights' format: none (dtype), q8_0, w8a8
+    scheduling_policy: str = "fcfs"
+    max_queue_wait_s: float | None = None  # requests not scheduled within this are rejected (503 when served)
 
 
 class EngineCoreRequest(msgspec.Struct, frozen=True):
@@ -48,7 +52,8 @@ class EngineCoreRequest(msgspec.Struct, frozen=True):
     params: SamplingParams
     cache_salt: str | None = None
     arrival_time: float = 0.0  # time.monotonic() of the front end (CLOCK_MONOTONIC is machine-wide on Linux)
-    priority: int = 0
+    priority: int = 0  # lower runs first under the priority policy
+    tenant: str = DEFAULT_TENANT  # who is served (the server sets it from the API key, never from the body)
 
 
 class StepOutputs(msgspec.Struct, frozen=True):
@@ -94,6 +99,15 @@ class KVStoreStats(msgspec.Struct, frozen=True):
     pending_saves: int
 
 
+class TenantStats(msgspec.Struct, frozen=True):
+    num_waiting: int  # sequences queued (waiting, preempted, fetching their prefix)
+    num_running: int
+    prompt_tokens_computed: int  # cumulative: prompt tokens run through the model for this tenant
+    output_tokens: int  # cumulative
+    rejected: int  # cumulative: requests dropped by the queue-wait deadline
+    vtc_counter: float | None  # the fair-share policy's virtual counter; None under other policies
+
+
 class EngineStats(msgspec.Struct, frozen=True):
     """A snapshot of the engine core's counters and gauges (cumulative counters never go down)."""
 
@@ -109,10 +123,11 @@ class EngineStats(msgspec.Struct, frozen=True):
     kv_store: KVStoreStats | None = None
     ipc_frames_dropped: int = 0  # malformed or oversized frames the engine-core process refused
     engine_restarts: int = 0  # engine-core processes started again after one died
+    tenants: dict[str, TenantStats] = {}
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams,
-                     cache_salt: str | None) -> None:
+                     cache_salt: str | None, tenant: str = DEFAULT_TENANT) -> None:
     """Raises ParamError (with `param` and `code`) if this request can never run on this engine."""
     ids, vocab, max_len = prompt_token_ids, info.vocab_size, info.max_model_len
     if not ids:
@@ -136,6 +151,9 @@ def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: Samp
                                    or len(cache_salt) > MAX_CACHE_SALT_CHARS):
         raise ParamError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters",
                          "cache_salt")
+    if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_TENANT_CHARS or not tenant.isprintable():
+        raise ParamError(f"tenant must be a non-empty printable string of at most {MAX_TENANT_CHARS} characters",
+                         "tenant")
 
 
 def sequence_ids(request_id: str, n: int) -> list[str]:
