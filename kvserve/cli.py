@@ -1,4 +1,5 @@
-"""`kvserve serve` (OpenAI-compatible HTTP server) and `kvserve generate` (offline one-shot demo)."""
+"""`kvserve serve` (OpenAI-compatible HTTP server), `kvserve generate` (offline one-shot demo) and
+`kvserve tenants hash-key`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 import uvicorn
 
-from kvserve.config import ConfigError
+from kvserve.config import SCHEDULING_POLICIES, ConfigError
 
 log = logging.getLogger("kvserve.cli")
 
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout-request-headers", type=float, default=10.0,
                        help="a connection whose request headers are not complete this long after it opened (or "
                             "after its previous response) is closed (slowloris)")
+    serve.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
+                       help="who runs next: fcfs (arrival order), priority (the request field `priority`, lower "
+                            "first), vtc (fair share of served tokens per tenant, by weight); docs/scheduling.md")
+    serve.add_argument("--tenants", default=None, metavar="FILE",
+                       help="TOML file of tenants (API key hashes, weight, limits, priority cap); the API key picks "
+                            "the tenant. Without it every request is tenant `default`")
+    serve.add_argument("--max-queue-wait-s", type=float, default=None, metavar="SECONDS",
+                       help="a request not scheduled within this many seconds gets 503 with Retry-After instead of "
+                            "waiting on (default: no deadline)")
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                        help="run the engine core in its own process (off: in a thread of the API server)")
     serve.add_argument("--max-engine-restarts", type=int, default=3,
@@ -87,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
     serve.set_defaults(func=serve_command)
+
+    tenants = sub.add_parser("tenants", help="tenants-file helpers")
+    tsub = tenants.add_subparsers(dest="tenants_command", required=True)
+    hk = tsub.add_parser("hash-key", help="print the sha256 form of an API key for a tenants file (the key is read "
+                                          "from stdin, so it stays out of shell history and `ps`)")
+    hk.set_defaults(func=hash_key_command)
 
     gen = sub.add_parser("generate", help="generate once from a prompt, offline (no server)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -115,6 +131,7 @@ def bench_command(args: argparse.Namespace) -> int:
 def _server_config(args: argparse.Namespace):
     """Every HTTP-side flag, validated at once (ConfigError) before the model loads."""
     from kvserve.server.config import ServerConfig, read_api_key_file
+    from kvserve.server.tenants import load_tenants
 
     api_key = args.api_key
     if args.api_key_file:
@@ -128,7 +145,23 @@ def _server_config(args: argparse.Namespace):
                         write_timeout=args.stream_write_timeout,
                         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
                         require_cache_salt=args.require_cache_salt, max_connections=args.max_connections,
-                        keep_alive_timeout=args.timeout_keep_alive, header_timeout=args.timeout_request_headers)
+                        keep_alive_timeout=args.timeout_keep_alive, header_timeout=args.timeout_request_headers,
+                        tenants=load_tenants(args.tenants) if args.tenants else None)
+
+
+def hash_key_command(args: argparse.Namespace) -> int:
+    from kvserve.server.tenants import hash_key
+
+    if sys.stdin.isatty():
+        import getpass
+
+        key = getpass.getpass("API key: ")
+    else:
+        key = sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        raise ConfigError("no key given on stdin")
+    print(hash_key(key))
+    return 0
 
 
 def _engine_args(args: argparse.Namespace, **extra):
@@ -153,7 +186,9 @@ def serve_command(args: argparse.Namespace) -> int:
     engine_args = _engine_args(args, max_num_seqs=args.max_num_seqs,
                                max_num_batched_tokens=args.max_num_batched_tokens,
                                enable_prefix_caching=args.enable_prefix_caching,
-                               enable_chunked_prefill=args.enable_chunked_prefill)
+                               enable_chunked_prefill=args.enable_chunked_prefill,
+                               scheduling_policy=args.scheduling_policy, max_queue_wait_s=args.max_queue_wait_s,
+                               tenant_weights=config.tenants.weights() if config.tenants else ())
     engine_args.torch_dtype()
     if args.kv_store:
         from kvserve.kvstore import parse_kv_store
@@ -162,7 +197,7 @@ def serve_command(args: argparse.Namespace) -> int:
         parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size, load_policy=args.kv_store_load)
     if args.max_engine_restarts < 0:
         raise ConfigError("--max-engine-restarts must be >= 0")
-    if not config.is_loopback and config.api_key is None:
+    if not config.is_loopback and config.api_key is None and config.tenants is None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", config.host)
     if args.engine_process:
         client = MPCoreClient(engine_args, max_restarts=args.max_engine_restarts, log_level=args.log_level)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 import msgspec
 
-from kvserve.core.request import RequestStatus
+from kvserve.core.request import DEFAULT_TENANT, RequestStatus
 from kvserve.engine.ipc import Rejected
 from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.protocol import (
@@ -134,19 +134,20 @@ class AsyncLLM:
         return len(self._streams)
 
     # ------------------------------------------------------------------ API
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None) -> None:
-        validate_request(self._info(), prompt_token_ids, params, cache_salt)
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None,
+                 tenant: str = DEFAULT_TENANT, priority: int = 0) -> None:
+        validate_request(self._info(), prompt_token_ids, params, cache_salt, tenant, priority)
 
     async def generate(self, prompt: dict, params: SamplingParams, request_id: str, cache_salt: str | None = None,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, tenant: str = DEFAULT_TENANT) -> AsyncIterator[RequestOutput]:
         """`prompt` is {"prompt_token_ids": [...], "prompt": text or None}. Raises ParamError before anything is
         queued; EngineDeadError if the core dies after this request produced output."""
         if self.state == "dead":
             raise EngineDeadError(f"the engine core is dead: {self.error}")
         ids = list(prompt["prompt_token_ids"])
-        self.validate(ids, params, cache_salt)
+        self.validate(ids, params, cache_salt, tenant, priority)
         check_new_id(request_id, self._streams)
-        request = EngineCoreRequest(request_id, ids, params, cache_salt, time.monotonic(), priority)
+        request = EngineCoreRequest(request_id, ids, params, cache_salt, time.monotonic(), priority, tenant)
         stream = OutputStream()
         self._streams[request_id] = stream
         self.output_processor.add(request_id, prompt.get("prompt"), ids, params, request.arrival_time)

@@ -170,7 +170,8 @@ class EngineCore:
         """Raises ParamError (nothing is queued) if the request cannot run; n > 1 becomes n sequences."""
         rid, params = request.request_id, request.params
         check_new_id(rid, self._group_seqs)
-        validate_request(self.info, request.prompt_token_ids, params, request.cache_salt, request.tenant)
+        validate_request(self.info, request.prompt_token_ids, params, request.cache_salt, request.tenant,
+                         request.priority)
         seq_ids = sequence_ids(rid, params.n)
         for sid in seq_ids:
             check_new_id(sid, self.scheduler.requests)

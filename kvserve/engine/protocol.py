@@ -127,7 +127,7 @@ class EngineStats(msgspec.Struct, frozen=True):
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams,
-                     cache_salt: str | None, tenant: str = DEFAULT_TENANT) -> None:
+                     cache_salt: str | None, tenant: str = DEFAULT_TENANT, priority: int = 0) -> None:
     """Raises ParamError (with `param` and `code`) if this request can never run on this engine."""
     ids, vocab, max_len = prompt_token_ids, info.vocab_size, info.max_model_len
     if not ids:
@@ -154,6 +154,11 @@ def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: Samp
     if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_TENANT_CHARS or not tenant.isprintable():
         raise ParamError(f"tenant must be a non-empty printable string of at most {MAX_TENANT_CHARS} characters",
                          "tenant")
+    if type(priority) is not int:
+        raise ParamError("priority must be an integer", "priority")
+    if priority != 0 and info.scheduling_policy != "priority":
+        raise ParamError(f"priority is only used by the priority scheduling policy (this engine runs "
+                         f"{info.scheduling_policy})", "priority")
 
 
 def sequence_ids(request_id: str, n: int) -> list[str]:

@@ -21,6 +21,7 @@ from kvserve.server.errors import error_response, install_handlers
 from kvserve.server.inputs import check_token_ids, parse_request
 from kvserve.server.responses import json_response
 from kvserve.server.state import ServerState
+from kvserve.server.tenants import TENANT_SCOPE_KEY, request_tenant
 
 log = logging.getLogger("kvserve.server")
 
@@ -72,7 +73,8 @@ async def tokenize(request: Request) -> Response:
     state = _state(request)
     req: p.TokenizeRequest = await parse_request(request, p.TokenizeRequest, state.config.max_body_bytes)
     state.check_model(req.model)
-    state.admit(1, "prompt")  # tokenizer work queues behind generation's: it takes a slot like a sequence
+    # tokenizer work queues behind generation's: it takes a slot like a sequence
+    state.admit(1, "prompt", request_tenant(request))
     try:
         tok = state.tokenizer
         if req.prompt is not None:
@@ -96,7 +98,7 @@ async def detokenize(request: Request) -> Response:
     req: p.DetokenizeRequest = await parse_request(request, p.DetokenizeRequest, state.config.max_body_bytes)
     state.check_model(req.model)
     check_token_ids(req.tokens, state.info.vocab_size, "tokens")
-    state.admit(1, "tokens")
+    state.admit(1, "tokens", request_tenant(request))
     try:
         text = await state.tokenize(state.tokenizer.decode, req.tokens, False)
     finally:
@@ -124,7 +126,9 @@ class _GuardMiddleware:
             await send(message)
 
         try:
-            if path not in OPEN_PATHS and not self.state.check_auth(_header(scope, b"authorization")):
+            tenant = self.state.authenticate(_header(scope, b"authorization"))
+            scope.setdefault("state", {})[TENANT_SCOPE_KEY] = tenant
+            if path not in OPEN_PATHS and tenant is None:
                 status[0] = 401
                 await error_response(401, "missing or invalid API key; send `Authorization: Bearer <key>`",
                                      code="invalid_api_key",

@@ -16,6 +16,7 @@ from kvserve.server.inputs import EngineInput, parse_request, sampling_params
 from kvserve.server.responses import chat_logprobs, dump, json_response, sse, usage
 from kvserve.server.session import Session, aborted, generate
 from kvserve.server.state import ServerState
+from kvserve.server.tenants import request_tenant
 
 log = logging.getLogger("kvserve.server")
 router = APIRouter()
@@ -99,12 +100,13 @@ async def create_chat_completion(request: Request) -> Response:
     messages = req.template_messages()
     state.check_text_length(sum(len(m["content"]) for m in messages), "messages")
     state.check_cache_salt(req.cache_salt)
-    session = Session(state, params.n, params.n, "n")
+    session = Session(state, params.n, params.n, "n", *state.tenant_and_priority(request_tenant(request),
+                                                                                  req.priority))
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     log.debug("%s: %d message(s), user=%r", rid, len(messages), req.user)
     try:
         inp = await state.tokenize(apply_template, state.tokenizer, messages, req.add_generation_prompt)
-        state.validate_input(inp, params, req.cache_salt, names)
+        state.validate_input(inp, params, req.cache_salt, names, session.tenant, session.priority)
         session.start(rid, [inp], params, req.cache_salt)
     except BaseException:
         session.close("error")

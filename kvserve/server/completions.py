@@ -15,6 +15,7 @@ from kvserve.server.inputs import EngineInput, check_token_ids, parse_request, s
 from kvserve.server.responses import completion_logprobs, dump, json_response, sse, usage
 from kvserve.server.session import Session, aborted, generate
 from kvserve.server.state import ServerState
+from kvserve.server.tenants import request_tenant
 
 log = logging.getLogger("kvserve.server")
 router = APIRouter()
@@ -121,13 +122,14 @@ async def create_completion(request: Request) -> Response:
         else:
             check_token_ids(prompt, state.info.vocab_size, "prompt")
     state.check_cache_salt(req.cache_salt)
-    session = Session(state, len(prompts) * params.n, params.n, "prompt" if len(prompts) > 1 else "n")
+    session = Session(state, len(prompts) * params.n, params.n, "prompt" if len(prompts) > 1 else "n",
+                      *state.tenant_and_priority(request_tenant(request), req.priority))
     rid = f"cmpl-{uuid.uuid4().hex}"
     log.debug("%s: %d prompt(s), user=%r", rid, len(prompts), req.user)
     try:
         inputs = await state.tokenize(_tokenize_prompts, state.tokenizer, prompts, req.add_special_tokens, req.echo)
         for inp in inputs:
-            state.validate_input(inp, params, req.cache_salt)
+            state.validate_input(inp, params, req.cache_salt, tenant=session.tenant, priority=session.priority)
         session.start(rid, inputs, params, req.cache_salt)
     except BaseException:
         session.close("error")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvserve.config import ConfigError
+from kvserve.server.tenants import TenantsConfig
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -34,6 +35,8 @@ class ServerConfig:
     max_connections: int | None = 1024  # uvicorn limit_concurrency: more open connections get 503
     keep_alive_timeout: float = 5.0  # idle keep-alive connections are closed after this many seconds
     header_timeout: float = 10.0  # request headers must be complete this long after a connection (re)starts
+    # None: every request is tenant `default`. Else the API key picks the tenant (kvserve.server.tenants)
+    tenants: TenantsConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from kvserve.core.kv_cache_manager import MISS_CAUSES
-from kvserve.engine.protocol import EngineInfo, EngineStats, KVStoreStats
+from kvserve.engine.protocol import EngineInfo, EngineStats, KVStoreStats, TenantStats
 from kvserve.outputs import RequestOutput
 
 P = "kvserve:"
@@ -83,6 +83,33 @@ class _EngineStatsCollector(Collector):
                       s.ipc_frames_dropped)
         if s.kv_store is not None:
             yield from _kv_store_metrics(s.kv_store, self.model_name)
+        if s.tenants:
+            yield from _tenant_metrics(s.tenants, self.model_name)
+
+
+def _tenant_metrics(tenants: dict[str, TenantStats], model_name: str) -> Iterable:
+    """Per-tenant queue, batch share and service (the engine's counters; the fair-share policy's counter)."""
+    labels = ["model_name", "tenant"]
+    per_tenant = {
+        "num_waiting": (GaugeMetricFamily, "tenant_requests_waiting", "The tenant's sequences waiting in the engine."),
+        "num_running": (GaugeMetricFamily, "tenant_requests_running", "The tenant's sequences in the running batch."),
+        "prompt_tokens_computed": (CounterMetricFamily, "tenant_prompt_tokens_computed",
+                                   "Prompt tokens run through the model for the tenant (cache hits excluded)."),
+        "output_tokens": (CounterMetricFamily, "tenant_generation_tokens", "Tokens generated for the tenant."),
+        "rejected": (CounterMetricFamily, "tenant_queue_wait_rejections",
+                     "The tenant's requests dropped unscheduled by the queue-wait deadline."),
+    }
+    for key, (family_cls, name, doc) in per_tenant.items():
+        family = family_cls(P + name, doc, labels=labels)
+        for tenant, t in sorted(tenants.items()):
+            family.add_metric([model_name, tenant], float(getattr(t, key)))
+        yield family
+    vtc = GaugeMetricFamily(P + "tenant_vtc_counter", "The fair-share (vtc) policy's virtual token counter: weighted "
+                            "service received divided by the tenant's weight.", labels=labels)
+    for tenant, t in sorted(tenants.items()):
+        if t.vtc_counter is not None:
+            vtc.add_metric([model_name, tenant], t.vtc_counter)
+    yield vtc
 
 
 def _kv_store_metrics(store: KVStoreStats, model_name: str) -> Iterable:
@@ -155,6 +182,10 @@ class ServerMetrics:
                                 registry=r)
         self._aborted = Counter(P + "request_aborted", "Requests the server ended early, by reason.", m + ["reason"],
                                 registry=r)
+        self._refused = Counter(P + "requests_refused", "Requests answered 429 or 503 instead of served, by tenant, "
+                                "status code and cause (queue_full, tenant_concurrency_limit, tenant_token_rate_limit, "
+                                "queue_wait_exceeded, service_unavailable, engine_dead).",
+                                m + ["tenant", "status_code", "cause"], registry=r)
         self._http = Counter(P + "http_requests", "HTTP responses by endpoint and status code.",
                              m + ["endpoint", "status_code"], registry=r)
         self.in_flight = Gauge(P + "num_requests_in_flight", "Sequences admitted by the server and not yet finished.",
@@ -175,6 +206,9 @@ class ServerMetrics:
 
     def aborted(self, reason: str) -> None:
         self._aborted.labels(self.model_name, reason).inc()
+
+    def refused(self, tenant: str, status: int, cause: str) -> None:
+        self._refused.labels(self.model_name, tenant, str(status), cause).inc()
 
     def http_response(self, endpoint: str, status: int) -> None:
         self._http.labels(self.model_name, endpoint, str(status)).inc()

@@ -92,6 +92,7 @@ class _SamplingFields(_Strict):
     user: Annotated[Text, Field(max_length=256)] | None = None
     cache_salt: CacheSalt | None = None
     return_token_ids: bool | None = None
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's: lower runs first (--scheduling-policy priority)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

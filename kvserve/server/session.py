@@ -20,10 +20,12 @@ from kvserve.engine.async_llm import merge_outputs
 from kvserve.engine.protocol import EngineDeadError
 from kvserve.outputs import RequestOutput
 from kvserve.sampling import ParamError, SamplingParams
-from kvserve.server.errors import ApiError, error_body
+from kvserve.server.errors import ApiError, error_body, error_response
 from kvserve.server.inputs import EngineInput
 from kvserve.server.metrics import RequestTracker
 from kvserve.server.responses import SSE_DONE, sse
+from kvserve.server.tenants import DEFAULT as DEFAULT_TENANT
+from kvserve.server.tenants import DEFAULT_OUTPUT_ESTIMATE, Tenant
 
 if TYPE_CHECKING:
     from kvserve.server.state import ServerState
@@ -56,9 +58,17 @@ class _Outputs:
 
 
 class Session:
-    def __init__(self, state: "ServerState", cost: int, n: int, param: str):
-        state.admit(cost, param)
-        self.state, self.cost, self.n = state, cost, n
+    def __init__(self, state: "ServerState", cost: int, n: int, param: str, tenant: Tenant = DEFAULT_TENANT,
+                 priority: int = 0):
+        state.admit(cost, param, tenant)
+        try:
+            self.ticket = state.limits.acquire(tenant, cost)
+        except ApiError as e:
+            state.release(cost)
+            state.count_refusal(e, tenant)
+            raise
+        self.state, self.cost, self.n, self.tenant = state, cost, n, tenant
+        self.priority = priority
         self.ids: list[str] = []
         self.trackers: list[RequestTracker] = []
         self.tasks: list[asyncio.Task] = []
@@ -72,6 +82,17 @@ class Session:
         self.timer = asyncio.get_running_loop().call_later(timeout, self.expire, "timeout") if timeout else None
 
     def start(self, base_id: str, inputs: list[EngineInput], params: SamplingParams, salt: str | None) -> None:
+        """Reserve the tokens against the tenant's rate limit (429 if over), then start one engine request per
+        prompt."""
+        max_len = self.state.info.max_model_len
+        expected = sum(len(inp.ids) + params.n * (params.max_tokens if params.max_tokens is not None
+                                                  else min(DEFAULT_OUTPUT_ESTIMATE, max_len - len(inp.ids)))
+                       for inp in inputs)
+        try:
+            self.state.limits.reserve_tokens(self.ticket, expected)
+        except ApiError as e:
+            self.state.count_refusal(e, self.tenant)
+            raise
         for i, inp in enumerate(inputs):
             rid = f"{base_id}-{i}"
             self.ids.append(rid)
@@ -84,7 +105,8 @@ class Session:
             self.buffer.end(i)
             return
         try:
-            async for out in self.state.engine.generate(inp.engine_prompt(), params, rid, cache_salt=salt):
+            async for out in self.state.engine.generate(inp.engine_prompt(), params, rid, cache_salt=salt,
+                                                        priority=self.priority, tenant=self.tenant.name):
                 self.trackers[i].observe(out)
                 self.buffer.put(i, out)
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which turns it into an error response
@@ -122,6 +144,9 @@ class Session:
         if self.holds_slot:
             self.holds_slot = False
             self.state.release(self.cost)
+            used = sum(len(t.last.prompt_token_ids) + sum(len(o.token_ids) for o in t.last.outputs)
+                       for t in self.trackers if t.last is not None)
+            self.state.limits.release(self.ticket, used)
 
     def close(self, reason: str = "client_disconnect") -> None:
         """Idempotent and synchronous, so it also works from a cancelled task."""
@@ -164,6 +189,9 @@ class Session:
                     break
         finally:
             watcher.cancel()
+        if self.reason is None and any(f is not None and rejected(f) for f in finals):
+            self.state.count_refusal(err := self.state.queue_wait_error(), self.tenant)
+            raise err
         if self.reason is not None or any(f is None or aborted(f) for f in finals):
             raise self.error()
         self.completed = True
@@ -179,21 +207,51 @@ async def _watch_disconnect(request: Request, session: Session) -> None:
 
 
 def aborted(out: RequestOutput) -> bool:
-    return any(o.finish_reason == "abort" for o in out.outputs)
+    return any(o.finish_reason in ("abort", "rejected") for o in out.outputs)
+
+
+def rejected(out: RequestOutput) -> bool:
+    """The engine dropped it unscheduled (queue-wait deadline): the server answers 503."""
+    return any(o.finish_reason == "rejected" for o in out.outputs)
+
+
+class _RejectedBeforeFirstChunk(Exception):
+    """Raised by a stream's body before its first chunk: the response can still be a plain HTTP error."""
+
+    def __init__(self, error: ApiError):
+        super().__init__(error.message)
+        self.error = error
 
 
 class SSEResponse(StreamingResponse):
     """A stream whose session is closed however the response ends, even if its iterator never started; a chunk the
     client does not take within `write_timeout` seconds ends it (the socket buffers are full: the reader stalled)."""
 
-    def __init__(self, content: AsyncIterator[bytes], session: Session, write_timeout: float):
+    def __init__(self, content: AsyncIterator[bytes], session: Session, write_timeout: float,
+                 hold_headers: bool = False):
+        """`hold_headers`: send the status line with the first chunk, so a request the engine rejects before it
+        ran (queue-wait deadline) gets a real 503 with Retry-After instead of a 200 stream with an error event."""
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.session = session
         self.write_timeout = write_timeout
+        self.hold_headers = hold_headers
 
     async def stream_response(self, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if self.hold_headers:
+            try:
+                first = await anext(aiter(self.body_iterator))
+            except _RejectedBeforeFirstChunk as e:
+                await error_response(e.error.status, e.error.message, e.error.param, e.error.code,
+                                     e.error.headers)({"type": "http"}, None, send)
+                return
+            except StopAsyncIteration:
+                first = None
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            if first is not None:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+        else:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         async for chunk in self.body_iterator:
             try:
                 async with asyncio.timeout(self.write_timeout):
@@ -214,11 +272,19 @@ class SSEResponse(StreamingResponse):
 async def _stream(session: Session, on_output: Callable[[int, RequestOutput], list[bytes]],
                   usage_chunk: Callable[[], bytes] | None) -> AsyncIterator[bytes]:
     """SSE body: chunks, then usage if asked, then [DONE]; errors become an error event before [DONE]."""
+    sent = False
     try:
         async for i, out in session.outputs():
             if session.reason is not None:
                 break
+            if rejected(out):
+                err = session.state.queue_wait_error()
+                session.state.count_refusal(err, session.tenant)
+                if not sent:
+                    raise _RejectedBeforeFirstChunk(err)
+                raise err
             for chunk in on_output(i, out):
+                sent = True
                 yield chunk
         if session.reason is not None:
             raise session.error()
@@ -234,6 +300,9 @@ async def _stream(session: Session, on_output: Callable[[int, RequestOutput], li
     except ParamError as e:
         session.expire("error")
         yield sse(ApiError.from_param_error(e).body())
+    except _RejectedBeforeFirstChunk:
+        session.expire("error")
+        raise
     except Exception:  # noqa: BLE001 - never a traceback to the client; the log has it
         log.exception("stream failed")
         session.expire("error")
@@ -245,7 +314,8 @@ async def generate(request: Request, session: Session, stream: bool,
                    on_output: Callable[[int, RequestOutput], list[bytes]], usage_chunk: Callable[[], bytes] | None,
                    respond: Callable[[list[RequestOutput]], Response]) -> Response:
     if stream:
-        return SSEResponse(_stream(session, on_output, usage_chunk), session, session.state.config.write_timeout)
+        return SSEResponse(_stream(session, on_output, usage_chunk), session, session.state.config.write_timeout,
+                           hold_headers=session.state.info.max_queue_wait_s is not None)
     try:
         finals = await session.collect(request)
         return respond(finals)

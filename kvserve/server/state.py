@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
@@ -15,6 +16,8 @@ from kvserve.server.config import ServerConfig
 from kvserve.server.errors import ApiError
 from kvserve.server.inputs import EngineInput
 from kvserve.server.metrics import ServerMetrics
+from kvserve.server.tenants import DEFAULT as DEFAULT_TENANT
+from kvserve.server.tenants import Tenant, TenantLimits
 
 
 class _Endable(Protocol):
@@ -36,6 +39,7 @@ class ServerState:
         self.tok_pool = ThreadPoolExecutor(1, thread_name_prefix="kvserve-tok")  # one tokenizer user at a time
         self.loop: asyncio.AbstractEventLoop | None = None
         self.metrics: ServerMetrics | None = None
+        self.limits = TenantLimits()
 
     async def start_engine(self) -> None:
         """Wait for the engine core to load the model; everything model-dependent is set from its EngineInfo."""
@@ -55,15 +59,22 @@ class ServerState:
             raise ApiError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
                            "model", "model_not_found")
 
-    def check_auth(self, header: str | None) -> bool:
-        """`header` is the raw Authorization value decoded as latin-1 (ASGI's byte-preserving decoding), so a key
-        with non-ASCII characters is compared as the UTF-8 bytes the client sent."""
-        if self.api_key is None:
-            return True
+    def authenticate(self, header: str | None) -> Tenant | None:
+        """The tenant a request is served for, or None (401). Without a tenants file: the `default` tenant when the
+        key matches --api-key (or none is set). With one: the tenant owning the key; --api-key, if also set, is
+        the `default` tenant's. `header` is the raw Authorization value decoded as latin-1 (ASGI's
+        byte-preserving decoding), so a key with non-ASCII characters is compared as the UTF-8 bytes sent."""
+        tenants = self.config.tenants
+        if self.api_key is None and tenants is None:
+            return DEFAULT_TENANT
         scheme, _, token = (header or "").partition(" ")
-        # compare even on a bad scheme so timing does not tell the two failures apart
-        ok = hmac.compare_digest(token.strip().encode("latin-1", "replace"), self.api_key)
-        return ok and scheme.lower() == "bearer"
+        key = token.strip().encode("latin-1", "replace")
+        # every comparison runs whatever the scheme, so timing does not tell the failures apart
+        ok_default = self.api_key is not None and hmac.compare_digest(key, self.api_key)
+        tenant = tenants.identify(key) if tenants is not None else None
+        if scheme.lower() != "bearer":
+            return None
+        return tenant or (DEFAULT_TENANT if ok_default else None)
 
     def check_cache_salt(self, salt: str | None) -> None:
         if salt is None and self.config.require_cache_salt:
@@ -79,9 +90,10 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self.tok_pool, fn, *args)
 
     def validate_input(self, inp: EngineInput, params: SamplingParams, salt: str | None,
-                       names: dict[str, str] | None = None) -> None:
+                       names: dict[str, str] | None = None, tenant: Tenant = DEFAULT_TENANT,
+                       priority: int = 0) -> None:
         try:
-            self.engine.validate(inp.ids, params, salt)
+            self.engine.validate(inp.ids, params, salt, tenant.name, priority)
         except ParamError as e:
             raise ApiError.from_param_error(e, names) from None
         except EngineDeadError as e:
@@ -94,21 +106,44 @@ class ServerState:
                            "context_length_exceeded")
 
     # ---------------------------------------------------------------- admission
-    def admit(self, cost: int, param: str) -> None:
+    def admit(self, cost: int, param: str, tenant: Tenant = DEFAULT_TENANT) -> None:
         """Take `cost` admission slots (sequences, or 1 for tokenizer work) or raise 503 / 400 / 429."""
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", code="service_unavailable")
-        if self.engine.state == "dead":
-            raise ApiError(503, f"the engine is not running: {self.engine.error}", code="engine_dead")
-        if cost > self.capacity:
-            raise ApiError(400, f"this request needs {cost} sequences (prompts x n) but the server admits at most "
-                                f"{self.capacity} at a time", param, "invalid_value")
-        if self.in_flight + cost > self.capacity:
-            raise ApiError(429, f"the server is busy ({self.in_flight} sequences in flight, limit {self.capacity}); "
-                                "retry later", code="queue_full",
-                           headers={"Retry-After": str(self.config.retry_after_s)})
+        try:
+            if self.draining:
+                raise ApiError(503, "the server is shutting down", code="service_unavailable")
+            if self.engine.state == "dead":
+                raise ApiError(503, f"the engine is not running: {self.engine.error}", code="engine_dead")
+            if cost > self.capacity:
+                raise ApiError(400, f"this request needs {cost} sequences (prompts x n) but the server admits at "
+                                    f"most {self.capacity} at a time", param, "invalid_value")
+            if self.in_flight + cost > self.capacity:
+                raise ApiError(429, f"the server is busy ({self.in_flight} sequences in flight, limit "
+                                    f"{self.capacity}); retry later", code="queue_full",
+                               headers={"Retry-After": str(self.config.retry_after_s)})
+        except ApiError as e:
+            self.count_refusal(e, tenant)
+            raise
         self.in_flight += cost
         self.metrics.in_flight.set(self.in_flight)
+
+    def tenant_and_priority(self, tenant: Tenant, priority: int) -> tuple[Tenant, int]:
+        """The priority a tenant's request runs at: what it asked for, no more urgent than its cap (the engine's
+        validate_request refuses a priority under another policy)."""
+        if self.info.scheduling_policy == "priority":
+            priority = tenant.clamp_priority(priority)
+        return tenant, priority
+
+    def count_refusal(self, e: ApiError, tenant: Tenant) -> None:
+        """Every 429 and 503 the server answers instead of serving, by tenant and cause (its error code)."""
+        if e.status in (429, 503):
+            self.metrics.refused(tenant.name, e.status, e.code or "unknown")
+
+    def queue_wait_error(self) -> ApiError:
+        """A request the engine dropped after waiting --max-queue-wait-s without being scheduled."""
+        wait = self.info.max_queue_wait_s or 1.0
+        return ApiError(503, f"the request waited {wait:g} s in the engine's queue without being scheduled; the "
+                             "server is overloaded, retry later", code="queue_wait_exceeded",
+                        headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
     def release(self, cost: int) -> None:
         self.in_flight -= cost
