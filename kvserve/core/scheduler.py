@@ -184,10 +184,15 @@ class Scheduler:
                 budget -= n
 
         # 2) waiting requests, in policy order, while tokens, sequences and blocks last.
+        in_flight = self._blocks_in_flight() if self.kv.enable_prefix_caching else None
+        deferred: list[Request] = []
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             req = self.waiting.peek()
             if self.connector is not None and not req.kv_store_checked and self._start_fetch(req):
                 self.waiting.pop()
+                continue
+            if in_flight and self._prefix_in_flight(req, in_flight):
+                deferred.append(self.waiting.pop())
                 continue
             n = self._admit(req, budget)
             if n is None:
@@ -197,6 +202,10 @@ class Scheduler:
             self.running.append(req)
             num_new[req.request_id] = n
             budget -= n
+            if in_flight is not None:
+                self._add_in_flight(req, req.num_computed_tokens, in_flight)
+        for req in reversed(deferred):  # back in their places, ahead of everything they were ahead of
+            self.waiting.add_front(req)
 
         scheduled = []
         for req in self.running:
@@ -215,6 +224,29 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         ops, self._kv_ops = self._kv_ops, []
         return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished, ops)
+
+    # ------------------------------------------------------------------ shared prefixes being computed
+    def _add_in_flight(self, req: Request, start_token: int, in_flight: set) -> None:
+        """The prompt's full blocks from `start_token` on: allocated to `req`, not computed (hence not cached) yet."""
+        for h in req.block_hashes[start_token // self.block_size:req.num_prompt_tokens // self.block_size]:
+            in_flight.add(h)
+
+    def _blocks_in_flight(self) -> set:
+        in_flight: set = set()
+        for r in self.running:
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                self._add_in_flight(r, r.num_computed_tokens, in_flight)
+        return in_flight
+
+    def _prefix_in_flight(self, req: Request, in_flight: set) -> bool:
+        """True if the first block `req` would compute is being computed by a running request: wait for it to be
+        cached (a step or two) instead of computing the same prefix twice in parallel. Batches grouped by shared
+        prefix (BatchLLM) admit a group's requests together, so without this each would prefill the prefix."""
+        if req.sampling_params.prompt_logprobs is not None or req.share_prompt_with is not None:
+            return False
+        first = self.kv.match_prefix(req).num_blocks
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        return first < max_blocks and req.block_hashes[first] in in_flight
 
     def _admit(self, req: Request, budget: int) -> int | None:
         """Match the prefix, allocate the first chunk; returns its size or None if the request cannot start now."""

@@ -234,3 +234,30 @@ def test_queue_wait_deadline_rejects_requests_never_scheduled():
     assert "late" not in sched.requests and sched.tenants["default"].rejected == 1
     sched.check_invariants()
     assert RequestStatus.FINISHED_REJECTED.finished
+
+
+def test_request_waits_for_a_shared_prefix_being_computed_instead_of_computing_it_twice():
+    """Two requests sharing a 4-block prefix arrive together: the second waits one step for the first to compute
+    (and cache) the prefix, then starts on its blocks; an unrelated request behind it is not held back."""
+    rng = random.Random(3)
+    prefix = [rng.randrange(3, 1000) for _ in range(64)]
+
+    def with_suffix(rid, k):
+        return Request(rid, prefix + [1000 + k] * 10, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                       BS)
+    sched = make("fcfs", budget=256, max_seqs=8)
+    a, b = with_suffix("a", 1), with_suffix("b", 2)
+    other = req("other", n_prompt=30)
+    for r in (a, b, other):
+        sched.add_request(r)
+    runner = FakeRunner(BS)
+    so = sched.schedule()
+    assert [(s.request_id, s.start, s.num_new_tokens) for s in so.scheduled] == [("a", 0, 74), ("other", 0, 30)]
+    sched.update(so, runner.execute(so))
+    so = sched.schedule()
+    first_b = next(s for s in so.scheduled if s.request_id == "b")
+    assert (first_b.start, first_b.num_new_tokens) == (64, 10)
+    assert first_b.block_ids[:4] == sched.kv.get_block_ids("a")[:4]
+    sched.update(so, runner.execute(so))
+    admission_order(sched, runner)
+    assert sched.num_computed_prompt_tokens == 74 + 30 + 10
