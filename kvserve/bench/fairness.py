@@ -1,0 +1,253 @@
+"""Scheduling-policy benchmarks on a live `kvserve serve` (issue 13's fairness and priority bars).
+
+Scenarios (each starts its own server per policy on 127.0.0.1, `--max-num-seqs 16` so the engine is the bottleneck,
+`sharegpt-like` requests with ignore_eos):
+- `demand`: tenant A closed-loop at 32 concurrent requests, tenant B open-loop (Poisson) at a rate that alone
+  would use about a third of the engine (calibrated from A's service rate in the same run), equal weights; under
+  fcfs and vtc: B's share of the service, B's demand, and B's TTFT.
+- `weights`: A and B both closed-loop (backlogged), weights 3:1, vtc: the split of the service.
+- `priority`: one closed loop at 32 concurrent in which 10% of requests carry priority -1 (the rest 0); under
+  fcfs and priority: TTFT of the high-priority requests.
+
+Service is measured the way VTC charges it (prompt tokens computed + 2 x output tokens, from the server's
+per-tenant counters on /metrics) over the measured window (after a warm-up). Results go to --out as JSON.
+
+    python -m kvserve.bench.fairness --scenario demand --duration 120 --out docs/results/scheduling/demand.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvserve.bench import metrics as M
+from kvserve.bench import workloads as W
+from kvserve.bench.baselines import REPO_ROOT, stop, wait_healthy
+from kvserve.bench.serve import Client
+from kvserve.server.tenants import hash_key
+
+KEYS = {"A": "bench-tenant-a-key", "B": "bench-tenant-b-key"}
+VTC_OUTPUT_WEIGHT = 2
+
+
+def log(msg: str) -> None:
+    print(f"[bench fairness] {msg}", file=sys.stderr, flush=True)
+
+
+def tenants_file(weights: dict[str, float], directory: str) -> str:
+    path = os.path.join(directory, "tenants.toml")
+    with open(path, "w") as f:
+        for name, key in KEYS.items():
+            f.write(f'[tenants.{name}]\napi_keys = ["{hash_key(key)}"]\nweight = {weights.get(name, 1.0)}\n\n')
+    return path
+
+
+def start_server(args, policy: str, tenants: str, port: int, log_path: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--scheduling-policy", policy, "--tenants", tenants, "--max-num-seqs", str(args.max_num_seqs),
+           "--kv-cache-memory-gb", str(args.kv_gb), "--no-access-log", "--log-level", "warning",
+           "--request-timeout", "0", "--max-queued-requests", "1024", "--enable-prompt-tokens-details"]
+    env = dict(os.environ, KVSERVE_NO_TQDM="1", OMP_NUM_THREADS=str(args.threads))
+    log(f"{policy}: " + " ".join(cmd[2:]))
+    with open(log_path, "w") as lf:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=lf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    wait_healthy(f"http://127.0.0.1:{port}", proc, 300)
+    return proc
+
+
+async def tenant_service(client: Client) -> dict[str, float]:
+    """Per-tenant service in VTC units (prompt tokens computed + 2 x output tokens) from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = await client.http.get(f"{client.base_url}/metrics", headers=client.headers)
+    r.raise_for_status()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            t = s.labels.get("tenant")
+            if s.name == "kvserve:tenant_prompt_tokens_computed_total":
+                out[t] = out.get(t, 0.0) + s.value
+            elif s.name == "kvserve:tenant_generation_tokens_total":
+                out[t] = out.get(t, 0.0) + VTC_OUTPUT_WEIGHT * s.value
+    return out
+
+
+class Load:
+    """Closed and open loops of streaming chat requests for one tenant; records what each request saw."""
+
+    def __init__(self, url: str, tenant: str, requests: list[W.BenchRequest], model: str):
+        self.client = Client(url, KEYS[tenant], timeout=3600)
+        self.tenant, self.requests, self.model = tenant, requests, model
+        self.records: list[tuple[M.RequestRecord, int]] = []  # (record, priority)
+        self._next = 0
+        self.t0 = 0.0
+
+    def _take(self) -> W.BenchRequest:
+        r = self.requests[self._next % len(self.requests)]
+        self._next += 1
+        return r
+
+    async def one(self, req: W.BenchRequest, priority: int = 0) -> None:
+        body = {"model": self.model, "messages": req.messages, "max_tokens": req.max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        if priority:
+            body["priority"] = priority
+        rec = M.RequestRecord(f"{self.tenant}-{self._next}", send_time=0.0, max_tokens=req.max_tokens,
+                              group=self.tenant)
+        self.records.append((rec, priority))
+        await self.client.stream("chat", body, rec, self.t0)
+
+    async def closed(self, concurrency: int, until: float, high_priority_frac: float = 0.0, seed: int = 0):
+        rng = random.Random(seed)
+
+        async def worker():
+            while time.perf_counter() < until:
+                await self.one(self._take(), -1 if rng.random() < high_priority_frac else 0)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    async def open(self, rate: float, until: float, seed: int = 0):
+        rng, tasks = random.Random(seed), []
+        while True:
+            await asyncio.sleep(rng.expovariate(rate))
+            if time.perf_counter() >= until:
+                break
+            tasks.append(asyncio.create_task(self.one(self._take())))
+        await asyncio.gather(*tasks)
+
+
+def ttft_summary(records: list[M.RequestRecord], since: float) -> dict:
+    ttfts = sorted(r.ttft for r in records if r.ttft is not None and r.send_time >= since)
+    return {"n": len(ttfts), "p50_s": statistics.median(ttfts) if ttfts else None,
+            "p90_s": M.percentile(ttfts, 90) if ttfts else None,
+            "unanswered": sum(1 for r in records if r.send_time >= since and r.ttft is None)}
+
+
+async def run_policy(args, policy: str, weights: dict[str, float], scenario: str, reqs: dict, tmp: str,
+                     b_rate: float | None = None) -> dict:
+    port = args.port
+    proc = start_server(args, policy, tenants_file(weights, tmp), port, os.path.join(tmp, f"{policy}.log"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        model = (await Client(url, KEYS["A"], 60).models())[0]["id"]
+        a = Load(url, "A", reqs["A"], model)
+        b = Load(url, "B", reqs["B"], model)
+        start = time.perf_counter()
+        a.t0 = b.t0 = start
+        warm_end, end = start + args.warmup, start + args.warmup + args.duration
+        tasks = []
+        if scenario == "priority":  # fcfs refuses the field: its high-priority TTFT is a random 10% sample's
+            tasks.append(a.closed(32, end, high_priority_frac=0.1 if policy == "priority" else 0.0, seed=args.seed))
+        elif scenario == "weights":
+            tasks += [a.closed(32, end, seed=args.seed), b.closed(32, end, seed=args.seed + 1)]
+        else:  # demand: B joins (open loop) only when its rate is known
+            tasks.append(a.closed(32, end, seed=args.seed))
+            if b_rate is not None:
+                tasks.append(b.open(b_rate, end, seed=args.seed + 1))
+        gathered = asyncio.gather(*tasks)
+        await asyncio.sleep(max(warm_end - time.perf_counter(), 0))
+        s0, t_s0 = await tenant_service(a.client), time.perf_counter()
+        await asyncio.sleep(max(end - time.perf_counter(), 0))
+        s1, t_s1 = await tenant_service(a.client), time.perf_counter()
+        gathered.cancel()  # requests still running are cut; what was served in the window is what counts
+        await asyncio.gather(gathered, return_exceptions=True)
+        for load in (a, b):
+            await load.client.close()
+        served = {t: s1.get(t, 0.0) - s0.get(t, 0.0) for t in ("A", "B")}
+        window = t_s1 - t_s0
+        total = sum(served.values())
+        since = warm_end - start
+        result = {"policy": policy, "window_s": window, "service_per_s": total / window if window else None,
+                  "served": served, "share": {t: (v / total if total else None) for t, v in served.items()},
+                  "ttft": {"A": ttft_summary([r for r, _ in a.records], since),
+                           "B": ttft_summary([r for r, _ in b.records], since)}}
+        if scenario == "priority":
+            if policy == "priority":
+                high = [r for r, p in a.records if p == -1]
+            else:
+                sample = random.Random(args.seed)
+                high = [r for r, _ in a.records if sample.random() < 0.1]
+            result["ttft"]["high"] = ttft_summary(high, since)
+        if b_rate is not None:
+            # B's demand in the same units: its arrival rate x its requests' mean cost (prompt tokens not served
+            # from the prefix cache + 2 x output tokens, from the usage of B's finished requests)
+            done = [r for r, _ in b.records if r.success]
+            cost = statistics.mean(r.prompt_tokens - (r.cached_tokens or 0) + VTC_OUTPUT_WEIGHT * r.output_tokens
+                                   for r in done) if done else None
+            offered = b_rate * cost if cost else None
+            result["B_offered_service_per_s"] = offered
+            result["B_demand_share"] = offered / (total / window) if offered and total else None
+        log(f"{policy}: " + json.dumps(result["share"]) + " ttft " + json.dumps(result["ttft"]))
+        return result
+    finally:
+        stop(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvserve.bench.fairness", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", choices=("demand", "weights", "priority"), required=True)
+    ap.add_argument("--duration", type=float, default=120.0, help="measured seconds per policy")
+    ap.add_argument("--warmup", type=float, default=20.0, help="seconds of load before the measured window")
+    ap.add_argument("--calibration", type=float, default=45.0, help="demand: seconds of A alone to size B's rate")
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--kv-gb", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-output", type=int, default=256, help="sharegpt-like output cap (keeps runs short)")
+    ap.add_argument("--b-demand", type=float, default=1 / 3, help="demand: B's load as a fraction of the engine")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    tok = W.load_tokenizer()
+    reqs = {t: W.sharegpt_like(tok, 400, args.seed + i, max_output=args.max_output) for i, t in enumerate(KEYS)}
+    out: dict = {"scenario": args.scenario, "command": "python -m kvserve.bench.fairness " + " ".join(argv or
+                 sys.argv[1:]), "max_num_seqs": args.max_num_seqs, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.scenario == "demand":
+            # calibration: A alone under fcfs gives the engine's service rate; B's rate is b_demand of it
+            calib_args = argparse.Namespace(**{**vars(args), "duration": args.calibration})
+            calib = asyncio.run(run_policy(calib_args, "fcfs", {}, "demand", reqs, tmp))
+            mean_b = statistics.mean(r.content_tokens + VTC_OUTPUT_WEIGHT * r.max_tokens for r in reqs["B"])
+            b_rate = args.b_demand * calib["service_per_s"] / mean_b
+            out["calibration"] = calib
+            out["B_rate_req_per_s"] = b_rate
+            log(f"engine service {calib['service_per_s']:.0f}/s; B at {b_rate:.3f} req/s")
+            for policy in ("fcfs", "vtc"):
+                out["runs"].append(asyncio.run(run_policy(args, policy, {}, "demand", reqs, tmp, b_rate)))
+            f, v = out["runs"]
+            fair = min(v["B_demand_share"] or 0.0, 0.5)
+            out["B_share_vtc"] = v["share"]["B"]
+            out["B_fair_share"] = fair
+            out["B_share_error_rel"] = abs(v["share"]["B"] - fair) / fair if fair else None
+            out["B_ttft_p50_ratio_fcfs_over_vtc"] = (f["ttft"]["B"]["p50_s"] / v["ttft"]["B"]["p50_s"]
+                                                     if f["ttft"]["B"]["p50_s"] and v["ttft"]["B"]["p50_s"] else None)
+        elif args.scenario == "weights":
+            r = asyncio.run(run_policy(args, "vtc", {"A": 3.0, "B": 1.0}, "weights", reqs, tmp))
+            out["runs"].append(r)
+            out["ratio_A_over_B"] = r["served"]["A"] / r["served"]["B"] if r["served"]["B"] else None
+        else:
+            for policy in ("fcfs", "priority"):
+                out["runs"].append(asyncio.run(run_policy(args, policy, {}, "priority", reqs, tmp)))
+            f, p = out["runs"]
+            out["high_ttft_p50_ratio_fcfs_over_priority"] = (f["ttft"]["high"]["p50_s"] / p["ttft"]["high"]["p50_s"]
+                                                             if f["ttft"]["high"]["p50_s"] and p["ttft"]["high"]["p50_s"]
+                                                             else None)
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
