@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue-wait-s", type=float, default=None, metavar="SECONDS",
                        help="a request not scheduled within this many seconds gets 503 with Retry-After instead of "
                             "waiting on (default: no deadline)")
+    serve.add_argument("--max-kv-pin-seconds", type=float, default=300.0, metavar="SECONDS",
+                       help="longest kv_pin_seconds a request may ask for (agent sessions' KV kept between turns)")
+    serve.add_argument("--kv-pin-max-fraction", type=float, default=0.5,
+                       help="share of the KV pool that pinned sessions may hold (the oldest pin goes first)")
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                        help="run the engine core in its own process (off: in a thread of the API server)")
     serve.add_argument("--max-engine-restarts", type=int, default=3,
@@ -146,7 +150,8 @@ def _server_config(args: argparse.Namespace):
                         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
                         require_cache_salt=args.require_cache_salt, max_connections=args.max_connections,
                         keep_alive_timeout=args.timeout_keep_alive, header_timeout=args.timeout_request_headers,
-                        tenants=load_tenants(args.tenants) if args.tenants else None)
+                        tenants=load_tenants(args.tenants) if args.tenants else None,
+                        max_kv_pin_seconds=args.max_kv_pin_seconds)
 
 
 def hash_key_command(args: argparse.Namespace) -> int:
@@ -188,7 +193,9 @@ def serve_command(args: argparse.Namespace) -> int:
                                enable_prefix_caching=args.enable_prefix_caching,
                                enable_chunked_prefill=args.enable_chunked_prefill,
                                scheduling_policy=args.scheduling_policy, max_queue_wait_s=args.max_queue_wait_s,
-                               tenant_weights=config.tenants.weights() if config.tenants else ())
+                               tenant_weights=config.tenants.weights() if config.tenants else (),
+                               tenant_pin_max_tokens=config.tenants.pin_caps() if config.tenants else (),
+                               kv_pin_max_fraction=args.kv_pin_max_fraction)
     engine_args.torch_dtype()
     if args.kv_store:
         from kvserve.kvstore import parse_kv_store

@@ -84,9 +84,15 @@ class SchedulerConfig:
     scheduling_policy: str = "fcfs"  # fcfs | priority | vtc (kvserve.core.policy)
     tenant_weights: tuple[tuple[str, float], ...] = ()  # vtc: (tenant, weight) pairs; unlisted tenants weigh 1
     max_queue_wait_s: float | None = None  # a request never scheduled within this many seconds is rejected
+    kv_pin_max_fraction: float = 0.5  # at most this share of the KV pool is pinned for idle agent sessions
+    tenant_pin_max_tokens: tuple[tuple[str, int], ...] = ()  # per-tenant caps on pinned tokens
+    pinned_sessions_first: bool = True  # a pinned session's next turn is admitted ahead of new requests (Continuum)
 
     def __post_init__(self) -> None:
         check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s)
+        _require(0 <= self.kv_pin_max_fraction <= 1, "kv_pin_max_fraction must be in [0, 1]")
+        _require(all(isinstance(n, int) and n >= 0 for _, n in self.tenant_pin_max_tokens),
+                 "tenant pin caps must be non-negative token counts")
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         _require(self.max_model_len >= 2, "max_model_len must be >= 2")

@@ -176,8 +176,10 @@ class KVCacheManager:
         """Forget every cached block hash; False (nothing done) while requests hold blocks."""
         return self.pool.reset_prefix_cache()
 
-    def check_invariants(self) -> None:
+    def check_invariants(self, extra_refs: list[int] = ()) -> None:
+        """`extra_refs`: block ids referenced by holders other than requests (KV pins), once per reference."""
         self.pool.check_invariants()
         refs = Counter(b.block_id for blocks in self.req_blocks.values() for b in blocks)
+        refs.update(extra_refs)
         for b in self.pool.blocks:
             assert b.ref_cnt == refs.get(b.block_id, 0), f"{b}: ref_cnt != {refs.get(b.block_id, 0)} table entries"

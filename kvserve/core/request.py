@@ -51,7 +51,8 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: "SamplingParams",
                  block_size: int, eos_token_ids: tuple[int, ...] = (), cache_salt: str | None = None,
                  arrival_time: float | None = None, priority: int = 0, max_model_len: int | None = None,
-                 share_prompt_with: "Request | None" = None, tenant: str = DEFAULT_TENANT):
+                 share_prompt_with: "Request | None" = None, tenant: str = DEFAULT_TENANT,
+                 session_id: str | None = None, kv_pin_seconds: float = 0.0):
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -65,6 +66,9 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
         self.tenant = tenant
+        # agents: a finished turn's KV stays pinned this long for the session's next turn (core/kv_pins.py)
+        self.pin_key = (tenant, cache_salt or "", session_id) if session_id is not None else None
+        self.kv_pin_seconds = kv_pin_seconds
         self.prompt_charged = False  # the policy was charged for this prompt's computed tokens (once, at admission)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0

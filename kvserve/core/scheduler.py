@@ -12,6 +12,7 @@ from typing import Callable, Protocol
 
 from kvserve.config import SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.kv_pins import PinKey, PinTable
 from kvserve.core.outputs import KVLoad, KVSave, ModelOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
 from kvserve.core.policy import SchedulingPolicy, make_policy
 from kvserve.core.request import Request, RequestStatus
@@ -58,6 +59,9 @@ class Scheduler:
         self.waiting = policy or make_policy(config.scheduling_policy, dict(config.tenant_weights))
         self.clock = clock  # arrival times are on this clock (the queue-wait deadline compares against it)
         self.tenants: dict[str, TenantCounters] = {}
+        bs = kv_manager.block_size
+        self.pins = PinTable(kv_manager, int(config.kv_pin_max_fraction * kv_manager.num_blocks),
+                             {t: n // bs for t, n in config.tenant_pin_max_tokens})
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         # n > 1: siblings wait here until the first sequence has computed the prompt, then share its blocks
@@ -88,6 +92,8 @@ class Scheduler:
         parent = request.share_prompt_with
         if parent is not None and parent.request_id in self.requests and not self._prompt_done(parent):
             self._held_siblings.setdefault(parent.request_id, []).append(request)
+        elif self.config.pinned_sessions_first and request.pin_key in self.pins:
+            self.waiting.add_front(request)  # Continuum: a session's next turn before new work, while its KV waits
         else:
             self.waiting.add(request)
 
@@ -156,6 +162,8 @@ class Scheduler:
             self._collect_fetches()
         if self.config.max_queue_wait_s is not None and len(self.waiting):
             self._reject_stale()
+        if len(self.pins):
+            self.pins.expire(self.clock())
         budget = self.config.max_num_batched_tokens
         num_new: dict[str, int] = {}
         preempted: list[Request] = []
@@ -169,6 +177,8 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and n < req.num_tokens - req.num_computed_tokens:
                 continue
             while self.kv.allocate_slots(req, n) is None:
+                if self.pins.release_oldest():
+                    continue  # idle sessions' pins go before any running request is preempted
                 if self.running == [req]:
                     # alone and still out of blocks: the pool cannot hold this sequence; end it, never spin
                     self._finish_now(req, RequestStatus.FINISHED_LENGTH)
@@ -299,6 +309,8 @@ class Scheduler:
         req.fetched_kv = None  # used or outdated: either way, free its memory
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_computed + n_load
+        if req.pin_key is not None:
+            self.pins.take_over(req.pin_key)  # it holds the blocks it matched now
         if not req.prompt_charged:
             req.prompt_charged = True
             to_compute = max(req.num_prompt_tokens - req.num_computed_tokens, 0)
@@ -374,6 +386,20 @@ class Scheduler:
         if chunks:
             self._kv_ops.append(KVSave(req.request_id, chunks))
 
+    # ------------------------------------------------------------------ KV pins (agents between turns)
+    def _pin(self, req: Request) -> None:
+        """Keep the finished turn's cached prefix (its leading run of full, hashed blocks) for the next turn."""
+        blocks = []
+        for b in self.kv.get_blocks(req.request_id):
+            if b.block_hash is None:
+                break
+            blocks.append(b)
+        self.pins.pin(req.pin_key, blocks, self.clock() + req.kv_pin_seconds)
+
+    def release_pin(self, key: PinKey) -> int:
+        """A client ended its session early: the tokens that were pinned (0 if none)."""
+        return self.pins.release(key)
+
     def has_pending_kv_ops(self) -> bool:
         """Saves queued by a finish or abort outside a step still need a step (or take_kv_ops) to run."""
         return bool(self._kv_ops)
@@ -444,13 +470,17 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         if self.connector is not None and req.request_id in self.kv.req_blocks:
             self._queue_saves(req)
+        if req.pin_key is not None and req.kv_pin_seconds > 0 and req.status in (
+                RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self._pin(req)
         self.kv.free(req)
         self._release_siblings(req)
         self.requests.pop(req.request_id, None)
         self._finished_ids.append(req.request_id)
 
     def check_invariants(self) -> None:
-        self.kv.check_invariants()
+        self.kv.check_invariants(self.pins.block_refs())
+        self.pins.check_invariants()
         live = set(self.requests)
         assert set(self.kv.req_blocks) <= live, "blocks held by a request that is gone"
         for req in self.running:

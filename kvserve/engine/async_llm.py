@@ -25,6 +25,7 @@ from kvserve.engine.protocol import (
     EngineDeadError,
     EngineInfo,
     EngineStats,
+    SessionKey,
     StepOutputs,
     check_new_id,
     validate_request,
@@ -56,7 +57,7 @@ class CoreClient(Protocol):
 
     def finish(self, ids: list[str], stopped: bool) -> None: ...
 
-    async def call(self, method: str) -> Any: ...
+    async def call(self, method: str, *args) -> Any: ...
 
     async def shutdown(self) -> None: ...
 
@@ -135,19 +136,23 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ API
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None,
-                 tenant: str = DEFAULT_TENANT, priority: int = 0) -> None:
-        validate_request(self._info(), prompt_token_ids, params, cache_salt, tenant, priority)
+                 tenant: str = DEFAULT_TENANT, priority: int = 0, session_id: str | None = None,
+                 kv_pin_seconds: float = 0.0) -> None:
+        validate_request(self._info(), prompt_token_ids, params, cache_salt, tenant, priority, session_id,
+                         kv_pin_seconds)
 
     async def generate(self, prompt: dict, params: SamplingParams, request_id: str, cache_salt: str | None = None,
-                       priority: int = 0, tenant: str = DEFAULT_TENANT) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, tenant: str = DEFAULT_TENANT, session_id: str | None = None,
+                       kv_pin_seconds: float = 0.0) -> AsyncIterator[RequestOutput]:
         """`prompt` is {"prompt_token_ids": [...], "prompt": text or None}. Raises ParamError before anything is
         queued; EngineDeadError if the core dies after this request produced output."""
         if self.state == "dead":
             raise EngineDeadError(f"the engine core is dead: {self.error}")
         ids = list(prompt["prompt_token_ids"])
-        self.validate(ids, params, cache_salt, tenant, priority)
+        self.validate(ids, params, cache_salt, tenant, priority, session_id, kv_pin_seconds)
         check_new_id(request_id, self._streams)
-        request = EngineCoreRequest(request_id, ids, params, cache_salt, time.monotonic(), priority, tenant)
+        request = EngineCoreRequest(request_id, ids, params, cache_salt, time.monotonic(), priority, tenant,
+                                    session_id, kv_pin_seconds)
         stream = OutputStream()
         self._streams[request_id] = stream
         self.output_processor.add(request_id, prompt.get("prompt"), ids, params, request.arrival_time)
@@ -187,6 +192,10 @@ class AsyncLLM:
 
     async def reset_prefix_cache(self) -> bool:
         return await self.client.call("reset_prefix_cache")
+
+    async def release_session(self, key: SessionKey) -> int:
+        """Unpin a session's KV; the tokens that were pinned (0 if none)."""
+        return await self.client.call("release_session", key)
 
     # ------------------------------------------------------------------ core events (on the event loop)
     def _info(self) -> EngineInfo:
@@ -263,9 +272,9 @@ class InprocCoreClient:
     def finish(self, ids: list[str], stopped: bool) -> None:
         self._command(("finish", (ids, stopped)))
 
-    async def call(self, method: str):
+    async def call(self, method: str, *args):
         future = self._loop.create_future()
-        self._command(("call", (method, future)))
+        self._command(("call", (method, args, future)))
         return await future
 
     async def shutdown(self) -> None:
@@ -309,9 +318,9 @@ class InprocCoreClient:
                 core.finish_requests(ids, RequestStatus.FINISHED_STOPPED if stopped else
                                      RequestStatus.FINISHED_ABORTED)
             else:
-                method, future = payload
+                method, args, future = payload
                 try:
-                    self._resolve(future, getattr(core, method)())
+                    self._resolve(future, getattr(core, method)(*args))
                 except Exception as e:  # noqa: BLE001 - handed to the caller
                     self._resolve(future, e)
 

@@ -7,6 +7,7 @@ schedule / execute / update.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ from kvserve.engine.protocol import (
     EngineStats,
     KVStoreStats,
     PrefixCacheStats,
+    PinStats,
+    SessionKey,
     StepOutputs,
     TenantStats,
     TierStats,
@@ -69,12 +72,16 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"  # fcfs | priority | vtc (kvserve.core.policy)
     tenant_weights: tuple[tuple[str, float], ...] = ()  # vtc fair-share weights; unlisted tenants weigh 1
     max_queue_wait_s: float | None = None  # reject requests not scheduled within this many seconds
+    kv_pin_max_fraction: float = 0.5  # KV pins for agent sessions may hold at most this share of the pool
+    tenant_pin_max_tokens: tuple[tuple[str, int], ...] = ()  # per-tenant caps on pinned KV tokens
+    pinned_sessions_first: bool = True  # a pinned session's next turn is admitted before new requests
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         # msgspec decodes the weights (JSON to the engine-core process) as lists
         object.__setattr__(self, "tenant_weights", tuple(tuple(pair) for pair in self.tenant_weights))
+        object.__setattr__(self, "tenant_pin_max_tokens", tuple(tuple(pair) for pair in self.tenant_pin_max_tokens))
         check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s)
 
     def torch_dtype(self) -> torch.dtype:
@@ -120,7 +127,9 @@ class EngineCore:
         if not args.enable_chunked_prefill:
             budget = max(budget, max_len)  # every prompt must fit one step when it cannot be split
         scheduler_config = SchedulerConfig(budget, args.max_num_seqs, max_len, args.enable_chunked_prefill,
-                                           args.scheduling_policy, args.tenant_weights, args.max_queue_wait_s)
+                                           args.scheduling_policy, args.tenant_weights, args.max_queue_wait_s,
+                                           args.kv_pin_max_fraction, args.tenant_pin_max_tokens,
+                                           args.pinned_sessions_first)
         num_blocks = args.num_blocks or num_blocks_for_budget(config, args.block_size, dtype,
                                                               args.kv_cache_memory_gb)
         self.kv_cache = KVCache(config, num_blocks, args.block_size, dtype)
@@ -171,7 +180,7 @@ class EngineCore:
         rid, params = request.request_id, request.params
         check_new_id(rid, self._group_seqs)
         validate_request(self.info, request.prompt_token_ids, params, request.cache_salt, request.tenant,
-                         request.priority)
+                         request.priority, request.session_id, request.kv_pin_seconds)
         seq_ids = sequence_ids(rid, params.n)
         for sid in seq_ids:
             check_new_id(sid, self.scheduler.requests)
@@ -183,7 +192,8 @@ class EngineCore:
                 sp = params.replace(seed=params.seed + i)
             req = Request(sid, request.prompt_token_ids, sp, self.info.block_size, self.eos_token_ids,
                           request.cache_salt, arrival, request.priority, self.info.max_model_len,
-                          share_prompt_with=first, tenant=request.tenant)
+                          share_prompt_with=first, tenant=request.tenant, session_id=request.session_id,
+                          kv_pin_seconds=request.kv_pin_seconds)
             first = first or req
             requests.append(req)
         for req in requests:  # everything is validated above: nothing can fail half-way and leave state behind
@@ -232,8 +242,13 @@ class EngineCore:
         """Drop the pool's prefix cache (the tiered store keeps its entries); False while requests hold blocks."""
         return self.kv_manager.reset_prefix_cache()
 
+    def release_session(self, key: SessionKey) -> int:
+        """Unpin a session's KV now (the client says it will not continue); the tokens that were pinned."""
+        return self.scheduler.release_pin((key.tenant, key.cache_salt or "", key.session_id))
+
     def stats(self) -> EngineStats:
         kv, sched = self.kv_manager, self.scheduler
+        sched.pins.expire(sched.clock())  # an idle engine does not step: report pins as of now
         return EngineStats(
             num_running=sched.num_running, num_waiting=sched.num_waiting,
             kv_blocks_total=kv.num_blocks, kv_blocks_used=kv.num_used_blocks,
@@ -241,7 +256,8 @@ class EngineCore:
                                           dict(kv.stats.misses)),
             num_preemptions=sched.num_preemptions, evictions=kv.num_evictions,
             prompt_tokens_computed=sched.num_computed_prompt_tokens, prompt_tokens_loaded=sched.num_loaded_tokens,
-            kv_store=self._kv_store_stats(), tenants=self._tenant_stats())
+            kv_store=self._kv_store_stats(), tenants=self._tenant_stats(),
+            kv_pins=PinStats(len(sched.pins), sched.pins.num_blocks, **dataclasses.asdict(sched.pins.stats)))
 
     def _tenant_stats(self) -> dict[str, TenantStats]:
         sched = self.scheduler

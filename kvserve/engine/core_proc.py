@@ -82,6 +82,8 @@ def run_core(args, ipc_dir: str, epoch: int, parent_pid: int) -> int:
             if msg.method == "stats":
                 stats = msgspec.structs.replace(core.stats(), ipc_frames_dropped=codec_in.dropped)
                 result = UtilityResult(epoch, msg.call_id, stats=stats)
+            elif msg.method == "release_session" and msg.session is not None:
+                result = UtilityResult(epoch, msg.call_id, count=core.release_session(msg.session))
             else:
                 result = UtilityResult(epoch, msg.call_id, value=core.reset_prefix_cache())
             outbox.send(codec_out.encode(result))
@@ -220,13 +222,14 @@ class MPCoreClient:
         self._pending_finish[stopped].extend(ids)
         self._schedule_flush()
 
-    async def call(self, method: str):
+    async def call(self, method: str, *args):
         if self._ready_epoch != self.epoch:
             raise EngineDeadError("the engine core is not running")
         self._call_ids += 1
         future = self._loop.create_future()
         self._calls[self._call_ids] = future
-        await self._in.send(self._codec_in.encode(UtilityCall(self._call_ids, method)))
+        session = args[0] if method == "release_session" else None
+        await self._in.send(self._codec_in.encode(UtilityCall(self._call_ids, method, session)))
         return await future
 
     def send_raw(self, frame: bytes) -> None:
@@ -285,7 +288,8 @@ class MPCoreClient:
                 if msg.error is not None:
                     future.set_exception(RuntimeError(msg.error))
                 else:
-                    future.set_result(msg.stats if msg.stats is not None else msg.value)
+                    future.set_result(msg.stats if msg.stats is not None else
+                                      msg.count if msg.count is not None else msg.value)
 
     async def _watch(self) -> None:
         """Notice a dead core within death_poll_s; restart it unless it never came up or restarts are used up."""

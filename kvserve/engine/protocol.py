@@ -15,6 +15,7 @@ from kvserve.sampling import ParamError, SamplingParams
 
 MAX_CACHE_SALT_CHARS = 256
 MAX_TENANT_CHARS = 64
+MAX_SESSION_ID_CHARS = 256
 
 
 class EngineDeadError(RuntimeError):
@@ -54,6 +55,8 @@ class EngineCoreRequest(msgspec.Struct, frozen=True):
     arrival_time: float = 0.0  # time.monotonic() of the front end (CLOCK_MONOTONIC is machine-wide on Linux)
     priority: int = 0  # lower runs first under the priority policy
     tenant: str = DEFAULT_TENANT  # who is served (the server sets it from the API key, never from the body)
+    session_id: str | None = None  # an agent's conversation (scoped by tenant and cache_salt), for KV pinning
+    kv_pin_seconds: float = 0.0  # keep this turn's KV pinned this long for the session's next turn
 
 
 class StepOutputs(msgspec.Struct, frozen=True):
@@ -99,6 +102,24 @@ class KVStoreStats(msgspec.Struct, frozen=True):
     pending_saves: int
 
 
+class SessionKey(msgspec.Struct, frozen=True):
+    """Names a pinned session: only its own tenant (and cache_salt) can release it."""
+
+    tenant: str
+    cache_salt: str | None
+    session_id: str
+
+
+class PinStats(msgspec.Struct, frozen=True):
+    num_pins: int  # sessions whose KV is pinned now
+    blocks_pinned: int  # KV blocks they hold (counted in kv_blocks_used)
+    pinned: int  # cumulative: pins made
+    taken_over: int  # ... used by the session's next turn
+    expired: int
+    released: int  # ... released by the client
+    evicted: int  # ... unpinned early (a cap, or room for a running request)
+
+
 class TenantStats(msgspec.Struct, frozen=True):
     num_waiting: int  # sequences queued (waiting, preempted, fetching their prefix)
     num_running: int
@@ -124,10 +145,12 @@ class EngineStats(msgspec.Struct, frozen=True):
     ipc_frames_dropped: int = 0  # malformed or oversized frames the engine-core process refused
     engine_restarts: int = 0  # engine-core processes started again after one died
     tenants: dict[str, TenantStats] = {}
+    kv_pins: PinStats | None = None
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams,
-                     cache_salt: str | None, tenant: str = DEFAULT_TENANT, priority: int = 0) -> None:
+                     cache_salt: str | None, tenant: str = DEFAULT_TENANT, priority: int = 0,
+                     session_id: str | None = None, kv_pin_seconds: float = 0.0) -> None:
     """Raises ParamError (with `param` and `code`) if this request can never run on this engine."""
     ids, vocab, max_len = prompt_token_ids, info.vocab_size, info.max_model_len
     if not ids:
@@ -154,6 +177,21 @@ def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: Samp
     if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_TENANT_CHARS or not tenant.isprintable():
         raise ParamError(f"tenant must be a non-empty printable string of at most {MAX_TENANT_CHARS} characters",
                          "tenant")
+    if session_id is not None and (not isinstance(session_id, str) or not session_id
+                                   or len(session_id) > MAX_SESSION_ID_CHARS or not session_id.isprintable()):
+        raise ParamError(f"session_id must be a non-empty printable string of at most {MAX_SESSION_ID_CHARS} "
+                         "characters", "session_id")
+    if kv_pin_seconds:
+        if not isinstance(kv_pin_seconds, (int, float)) or not 0 < kv_pin_seconds < float("inf"):
+            raise ParamError("kv_pin_seconds must be a non-negative number of seconds", "kv_pin_seconds")
+        if session_id is None:
+            raise ParamError("kv_pin_seconds needs a session_id (the next turn that will use the KV)",
+                             "kv_pin_seconds")
+        if params.n != 1:
+            raise ParamError("kv_pin_seconds needs n=1 (one conversation continues)", "kv_pin_seconds")
+        if not info.enable_prefix_caching:
+            raise ParamError("kv_pin_seconds needs prefix caching (the next turn finds the pinned KV through it)",
+                             "kv_pin_seconds")
     if type(priority) is not int:
         raise ParamError("priority must be an integer", "priority")
     if priority != 0 and info.scheduling_policy != "priority":

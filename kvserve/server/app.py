@@ -12,12 +12,12 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from kvserve.engine.async_llm import AsyncLLM
-from kvserve.engine.protocol import EngineDeadError
+from kvserve.engine.protocol import EngineDeadError, SessionKey
 from kvserve.server import chat, completions
 from kvserve.server import protocol as p
 from kvserve.server.chat import apply_template
 from kvserve.server.config import ServerConfig
-from kvserve.server.errors import error_response, install_handlers
+from kvserve.server.errors import ApiError, error_response, install_handlers
 from kvserve.server.inputs import check_token_ids, parse_request
 from kvserve.server.responses import json_response
 from kvserve.server.state import ServerState
@@ -26,7 +26,7 @@ from kvserve.server.tenants import TENANT_SCOPE_KEY, request_tenant
 log = logging.getLogger("kvserve.server")
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-             "/detokenize")
+             "/detokenize", "/v1/sessions/release")
 OPEN_PATHS = frozenset({"/health"})
 STATS_TIMEOUT_S = 10.0
 
@@ -104,6 +104,19 @@ async def detokenize(request: Request) -> Response:
     finally:
         state.release(1)
     return json_response(p.DetokenizeResponse(prompt=text))
+
+
+@router.post("/v1/sessions/release")
+async def release_session(request: Request) -> Response:
+    """Unpin an agent session's KV now (it will not continue); only its own tenant (and cache_salt) can."""
+    state = _state(request)
+    req: p.ReleaseSessionRequest = await parse_request(request, p.ReleaseSessionRequest, state.config.max_body_bytes)
+    key = SessionKey(request_tenant(request).name, req.cache_salt, req.session_id)
+    try:
+        released = await asyncio.wait_for(state.engine.release_session(key), STATS_TIMEOUT_S)
+    except (asyncio.TimeoutError, EngineDeadError) as e:
+        raise ApiError(503, f"the engine did not answer: {e}", code="engine_dead") from None
+    return json_response(p.ReleaseSessionResponse(session_id=req.session_id, released_tokens=released))
 
 
 class _GuardMiddleware:

@@ -100,13 +100,12 @@ async def create_chat_completion(request: Request) -> Response:
     messages = req.template_messages()
     state.check_text_length(sum(len(m["content"]) for m in messages), "messages")
     state.check_cache_salt(req.cache_salt)
-    session = Session(state, params.n, params.n, "n", *state.tenant_and_priority(request_tenant(request),
-                                                                                  req.priority))
+    session = Session(state, params.n, params.n, "n", state.request_scope(request_tenant(request), req))
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     log.debug("%s: %d message(s), user=%r", rid, len(messages), req.user)
     try:
         inp = await state.tokenize(apply_template, state.tokenizer, messages, req.add_generation_prompt)
-        state.validate_input(inp, params, req.cache_salt, names, session.tenant, session.priority)
+        state.validate_input(inp, params, req.cache_salt, names, session.scope)
         session.start(rid, [inp], params, req.cache_salt)
     except BaseException:
         session.close("error")

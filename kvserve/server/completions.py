@@ -123,13 +123,13 @@ async def create_completion(request: Request) -> Response:
             check_token_ids(prompt, state.info.vocab_size, "prompt")
     state.check_cache_salt(req.cache_salt)
     session = Session(state, len(prompts) * params.n, params.n, "prompt" if len(prompts) > 1 else "n",
-                      *state.tenant_and_priority(request_tenant(request), req.priority))
+                      state.request_scope(request_tenant(request), req))
     rid = f"cmpl-{uuid.uuid4().hex}"
     log.debug("%s: %d prompt(s), user=%r", rid, len(prompts), req.user)
     try:
         inputs = await state.tokenize(_tokenize_prompts, state.tokenizer, prompts, req.add_special_tokens, req.echo)
         for inp in inputs:
-            state.validate_input(inp, params, req.cache_salt, tenant=session.tenant, priority=session.priority)
+            state.validate_input(inp, params, req.cache_salt, scope=session.scope)
         session.start(rid, inputs, params, req.cache_salt)
     except BaseException:
         session.close("error")

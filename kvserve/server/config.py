@@ -37,6 +37,7 @@ class ServerConfig:
     header_timeout: float = 10.0  # request headers must be complete this long after a connection (re)starts
     # None: every request is tenant `default`. Else the API key picks the tenant (kvserve.server.tenants)
     tenants: TenantsConfig | None = field(default=None, repr=False)
+    max_kv_pin_seconds: float = 300.0  # requests asking for a longer kv_pin_seconds get 400
 
     def __post_init__(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
@@ -60,6 +61,8 @@ class ServerConfig:
                  "stream write timeout must be a positive number of seconds")
         _require(self.max_connections is None or (isinstance(self.max_connections, int) and self.max_connections >= 1),
                  "max connections must be a positive integer")
+        _require(math.isfinite(self.max_kv_pin_seconds) and self.max_kv_pin_seconds >= 0,
+                 "max kv pin seconds must be a non-negative number of seconds")
         for name in ("keep_alive_timeout", "header_timeout"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, f"{name.replace('_', ' ')} must be a positive number of seconds")

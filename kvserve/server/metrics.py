@@ -85,6 +85,17 @@ class _EngineStatsCollector(Collector):
             yield from _kv_store_metrics(s.kv_store, self.model_name)
         if s.tenants:
             yield from _tenant_metrics(s.tenants, self.model_name)
+        if s.kv_pins is not None:
+            pins = s.kv_pins
+            yield gauge("kv_pinned_sessions", "Agent sessions whose KV is pinned for their next turn.", pins.num_pins)
+            yield gauge("kv_cache_blocks_pinned", "KV blocks held by pinned sessions (counted in blocks_used).",
+                        pins.blocks_pinned)
+            events = CounterMetricFamily(P + "kv_pin_events", "KV pins made and how they ended: taken_over (the "
+                                         "next turn used them), expired, released (by the client), evicted (a cap, "
+                                         "or room for a running request).", labels=labels + ["event"])
+            for event in ("pinned", "taken_over", "expired", "released", "evicted"):
+                events.add_metric([self.model_name, event], getattr(pins, event))
+            yield events
 
 
 def _tenant_metrics(tenants: dict[str, TenantStats], model_name: str) -> Iterable:

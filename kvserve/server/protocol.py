@@ -93,6 +93,8 @@ class _SamplingFields(_Strict):
     cache_salt: CacheSalt | None = None
     return_token_ids: bool | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's: lower runs first (--scheduling-policy priority)
+    session_id: Annotated[Text, Field(min_length=1, max_length=256)] | None = None  # an agent's conversation
+    kv_pin_seconds: float | None = Field(None, ge=0)  # keep this turn's KV for the session's next turn
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -232,6 +234,16 @@ class ChatCompletionRequest(_SamplingFields):
         if self.logprobs:
             kw["logprobs"] = self.top_logprobs or 0
         return SamplingParams(**kw)
+
+
+class ReleaseSessionRequest(_Strict):
+    session_id: Annotated[Text, Field(min_length=1, max_length=256)]
+    cache_salt: CacheSalt | None = None
+
+
+class ReleaseSessionResponse(BaseModel):
+    session_id: str
+    released_tokens: int  # 0: nothing was pinned (expired, taken over, or never pinned)
 
 
 class TokenizeRequest(_Strict):

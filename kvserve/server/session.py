@@ -24,8 +24,7 @@ from kvserve.server.errors import ApiError, error_body, error_response
 from kvserve.server.inputs import EngineInput
 from kvserve.server.metrics import RequestTracker
 from kvserve.server.responses import SSE_DONE, sse
-from kvserve.server.tenants import DEFAULT as DEFAULT_TENANT
-from kvserve.server.tenants import DEFAULT_OUTPUT_ESTIMATE, Tenant
+from kvserve.server.tenants import DEFAULT_OUTPUT_ESTIMATE, RequestScope
 
 if TYPE_CHECKING:
     from kvserve.server.state import ServerState
@@ -58,8 +57,8 @@ class _Outputs:
 
 
 class Session:
-    def __init__(self, state: "ServerState", cost: int, n: int, param: str, tenant: Tenant = DEFAULT_TENANT,
-                 priority: int = 0):
+    def __init__(self, state: "ServerState", cost: int, n: int, param: str, scope: RequestScope = RequestScope()):
+        tenant = scope.tenant
         state.admit(cost, param, tenant)
         try:
             self.ticket = state.limits.acquire(tenant, cost)
@@ -67,8 +66,7 @@ class Session:
             state.release(cost)
             state.count_refusal(e, tenant)
             raise
-        self.state, self.cost, self.n, self.tenant = state, cost, n, tenant
-        self.priority = priority
+        self.state, self.cost, self.n, self.tenant, self.scope = state, cost, n, tenant, scope
         self.ids: list[str] = []
         self.trackers: list[RequestTracker] = []
         self.tasks: list[asyncio.Task] = []
@@ -106,7 +104,7 @@ class Session:
             return
         try:
             async for out in self.state.engine.generate(inp.engine_prompt(), params, rid, cache_salt=salt,
-                                                        priority=self.priority, tenant=self.tenant.name):
+                                                        **self.scope.engine_kwargs()):
                 self.trackers[i].observe(out)
                 self.buffer.put(i, out)
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which turns it into an error response

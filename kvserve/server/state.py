@@ -17,7 +17,7 @@ from kvserve.server.errors import ApiError
 from kvserve.server.inputs import EngineInput
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.tenants import DEFAULT as DEFAULT_TENANT
-from kvserve.server.tenants import Tenant, TenantLimits
+from kvserve.server.tenants import RequestScope, Tenant, TenantLimits
 
 
 class _Endable(Protocol):
@@ -90,10 +90,9 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self.tok_pool, fn, *args)
 
     def validate_input(self, inp: EngineInput, params: SamplingParams, salt: str | None,
-                       names: dict[str, str] | None = None, tenant: Tenant = DEFAULT_TENANT,
-                       priority: int = 0) -> None:
+                       names: dict[str, str] | None = None, scope: RequestScope = RequestScope()) -> None:
         try:
-            self.engine.validate(inp.ids, params, salt, tenant.name, priority)
+            self.engine.validate(inp.ids, params, salt, **scope.engine_kwargs())
         except ParamError as e:
             raise ApiError.from_param_error(e, names) from None
         except EngineDeadError as e:
@@ -126,12 +125,17 @@ class ServerState:
         self.in_flight += cost
         self.metrics.in_flight.set(self.in_flight)
 
-    def tenant_and_priority(self, tenant: Tenant, priority: int) -> tuple[Tenant, int]:
-        """The priority a tenant's request runs at: what it asked for, no more urgent than its cap (the engine's
-        validate_request refuses a priority under another policy)."""
+    def request_scope(self, tenant: Tenant, req) -> RequestScope:
+        """Tenant, priority (what the request asked for, no more urgent than the tenant's cap; the engine's
+        validate_request refuses a priority under another policy) and KV pin of a generation request."""
+        priority = req.priority
         if self.info.scheduling_policy == "priority":
             priority = tenant.clamp_priority(priority)
-        return tenant, priority
+        pin = req.kv_pin_seconds or 0.0
+        if pin > self.config.max_kv_pin_seconds:
+            raise ApiError(400, f"kv_pin_seconds is {pin:g} but this server pins KV for at most "
+                                f"{self.config.max_kv_pin_seconds:g} seconds", "kv_pin_seconds", "invalid_value")
+        return RequestScope(tenant, priority, req.session_id, pin)
 
     def count_refusal(self, e: ApiError, tenant: Tenant) -> None:
         """Every 429 and 503 the server answers instead of serving, by tenant and cause (its error code)."""

@@ -18,7 +18,8 @@ from kvserve.core.request import DEFAULT_TENANT
 from kvserve.engine.protocol import MAX_TENANT_CHARS
 from kvserve.server.errors import ApiError
 
-TENANT_FIELDS = ("api_keys", "weight", "max_concurrent_requests", "max_tokens_per_minute", "priority_cap")
+TENANT_FIELDS = ("api_keys", "weight", "max_concurrent_requests", "max_tokens_per_minute", "priority_cap",
+                 "max_pinned_tokens")
 RATE_WINDOW_S = 60.0
 # tokens reserved against a token-rate limit for a request without max_tokens, corrected when it finishes
 DEFAULT_OUTPUT_ESTIMATE = 256
@@ -39,12 +40,28 @@ class Tenant:
     max_concurrent_requests: int | None = None  # sequences in flight (prompts x n), like --max-queued-requests
     max_tokens_per_minute: int | None = None  # prompt + output tokens over a sliding 60 s window
     priority_cap: int | None = None  # the most urgent priority this tenant may ask for (lower = more urgent)
+    max_pinned_tokens: int | None = None  # KV its idle agent sessions may keep pinned (oldest pin goes first)
 
     def clamp_priority(self, priority: int) -> int:
         return priority if self.priority_cap is None else max(priority, self.priority_cap)
 
 
 DEFAULT = Tenant(DEFAULT_TENANT)
+
+
+@dataclass(frozen=True)
+class RequestScope:
+    """Whose a request is and how it is scheduled: the tenant (from the API key), the priority it runs at (after
+    the tenant's cap), and an agent session whose KV stays pinned between turns."""
+
+    tenant: Tenant = DEFAULT
+    priority: int = 0
+    session_id: str | None = None
+    kv_pin_seconds: float = 0.0
+
+    def engine_kwargs(self) -> dict:
+        return {"tenant": self.tenant.name, "priority": self.priority, "session_id": self.session_id,
+                "kv_pin_seconds": self.kv_pin_seconds}
 
 
 def request_tenant(request) -> Tenant:
@@ -68,6 +85,9 @@ class TenantsConfig:
 
     def weights(self) -> tuple[tuple[str, float], ...]:
         return tuple((t.name, t.weight) for t in self.tenants)
+
+    def pin_caps(self) -> tuple[tuple[str, int], ...]:
+        return tuple((t.name, t.max_pinned_tokens) for t in self.tenants if t.max_pinned_tokens is not None)
 
     def get(self, name: str) -> Tenant:
         return next((t for t in self.tenants if t.name == name), DEFAULT)
@@ -120,12 +140,15 @@ def load_tenants(path: str) -> TenantsConfig:
             v = spec.get(fld)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 errors.append(f"{where}: {fld} must be a positive integer, got {v!r}")
+        pinned = spec.get("max_pinned_tokens")
+        if pinned is not None and (isinstance(pinned, bool) or not isinstance(pinned, int) or pinned < 0):
+            errors.append(f"{where}: max_pinned_tokens must be a non-negative integer, got {pinned!r}")
         cap = spec.get("priority_cap")
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)):
             errors.append(f"{where}: priority_cap must be an integer, got {cap!r}")
         if not errors:
             tenants.append(Tenant(name, tuple(keys), float(weight), spec.get("max_concurrent_requests"),
-                                  spec.get("max_tokens_per_minute"), cap))
+                                  spec.get("max_tokens_per_minute"), cap, pinned))
     if errors:
         raise ConfigError(f"tenants file {path!r}: " + "; ".join(errors))
     return TenantsConfig(tuple(tenants))

@@ -179,7 +179,9 @@ async def test_tenants_limits_and_refusal_metrics(tenant_app):
         assert (await hog).status_code == 200
 
         # priority: alpha's cap (2) turns a request for -5 into 2; without the priority policy it is refused
-        assert state.tenant_and_priority(state.config.tenants.get("alpha"), -5)[1] == 2
+        alpha = state.config.tenants.get("alpha")
+        assert state.request_scope(alpha, type("Req", (), {"priority": -5, "kv_pin_seconds": None,
+                                                           "session_id": None})()).priority == 2
         r = await c.post("/v1/chat/completions", headers=auth("alpha"),
                          json={"model": "m", "max_tokens": 2, "priority": -5,
                                "messages": [{"role": "user", "content": "hi"}]})
@@ -234,3 +236,50 @@ async def test_queue_wait_deadline_answers_503_with_retry_after(make_async_llm):
     text = state.metrics.render().decode()
     assert 'kvserve:requests_refused_total{cause="queue_wait_exceeded",model_name="m",status_code="503",' \
            'tenant="default"} 2.0' in text
+
+
+async def test_agent_session_kv_pin_take_over_and_release(make_async_llm, tenants_file):
+    """A turn with session_id + kv_pin_seconds leaves its KV pinned; the next turn is served from it (cached
+    tokens) and pins its own; the release endpoint unpins it (only for its own tenant); bad pins get 400."""
+    cfg = load_tenants(str(tenants_file))
+    engine = make_async_llm()
+    app = build_app(engine, ServerConfig(served_model_name="m", tenants=cfg, max_kv_pin_seconds=120))
+    history = [{"role": "user", "content": "Name three rivers of Europe, with one sentence on each of them."}]
+    turn = {"model": "m", "max_tokens": 24, "temperature": 0, "session_id": "conv-1", "kv_pin_seconds": 60,
+            "cache_salt": "agent"}
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120) as c:
+            r = await c.post("/v1/chat/completions", headers=auth("alpha"), json={**turn, "messages": history})
+            assert r.status_code == 200, r.text
+            stats = await engine.stats()
+            assert stats.kv_pins.num_pins == 1 and stats.kv_blocks_used == stats.kv_pins.blocks_pinned > 0
+            history += [{"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]},
+                        {"role": "user", "content": "And one more?"}]
+            r = await c.post("/v1/chat/completions", headers=auth("alpha"), json={**turn, "messages": history})
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 32, usage
+            stats = await engine.stats()
+            assert stats.kv_pins.taken_over == 1 and stats.kv_pins.num_pins == 1
+            # another tenant's release of the same session id finds nothing
+            r = await c.post("/v1/sessions/release", headers=auth("beta"),
+                             json={"session_id": "conv-1", "cache_salt": "agent"})
+            assert r.status_code == 200 and r.json()["released_tokens"] == 0
+            r = await c.post("/v1/sessions/release", headers=auth("alpha"),
+                             json={"session_id": "conv-1", "cache_salt": "agent"})
+            assert r.status_code == 200 and r.json()["released_tokens"] >= 48, r.text
+            await idle_stats(engine)
+            assert (await engine.stats()).kv_blocks_used == 0
+            bad = {"model": "m", "max_tokens": 2, "messages": history[:1]}
+            r = await c.post("/v1/chat/completions", headers=auth("alpha"), json={**bad, "session_id": "x",
+                                                                                 "kv_pin_seconds": 121})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "kv_pin_seconds"
+            r = await c.post("/v1/chat/completions", headers=auth("alpha"), json={**bad, "kv_pin_seconds": 5})
+            assert r.status_code == 400 and "needs a session_id" in r.json()["error"]["message"]
+            r = await c.post("/v1/chat/completions", headers=auth("beta"), json={**bad, "session_id": "x", "n": 2,
+                                                                                "kv_pin_seconds": 5})
+            assert r.status_code == 400 and "n=1" in r.json()["error"]["message"]
+            m = (await c.get("/metrics", headers=auth("alpha"))).text
+    assert 'kvserve:kv_pin_events_total{event="taken_over",model_name="m"} 1.0' in m
+    assert 'kvserve:kv_pin_events_total{event="released",model_name="m"} 1.0' in m
+    assert 'kvserve:kv_pinned_sessions{model_name="m"} 0.0' in m
