@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest kv_pin_seconds a request may ask for (agent sessions' KV kept between turns)")
     serve.add_argument("--kv-pin-max-fraction", type=float, default=0.5,
                        help="share of the KV pool that pinned sessions may hold (the oldest pin goes first)")
+    serve.add_argument("--preemption-mode", choices=("auto", "swap", "recompute"), default="auto",
+                       help="when the KV pool runs out, a preempted sequence's KV is swapped to host memory or "
+                            "dropped and recomputed: auto picks per sequence by measured copy vs prefill speed")
+    serve.add_argument("--swap-space-gb", type=float, default=1.0,
+                       help="host memory for swapped-out KV (allocated on the first swap)")
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                        help="run the engine core in its own process (off: in a thread of the API server)")
     serve.add_argument("--max-engine-restarts", type=int, default=3,
@@ -195,7 +200,8 @@ def serve_command(args: argparse.Namespace) -> int:
                                scheduling_policy=args.scheduling_policy, max_queue_wait_s=args.max_queue_wait_s,
                                tenant_weights=config.tenants.weights() if config.tenants else (),
                                tenant_pin_max_tokens=config.tenants.pin_caps() if config.tenants else (),
-                               kv_pin_max_fraction=args.kv_pin_max_fraction)
+                               kv_pin_max_fraction=args.kv_pin_max_fraction,
+                               preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb)
     engine_args.torch_dtype()
     if args.kv_store:
         from kvserve.kvstore import parse_kv_store

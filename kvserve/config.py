@@ -61,10 +61,14 @@ class CacheConfig:
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")  # kvserve.core.policy
+PREEMPTION_MODES = ("auto", "swap", "recompute")  # kvserve.core.swap
 
 
-def check_scheduling(policy: str, tenant_weights: tuple, max_queue_wait_s: float | None) -> None:
+def check_scheduling(policy: str, tenant_weights: tuple, max_queue_wait_s: float | None,
+                     preemption_mode: str = "recompute") -> None:
     """The scheduling options' rules (EngineArgs checks them before the model loads, SchedulerConfig again)."""
+    _require(preemption_mode in PREEMPTION_MODES,
+             f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
     _require(policy in SCHEDULING_POLICIES,
              f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
     _require(all(isinstance(t, str) and isinstance(w, (int, float)) and not isinstance(w, bool)
@@ -87,10 +91,14 @@ class SchedulerConfig:
     kv_pin_max_fraction: float = 0.5  # at most this share of the KV pool is pinned for idle agent sessions
     tenant_pin_max_tokens: tuple[tuple[str, int], ...] = ()  # per-tenant caps on pinned tokens
     pinned_sessions_first: bool = True  # a pinned session's next turn is admitted ahead of new requests (Continuum)
+    preemption_mode: str = "recompute"  # auto (swap or recompute per victim, by measured cost) | swap | recompute
+    num_swap_blocks: int = 0  # blocks of the swap space (host memory beside the pool)
+    kv_bytes_per_block: int = 0  # what one block's copy moves (the swap cost model's unit)
 
     def __post_init__(self) -> None:
-        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s)
+        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode)
         _require(0 <= self.kv_pin_max_fraction <= 1, "kv_pin_max_fraction must be in [0, 1]")
+        _require(self.num_swap_blocks >= 0, "num_swap_blocks must be >= 0")
         _require(all(isinstance(n, int) and n >= 0 for _, n in self.tenant_pin_max_tokens),
                  "tenant pin caps must be non-negative token counts")
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")

@@ -51,13 +51,34 @@ class KVSave:
 
 
 @dataclass
+class KVSwapOut:
+    """Copy a preempted request's blocks to swap slots (block k -> slots[k]) before they are reused."""
+
+    request_id: str
+    block_ids: list[int]
+    slots: list[int]
+
+
+@dataclass
+class KVSwapIn:
+    """Copy a resuming request's swapped blocks back into the pool (slots[k] -> block_ids[k])."""
+
+    request_id: str
+    slots: list[int]
+    block_ids: list[int]
+
+
+KVOp = KVLoad | KVSave | KVSwapOut | KVSwapIn
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)  # freed since the last step (runner drops their state)
     # worker-side KV operations, applied in this order by the runner before the forward pass: a save copies blocks
     # out before a later load (or this step's forward) may overwrite them (docs/architecture.md, rule 4)
-    kv_ops: list[KVLoad | KVSave] = field(default_factory=list)
+    kv_ops: list[KVOp] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -78,6 +99,9 @@ class ModelOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # request id -> (first prompt position covered, list of (token_id, logprob, rank, topk) for following positions)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # swap copies the worker ran for this step's operations: what the scheduler's swap-or-recompute model learns from
+    kv_copy_bytes: int = 0
+    kv_copy_seconds: float = 0.0
 
 
 @dataclass

@@ -69,6 +69,7 @@ class Request:
         # agents: a finished turn's KV stays pinned this long for the session's next turn (core/kv_pins.py)
         self.pin_key = (tenant, cache_salt or "", session_id) if session_id is not None else None
         self.kv_pin_seconds = kv_pin_seconds
+        self.swapped = None  # core.swap.SwappedKV while preempted with its KV in the swap space
         self.prompt_charged = False  # the policy was charged for this prompt's computed tokens (once, at admission)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0

@@ -6,6 +6,7 @@ running decodes their token first, then unfinished prefills a chunk, then admits
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -13,9 +14,22 @@ from typing import Callable, Protocol
 from kvserve.config import SchedulerConfig
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.kv_pins import PinKey, PinTable
-from kvserve.core.outputs import KVLoad, KVSave, ModelOutput, RequestUpdate, ScheduledRequest, SchedulerOutput
+from kvserve.core.outputs import (
+    KVLoad,
+    KVOp,
+    KVSave,
+    KVSwapIn,
+    KVSwapOut,
+    ModelOutput,
+    RequestUpdate,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from kvserve.core.policy import SchedulingPolicy, make_policy
 from kvserve.core.request import Request, RequestStatus
+from kvserve.core.swap import SwapCostModel, SwappedKV, SwapSpace
+
+log = logging.getLogger("kvserve.scheduler")
 
 QUEUE_WAIT = "queue_wait"  # stop_reason of a request rejected by the queue-wait deadline
 
@@ -73,8 +87,13 @@ class Scheduler:
         # tiered KV store: requests whose prefix is being fetched wait here, holding no blocks and no budget
         self.connector = connector
         self.fetching: dict[str, Request] = {}
-        # worker-side KV operations (loads into, saves out of the pool) in the order they were decided
-        self._kv_ops: list[KVLoad | KVSave] = []
+        # worker-side KV operations (loads into, saves out of the pool, swaps) in the order they were decided
+        self._kv_ops: list[KVOp] = []
+        # swap-or-recompute preemption (core/swap.py)
+        self.swap = SwapSpace(config.num_swap_blocks if config.preemption_mode != "recompute" else 0)
+        self.swap_cost = SwapCostModel(max(config.kv_bytes_per_block, 1))
+        self.num_swapped_preemptions = 0
+        self.num_recomputed_preemptions = 0
         self.num_computed_prompt_tokens = 0  # prompt tokens run through the model (not cached, not loaded)
         self.num_loaded_tokens = 0
 
@@ -158,6 +177,7 @@ class Scheduler:
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
         self.step_count += 1
+        self.swap.begin_step()
         if self.connector is not None and self.fetching:
             self._collect_fetches()
         if self.config.max_queue_wait_s is not None and len(self.waiting):
@@ -282,7 +302,9 @@ class Scheduler:
             computed = match.blocks
         num_computed = len(computed) * self.block_size
         n_load = self._loadable(req, num_computed) if not shared else 0
-        n = req.num_tokens - num_computed - n_load
+        swapped: SwappedKV | None = req.swapped
+        n_swap = max(swapped.num_tokens - num_computed, 0) if swapped is not None and not shared else 0
+        n = req.num_tokens - num_computed - n_load - n_swap
         if not self.config.enable_chunked_prefill and n > budget:
             return None
         n = min(n, budget)
@@ -294,11 +316,18 @@ class Scheduler:
                 req.num_computed_tokens = 0
                 return None
         else:
-            if self.kv.allocate_slots(req, n_load + n, computed) is None:
+            if self.kv.allocate_slots(req, n_load + n_swap + n, computed) is None:
                 return None
-            req.num_computed_tokens = num_computed + n_load
+            req.num_computed_tokens = num_computed + n_load + n_swap
             if match is not None:
                 self.kv.record_lookup(req, match)
+        if n_swap:  # the blocks past what the prefix cache still had come back from the swap space
+            first, end = num_computed // self.block_size, -(-swapped.num_tokens // self.block_size)
+            self._kv_ops.append(KVSwapIn(req.request_id, swapped.slots[first:end],
+                                         self.kv.get_block_ids(req.request_id)[first:end]))
+        if swapped is not None:
+            self.swap.free_later(swapped.slots)
+            req.swapped = None
         if n_load:
             fetched = req.fetched_kv
             first = num_computed // self.block_size
@@ -404,14 +433,34 @@ class Scheduler:
         """Saves queued by a finish or abort outside a step still need a step (or take_kv_ops) to run."""
         return bool(self._kv_ops)
 
-    def take_kv_ops(self) -> list[KVLoad | KVSave]:
+    def take_kv_ops(self) -> list[KVOp]:
         """The KV operations not yet handed out in a SchedulerOutput (for a final flush when the engine closes)."""
         ops, self._kv_ops = self._kv_ops, []
         return ops
 
     def _preempt(self, req: Request) -> None:
-        """Recompute-style preemption: drop the KV (it stays in the prefix cache), resume first when blocks free up."""
+        """Free the victim's blocks; its KV is either copied to the swap space (copied back on resume) or dropped
+        (it stays in the prefix cache until evicted; recomputed on resume), chosen per victim; it resumes first
+        when blocks free up."""
         self.running.remove(req)
+        block_ids = self.kv.get_block_ids(req.request_id)[:-(-req.num_computed_tokens // self.block_size)]
+        mode = self.config.preemption_mode
+        if mode != "recompute" and block_ids and req.sampling_params.prompt_logprobs is None:
+            decision = self.swap_cost.decide(req.num_computed_tokens, len(block_ids))
+            slots = self.swap.allocate(len(block_ids)) if mode == "swap" or decision.mode == "swap" else None
+            if slots is not None:
+                self._kv_ops.append(KVSwapOut(req.request_id, block_ids, slots))
+                req.swapped = SwappedKV(slots, req.num_computed_tokens)
+                self.num_swapped_preemptions += 1
+            else:
+                self.num_recomputed_preemptions += 1
+            log.info("preempt %s (%d tokens, %d blocks): %s (estimated swap %.1f ms, recompute %.1f ms%s)",
+                     req.request_id, req.num_computed_tokens, len(block_ids),
+                     "swap" if slots is not None else "recompute", 1e3 * decision.swap_seconds,
+                     1e3 * decision.recompute_seconds,
+                     ", swap space full" if slots is None and decision.mode == "swap" else "")
+        else:
+            self.num_recomputed_preemptions += 1
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -421,6 +470,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ update
     def update(self, sched: SchedulerOutput, out: ModelOutput) -> list[RequestUpdate]:
+        self.swap_cost.observe_copy(out.kv_copy_bytes, out.kv_copy_seconds)
         updates = [RequestUpdate(r.request_id, [], [], None, r.finish_reason, r.stop_reason,
                                  max(r.num_cached_tokens, 0)) for r in self._ended_in_schedule]
         self._ended_in_schedule = []
@@ -468,6 +518,9 @@ class Scheduler:
             self.waiting.add_front(sib)
 
     def _release(self, req: Request) -> None:
+        if req.swapped is not None:
+            self.swap.free_later(req.swapped.slots)
+            req.swapped = None
         if self.connector is not None and req.request_id in self.kv.req_blocks:
             self._queue_saves(req)
         if req.pin_key is not None and req.kv_pin_seconds > 0 and req.status in (
@@ -481,6 +534,8 @@ class Scheduler:
     def check_invariants(self) -> None:
         self.kv.check_invariants(self.pins.block_refs())
         self.pins.check_invariants()
+        self.swap.check_invariants([s for r in self.requests.values() if r.swapped is not None
+                                    for s in r.swapped.slots])
         live = set(self.requests)
         assert set(self.kv.req_blocks) <= live, "blocks held by a request that is gone"
         for req in self.running:

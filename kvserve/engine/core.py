@@ -38,7 +38,8 @@ from kvserve.model.loader import load_model
 from kvserve.model.quant import QUANTIZATIONS, resolve_quantization
 from kvserve.model.smoothquant import CALIBRATION_TEXT, smooth_for_w8a8
 from kvserve.model.tokenizer import Tokenizer
-from kvserve.worker.kv_cache import KVCache, num_blocks_for_budget
+from kvserve.worker.kv_cache import KVCache, bytes_per_block, num_blocks_for_budget
+from kvserve.worker.kv_swap import SwapBuffer
 from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
 from kvserve.worker.model_runner import ModelRunner
 
@@ -75,14 +76,19 @@ class EngineArgs:
     kv_pin_max_fraction: float = 0.5  # KV pins for agent sessions may hold at most this share of the pool
     tenant_pin_max_tokens: tuple[tuple[str, int], ...] = ()  # per-tenant caps on pinned KV tokens
     pinned_sessions_first: bool = True  # a pinned session's next turn is admitted before new requests
+    # preemption: auto = per victim, swap its KV to host memory or recompute it, by measured cost (core/swap.py)
+    preemption_mode: str = "auto"
+    swap_space_gb: float = 1.0  # host memory for swapped-out KV (allocated on the first swap)
 
     def __post_init__(self):
+        if not 0 <= self.swap_space_gb < float("inf"):
+            raise ConfigError("swap_space_gb must be a non-negative number of GiB")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         # msgspec decodes the weights (JSON to the engine-core process) as lists
         object.__setattr__(self, "tenant_weights", tuple(tuple(pair) for pair in self.tenant_weights))
         object.__setattr__(self, "tenant_pin_max_tokens", tuple(tuple(pair) for pair in self.tenant_pin_max_tokens))
-        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s)
+        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in _DTYPES:
@@ -126,19 +132,24 @@ class EngineCore:
         budget = args.max_num_batched_tokens
         if not args.enable_chunked_prefill:
             budget = max(budget, max_len)  # every prompt must fit one step when it cannot be split
+        num_blocks = args.num_blocks or num_blocks_for_budget(config, args.block_size, dtype,
+                                                              args.kv_cache_memory_gb)
+        block_bytes = bytes_per_block(config, args.block_size, dtype)
+        num_swap_blocks = int(args.swap_space_gb * (1 << 30)) // block_bytes if args.preemption_mode != "recompute" \
+            else 0
         scheduler_config = SchedulerConfig(budget, args.max_num_seqs, max_len, args.enable_chunked_prefill,
                                            args.scheduling_policy, args.tenant_weights, args.max_queue_wait_s,
                                            args.kv_pin_max_fraction, args.tenant_pin_max_tokens,
-                                           args.pinned_sessions_first)
-        num_blocks = args.num_blocks or num_blocks_for_budget(config, args.block_size, dtype,
-                                                              args.kv_cache_memory_gb)
+                                           args.pinned_sessions_first, args.preemption_mode, num_swap_blocks,
+                                           block_bytes)
         self.kv_cache = KVCache(config, num_blocks, args.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size, cache_config.enable_prefix_caching)
         name = model_name or "model"
         self.kv_store = self._make_kv_store(args, name, model, dtype)
         self.scheduler = Scheduler(scheduler_config, self.kv_manager, connector=self.kv_store)
         transfer = NullKVTransfer() if self.kv_store is None else KVTransfer(self.kv_cache, self.kv_store)
-        self.runner = ModelRunner(self.model, self.kv_cache, transfer, pad_shapes=args.pad_shapes)
+        swap = SwapBuffer(self.kv_cache, num_swap_blocks) if num_swap_blocks else None
+        self.runner = ModelRunner(self.model, self.kv_cache, transfer, pad_shapes=args.pad_shapes, swap=swap)
         eos = set(config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -224,8 +235,12 @@ class EngineCore:
             self.kv_store.wait_for_fetch(0.01)  # idle until a fetch lands, without spinning
         started = time.perf_counter()
         out = self.runner.execute(sched)
+        elapsed = time.perf_counter() - started
         if self.kv_store is not None and sched.scheduled:
-            self.kv_store.observe_prefill(sched.num_batched_tokens, time.perf_counter() - started)
+            self.kv_store.observe_prefill(sched.num_batched_tokens, elapsed)
+        prefill_tokens = sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1)
+        if prefill_tokens * 2 >= sched.num_batched_tokens > 0:  # mostly prefill: what recomputing a victim costs
+            self.scheduler.swap_cost.observe_prefill(sched.num_batched_tokens, elapsed)
         updates = self.scheduler.update(sched, out)
         for u in updates:
             if u.finish_reason is not None:
@@ -257,7 +272,9 @@ class EngineCore:
             num_preemptions=sched.num_preemptions, evictions=kv.num_evictions,
             prompt_tokens_computed=sched.num_computed_prompt_tokens, prompt_tokens_loaded=sched.num_loaded_tokens,
             kv_store=self._kv_store_stats(), tenants=self._tenant_stats(),
-            kv_pins=PinStats(len(sched.pins), sched.pins.num_blocks, **dataclasses.asdict(sched.pins.stats)))
+            kv_pins=PinStats(len(sched.pins), sched.pins.num_blocks, **dataclasses.asdict(sched.pins.stats)),
+            preemptions_swapped=sched.num_swapped_preemptions, swap_blocks_used=sched.swap.num_used,
+            swap_blocks_total=sched.swap.num_slots)
 
     def _tenant_stats(self) -> dict[str, TenantStats]:
         sched = self.scheduler

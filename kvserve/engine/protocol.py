@@ -146,6 +146,9 @@ class EngineStats(msgspec.Struct, frozen=True):
     engine_restarts: int = 0  # engine-core processes started again after one died
     tenants: dict[str, TenantStats] = {}
     kv_pins: PinStats | None = None
+    preemptions_swapped: int = 0  # of num_preemptions: KV copied to the swap space (the rest recomputed)
+    swap_blocks_used: int = 0
+    swap_blocks_total: int = 0
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams,

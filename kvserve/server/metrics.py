@@ -74,6 +74,10 @@ class _EngineStatsCollector(Collector):
             misses.add_metric([self.model_name, cause], pc.misses.get(cause, 0))
         yield misses
         yield counter("num_preemptions", "Sequences preempted (KV dropped, recomputed later).", s.num_preemptions)
+        yield counter("num_preemptions_swapped", "Preempted sequences whose KV was copied to the swap space "
+                      "(the rest of num_preemptions were recomputed).", s.preemptions_swapped)
+        yield gauge("swap_blocks_used", "Blocks of the swap space holding preempted sequences' KV.", s.swap_blocks_used)
+        yield gauge("swap_blocks_total", "Blocks of the swap space.", s.swap_blocks_total)
         yield counter("kv_cache_evictions", "Cached KV blocks evicted to make room.", s.evictions)
         yield counter("prompt_tokens_computed", "Prompt tokens run through the model (not cached, not loaded).",
                       s.prompt_tokens_computed)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from kvserve.core.outputs import ModelOutput, ScheduledRequest, SchedulerOutput
+from kvserve.core.outputs import KVSwapIn, KVSwapOut, ModelOutput, ScheduledRequest, SchedulerOutput
 from kvserve.model.batch import ForwardBatch, PrefillSeq
 from kvserve.model.llama import LlamaModel
 from kvserve.worker.kv_cache import KVCache
+from kvserve.worker.kv_swap import SwapBuffer
 from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
 from kvserve.worker.sampler import Sampler, token_logprobs
 
@@ -25,10 +26,11 @@ def bucket(n: int) -> int:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, kv_transfer: KVTransfer | NullKVTransfer | None = None,
-                 sampler: Sampler | None = None, pad_shapes: bool = True):
+                 sampler: Sampler | None = None, pad_shapes: bool = True, swap: SwapBuffer | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.kv_transfer = kv_transfer or NullKVTransfer()
+        self.swap = swap  # the swap space's memory (swap-or-recompute preemption); None: never swaps
         self.block_size = kv_cache.block_size
         self.sampler = sampler or Sampler()
         self.pad_shapes = pad_shapes
@@ -110,13 +112,20 @@ class ModelRunner:
         return batch, ordered, (sample_rows, prompt_rows)
 
     def apply_kv_ops(self, ops) -> None:
-        self.kv_transfer.apply(ops)
+        """In list order (a copy out must read blocks before a later op or this step's forward overwrites them)."""
+        for op in ops:
+            if isinstance(op, (KVSwapOut, KVSwapIn)):
+                self.swap.apply(op)
+            else:
+                self.kv_transfer.apply([op])
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         self.sampler.drop(sched.finished_ids)
         self.apply_kv_ops(sched.kv_ops)
         out = ModelOutput()
+        if self.swap is not None:
+            out.kv_copy_bytes, out.kv_copy_seconds = self.swap.take_measurement()
         if not sched.scheduled:
             return out
         batch, ordered, (sample_rows, prompt_rows) = self.build_batch(sched.scheduled)

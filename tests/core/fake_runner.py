@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from kvserve.core.outputs import KVSave, ModelOutput, SchedulerOutput
+from kvserve.core.outputs import KVSave, KVSwapIn, KVSwapOut, ModelOutput, SchedulerOutput
 
 
 def next_token(context: list[int], vocab: int = 1000, seed: str = "") -> int:
@@ -20,11 +20,15 @@ class FakeRunner:
     sequence's KV produces other tokens. Off, decoding is greedy: equal contexts give equal tokens."""
 
     def __init__(self, block_size: int, eos: int | None = None, eos_after: int | None = None, store=None,
-                 sampling: bool = False):
+                 sampling: bool = False, poison_swapped: bool = False):
         self.block_size = block_size
         self.sampling = sampling
         self.store = store  # receives KVSave operations (a test connector with a `chunks` dict)
         self.slots: dict[int, tuple[int, int]] = {}
+        self.swap: dict[int, list] = {}  # swap slot -> a block's slot contents (None where never written)
+        # overwrite blocks once copied out, so a resume that skipped its copy back reads garbage (only for tests
+        # without shared prefixes: a shared block stays in use by others)
+        self.poison_swapped = poison_swapped
         self.steps: list[SchedulerOutput] = []
         self.eos = eos
         self.eos_after = eos_after
@@ -34,6 +38,19 @@ class FakeRunner:
         fetched pairs into their blocks."""
         bs = self.block_size
         for op in ops:
+            if isinstance(op, KVSwapOut):
+                for b, s in zip(op.block_ids, op.slots):
+                    self.swap[s] = [self.slots.get(b * bs + i) for i in range(bs)]
+                    if self.poison_swapped:
+                        for i in range(bs):
+                            self.slots[b * bs + i] = (-1, -1)
+                continue
+            if isinstance(op, KVSwapIn):
+                for s, b in zip(op.slots, op.block_ids):
+                    for i, v in enumerate(self.swap.pop(s)):
+                        if v is not None:
+                            self.slots[b * bs + i] = v
+                continue
             if isinstance(op, KVSave):
                 for h, block_ids in op.chunks:
                     self.store.chunks[h] = [self.slots[b * bs + i] for b in block_ids for i in range(bs)]
