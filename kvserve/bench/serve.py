@@ -196,6 +196,9 @@ class Runner:
         rec = M.RequestRecord(req.request_id, send_time=0.0, max_tokens=req.max_tokens, group=req.group,
                               conversation=req.conversation, turn=req.turn)
         body = make_body(self.args, messages, req.max_tokens, endpoint)
+        if getattr(self.args, "session_pin_seconds", 0) and req.conversation is not None:
+            body["session_id"] = f"bench-{self.args.seed}-conv-{req.conversation}"
+            body["kv_pin_seconds"] = self.args.session_pin_seconds
         # several base URLs: a conversation's turns alternate between them (turn k -> URL k mod n, the worst case
         # for per-instance prefix caches), other requests go round robin
         target = req.turn if req.turn is not None else self._sent
@@ -336,6 +339,9 @@ def build_parser(prog: str = "kvserve bench serve") -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--extra-body", default="{}", help="JSON object merged into every request body")
+    ap.add_argument("--session-pin-seconds", type=float, default=0.0,
+                    help="multi-turn: send session_id (one per conversation) and kv_pin_seconds, so kvserve keeps "
+                         "each conversation's KV pinned between turns (0: off)")
     ap.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT SLO")
     ap.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT SLO")
     ap.add_argument("--slo-e2el-ms", type=float, default=None, help="goodput: end-to-end latency SLO")
@@ -389,6 +395,7 @@ def run(args) -> dict:
               "seed": args.seed, "request_rate": args.request_rate, "burstiness": args.burstiness,
               "max_concurrency": args.max_concurrency, "ignore_eos": args.ignore_eos, "min_tokens": args.min_tokens,
               "temperature": args.temperature, "top_p": args.top_p, "extra_body": args.extra_body,
+              "session_pin_seconds": args.session_pin_seconds,
               "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms, "slo_e2el_ms": args.slo_e2el_ms,
               "timeout": args.timeout, "tokenizer": args.tokenizer or "embedded default model",
               "server": info, "date": started, "command": " ".join(["kvserve", "bench", "serve"] + args.argv),

@@ -16,7 +16,8 @@ Workloads and their parameters (`-W key=value` on the command line; defaults in 
 - multi-turn: conversations of `turns_min`..`turns_max` [2..8] turns; a `system_len` [64]-token system prompt, user
   turns of `user_min`..`user_max` [32..256] tokens, answers of `output_min`..`output_max` [32..128] tokens. Turn k is
   sent only after turn k-1 finished, with the whole history (the real answers included) resent; `think_time` [0]
-  seconds between a turn's answer and the next turn. The request rate applies to first turns. `num_requests` counts
+  seconds between a turn's answer and the next turn (drawn uniformly up to `think_time_max` when that is larger:
+  an agent's tool calls). The request rate applies to first turns. `num_requests` counts
   turns: conversations are drawn until they add up to it. [200 turns]
 - rag: `num_docs` [16] shared documents of `doc_len` [512] tokens; each request asks a `question_min`..
   `question_max` [16..64]-token question over `k` [4] of them, in random order, after a short fixed instruction:
@@ -206,7 +207,7 @@ def shared_prefix(tok, num_requests: int | None, seed: int, num_prefixes: int = 
 
 def multi_turn(tok, num_requests: int | None, seed: int, turns_min: int = 2, turns_max: int = 8,
                system_len: int = 64, user_min: int = 32, user_max: int = 256, output_min: int = 32,
-               output_max: int = 128, think_time: float = 0.0) -> list[BenchRequest]:
+               output_max: int = 128, think_time: float = 0.0, think_time_max: float = 0.0) -> list[BenchRequest]:
     n = 200 if num_requests is None else num_requests
     rng = random.Random(seed)
     maker = TextMaker(tok)
@@ -221,7 +222,8 @@ def multi_turn(tok, num_requests: int | None, seed: int, turns_min: int = 2, tur
             msgs.append({"role": "user", "content": q})
             out.append(BenchRequest(f"conv-{conv}-turn-{t}", msgs, rng.randint(output_min, output_max),
                                     sum(maker.count(m["content"]) for m in msgs), conversation=conv, turn=t,
-                                    think_time=think_time if t else 0.0))
+                                    think_time=0.0 if not t else think_time if think_time_max <= think_time
+                                    else rng.uniform(think_time, think_time_max)))
         conv += 1
     return out
 

@@ -1,18 +1,22 @@
-"""Scheduling-policy benchmarks on a live `kvserve serve` (issue 13's fairness and priority bars).
+"""Scheduling benchmarks on a live `kvserve serve` (issue 13's bars).
 
-Scenarios (each starts its own server per policy on 127.0.0.1, `--max-num-seqs 16` so the engine is the bottleneck,
-`sharegpt-like` requests with ignore_eos):
+Scenarios (each starts its own server per configuration on 127.0.0.1, `--max-num-seqs 16` so the engine is the
+bottleneck, requests with ignore_eos):
 - `demand`: tenant A closed-loop at 32 concurrent requests, tenant B open-loop (Poisson) at a rate that alone
   would use about a third of the engine (calibrated from A's service rate in the same run), equal weights; under
   fcfs and vtc: B's share of the service, B's demand, and B's TTFT.
 - `weights`: A and B both closed-loop (backlogged), weights 3:1, vtc: the split of the service.
 - `priority`: one closed loop at 32 concurrent in which 10% of requests carry priority -1 (the rest 0); under
   fcfs and priority: TTFT of the high-priority requests.
+- `agents`: multi-turn conversations (8-16 turns, 2-10 s tool pauses) plus background sharegpt-like traffic, a KV
+  pool (--kv-gb) too small for every idle conversation: TTFT of turns 2+ and throughput with and without KV pins.
+- `swap`: sharegpt-like with a KV pool a fraction of the working set: p99 TTFT and ITL with swap-or-recompute
+  preemption (auto) against recompute only, and the per-victim choices from the server log.
 
 Service is measured the way VTC charges it (prompt tokens computed + 2 x output tokens, from the server's
 per-tenant counters on /metrics) over the measured window (after a warm-up). Results go to --out as JSON.
 
-    python -m kvserve.bench.fairness --scenario demand --duration 120 --out docs/results/scheduling/demand.json
+    python -m kvserve.bench.scheduling --scenario demand --duration 120 --out docs/results/scheduling/demand.json
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ VTC_OUTPUT_WEIGHT = 2
 
 
 def log(msg: str) -> None:
-    print(f"[bench fairness] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench scheduling] {msg}", file=sys.stderr, flush=True)
 
 
 def tenants_file(weights: dict[str, float], directory: str) -> str:
@@ -51,11 +55,14 @@ def tenants_file(weights: dict[str, float], directory: str) -> str:
     return path
 
 
-def start_server(args, policy: str, tenants: str, port: int, log_path: str) -> subprocess.Popen:
+def start_server(args, policy: str, tenants: str | None, port: int, log_path: str,
+                 extra: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--scheduling-policy", policy, "--tenants", tenants, "--max-num-seqs", str(args.max_num_seqs),
+           "--scheduling-policy", policy, "--max-num-seqs", str(args.max_num_seqs),
            "--kv-cache-memory-gb", str(args.kv_gb), "--no-access-log", "--log-level", "warning",
-           "--request-timeout", "0", "--max-queued-requests", "1024", "--enable-prompt-tokens-details"]
+           "--request-timeout", "0", "--max-queued-requests", "1024", "--enable-prompt-tokens-details", *extra]
+    if tenants:
+        cmd += ["--tenants", tenants]
     env = dict(os.environ, KVSERVE_NO_TQDM="1", OMP_NUM_THREADS=str(args.threads))
     log(f"{policy}: " + " ".join(cmd[2:]))
     with open(log_path, "w") as lf:
@@ -192,10 +199,131 @@ async def run_policy(args, policy: str, weights: dict[str, float], scenario: str
         stop(proc)
 
 
+def serve_args(argv: list[str]):
+    from kvserve.bench.serve import build_parser
+
+    a = build_parser().parse_args(argv)
+    a.extra_body = json.loads(a.extra_body)
+    a.label = a.label or "kvserve"
+    a.no_progress = True
+    return a
+
+
+async def run_loads(url: str, loads: list[list[str]]) -> list[tuple[list[M.RequestRecord], float]]:
+    """`kvserve bench serve` runners (one per argument list, each with its own workload) against one server at
+    once; (records, duration) of each."""
+    from kvserve.bench.serve import Runner
+
+    tok = W.load_tokenizer()
+    runners, clients = [], []
+    for argv in loads:
+        a = serve_args(["--base-url", url, *argv])
+        client = Client(url, None, a.timeout)
+        a.model = a.model or (await client.models())[0]["id"]
+        reqs = W.generate(a.workload, tok, a.num_requests, a.seed, **W.parse_params(a.workload, a.workload_arg))
+        runners.append(Runner(a, reqs, tok, client))
+        clients.append(client)
+    try:
+        return await asyncio.gather(*(r.run() for r in runners))
+    finally:
+        for c in clients:
+            await c.close()
+
+
+def tail(values: list[float], q: float) -> float | None:
+    return M.percentile(sorted(values), q) if values else None
+
+
+def agents(args, tmp: str) -> dict:
+    """Multi-turn agents with tool pauses plus background sharegpt-like traffic, KV pool too small for every idle
+    conversation: TTFT of turns 2+ and total throughput with and without per-session KV pins."""
+    convs = ["--workload", "multi-turn", "--num-requests", str(args.agent_turns), "--request-rate",
+             str(args.agent_rate), "--seed", str(args.seed), "-W", "turns_min=8", "-W", "turns_max=16",
+             "-W", "think_time=2", "-W", "think_time_max=10", "-W", "output_max=96", "--timeout", "1800"]
+    background = ["--workload", "sharegpt-like", "--num-requests", str(args.background_requests),
+                  "--request-rate", str(args.background_rate), "--seed", str(args.seed + 7),
+                  "-W", f"max_output={args.max_output}", "--timeout", "1800"]
+    out = {"runs": []}
+    for pin in (0.0, args.pin_seconds):
+        proc = start_server(args, "fcfs", None, args.port, os.path.join(tmp, f"agents-{pin}.log"),
+                            ["--max-kv-pin-seconds", str(max(pin, 1.0))])
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            started = time.perf_counter()
+            flags = ["--session-pin-seconds", str(pin)] if pin else []
+            (turns, t_turns), (bg, t_bg) = asyncio.run(run_loads(url, [convs + flags, background]))
+            wall = time.perf_counter() - started
+        finally:
+            stop(proc)
+        later = [r.ttft for r in turns if r.turn and r.ttft is not None]
+        first = [r.ttft for r in turns if r.turn == 0 and r.ttft is not None]
+        tokens = sum(r.output_tokens for r in turns + bg if r.success)
+        run = {"kv_pin_seconds": pin, "turns": len(turns), "failed": sum(not r.success for r in turns + bg),
+               "ttft_turn2plus_p50_s": statistics.median(later) if later else None,
+               "ttft_turn2plus_p90_s": tail(later, 90), "ttft_turn1_p50_s": statistics.median(first) if first else None,
+               "background_ttft_p50_s": statistics.median([r.ttft for r in bg if r.ttft is not None] or [0]),
+               "output_tokens": tokens, "wall_s": wall, "output_tok_per_s": tokens / wall,
+               "cached_prompt_tokens_turn2plus": sum(r.cached_tokens or 0 for r in turns if r.turn),
+               "prompt_tokens_turn2plus": sum(r.prompt_tokens for r in turns if r.turn)}
+        log(f"agents pin={pin}: " + json.dumps(run))
+        out["runs"].append(run)
+    off, on = out["runs"]
+    out["ttft_turn2plus_p50_ratio_off_over_on"] = off["ttft_turn2plus_p50_s"] / on["ttft_turn2plus_p50_s"]
+    out["throughput_ratio_on_over_off"] = on["output_tok_per_s"] / off["output_tok_per_s"]
+    return out
+
+
+def swap(args, tmp: str) -> dict:
+    """sharegpt-like under memory pressure (a KV pool a fraction of the working set): tail TTFT and ITL with
+    swap-or-recompute preemption against recompute only; the per-victim choices are counted from the log."""
+    load = ["--workload", "sharegpt-like", "--num-requests", str(args.swap_requests), "--request-rate",
+            str(args.swap_rate), "--seed", str(args.seed), "-W", f"max_output={args.max_output}",
+            "-W", f"max_input={args.swap_max_input}", "--timeout", "1800"]
+    out = {"runs": []}
+    for mode in ("recompute", "auto"):
+        log_path = os.path.join(tmp, f"swap-{mode}.log")
+        proc = start_server(args, "fcfs", None, args.port, log_path,
+                            ["--preemption-mode", mode, "--log-level", "info"])
+        url = f"http://127.0.0.1:{args.port}"
+        try:
+            ((records, duration),) = asyncio.run(run_loads(url, [load]))
+            metrics = asyncio.run(_scrape(url))
+        finally:
+            stop(proc)
+        text = Path(log_path).read_text(errors="replace")
+        ok = [r for r in records if r.success]
+        itls = [g for r in ok for g in r.itls]
+        run = {"mode": mode, "requests": len(records), "failed": len(records) - len(ok),
+               "ttft_p50_s": statistics.median([r.ttft for r in ok]), "ttft_p99_s": tail([r.ttft for r in ok], 99),
+               "itl_p50_s": statistics.median(itls) if itls else None, "itl_p99_s": tail(itls, 99),
+               "output_tok_per_s": sum(r.output_tokens for r in ok) / duration,
+               "preemptions": metrics.get("kvserve:num_preemptions_total"),
+               "preemptions_swapped": metrics.get("kvserve:num_preemptions_swapped_total"),
+               "logged_swap": text.count(": swap (estimated"), "logged_recompute": text.count(": recompute (estimated")}
+        log(f"swap mode={mode}: " + json.dumps(run))
+        out["runs"].append(run)
+    rec, auto = out["runs"]
+    out["ttft_p99_ratio_recompute_over_auto"] = rec["ttft_p99_s"] / auto["ttft_p99_s"]
+    out["itl_p99_ratio_recompute_over_auto"] = rec["itl_p99_s"] / auto["itl_p99_s"]
+    return out
+
+
+async def _scrape(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = Client(url, None, 60)
+    try:
+        r = await client.http.get(f"{url}/metrics")
+        return {s.name: s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples
+                if not s.labels.keys() - {"model_name"}}
+    finally:
+        await client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvserve.bench.fairness", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m kvserve.bench.scheduling", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", choices=("demand", "weights", "priority"), required=True)
+    ap.add_argument("--scenario", choices=("demand", "weights", "priority", "agents", "swap"), required=True)
     ap.add_argument("--duration", type=float, default=120.0, help="measured seconds per policy")
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds of load before the measured window")
     ap.add_argument("--calibration", type=float, default=45.0, help="demand: seconds of A alone to size B's rate")
@@ -206,11 +334,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-output", type=int, default=256, help="sharegpt-like output cap (keeps runs short)")
     ap.add_argument("--b-demand", type=float, default=1 / 3, help="demand: B's load as a fraction of the engine")
+    ap.add_argument("--agent-turns", type=int, default=160, help="agents: turns in all (8-16 per conversation)")
+    ap.add_argument("--agent-rate", type=float, default=0.1, help="agents: new conversations per second")
+    ap.add_argument("--background-requests", type=int, default=120)
+    ap.add_argument("--background-rate", type=float, default=0.5, help="agents: background requests per second")
+    ap.add_argument("--pin-seconds", type=float, default=30.0, help="agents: kv_pin_seconds of each turn")
+    ap.add_argument("--swap-requests", type=int, default=150)
+    ap.add_argument("--swap-max-input", type=int, default=1024, help="swap: longest prompt (must fit the small pool)")
+    ap.add_argument("--swap-rate", type=float, default=1.5, help="swap: requests per second")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     tok = W.load_tokenizer()
     reqs = {t: W.sharegpt_like(tok, 400, args.seed + i, max_output=args.max_output) for i, t in enumerate(KEYS)}
-    out: dict = {"scenario": args.scenario, "command": "python -m kvserve.bench.fairness " + " ".join(argv or
+    out: dict = {"scenario": args.scenario, "command": "python -m kvserve.bench.scheduling " + " ".join(argv or
                  sys.argv[1:]), "max_num_seqs": args.max_num_seqs, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         if args.scenario == "demand":
@@ -231,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             out["B_share_error_rel"] = abs(v["share"]["B"] - fair) / fair if fair else None
             out["B_ttft_p50_ratio_fcfs_over_vtc"] = (f["ttft"]["B"]["p50_s"] / v["ttft"]["B"]["p50_s"]
                                                      if f["ttft"]["B"]["p50_s"] and v["ttft"]["B"]["p50_s"] else None)
+        elif args.scenario == "agents":
+            out.update(agents(args, tmp))
+        elif args.scenario == "swap":
+            out.update(swap(args, tmp))
         elif args.scenario == "weights":
             r = asyncio.run(run_policy(args, "vtc", {"A": 3.0, "B": 1.0}, "weights", reqs, tmp))
             out["runs"].append(r)
