@@ -33,7 +33,7 @@ class DecodeHarness:
         rng = random.Random(0)
         for i in range(batch):
             ids = [rng.randrange(100, 40_000) for _ in range(prompt_len)]
-            core.add_request(EngineCoreRequest(f"r{i}", ids, params, None, time.monotonic()))
+            core.add_request(EngineCoreRequest(f"r{i}", ids, params, time.monotonic()))
             self.front.add(f"r{i}", None, ids, params, time.monotonic())
         self.codec, self.decoder = output_codec(), msgspec.msgpack.Decoder(Outputs)
         sched = core.scheduler

@@ -17,14 +17,16 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol
 
 import msgspec
 
-from kvserve.core.request import DEFAULT_TENANT, RequestStatus
+from kvserve.core.request import RequestStatus
 from kvserve.engine.ipc import Rejected
 from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.protocol import (
     EngineCoreRequest,
     EngineDeadError,
     EngineInfo,
+    PLAIN,
     EngineStats,
+    RequestRouting,
     SessionKey,
     StepOutputs,
     check_new_id,
@@ -135,24 +137,19 @@ class AsyncLLM:
         return len(self._streams)
 
     # ------------------------------------------------------------------ API
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None,
-                 tenant: str = DEFAULT_TENANT, priority: int = 0, session_id: str | None = None,
-                 kv_pin_seconds: float = 0.0) -> None:
-        validate_request(self._info(), prompt_token_ids, params, cache_salt, tenant, priority, session_id,
-                         kv_pin_seconds)
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, routing: RequestRouting = PLAIN) -> None:
+        validate_request(self._info(), prompt_token_ids, params, routing)
 
-    async def generate(self, prompt: dict, params: SamplingParams, request_id: str, cache_salt: str | None = None,
-                       priority: int = 0, tenant: str = DEFAULT_TENANT, session_id: str | None = None,
-                       kv_pin_seconds: float = 0.0) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: dict, params: SamplingParams, request_id: str,
+                       routing: RequestRouting = PLAIN) -> AsyncIterator[RequestOutput]:
         """`prompt` is {"prompt_token_ids": [...], "prompt": text or None}. Raises ParamError before anything is
         queued; EngineDeadError if the core dies after this request produced output."""
         if self.state == "dead":
             raise EngineDeadError(f"the engine core is dead: {self.error}")
         ids = list(prompt["prompt_token_ids"])
-        self.validate(ids, params, cache_salt, tenant, priority, session_id, kv_pin_seconds)
+        self.validate(ids, params, routing)
         check_new_id(request_id, self._streams)
-        request = EngineCoreRequest(request_id, ids, params, cache_salt, time.monotonic(), priority, tenant,
-                                    session_id, kv_pin_seconds)
+        request = EngineCoreRequest(request_id, ids, params, time.monotonic(), routing)
         stream = OutputStream()
         self._streams[request_id] = stream
         self.output_processor.add(request_id, prompt.get("prompt"), ids, params, request.arrival_time)

@@ -190,21 +190,20 @@ class EngineCore:
         """Raises ParamError (nothing is queued) if the request cannot run; n > 1 becomes n sequences."""
         rid, params = request.request_id, request.params
         check_new_id(rid, self._group_seqs)
-        validate_request(self.info, request.prompt_token_ids, params, request.cache_salt, request.tenant,
-                         request.priority, request.session_id, request.kv_pin_seconds)
+        validate_request(self.info, request.prompt_token_ids, params, request.routing)
         seq_ids = sequence_ids(rid, params.n)
         for sid in seq_ids:
             check_new_id(sid, self.scheduler.requests)
         arrival = request.arrival_time or time.monotonic()
+        r = request.routing
         requests, first = [], None
         for i, sid in enumerate(seq_ids):
             sp = params
             if i > 0 and params.seed is not None:
                 sp = params.replace(seed=params.seed + i)
             req = Request(sid, request.prompt_token_ids, sp, self.info.block_size, self.eos_token_ids,
-                          request.cache_salt, arrival, request.priority, self.info.max_model_len,
-                          share_prompt_with=first, tenant=request.tenant, session_id=request.session_id,
-                          kv_pin_seconds=request.kv_pin_seconds)
+                          r.cache_salt, arrival, r.priority, self.info.max_model_len, share_prompt_with=first,
+                          tenant=r.tenant, session_id=r.session_id, kv_pin_seconds=r.kv_pin_seconds)
             first = first or req
             requests.append(req)
         for req in requests:  # everything is validated above: nothing can fail half-way and leave state behind

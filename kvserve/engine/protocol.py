@@ -45,18 +45,27 @@ class EngineInfo(msgspec.Struct, frozen=True):
     max_queue_wait_s: float | None = None  # requests not scheduled within this are rejected (503 when served)
 
 
+class RequestRouting(msgspec.Struct, frozen=True):
+    """Whose a request is and how it is scheduled and cached; the defaults are a plain request."""
+
+    cache_salt: str | None = None  # prefix-cache isolation: only requests with the same salt share blocks
+    priority: int = 0  # lower runs first under the priority policy
+    tenant: str = DEFAULT_TENANT  # who is served (the server sets it from the API key, never from the body)
+    session_id: str | None = None  # an agent's conversation (scoped by tenant and cache_salt), for KV pinning
+    kv_pin_seconds: float = 0.0  # keep this turn's KV pinned this long for the session's next turn
+
+
+PLAIN = RequestRouting()
+
+
 class EngineCoreRequest(msgspec.Struct, frozen=True):
     """A tokenized, validated request; the core expands n > 1 into sequences `{request_id}#{i}`."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    cache_salt: str | None = None
     arrival_time: float = 0.0  # time.monotonic() of the front end (CLOCK_MONOTONIC is machine-wide on Linux)
-    priority: int = 0  # lower runs first under the priority policy
-    tenant: str = DEFAULT_TENANT  # who is served (the server sets it from the API key, never from the body)
-    session_id: str | None = None  # an agent's conversation (scoped by tenant and cache_salt), for KV pinning
-    kv_pin_seconds: float = 0.0  # keep this turn's KV pinned this long for the session's next turn
+    routing: RequestRouting = PLAIN
 
 
 class StepOutputs(msgspec.Struct, frozen=True):
@@ -152,9 +161,10 @@ class EngineStats(msgspec.Struct, frozen=True):
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams,
-                     cache_salt: str | None, tenant: str = DEFAULT_TENANT, priority: int = 0,
-                     session_id: str | None = None, kv_pin_seconds: float = 0.0) -> None:
+                     routing: RequestRouting = PLAIN) -> None:
     """Raises ParamError (with `param` and `code`) if this request can never run on this engine."""
+    cache_salt, tenant, priority = routing.cache_salt, routing.tenant, routing.priority
+    session_id, kv_pin_seconds = routing.session_id, routing.kv_pin_seconds
     ids, vocab, max_len = prompt_token_ids, info.vocab_size, info.max_model_len
     if not ids:
         raise ParamError("the prompt is empty", "prompt")

@@ -103,8 +103,7 @@ class Session:
             self.buffer.end(i)
             return
         try:
-            async for out in self.state.engine.generate(inp.engine_prompt(), params, rid, cache_salt=salt,
-                                                        **self.scope.engine_kwargs()):
+            async for out in self.state.engine.generate(inp.engine_prompt(), params, rid, self.scope.routing(salt)):
                 self.trackers[i].observe(out)
                 self.buffer.put(i, out)
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which turns it into an error response

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from kvserve.config import ConfigError
 from kvserve.core.request import DEFAULT_TENANT
-from kvserve.engine.protocol import MAX_TENANT_CHARS
+from kvserve.engine.protocol import MAX_TENANT_CHARS, RequestRouting
 from kvserve.server.errors import ApiError
 
 TENANT_FIELDS = ("api_keys", "weight", "max_concurrent_requests", "max_tokens_per_minute", "priority_cap",
@@ -59,9 +59,8 @@ class RequestScope:
     session_id: str | None = None
     kv_pin_seconds: float = 0.0
 
-    def engine_kwargs(self) -> dict:
-        return {"tenant": self.tenant.name, "priority": self.priority, "session_id": self.session_id,
-                "kv_pin_seconds": self.kv_pin_seconds}
+    def routing(self, cache_salt: str | None) -> RequestRouting:
+        return RequestRouting(cache_salt, self.priority, self.tenant.name, self.session_id, self.kv_pin_seconds)
 
 
 def request_tenant(request) -> Tenant:
