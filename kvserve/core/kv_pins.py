@@ -1,9 +1,11 @@
 """KV pinning for agents between turns (Continuum): a finished turn's cached blocks stay referenced, so eviction
 cannot take them, until its TTL runs out, the session's next turn is admitted on them, or the pin is released.
 
-Pins hold one reference per block (like a request would), so pinned blocks count as used KV. Pinned memory is capped
-per tenant and in total (the oldest pin goes first), and the scheduler releases pins, oldest first, before it would
-preempt a running request: a pin never costs a running request its growth.
+Pins hold one reference per block (like a request would), so pinned blocks count as used KV and never sit in the
+free list: new allocations evict other cached blocks (finished requests' KV) first. Pinned memory is capped per tenant
+and in total (the oldest pin goes first), and pins give way to real demand: the scheduler releases them, oldest
+first, before it would preempt a running request or leave a waiting one unadmitted for lack of blocks. A pin thus
+ranks idle sessions' KV above other cached KV, never above work that needs the memory.
 """
 
 from __future__ import annotations
@@ -88,11 +90,12 @@ class PinTable:
         for key in [k for k, p in self._pins.items() if p.expires_at <= now]:
             self._drop(key, "expired")
 
-    def release_oldest(self) -> bool:
-        """Unpin the oldest pin (to make room for a running request); False if there is none."""
-        if not self._pins:
+    def release_oldest(self, keep: PinKey | None = None) -> bool:
+        """Unpin the oldest pin but `keep` (to make room for a request); False if there is none."""
+        key = next((k for k in self._pins if k != keep), None)
+        if key is None:
             return False
-        self._drop(next(iter(self._pins)), "evicted")
+        self._drop(key, "evicted")
         return True
 
     def _drop(self, key: PinKey, why: str) -> None:

@@ -92,6 +92,7 @@ class Scheduler:
         # swap-or-recompute preemption (core/swap.py)
         self.swap = SwapSpace(config.num_swap_blocks if config.preemption_mode != "recompute" else 0)
         self.swap_cost = SwapCostModel(max(config.kv_bytes_per_block, 1))
+        self._blocked_on_blocks = False  # why the last _admit returned None
         self.num_swapped_preemptions = 0
         self.num_recomputed_preemptions = 0
         self.num_computed_prompt_tokens = 0  # prompt tokens run through the model (not cached, not loaded)
@@ -226,6 +227,8 @@ class Scheduler:
                 continue
             n = self._admit(req, budget)
             if n is None:
+                if self._blocked_on_blocks and self.pins.release_oldest(keep=req.pin_key):
+                    continue  # idle sessions' pins give way to a request that needs the memory now
                 break
             self.waiting.pop()
             req.status = RequestStatus.RUNNING
@@ -305,9 +308,11 @@ class Scheduler:
         swapped: SwappedKV | None = req.swapped
         n_swap = max(swapped.num_tokens - num_computed, 0) if swapped is not None and not shared else 0
         n = req.num_tokens - num_computed - n_load - n_swap
+        self._blocked_on_blocks = False
         if not self.config.enable_chunked_prefill and n > budget:
             return None
         n = min(n, budget)
+        self._blocked_on_blocks = True  # a None from here on means the pool could not supply the blocks
         if shared:
             self.kv.share_blocks(req, shared)
             req.num_computed_tokens = num_computed

@@ -148,3 +148,24 @@ def test_a_pinned_sessions_next_turn_is_admitted_before_new_requests():
     off.add_request(Request("new", toks(30, 9), SamplingParams(temperature=0, max_tokens=2), BS))
     off.add_request(turn("t2", first.token_ids + toks(10, 2)))
     assert admission_order(off, runner) == ["new", "t2"]
+
+
+def test_pins_give_way_to_a_waiting_request_that_needs_the_memory_but_keep_its_own():
+    runner = FakeRunner(BS)
+    sched = make(num_blocks=12, pin_fraction=1.0, max_seqs=2)
+    first = turn("p1", toks(72, 1), session="p1")
+    finish(sched, runner, first, turn("p2", toks(72, 2), session="p2"))
+    assert sched.pins.num_blocks == 8  # 4 blocks free
+    # p1's next turn needs 9 blocks, 4 of them its own pinned ones: p2's pin goes, p1's is taken over
+    sched.add_request(turn("p1-next", first.token_ids + toks(60, 3), session="p1"))
+    so = sched.schedule()
+    sr = next(s for s in so.scheduled if s.request_id == "p1-next")
+    assert sr.start == 64 and sched.pins.stats.evicted == 1 and sched.pins.stats.taken_over == 1
+    sched.update(so, runner.execute(so))
+    # a stranger needing 10 blocks: every pin goes rather than leave it waiting
+    admission_order(sched, runner)
+    assert ("default", "", "p1") in sched.pins
+    big = Request("big", toks(150, 4), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), BS)
+    finish(sched, runner, big)
+    assert len(sched.pins) == 0 and sched.num_preemptions == 0
+    sched.check_invariants()
