@@ -26,6 +26,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -299,7 +300,9 @@ def swap(args, tmp: str) -> dict:
                "output_tok_per_s": sum(r.output_tokens for r in ok) / duration,
                "preemptions": metrics.get("kvserve:num_preemptions_total"),
                "preemptions_swapped": metrics.get("kvserve:num_preemptions_swapped_total"),
-               "logged_swap": text.count(": swap (estimated"), "logged_recompute": text.count(": recompute (estimated")}
+               "logged_swap": text.count(": swap (estimated"), "logged_recompute": text.count(": recompute (estimated"),
+               "logged_sample": [line.split("kvserve.scheduler: ")[-1] for line in text.splitlines()
+                                 if "kvserve.scheduler: preempt" in line][:3]}
         log(f"swap mode={mode}: " + json.dumps(run))
         out["runs"].append(run)
     rec, auto = out["runs"]
@@ -320,6 +323,12 @@ async def _scrape(url: str) -> dict[str, float]:
         await client.close()
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvserve.bench.scheduling", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -330,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--kv-gb", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--port", type=int, default=8011, help="0: any free port")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-output", type=int, default=256, help="sharegpt-like output cap (keeps runs short)")
     ap.add_argument("--b-demand", type=float, default=1 / 3, help="demand: B's load as a fraction of the engine")
@@ -344,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--swap-rate", type=float, default=1.5, help="swap: requests per second")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if not args.port:
+        args.port = _free_port()
     tok = W.load_tokenizer()
     reqs = {t: W.sharegpt_like(tok, 400, args.seed + i, max_output=args.max_output) for i, t in enumerate(KEYS)}
     out: dict = {"scenario": args.scenario, "command": "python -m kvserve.bench.scheduling " + " ".join(argv or

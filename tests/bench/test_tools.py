@@ -79,3 +79,42 @@ def test_token_cost_parts_add_up():
         assert (native > 0) == plan == r["decode_plan"]
         assert (r["median_ms"]["matmul"] > 0) != plan
         assert "b=2 none" in markdown([r])
+
+
+def test_batch_reorder_bench_tiny(fp32_parts):
+    """The prefix-grouped batch benchmark at a tiny scale on the shared float32 weights: both orders run, outputs
+    agree token for token, and the observer's split of the excess prompt tokens adds up to the engine's counter."""
+    from kvserve.bench.batch_reorder import markdown, parse_args, run
+
+    args = parse_args(["--num-prompts", "12", "--num-prefixes", "2", "--prefix-len", "40", "--suffix-min", "4",
+                       "--suffix-max", "12", "--output-min", "2", "--output-max", "5", "--pool-prefixes", "1",
+                       "--dtype", "float32", "--warmup-prompts", "4", "--warmup-prefixes", "1"])
+    r = run(args, *fp32_parts)
+    json.dumps(r)
+    assert 2 + 6 * 1 <= r["num_blocks"] <= 2 + 6 * 2  # 1 x (2 prefix blocks + 6 requests adding 1-2 blocks each)
+    assert r["output_agreement"] == 1.0 and r["requests"] == 12
+    for name in ("arrival", "grouped"):
+        x = r[name]
+        assert x["output_tokens"] == r["workload"]["output_tokens"] and x["output_tok_s"] > 0
+        assert x["prompt_tokens_computed"] >= x["ideal_prompt_tokens"] == r["workload"]["ideal_prompt_tokens"]
+        assert x["computed_by_cause"]["prefix_first"] == 2 * 32  # two prefixes, two full blocks each
+        assert sum(x["excess_by_cause"].values()) == x["excess_prompt_tokens"]
+        assert x["forwarded_tokens"] >= x["ideal_forwarded_tokens"] + x["excess_prompt_tokens"]
+    assert "| grouped |" in markdown(r)
+
+
+def test_scheduling_bench_swap_scenario_tiny(tmp_path):
+    """The scheduling benchmark's swap scenario end to end at a tiny scale (two real servers, a KV pool of ~870
+    tokens): both modes run, requests succeed, and the auto run's preemptions are swapped, logged and counted."""
+    from kvserve.bench.scheduling import main
+
+    out = tmp_path / "swap.json"
+    assert main(["--scenario", "swap", "--swap-requests", "6", "--swap-rate", "50", "--swap-max-input", "256",
+                 "--max-output", "48", "--kv-gb", "0.02", "--port", "0", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    rec, auto = r["runs"]
+    assert rec["mode"] == "recompute" and auto["mode"] == "auto"
+    assert rec["failed"] == auto["failed"] == 0 and rec["requests"] == 6
+    assert rec["preemptions_swapped"] == 0
+    assert auto["preemptions_swapped"] == auto["logged_swap"] == auto["preemptions"] > 0
+    assert r["ttft_p99_ratio_recompute_over_auto"] > 0
