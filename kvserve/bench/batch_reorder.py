@@ -29,12 +29,13 @@ request's numerics depend on the batch it ran in).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
 import sys
 import time
+
+from kvserve.bench import emit_report
 
 TOKEN_RANGE = (100, 40_000)
 
@@ -330,13 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     report = run(args)
     report["markdown"] = markdown(report)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
-    print()
-    print(report["markdown"])
+    emit_report(report, args.out, report["markdown"])
     return 0
 
 

@@ -36,6 +36,8 @@ import tempfile
 import time
 import traceback
 
+from kvserve.bench import emit_report
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 DEFAULT_VLLM_PYTHON = os.environ.get("KVSERVE_BENCH_VLLM_PYTHON", "/work/vllm-venv/bin/python")
@@ -768,13 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in report["engines"].values():  # greedy samples were only for the agreement line
         for tr in r.get("tasks", {}).values():
             tr.pop("sample_outputs", None)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
-    print()
-    print(table)
+    emit_report(report, args.out, table)
     return 0
 
 
