@@ -100,7 +100,8 @@ async def create_chat_completion(request: Request) -> Response:
     messages = req.template_messages()
     state.check_text_length(sum(len(m["content"]) for m in messages), "messages")
     state.check_cache_salt(req.cache_salt)
-    session = Session(state, params.n, params.n, "n", state.request_scope(request_tenant(request), req))
+    scope = state.request_scope(request_tenant(request), req.priority, req.session_id, req.kv_pin_seconds)
+    session = Session(state, params.n, params.n, "n", scope)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     log.debug("%s: %d message(s), user=%r", rid, len(messages), req.user)
     try:

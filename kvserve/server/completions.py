@@ -122,8 +122,8 @@ async def create_completion(request: Request) -> Response:
         else:
             check_token_ids(prompt, state.info.vocab_size, "prompt")
     state.check_cache_salt(req.cache_salt)
-    session = Session(state, len(prompts) * params.n, params.n, "prompt" if len(prompts) > 1 else "n",
-                      state.request_scope(request_tenant(request), req))
+    scope = state.request_scope(request_tenant(request), req.priority, req.session_id, req.kv_pin_seconds)
+    session = Session(state, len(prompts) * params.n, params.n, "prompt" if len(prompts) > 1 else "n", scope)
     rid = f"cmpl-{uuid.uuid4().hex}"
     log.debug("%s: %d prompt(s), user=%r", rid, len(prompts), req.user)
     try:

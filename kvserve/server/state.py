@@ -125,17 +125,17 @@ class ServerState:
         self.in_flight += cost
         self.metrics.in_flight.set(self.in_flight)
 
-    def request_scope(self, tenant: Tenant, req) -> RequestScope:
+    def request_scope(self, tenant: Tenant, priority: int = 0, session_id: str | None = None,
+                      kv_pin_seconds: float | None = None) -> RequestScope:
         """Tenant, priority (what the request asked for, no more urgent than the tenant's cap; the engine's
         validate_request refuses a priority under another policy) and KV pin of a generation request."""
-        priority = req.priority
         if self.info.scheduling_policy == "priority":
             priority = tenant.clamp_priority(priority)
-        pin = req.kv_pin_seconds or 0.0
+        pin = kv_pin_seconds or 0.0
         if pin > self.config.max_kv_pin_seconds:
             raise ApiError(400, f"kv_pin_seconds is {pin:g} but this server pins KV for at most "
                                 f"{self.config.max_kv_pin_seconds:g} seconds", "kv_pin_seconds", "invalid_value")
-        return RequestScope(tenant, priority, req.session_id, pin)
+        return RequestScope(tenant, priority, session_id, pin)
 
     def count_refusal(self, e: ApiError, tenant: Tenant) -> None:
         """Every 429 and 503 the server answers instead of serving, by tenant and cause (its error code)."""

@@ -16,7 +16,7 @@ from kvserve.cli import main as cli_main
 from kvserve.config import ConfigError
 from kvserve.server.app import build_app
 from kvserve.server.config import ServerConfig
-from kvserve.server.tenants import Tenant, TenantLimits, TenantsConfig, hash_key, load_tenants
+from kvserve.server.tenants import Tenant, TenantLimits, hash_key, load_tenants
 
 from tests.engine.test_async_engine import idle_stats
 
@@ -180,8 +180,7 @@ async def test_tenants_limits_and_refusal_metrics(tenant_app):
 
         # priority: alpha's cap (2) turns a request for -5 into 2; without the priority policy it is refused
         alpha = state.config.tenants.get("alpha")
-        assert state.request_scope(alpha, type("Req", (), {"priority": -5, "kv_pin_seconds": None,
-                                                           "session_id": None})()).priority == 2
+        assert state.request_scope(alpha, priority=-5).priority == 2
         r = await c.post("/v1/chat/completions", headers=auth("alpha"),
                          json={"model": "m", "max_tokens": 2, "priority": -5,
                                "messages": [{"role": "user", "content": "hi"}]})
