@@ -215,7 +215,9 @@ class Scheduler:
                 budget -= n
 
         # 2) waiting requests, in policy order, while tokens, sequences and blocks last.
-        in_flight = self._blocks_in_flight() if self.kv.enable_prefix_caching else None
+        # only when something may be admitted: the step loop never pays for it with a full batch or an empty queue
+        admitting = len(self.waiting) and len(self.running) < self.config.max_num_seqs and not preempted
+        in_flight = self._blocks_in_flight() if self.kv.enable_prefix_caching and admitting else None
         deferred: list[Request] = []
         while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
             req = self.waiting.peek()

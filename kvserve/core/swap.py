@@ -73,18 +73,17 @@ class SwapCostModel:
         self.prefill_samples = 0
 
     def observe_copy(self, nbytes: int, seconds: float) -> None:
-        if nbytes > 0 and seconds > 0:
-            rate = nbytes / seconds
-            self.copy_bytes_per_s = rate if not self.copy_samples else \
-                (1 - EWMA) * self.copy_bytes_per_s + EWMA * rate
-            self.copy_samples += 1
+        self._observe("copy", "copy_bytes_per_s", nbytes, seconds)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens > 0 and seconds > 0:
-            rate = tokens / seconds
-            self.prefill_tokens_per_s = rate if not self.prefill_samples else \
-                (1 - EWMA) * self.prefill_tokens_per_s + EWMA * rate
-            self.prefill_samples += 1
+        self._observe("prefill", "prefill_tokens_per_s", tokens, seconds)
+
+    def _observe(self, kind: str, rate_attr: str, amount: float, seconds: float) -> None:
+        """The first measurement replaces the prior guess; later ones move the EWMA."""
+        if amount > 0 and seconds > 0:
+            rate, samples = amount / seconds, getattr(self, kind + "_samples")
+            setattr(self, rate_attr, rate if not samples else (1 - EWMA) * getattr(self, rate_attr) + EWMA * rate)
+            setattr(self, kind + "_samples", samples + 1)
 
     def decide(self, num_tokens: int, num_blocks: int) -> SwapDecision:
         swap = 2 * num_blocks * self.bytes_per_block / self.copy_bytes_per_s

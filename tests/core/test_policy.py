@@ -220,7 +220,8 @@ def test_queue_wait_deadline_rejects_requests_never_scheduled():
     clock = Clock()
     sched = make("fcfs", max_seqs=1, max_wait=5.0, clock=clock)
     sched.add_request(req("running", max_tokens=50, arrival=0.0))
-    sched.add_request(req("late", arrival=0.0))
+    late = req("late", arrival=0.0)
+    sched.add_request(late)
     runner = FakeRunner(BS)
     so = sched.schedule()
     sched.update(so, runner.execute(so))
@@ -233,7 +234,7 @@ def test_queue_wait_deadline_rejects_requests_never_scheduled():
     assert rejected[0].stop_reason == QUEUE_WAIT and rejected[0].new_token_ids == []
     assert "late" not in sched.requests and sched.tenants["default"].rejected == 1
     sched.check_invariants()
-    assert RequestStatus.FINISHED_REJECTED.finished
+    assert late.status == RequestStatus.FINISHED_REJECTED and late.is_finished
 
 
 def test_request_waits_for_a_shared_prefix_being_computed_instead_of_computing_it_twice():
