@@ -11,7 +11,7 @@ import time
 
 import uvicorn
 
-from kvserve.config import SCHEDULING_POLICIES, ConfigError
+from kvserve.config import QUANTIZATIONS, SCHEDULING_POLICIES, ConfigError
 
 log = logging.getLogger("kvserve.cli")
 
@@ -20,10 +20,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="GGUF file, HF model directory or hub id; none: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--dtype", default="bfloat16", help="bfloat16 | float32 | float16")
-    parser.add_argument("--quantization", default="auto", choices=("auto", "none", "q8_0", "w8a8", "q4_0", "q4_1"),
-                        help="matmul weights: auto keeps a GGUF file's Q8_0 (else none); none: dequantized to "
-                             "--dtype; q8_0: int8 blocks of 32 (half the bytes per decoded token); w8a8: int8 weights "
-                             "and per-token int8 activations (fastest for batches); q4_0 / q4_1: 4-bit blocks of 32")
+    parser.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                        help="matmul weights: auto runs a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks as stored "
+                             "(in float32: none); none: dequantized to --dtype; q8_0: int8 blocks of 32 (half the "
+                             "bytes per decoded token); w8a8: int8 weights and per-token int8 activations (fastest "
+                             "for batches); q4_0 / q4_1 / q4_k: 4-bit blocks")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")

@@ -62,6 +62,7 @@ class CacheConfig:
 
 SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")  # kvserve.core.policy
 PREEMPTION_MODES = ("auto", "swap", "recompute")  # kvserve.core.swap
+QUANTIZATIONS = ("auto", "none", "q8_0", "w8a8", "q4_0", "q4_1", "q4_k")  # kvserve.model.quant
 
 
 def check_scheduling(policy: str, tenant_weights: tuple, max_queue_wait_s: float | None,

@@ -236,6 +236,8 @@ def kvserve_command(args) -> tuple[list[str], dict]:
            "--enable-prompt-tokens-details"]  # cached-token counts in usage, as vLLM is started with
     if args.no_prefix_caching:
         cmd.append("--no-enable-prefix-caching")
+    if "--quantization" not in args.extra:  # the peers run bf16 weights (kvserve's auto would run the file's Q4_1)
+        cmd += ["--quantization", "none"]
     return cmd + args.extra, {"OMP_NUM_THREADS": str(args.threads), "KVSERVE_NO_TQDM": "1"}
 
 

@@ -37,6 +37,7 @@ import time
 import traceback
 
 from kvserve.bench import emit_report
+from kvserve.config import QUANTIZATIONS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -142,7 +143,7 @@ class KvserveEngine:
         from kvserve import LLM, SamplingParams
         self.SamplingParams = SamplingParams
         kw = dict(dtype="bfloat16", max_num_seqs=opts["max_num_seqs"], kv_cache_memory_gb=opts["kv_gb"],
-                  quantization=opts.get("quantization", "auto"))
+                  quantization=opts.get("quantization", "none"))
         if opts.get("kvserve_max_num_batched_tokens"):
             kw["max_num_batched_tokens"] = opts["kvserve_max_num_batched_tokens"]
         self.llm = LLM(**kw)
@@ -689,8 +690,8 @@ def parse_args(argv):
     ap.add_argument("--log-dir", default=None, help="per-engine logs and specs (default: a temp dir)")
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per engine subprocess")
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--quantization", default="auto", choices=("auto", "none", "q8_0", "w8a8", "q4_0", "q4_1"),
-                    help="kvserve's matmul weights (kvserve.model.quant)")
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                    help="kvserve's matmul weights (kvserve.model.quant); none: bf16, the weights the peers run")
     ap.add_argument("--kv-gb", type=float, default=4.0, help="KV cache GiB for kvserve and vLLM")
     ap.add_argument("--max-model-len", type=int, default=2048, help="vLLM max_model_len")
     ap.add_argument("--kvserve-max-num-batched-tokens", type=int, default=None, help="default: kvserve.LLM's own")

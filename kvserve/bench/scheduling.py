@@ -244,16 +244,22 @@ def agents(args, tmp: str) -> dict:
     background = ["--workload", "sharegpt-like", "--num-requests", str(args.background_requests),
                   "--request-rate", str(args.background_rate), "--seed", str(args.seed + 7),
                   "-W", f"max_output={args.max_output}", "--timeout", "1800"]
+    for kv in args.agent_arg:  # later -W values override the defaults above
+        convs += ["-W", kv]
+    for kv in args.background_arg:
+        background += ["-W", kv]
     out = {"runs": []}
     for pin in (0.0, args.pin_seconds):
         proc = start_server(args, "fcfs", None, args.port, os.path.join(tmp, f"agents-{pin}.log"),
-                            ["--max-kv-pin-seconds", str(max(pin, 1.0))])
+                            ["--max-kv-pin-seconds", str(max(pin, 1.0)),
+                             "--kv-pin-max-fraction", str(args.kv_pin_max_fraction)])
         url = f"http://127.0.0.1:{args.port}"
         try:
             started = time.perf_counter()
             flags = ["--session-pin-seconds", str(pin)] if pin else []
             (turns, t_turns), (bg, t_bg) = asyncio.run(run_loads(url, [convs + flags, background]))
             wall = time.perf_counter() - started
+            metrics = asyncio.run(_scrape(url))
         finally:
             stop(proc)
         later = [r.ttft for r in turns if r.turn and r.ttft is not None]
@@ -265,7 +271,9 @@ def agents(args, tmp: str) -> dict:
                "background_ttft_p50_s": statistics.median([r.ttft for r in bg if r.ttft is not None] or [0]),
                "output_tokens": tokens, "wall_s": wall, "output_tok_per_s": tokens / wall,
                "cached_prompt_tokens_turn2plus": sum(r.cached_tokens or 0 for r in turns if r.turn),
-               "prompt_tokens_turn2plus": sum(r.prompt_tokens for r in turns if r.turn)}
+               "prompt_tokens_turn2plus": sum(r.prompt_tokens for r in turns if r.turn),
+               "pin_events": {e: metrics.get(f"kvserve:kv_pin_events_total{{event={e}}}", 0.0)
+                              for e in ("pinned", "taken_over", "expired", "released", "evicted")}}
         log(f"agents pin={pin}: " + json.dumps(run))
         out["runs"].append(run)
     off, on = out["runs"]
@@ -317,8 +325,12 @@ async def _scrape(url: str) -> dict[str, float]:
     client = Client(url, None, 60)
     try:
         r = await client.http.get(f"{url}/metrics")
-        return {s.name: s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples
-                if not s.labels.keys() - {"model_name"}}
+        out = {}
+        for fam in text_string_to_metric_families(r.text):
+            for s in fam.samples:
+                extra = sorted((k, v) for k, v in s.labels.items() if k != "model_name")
+                out[s.name + "".join(f"{{{k}={v}}}" for k, v in extra)] = s.value  # e.g. ...{event=evicted}
+        return out
     finally:
         await client.close()
 
@@ -348,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--background-requests", type=int, default=120)
     ap.add_argument("--background-rate", type=float, default=0.5, help="agents: background requests per second")
     ap.add_argument("--pin-seconds", type=float, default=30.0, help="agents: kv_pin_seconds of each turn")
+    ap.add_argument("--kv-pin-max-fraction", type=float, default=0.5, help="agents: the server's pin cap")
+    ap.add_argument("--agent-arg", action="append", default=[], metavar="K=V",
+                    help="agents: a multi-turn workload parameter (e.g. user_min=128), repeatable")
+    ap.add_argument("--background-arg", action="append", default=[], metavar="K=V",
+                    help="agents: a background sharegpt-like parameter (e.g. input_median=768), repeatable")
     ap.add_argument("--swap-requests", type=int, default=150)
     ap.add_argument("--swap-max-input", type=int, default=1024, help="swap: longest prompt (must fit the small pool)")
     ap.add_argument("--swap-rate", type=float, default=1.5, help="swap: requests per second")

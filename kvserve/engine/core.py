@@ -109,7 +109,7 @@ class EngineCore:
             loaded = load_model(args.model)
             tokenizer_source, chat_template = loaded.tokenizer_source, loaded.chat_template
             tokenizer = Tokenizer(tokenizer_source, chat_template)
-            quantization = resolve_quantization(args.quantization, loaded.weight_format)
+            quantization = resolve_quantization(args.quantization, loaded.weight_format, dtype == torch.float32)
             weights = loaded.weights
             if quantization == "w8a8":  # activation outliers moved into the weights first (model/smoothquant.py)
                 weights = smooth_for_w8a8(loaded.config, weights, tokenizer.encode(CALIBRATION_TEXT), dtype)

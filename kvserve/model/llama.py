@@ -13,7 +13,7 @@ from kvserve.model.attention import AttentionBackend
 from kvserve.model.batch import ForwardBatch
 from kvserve import kernels
 from kvserve.model.layers import GEMV_MAX_TOKENS, Linear, NativeOps, RotaryEmbedding
-from kvserve.model.quant import INT8_FORMATS, Q4_FORMATS, Int8Linear, Q4Linear, can_quantize
+from kvserve.model.quant import INT8_FORMATS, Q4_FORMATS, GGUFWeight, Int8Linear, Q4Linear, as_float, can_quantize, cat_rows
 
 
 @dataclass
@@ -29,11 +29,12 @@ class LayerWeights:
 class LlamaModel:
     """Plain tensors, no nn.Module: the forward is a short loop the runner calls under inference_mode."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | GGUFWeight],
+                 dtype: torch.dtype = torch.bfloat16,
                  native_kernels: bool = True, quantization: str = "none"):
         """`native_kernels`: attend and fuse elementwise ops with the JIT-built C++ kernels where they build.
-        `quantization`: "none" keeps the matmul weights in `dtype`; "q8_0" / "w8a8" store them as int8
-        (kvserve.model.quant), quantized here from the checkpoint's float values."""
+        `quantization`: "none" keeps the matmul weights in `dtype`; the others store them quantized
+        (kvserve.model.quant): a GGUF file's blocks of that format as stored, anything else quantized here."""
         if quantization not in ("none", *INT8_FORMATS, *Q4_FORMATS):
             raise ValueError(f"quantization must be none or one of {INT8_FORMATS + Q4_FORMATS}, got {quantization!r}")
         self.config = config
@@ -47,16 +48,17 @@ class LlamaModel:
             return weights[name]
 
         def w(name: str) -> torch.Tensor:
-            return raw(name).to(dtype).contiguous()
+            return as_float(raw(name)).to(dtype).contiguous()
 
         def linear(parts: list[str], bias: torch.Tensor | None = None) -> Linear | Int8Linear | Q4Linear:
-            """One matmul over the named weights stacked by rows; quantized where asked and the shape allows."""
-            full = torch.cat([raw(p) for p in parts]) if len(parts) > 1 else raw(parts[0])
+            """One matmul over the named weights stacked by rows; quantized where asked and the shape allows (a
+            GGUF file's blocks in the format asked for are packed as stored)."""
+            full = cat_rows([raw(p) for p in parts])
             if quantization in Q4_FORMATS and can_quantize(full):
                 return Q4Linear(full, quantization, bias, native=native_kernels)
             if quantization != "none" and can_quantize(full, quantization):
                 return Int8Linear(full, quantization, bias, native=native_kernels)
-            return Linear(full.to(dtype).contiguous(), bias, small_batch_kernel=native_kernels)
+            return Linear(as_float(full).to(dtype).contiguous(), bias, small_batch_kernel=native_kernels)
 
         self.embed = w("model.embed_tokens.weight")  # (vocab, hidden)
         if self.embed.shape != (c.vocab_size, c.hidden_size):

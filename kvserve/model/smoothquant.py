@@ -109,6 +109,8 @@ def smooth_for_w8a8(config: ModelConfig, weights: dict[str, torch.Tensor], calib
     """Weights to build a w8a8 model from: calibrated on the unquantized model in `dtype`, then smoothed with
     SmoothQuant's default migration strength."""
     from kvserve.model.llama import LlamaModel
+    from kvserve.model.quant import as_float
 
+    weights = {k: as_float(v) for k, v in weights.items()}  # smoothing rescales float weights (a GGUF file's too)
     stats = input_absmax(LlamaModel(config, weights, dtype), calibration_ids)
     return smoothed_weights(config, weights, stats, alpha)

@@ -123,9 +123,12 @@ def test_can_quantize_shapes():
 
 
 def test_resolve_quantization():
-    assert resolve_quantization("auto", "q4_1") == "none"  # not (yet) run natively: dequantized as before
-    assert resolve_quantization("auto", "q8_0") == "q8_0"
+    for fmt in ("q8_0", "q4_0", "q4_1", "q4_k"):  # a GGUF file's own format runs as stored (llama.cpp's way)
+        assert resolve_quantization("auto", fmt) == fmt
+        assert resolve_quantization("auto", fmt, float32=True) == "none"  # float32: the exact, HF-checked path
+    assert resolve_quantization("auto", "q6_k") == "none"  # no kernel for it: dequantized
     assert resolve_quantization("auto", None) == "none"
+    assert resolve_quantization("q4_1", "q8_0", float32=True) == "q4_1"  # asked for: always honoured
     assert resolve_quantization("w8a8", "bf16") == "w8a8"
     with pytest.raises(ValueError, match="quantization must be one of"):
         resolve_quantization("q3", None)
