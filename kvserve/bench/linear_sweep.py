@@ -1,12 +1,13 @@
 """The layer matmuls of one decode step, per weight format and token count: what the kernel choices rest on.
 
-    python -m kvserve.bench.linear_sweep [--tokens 1,4,8,64,256] [--layers 30] [--threads 2]
+    python -m kvserve.bench.linear_sweep [--tokens 1,4,8,64,256] [--layers 30] [--threads 2] [--paths best]
 
 Random weights of SmolLM2's shapes (q/k/v 960x576, o 576x576, gate/up 3072x576, down 576x1536) for --layers layers,
 so the weights do not fit in cache, as in a real step; each layer's four matmuls are called in order on fresh
 activations of T tokens. Formats: bf16 through oneDNN with a pre-packed weight, bf16 through kvserve's Linear (the
 gemv kernel up to 8 tokens, oneDNN above), q8_0, w8a8, q4_1. Prints the median of 15 sweeps in ms, the weight read
-rate in GB/s and the speed-up over oneDNN bf16.
+rate in GB/s and the speed-up over oneDNN bf16. `--paths best,avx2,portable` adds the quantized formats run by the
+kernel's AVX2 path (what CPUs without AVX-512 run) and its portable C++ path, each forced on this CPU.
 """
 
 from __future__ import annotations
@@ -20,19 +21,23 @@ import torch
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
 
 
-def build(layers: int) -> dict[str, list]:
+def build(layers: int, paths: list[str]) -> dict[str, list]:
     from kvserve.model.layers import Linear
-    from kvserve.model.quant import Int8Linear, Q4Linear
+    from kvserve.model.quant import KERNEL_PATHS, Int8Linear, Q4Linear
 
     g = torch.Generator().manual_seed(0)
     weights = [[torch.randn(n, k, generator=g) * 0.02 for n, k in SHAPES] for _ in range(layers)]
-    return {
+    out = {
         "bf16 oneDNN": [[Linear(w.bfloat16(), small_batch_kernel=False) for w in ws] for ws in weights],
         "bf16 (Linear)": [[Linear(w.bfloat16()) for w in ws] for ws in weights],
-        "q8_0": [[Int8Linear(w, "q8_0") for w in ws] for ws in weights],
-        "w8a8": [[Int8Linear(w, "w8a8") for w in ws] for ws in weights],
-        "q4_1": [[Q4Linear(w, "q4_1") for w in ws] for ws in weights],
     }
+    for path in paths:
+        for fmt, make in (("q8_0", Int8Linear), ("w8a8", Int8Linear), ("q4_1", Q4Linear)):
+            lins = [[make(w, fmt) for w in ws] for ws in weights]
+            for lin in (x for row in lins for x in row):
+                lin.path = KERNEL_PATHS[path]
+            out[fmt if path == "best" else f"{fmt} {path}"] = lins
+    return out
 
 
 def sweep_ms(layers: list, tokens: int, repeats: int = 15) -> float:
@@ -58,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="1,4,8,64,256")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--paths", default="best", help="kernel paths of the quantized formats: best, avx2, portable")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    formats = build(args.layers)
+    formats = build(args.layers, args.paths.split(","))
     print("| tokens | " + " | ".join(formats) + " |")
     print("|---:|" + "---:|" * len(formats))
     for t in (int(x) for x in args.tokens.split(",")):

@@ -61,7 +61,8 @@ def start_server(args, policy: str, tenants: str | None, port: int, log_path: st
     cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--scheduling-policy", policy, "--max-num-seqs", str(args.max_num_seqs),
            "--kv-cache-memory-gb", str(args.kv_gb), "--no-access-log", "--log-level", "warning",
-           "--request-timeout", "0", "--max-queued-requests", "1024", "--enable-prompt-tokens-details", *extra]
+           "--request-timeout", "0", "--max-queued-requests", "1024", "--enable-prompt-tokens-details",
+           "--quantization", "none", *extra]  # bf16, as every scheduling figure so far
     if tenants:
         cmd += ["--tenants", tenants]
     env = dict(os.environ, KVSERVE_NO_TQDM="1", OMP_NUM_THREADS=str(args.threads))

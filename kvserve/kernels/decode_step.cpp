@@ -49,8 +49,8 @@ struct LayerRef {
 
 torch::Tensor apply(const LinearRef& l, const torch::Tensor& x) {
   if (l.kind == 0) return kv_gemv::gemv(x, l.a);
-  if (l.kind == 1) return kv_int8::int8_linear(x, l.a, l.b, false);
-  return kv_int8::q4_linear(x, l.a, l.b, false);
+  if (l.kind == 1) return kv_int8::int8_linear(x, l.a, l.b, 0);
+  return kv_int8::q4_linear(x, l.a, l.b, 0);
 }
 
 }  // namespace

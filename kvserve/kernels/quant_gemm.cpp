@@ -29,6 +29,9 @@
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BF16__)
 #define KVSERVE_VNNI 1
 #endif
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#define KVSERVE_AVX2 1
+#endif
 
 namespace {
 
@@ -122,7 +125,7 @@ inline float scale_at(const S* ws, int64_t i) {
 }
 
 // Portable path: the same arithmetic (exact int32 dots, float32 block sums in the same order) in plain C++.
-// Used where AVX512-VNNI is missing (AVX2 laptops: the compiler vectorizes what it can) and forced in tests.
+// Used where neither AVX512-VNNI nor AVX2 is there, and forced in tests.
 template <typename T, typename S>
 void gemm_generic(QAct a, const uint8_t* wp, const S* ws, T* y, int64_t M, int64_t N, int64_t K, int64_t SB) {
   const int64_t KB = K / QK, G = N / NR, per = KB / SB;  // 32-blocks per scale block
@@ -184,6 +187,160 @@ void gemm_q4_generic(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64
     }
   });
 }
+
+// Calls tile_at(g, m, n) for every row group g (split across threads) and run of n <= TM tokens from m, MC tokens
+// at a time so a thread's weight groups are reused from cache across a chunk's tiles.
+template <int TM, typename F>
+void for_tiles(int64_t M, int64_t G, F&& tile_at) {
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t mc = 0; mc < M; mc += MC) {
+      const int64_t mend = std::min(M, mc + MC);
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t m = mc; m < mend; m += TM) tile_at(g, m, std::min<int64_t>(TM, mend - m));
+    }
+  });
+}
+
+#ifdef KVSERVE_AVX2
+// AVX2 path (CPUs without AVX-512: most laptops). The same packed layout read as two halves, rows 0..7 and 8..15 of
+// a group, each a 32-byte vector of 8 rows x 4 k. There is no vpdpbusd: vpmaddubsw multiplies unsigned by signed
+// bytes into saturating int16 pairs and vpmaddwd sums the pairs into int32. Int8 weights (stored + 128) would
+// overflow int16 (2 x 255 x 127), so they are turned back into signed codes and the sign moved onto them
+// (|x| x sign(w, x): pairs of at most 2 x 127 x 127, exact); 4-bit codes are small enough as they are. The int32
+// sums are exact and the float32 scaling is the VNNI path's, so results match it to float32 rounding.
+constexpr int MT2 = 4;  // tokens per AVX2 tile (16 ymm registers)
+
+template <typename T>
+inline void store8(__m256 v, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(dst, v);
+  } else {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < 8; ++i) store(tmp[i], dst + i);
+  }
+}
+
+// int32 sums of 8 rows x 4 k against one token's 4 broadcast codes: signed weight codes w, activation bytes xb.
+inline __m256i dot4_signed(__m256i w, __m256i xb, __m256i ones) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(xb), _mm256_sign_epi8(w, xb)), ones);
+}
+
+inline __m256i dot4_unsigned(__m256i w, __m256i xb, __m256i ones) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, xb), ones);
+}
+
+template <int MT_, bool BLOCK, typename T>
+inline void tile_avx2(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t N, int64_t K, int64_t KB) {
+  const int64_t SB = BLOCK ? KB : 1;
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 acc[MT_][2];
+  __m256i si[MT_][2];
+  for (int m = 0; m < MT_; ++m)
+    for (int h = 0; h < 2; ++h) {
+      acc[m][h] = _mm256_setzero_ps();
+      si[m][h] = _mm256_setzero_si256();
+    }
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* wb = wp + b * QK * NR;
+    for (int h = 0; h < 2; ++h) {
+      __m256i s[MT_];
+      for (int m = 0; m < MT_; ++m) s[m] = BLOCK ? _mm256_setzero_si256() : si[m][h];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m256i w = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * 64 + h * 32)), flip);  // signed codes
+        for (int m = 0; m < MT_; ++m) {
+          const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + b * QK);
+          s[m] = _mm256_add_epi32(s[m], dot4_signed(w, _mm256_set1_epi32(xa[j]), ones));
+        }
+      }
+      if constexpr (BLOCK) {
+        const __m256 wsv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+            static_cast<const c10::Half*>(ws) + b * NR + h * 8)));
+        for (int m = 0; m < MT_; ++m) {
+          const __m256 sf = _mm256_mul_ps(_mm256_cvtepi32_ps(s[m]), _mm256_set1_ps(a.d[m * SB + b]));
+          acc[m][h] = _mm256_fmadd_ps(sf, wsv, acc[m][h]);
+        }
+      } else {
+        for (int m = 0; m < MT_; ++m) si[m][h] = s[m];
+      }
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (!BLOCK) {
+      const __m256 wsv = _mm256_loadu_ps(static_cast<const float*>(ws) + h * 8);
+      for (int m = 0; m < MT_; ++m)
+        acc[m][h] = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(si[m][h]), _mm256_set1_ps(a.d[m])), wsv);
+    }
+    for (int m = 0; m < MT_; ++m) store8(acc[m][h], y + m * N + h * 8);
+  }
+}
+
+template <bool BLOCK, typename T>
+void gemm_avx2(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t M, int64_t N, int64_t K) {
+  using Fn = void (*)(QAct, const uint8_t*, const void*, T*, int64_t, int64_t, int64_t);
+  static const Fn tiles[MT2 + 1] = {nullptr, tile_avx2<1, BLOCK, T>, tile_avx2<2, BLOCK, T>, tile_avx2<3, BLOCK, T>,
+                                    tile_avx2<4, BLOCK, T>};
+  const int64_t KB = K / QK;
+  const int64_t SB = BLOCK ? KB : 1;
+  const int64_t scale_bytes = BLOCK ? 2 : 4;
+  for_tiles<MT2>(M, N / NR, [&](int64_t g, int64_t m, int64_t n) {
+    const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
+    tiles[n](am, wp + g * KB * QK * NR, static_cast<const char*>(ws) + g * SB * NR * scale_bytes,
+             y + m * N + g * NR, N, K, KB);
+  });
+}
+
+// Q4 on AVX2: per group and block, four 64-byte vectors (low nibbles: operand vectors 0..3, high: 4..7), each read
+// as two halves; the block sum is d d_x sum(q q_x) + m d_x sum(q_x) as in tile_q4.
+template <int MT_, typename T>
+inline void tile_q4_avx2(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64_t N, int64_t K, int64_t KB) {
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
+  __m256 acc[MT_][2];
+  for (int m = 0; m < MT_; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < KB; ++b) {
+    const uint8_t* wb = wp + b * QK * NR / 2;
+    const c10::Half* dmb = dm + b * 2 * NR;
+    for (int h = 0; h < 2; ++h) {
+      __m256i s[MT_];
+      for (int m = 0; m < MT_; ++m) s[m] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * 64 + h * 32));
+        const __m256i wlo = _mm256_and_si256(v, low), whi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int m = 0; m < MT_; ++m) {
+          const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + b * QK);
+          s[m] = _mm256_add_epi32(s[m], dot4_unsigned(wlo, _mm256_set1_epi32(xa[j]), ones));
+          s[m] = _mm256_add_epi32(s[m], dot4_unsigned(whi, _mm256_set1_epi32(xa[j + 4]), ones));
+        }
+      }
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dmb + h * 8)));
+      const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dmb + NR + h * 8)));
+      for (int m = 0; m < MT_; ++m) {
+        const float da = a.d[m * KB + b];
+        const float sa = static_cast<float>(-a.start[m * KB + b] / 128) * da;  // d_x sum(q_x)
+        acc[m][h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[m]), _mm256_set1_ps(da)), dv, acc[m][h]);
+        acc[m][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sa), acc[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MT_; ++m)
+    for (int h = 0; h < 2; ++h) store8(acc[m][h], y + m * N + h * 8);
+}
+
+template <typename T>
+void gemm_q4_avx2(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64_t M, int64_t N, int64_t K) {
+  using Fn = void (*)(QAct, const uint8_t*, const c10::Half*, T*, int64_t, int64_t, int64_t);
+  static const Fn tiles[MT2 + 1] = {nullptr, tile_q4_avx2<1, T>, tile_q4_avx2<2, T>, tile_q4_avx2<3, T>,
+                                    tile_q4_avx2<4, T>};
+  const int64_t KB = K / QK;
+  for_tiles<MT2>(M, N / NR, [&](int64_t g, int64_t m, int64_t n) {
+    const QAct am{a.q + m * K, a.d + m * KB, a.start + m * KB};
+    tiles[n](am, wp + g * KB * QK * NR / 2, dm + g * KB * 2 * NR, y + m * N + g * NR, N, K, KB);
+  });
+}
+#endif
 
 #ifdef KVSERVE_VNNI
 template <typename T>
@@ -270,18 +427,6 @@ using TileFn = void (*)(QAct, const uint8_t*, const void*, T*, int64_t, int64_t,
 // Tokens per tile: 8 weight vectors + MT accumulators (+ chains and temporaries) within the 32 zmm registers.
 constexpr int MT = 6;
 
-// Calls tile_at(g, m, n) for every row group g (split across threads) and run of n <= MT tokens from m, MC tokens
-// at a time so a thread's weight groups are reused from cache across a chunk's tiles.
-template <typename F>
-void for_tiles(int64_t M, int64_t G, F&& tile_at) {
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t mc = 0; mc < M; mc += MC) {
-      const int64_t mend = std::min(M, mc + MC);
-      for (int64_t g = g0; g < g1; ++g)
-        for (int64_t m = mc; m < mend; m += MT) tile_at(g, m, std::min<int64_t>(MT, mend - m));
-    }
-  });
-}
 
 template <bool BLOCK, typename T>
 void gemm_vnni(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t M, int64_t N, int64_t K) {
@@ -290,7 +435,7 @@ void gemm_vnni(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t M, int64
   const int64_t KB = K / QK;
   const int64_t SB = BLOCK ? KB : 1;  // scale blocks per row
   const int64_t scale_bytes = BLOCK ? 2 : 4;
-  for_tiles(M, N / NR, [&](int64_t g, int64_t m, int64_t n) {
+  for_tiles<MT>(M, N / NR, [&](int64_t g, int64_t m, int64_t n) {
     const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
     const uint8_t* wg = wp + g * KB * QK * NR;
     const void* sg = static_cast<const char*>(ws) + g * SB * NR * scale_bytes;
@@ -356,7 +501,7 @@ void gemm_q4(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64_t M, in
   static const TileQ4Fn<T> tiles[MT + 1] = {nullptr, tile_q4<1, T>, tile_q4<2, T>, tile_q4<3, T>, tile_q4<4, T>,
                                             tile_q4<5, T>, tile_q4<6, T>};
   const int64_t KB = K / QK;
-  for_tiles(M, N / NR, [&](int64_t g, int64_t m, int64_t n) {
+  for_tiles<MT>(M, N / NR, [&](int64_t g, int64_t m, int64_t n) {
     const QAct am{a.q + m * K, a.d + m * KB, a.start + m * KB};
     const uint8_t* wg = wp + g * KB * QK * NR / 2;
     if (n == MT) {
@@ -390,6 +535,14 @@ void quantize(const torch::Tensor& x, torch::Tensor& xq, torch::Tensor& xs, torc
 
 }  // namespace
 
+bool has_avx2() {
+#ifdef KVSERVE_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool has_vnni() {
 #ifdef KVSERVE_VNNI
   return true;
@@ -398,9 +551,27 @@ bool has_vnni() {
 #endif
 }
 
-// x (M, K) -> y (M, N); generic=true forces the portable path (tests compare the two).
+// Which code runs a call: the best compiled in (VNNI, else AVX2, else portable), or one forced (tests compare them).
+enum Path : int64_t { kBest = 0, kAvx2 = 1, kPortable = 2 };
+
+Path pick(int64_t path) {
+  TORCH_CHECK(path >= kBest && path <= kPortable, "path must be 0 (best), 1 (AVX2) or 2 (portable)");
+#ifndef KVSERVE_AVX2
+  TORCH_CHECK(path != kAvx2, "the AVX2 path was not compiled in (this CPU lacks AVX2, F16C or FMA)");
+#endif
+  if (path != kBest) return static_cast<Path>(path);
+#if defined(KVSERVE_VNNI)
+  return kBest;
+#elif defined(KVSERVE_AVX2)
+  return kAvx2;
+#else
+  return kPortable;
+#endif
+}
+
+// x (M, K) -> y (M, N); `path` forces a path (Path above).
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                          bool generic) {
+                          int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
   TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16, "x must be float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1);
@@ -408,6 +579,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   const int64_t SB = check_weights(packed, scales, K);
   const bool block = scales.dtype() == torch::kFloat16;
   TORCH_CHECK(block || K <= 65536, "w8a8 sums over all of K in int32: K must be <= 65536");
+  const Path use = pick(path);
   const int64_t N = packed.size(0) * NR;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
@@ -420,11 +592,21 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
     const QAct a{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xstart.data_ptr<int32_t>()};
     const auto* wp = packed.data_ptr<uint8_t>();
 #ifdef KVSERVE_VNNI
-    if (!generic) {
+    if (use == kBest) {
       if (block) {
         gemm_vnni<true, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
       } else {
         gemm_vnni<false, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
+      }
+      return;
+    }
+#endif
+#ifdef KVSERVE_AVX2
+    if (use == kAvx2) {
+      if (block) {
+        gemm_avx2<true, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
+      } else {
+        gemm_avx2<false, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
       }
       return;
     }
@@ -444,7 +626,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 }
 
 // Q4_0 / Q4_1: x (M, K) -> y (M, N); packed (N/16, K/32, 4, 64) uint8, dm (N/16, K/32, 2, 16) float16 (d, then m).
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& dm, bool generic) {
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& dm, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
   TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16, "x must be float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1);
@@ -455,6 +637,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, con
   TORCH_CHECK(dm.dtype() == torch::kFloat16 && dm.dim() == 4 && dm.size(0) == packed.size(0) &&
                   dm.size(1) == packed.size(1) && dm.size(2) == 2 && dm.size(3) == NR && dm.is_contiguous(),
               "dm must be contiguous float16 (N/16, K/32, 2, 16)");
+  const Path use = pick(path);
   const int64_t N = packed.size(0) * NR;
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
@@ -468,8 +651,14 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, con
     const auto* wp = packed.data_ptr<uint8_t>();
     const auto* dp = dm.data_ptr<c10::Half>();
 #ifdef KVSERVE_VNNI
-    if (!generic) {
+    if (use == kBest) {
       gemm_q4<T>(a, wp, dp, y.data_ptr<T>(), M, N, K);
+      return;
+    }
+#endif
+#ifdef KVSERVE_AVX2
+    if (use == kAvx2) {
+      gemm_q4_avx2<T>(a, wp, dp, y.data_ptr<T>(), M, N, K);
       return;
     }
 #endif
@@ -503,6 +692,7 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t 
 #ifndef KVSERVE_NO_PYBIND  // decode_step.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni, "whether the AVX512-VNNI path was compiled in");
+  m.def("has_avx2", &has_avx2, "whether the AVX2 path was compiled in");
   m.def("int8_linear", &int8_linear, "y = x W^T over int8 weights (q8_0 or w8a8) with activations quantized on the fly");
   m.def("q4_linear", &q4_linear, "y = x W^T over Q4_0 / Q4_1 weights with activations quantized to blocks of 32");
   m.def("quantize_activations", &quantize_activations, "x -> (int8 codes, per-block scales, -128 * per-block sums)");

@@ -21,6 +21,8 @@ INT8_FORMATS = ("q8_0", "w8a8")
 QK = 32  # weights per block
 NR = 16  # rows per packed group (kernel layout)
 NATIVE_FILE_FORMATS = ("q8_0", "q4_0", "q4_1", "q4_k")  # GGUF types whose blocks the kernels run as stored
+# the kernel's code paths (quant_gemm.cpp): the best compiled in (AVX512-VNNI, else AVX2, else portable) or one forced
+KERNEL_PATHS = {"best": 0, "avx2": 1, "portable": 2}
 
 
 def resolve_quantization(requested: str, source_format: str | None, float32: bool = False) -> str:
@@ -209,13 +211,14 @@ class Int8Linear:
         else:
             q, d = quantize_blocks(as_float(weight), block_size(fmt, self.in_features))
         self.mod = kernels.quant_gemm_module() if native else None
+        self.path = KERNEL_PATHS["best"]  # benchmarks force the others
         self.packed, self.scales = pack_int8(q, d)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x (T, K) -> (T, N) in x's dtype
         x = x.contiguous()
         if self.mod is not None and x.dtype in (torch.bfloat16, torch.float32):
-            y = self.mod.int8_linear(x, self.packed, self.scales, False)
+            y = self.mod.int8_linear(x, self.packed, self.scales, self.path)
         else:
             q, d = unpack_int8(self.packed, self.scales)
             y = reference_int8_linear(x, q, d)
@@ -307,6 +310,7 @@ class Q4Linear:
         self.out_features, self.in_features = weight.shape
         self.bias = bias
         self.mod = kernels.quant_gemm_module() if native else None
+        self.path = KERNEL_PATHS["best"]
         if isinstance(weight, GGUFWeight) and weight.format == fmt:
             codes = weight.codes()
         elif fmt == "q4_k" and self.in_features % 256 == 0:
@@ -318,7 +322,7 @@ class Q4Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         if self.mod is not None and x.dtype in (torch.bfloat16, torch.float32):
-            y = self.mod.q4_linear(x, self.packed, self.scales, False)
+            y = self.mod.q4_linear(x, self.packed, self.scales, self.path)
         else:
             y = reference_q4_linear(x, *unpack_q4(self.packed, self.scales))
         return y if self.bias is None else y + self.bias

@@ -84,6 +84,9 @@ def smooth_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -
 def smoothed_weights(config: ModelConfig, weights: dict[str, torch.Tensor], stats: list[dict[str, torch.Tensor]],
                      alpha: float = 0.5) -> dict[str, torch.Tensor]:
     """A copy of `weights` (HF names) with every layer's qkv / gate_up / down inputs smoothed; the rest shared."""
+    from kvserve.model.quant import as_float
+
+    weights = {k: as_float(v) for k, v in weights.items()}  # smoothing rescales float weights (a GGUF file's too)
     out = dict(weights)
     for i, st in enumerate(stats):
         p = f"model.layers.{i}."
@@ -109,8 +112,6 @@ def smooth_for_w8a8(config: ModelConfig, weights: dict[str, torch.Tensor], calib
     """Weights to build a w8a8 model from: calibrated on the unquantized model in `dtype`, then smoothed with
     SmoothQuant's default migration strength."""
     from kvserve.model.llama import LlamaModel
-    from kvserve.model.quant import as_float
 
-    weights = {k: as_float(v) for k, v in weights.items()}  # smoothing rescales float weights (a GGUF file's too)
     stats = input_absmax(LlamaModel(config, weights, dtype), calibration_ids)
     return smoothed_weights(config, weights, stats, alpha)

@@ -22,6 +22,7 @@ from kvserve.model.quant import (
 mod = kernels.quant_gemm_module()
 needs_kernel = pytest.mark.skipif(mod is None, reason="native quant_gemm kernel did not build")
 FORMATS = ("q8_0", "w8a8")
+PATHS = (0, 1, 2) if mod is not None and mod.has_avx2() else (0, 2)  # best, AVX2 forced, portable forced
 
 
 def _weights(n, k, fmt, seed=0):
@@ -61,14 +62,15 @@ def test_kernel_matches_reference(fmt, m, n, k):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)) * 2
     x[0, 5] = 40.0  # an activation outlier
     ref = reference_int8_linear(x, q, d)
-    for generic in (False, True):  # the VNNI path and the portable one (what machines without AVX512-VNNI run)
-        y = mod.int8_linear(x, packed, scales, generic)
+    for path in PATHS:  # the best path (VNNI here), AVX2 (laptops without AVX-512) and the portable one, each forced
+        y = mod.int8_linear(x, packed, scales, path)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     xb = x.bfloat16()
-    yb = mod.int8_linear(xb, packed, scales, False)
-    assert yb.dtype == torch.bfloat16
-    # the same float32 sums rounded once to bfloat16: at most one bf16 ulp apart where the order of the sums differs
-    torch.testing.assert_close(yb.float(), reference_int8_linear(xb, q, d).float(), rtol=2 ** -7, atol=1e-5)
+    for path in PATHS:
+        yb = mod.int8_linear(xb, packed, scales, path)
+        assert yb.dtype == torch.bfloat16
+        # the same float32 sums rounded once to bfloat16: at most one bf16 ulp apart where the order of sums differs
+        torch.testing.assert_close(yb.float(), reference_int8_linear(xb, q, d).float(), rtol=2 ** -7, atol=1e-5)
 
 
 @needs_kernel
@@ -88,14 +90,16 @@ def test_kernel_rejects_bad_input():
     _, q, d = _weights(32, 64, "q8_0")
     packed, scales = pack_int8(q, d)
     with pytest.raises(RuntimeError, match="K"):
-        mod.int8_linear(torch.randn(2, 96), packed, scales, False)
+        mod.int8_linear(torch.randn(2, 96), packed, scales, 0)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        mod.int8_linear(torch.randn(2, 64).half(), packed, scales, False)
+        mod.int8_linear(torch.randn(2, 64).half(), packed, scales, 0)
     with pytest.raises(RuntimeError, match="scales"):
-        mod.int8_linear(torch.randn(2, 64), packed, scales[:, :1].contiguous(), False)  # fp16 but one per row
+        mod.int8_linear(torch.randn(2, 64), packed, scales[:, :1].contiguous(), 0)  # fp16 but one per row
     with pytest.raises(RuntimeError, match="uint8"):
-        mod.int8_linear(torch.randn(2, 64), packed.view(torch.int8), scales, False)
-    assert mod.int8_linear(torch.empty(0, 64), packed, scales, False).shape == (0, 32)
+        mod.int8_linear(torch.randn(2, 64), packed.view(torch.int8), scales, 0)
+    assert mod.int8_linear(torch.empty(0, 64), packed, scales, 0).shape == (0, 32)
+    with pytest.raises(RuntimeError, match="path must be"):
+        mod.int8_linear(torch.randn(2, 64), packed, scales, 3)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -301,13 +305,14 @@ def test_q4_kernel_matches_reference(fmt, m, n, k):
     x = torch.randn(m, k, generator=g) * 2
     x[0, 1] = -30.0
     ref = reference_q4_linear(x, q, d, mn)
-    for generic in (False, True):
-        torch.testing.assert_close(mod.q4_linear(x, packed, dm, generic), ref, rtol=1e-5, atol=1e-5)
-    yb = mod.q4_linear(x.bfloat16(), packed, dm, False)
-    torch.testing.assert_close(yb.float(), reference_q4_linear(x.bfloat16(), q, d, mn).float(), rtol=2 ** -7,
-                               atol=1e-5)
+    for path in PATHS:
+        torch.testing.assert_close(mod.q4_linear(x, packed, dm, path), ref, rtol=1e-5, atol=1e-5)
+    for path in PATHS:
+        yb = mod.q4_linear(x.bfloat16(), packed, dm, path)
+        torch.testing.assert_close(yb.float(), reference_q4_linear(x.bfloat16(), q, d, mn).float(), rtol=2 ** -7,
+                                   atol=1e-5)
     with pytest.raises(RuntimeError, match="dm"):
-        mod.q4_linear(x, packed, dm.float(), False)
+        mod.q4_linear(x, packed, dm.float(), 0)
 
 
 def test_q4_model_quality_against_bf16(loaded, text_ids):
