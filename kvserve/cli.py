@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="longest kv_pin_seconds a request may ask for (agent sessions' KV kept between turns)")
     serve.add_argument("--kv-pin-max-fraction", type=float, default=0.5,
                        help="share of the KV pool that pinned sessions may hold (the oldest pin goes first)")
+    serve.add_argument("--kv-pin-reserved-fraction", type=float, default=0.0,
+                       help="share of the KV pool whose pins hold against waiting requests (pins above it give way "
+                            "to them; every pin gives way to a running request's growth)")
     serve.add_argument("--preemption-mode", choices=("auto", "swap", "recompute"), default="auto",
                        help="when the KV pool runs out, a preempted sequence's KV is swapped to host memory or "
                             "dropped and recomputed: auto picks per sequence by measured copy vs prefill speed")
@@ -202,6 +205,7 @@ def serve_command(args: argparse.Namespace) -> int:
                                tenant_weights=config.tenants.weights() if config.tenants else (),
                                tenant_pin_max_tokens=config.tenants.pin_caps() if config.tenants else (),
                                kv_pin_max_fraction=args.kv_pin_max_fraction,
+                               kv_pin_reserved_fraction=args.kv_pin_reserved_fraction,
                                preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb)
     engine_args.torch_dtype()
     if args.kv_store:

@@ -95,10 +95,14 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"  # auto (swap or recompute per victim, by measured cost) | swap | recompute
     num_swap_blocks: int = 0  # blocks of the swap space (host memory beside the pool)
     kv_bytes_per_block: int = 0  # what one block's copy moves (the swap cost model's unit)
+    # pins up to this share of the pool hold against waiting requests (never against running ones' growth)
+    kv_pin_reserved_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode)
         _require(0 <= self.kv_pin_max_fraction <= 1, "kv_pin_max_fraction must be in [0, 1]")
+        _require(0 <= self.kv_pin_reserved_fraction <= self.kv_pin_max_fraction,
+                 "kv_pin_reserved_fraction must be in [0, kv_pin_max_fraction]")
         _require(self.num_swap_blocks >= 0, "num_swap_blocks must be >= 0")
         _require(all(isinstance(n, int) and n >= 0 for _, n in self.tenant_pin_max_tokens),
                  "tenant pin caps must be non-negative token counts")

@@ -253,7 +253,8 @@ def agents(args, tmp: str) -> dict:
     for pin in (0.0, args.pin_seconds):
         proc = start_server(args, "fcfs", None, args.port, os.path.join(tmp, f"agents-{pin}.log"),
                             ["--max-kv-pin-seconds", str(max(pin, 1.0)),
-                             "--kv-pin-max-fraction", str(args.kv_pin_max_fraction)])
+                             "--kv-pin-max-fraction", str(args.kv_pin_max_fraction),
+                             "--kv-pin-reserved-fraction", str(args.kv_pin_reserved_fraction if pin else 0.0)])
         url = f"http://127.0.0.1:{args.port}"
         try:
             started = time.perf_counter()
@@ -362,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--background-rate", type=float, default=0.5, help="agents: background requests per second")
     ap.add_argument("--pin-seconds", type=float, default=30.0, help="agents: kv_pin_seconds of each turn")
     ap.add_argument("--kv-pin-max-fraction", type=float, default=0.5, help="agents: the server's pin cap")
+    ap.add_argument("--kv-pin-reserved-fraction", type=float, default=0.0,
+                    help="agents: the share of the pool whose pins hold against waiting requests")
     ap.add_argument("--agent-arg", action="append", default=[], metavar="K=V",
                     help="agents: a multi-turn workload parameter (e.g. user_min=128), repeatable")
     ap.add_argument("--background-arg", action="append", default=[], metavar="K=V",

@@ -5,7 +5,9 @@ Pins hold one reference per block (like a request would), so pinned blocks count
 free list: new allocations evict other cached blocks (finished requests' KV) first. Pinned memory is capped per tenant
 and in total (the oldest pin goes first), and pins give way to real demand: the scheduler releases them, oldest
 first, before it would preempt a running request or leave a waiting one unadmitted for lack of blocks. A pin thus
-ranks idle sessions' KV above other cached KV, never above work that needs the memory.
+ranks idle sessions' KV above other cached KV, never above work that needs the memory, except for an optional
+reserve (`kv_pin_reserved_fraction` of the pool) that waiting requests cannot take: under sustained load the queue is
+never empty, and pins that always give way to it would all be gone before any session's next turn arrives.
 """
 
 from __future__ import annotations
@@ -90,8 +92,11 @@ class PinTable:
         for key in [k for k, p in self._pins.items() if p.expires_at <= now]:
             self._drop(key, "expired")
 
-    def release_oldest(self, keep: PinKey | None = None) -> bool:
-        """Unpin the oldest pin but `keep` (to make room for a request); False if there is none."""
+    def release_oldest(self, keep: PinKey | None = None, down_to: int = 0) -> bool:
+        """Unpin the oldest pin but `keep` (to make room for a request); False if there is none, or if the pins hold
+        no more than `down_to` blocks (the reserve that waiting requests cannot take)."""
+        if self.num_blocks <= down_to:
+            return False
         key = next((k for k in self._pins if k != keep), None)
         if key is None:
             return False

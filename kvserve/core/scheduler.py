@@ -76,6 +76,7 @@ class Scheduler:
         bs = kv_manager.block_size
         self.pins = PinTable(kv_manager, int(config.kv_pin_max_fraction * kv_manager.num_blocks),
                              {t: n // bs for t, n in config.tenant_pin_max_tokens})
+        self._pins_reserved = int(config.kv_pin_reserved_fraction * kv_manager.num_blocks)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         # n > 1: siblings wait here until the first sequence has computed the prompt, then share its blocks
@@ -229,8 +230,9 @@ class Scheduler:
                 continue
             n = self._admit(req, budget)
             if n is None:
-                if self._blocked_on_blocks and self.pins.release_oldest(keep=req.pin_key):
-                    continue  # idle sessions' pins give way to a request that needs the memory now
+                if self._blocked_on_blocks and self.pins.release_oldest(keep=req.pin_key,
+                                                                        down_to=self._pins_reserved):
+                    continue  # idle sessions' pins above the reserve give way to a request that needs the memory
                 break
             self.waiting.pop()
             req.status = RequestStatus.RUNNING

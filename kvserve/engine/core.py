@@ -74,6 +74,7 @@ class EngineArgs:
     tenant_weights: tuple[tuple[str, float], ...] = ()  # vtc fair-share weights; unlisted tenants weigh 1
     max_queue_wait_s: float | None = None  # reject requests not scheduled within this many seconds
     kv_pin_max_fraction: float = 0.5  # KV pins for agent sessions may hold at most this share of the pool
+    kv_pin_reserved_fraction: float = 0.0  # pins up to this share of the pool hold against waiting requests
     tenant_pin_max_tokens: tuple[tuple[str, int], ...] = ()  # per-tenant caps on pinned KV tokens
     pinned_sessions_first: bool = True  # a pinned session's next turn is admitted before new requests
     # preemption: auto = per victim, swap its KV to host memory or recompute it, by measured cost (core/swap.py)
@@ -141,7 +142,7 @@ class EngineCore:
                                            args.scheduling_policy, args.tenant_weights, args.max_queue_wait_s,
                                            args.kv_pin_max_fraction, args.tenant_pin_max_tokens,
                                            args.pinned_sessions_first, args.preemption_mode, num_swap_blocks,
-                                           block_bytes)
+                                           block_bytes, kv_pin_reserved_fraction=args.kv_pin_reserved_fraction)
         self.kv_cache = KVCache(config, num_blocks, args.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size, cache_config.enable_prefix_caching)
         name = model_name or "model"

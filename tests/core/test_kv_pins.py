@@ -169,3 +169,40 @@ def test_pins_give_way_to_a_waiting_request_that_needs_the_memory_but_keep_its_o
     finish(sched, runner, big)
     assert len(sched.pins) == 0 and sched.num_preemptions == 0
     sched.check_invariants()
+
+
+def test_a_reserve_of_pins_holds_against_waiting_requests_but_not_running_growth():
+    runner = FakeRunner(BS)
+    # 12 blocks; pins may hold all of them, 4 are reserved against waiting requests
+    sched = make(num_blocks=12, pin_fraction=1.0, max_seqs=2, kv_pin_reserved_fraction=4 / 12)
+    finish(sched, runner, turn("p1", toks(72, 1), session="p1"), turn("p2", toks(72, 2), session="p2"))
+    assert sched.pins.num_blocks == 8  # 4 blocks each, 4 free
+    # a stranger needing 6 blocks: p1's pin (the oldest) goes, p2's 4 blocks are the reserve and stay
+    finish(sched, runner, Request("s1", toks(90, 4), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), BS))
+    assert [k[2] for k in sched.pins._pins] == ["p2"] and sched.pins.stats.evicted == 1
+    # a stranger needing 9 blocks waits: only 8 blocks are outside the reserve
+    big = Request("big", toks(140, 5), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), BS)
+    sched.add_request(big)
+    so = sched.schedule()
+    assert so.scheduled == [] and sched.pins.num_blocks == 4
+    # until the pin expires (30 s): then it runs
+    sched.clock.t += 31
+    so = sched.schedule()
+    assert [s.request_id for s in so.scheduled] == ["big"] and sched.pins.stats.expired == 1
+    sched.update(so, runner.execute(so))
+    sched.check_invariants()
+    # a running request's growth takes reserved pins too (pins never cause a preemption)
+    finish(sched, runner, turn("p3", toks(72, 6), session="p3"))
+    grower = Request("g", toks(30, 3), SamplingParams(temperature=0, max_tokens=120, ignore_eos=True), BS)
+    finish(sched, runner, grower)  # grows to 10 blocks: the reserved pin goes
+    assert sched.num_preemptions == 0 and len(sched.pins) == 0
+    sched.check_invariants()
+
+
+def test_reserve_is_validated():
+    import pytest
+
+    from kvserve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="kv_pin_reserved_fraction"):
+        SchedulerConfig(kv_pin_max_fraction=0.3, kv_pin_reserved_fraction=0.4)
