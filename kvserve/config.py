@@ -66,8 +66,12 @@ QUANTIZATIONS = ("auto", "none", "q8_0", "w8a8", "q4_0", "q4_1", "q4_k")  # kvse
 
 
 def check_scheduling(policy: str, tenant_weights: tuple, max_queue_wait_s: float | None,
-                     preemption_mode: str = "recompute") -> None:
+                     preemption_mode: str = "recompute", kv_pin_max_fraction: float = 0.5,
+                     kv_pin_reserved_fraction: float = 0.0) -> None:
     """The scheduling options' rules (EngineArgs checks them before the model loads, SchedulerConfig again)."""
+    _require(0 <= kv_pin_max_fraction <= 1, "kv_pin_max_fraction must be in [0, 1]")
+    _require(0 <= kv_pin_reserved_fraction <= kv_pin_max_fraction,
+             "kv_pin_reserved_fraction must be in [0, kv_pin_max_fraction]")
     _require(preemption_mode in PREEMPTION_MODES,
              f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
     _require(policy in SCHEDULING_POLICIES,
@@ -99,10 +103,8 @@ class SchedulerConfig:
     kv_pin_reserved_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode)
-        _require(0 <= self.kv_pin_max_fraction <= 1, "kv_pin_max_fraction must be in [0, 1]")
-        _require(0 <= self.kv_pin_reserved_fraction <= self.kv_pin_max_fraction,
-                 "kv_pin_reserved_fraction must be in [0, kv_pin_max_fraction]")
+        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode,
+                         self.kv_pin_max_fraction, self.kv_pin_reserved_fraction)
         _require(self.num_swap_blocks >= 0, "num_swap_blocks must be >= 0")
         _require(all(isinstance(n, int) and n >= 0 for _, n in self.tenant_pin_max_tokens),
                  "tenant pin caps must be non-negative token counts")

@@ -89,7 +89,8 @@ class EngineArgs:
         # msgspec decodes the weights (JSON to the engine-core process) as lists
         object.__setattr__(self, "tenant_weights", tuple(tuple(pair) for pair in self.tenant_weights))
         object.__setattr__(self, "tenant_pin_max_tokens", tuple(tuple(pair) for pair in self.tenant_pin_max_tokens))
-        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode)
+        check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode,
+                         self.kv_pin_max_fraction, self.kv_pin_reserved_fraction)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in _DTYPES:

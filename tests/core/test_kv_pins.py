@@ -204,5 +204,11 @@ def test_reserve_is_validated():
 
     from kvserve.config import ConfigError
 
+    from kvserve.engine.core import EngineArgs
+
     with pytest.raises(ConfigError, match="kv_pin_reserved_fraction"):
         SchedulerConfig(kv_pin_max_fraction=0.3, kv_pin_reserved_fraction=0.4)
+    with pytest.raises(ConfigError, match="kv_pin_reserved_fraction"):  # at the edge, before any model loads
+        EngineArgs(kv_pin_max_fraction=0.3, kv_pin_reserved_fraction=0.4)
+    with pytest.raises(ConfigError, match="kv_pin_max_fraction"):
+        EngineArgs(kv_pin_max_fraction=1.5)
