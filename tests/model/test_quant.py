@@ -183,7 +183,7 @@ def test_q8_0_model_quality_against_bf16(loaded, text_ids):
     assert c["top1_agreement"] >= 0.94 and c["mean_kl"] < 0.02, c
 
 
-@pytest.mark.skipif(mod is None, reason="native quant_gemm kernel did not build")
+@needs_kernel
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_model_matmul_equals_reference(loaded, text_ids, monkeypatch, fmt):
     """Each int8 matmul of a real forward pass (real weights, real activations with their outliers), kernel against
