@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,6 +26,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                              "(in float32: none); none: dequantized to --dtype; q8_0: int8 blocks of 32 (half the "
                              "bytes per decoded token); w8a8: int8 weights and per-token int8 activations (fastest "
                              "for batches); q4_0 / q4_1 / q4_k: 4-bit blocks")
+    parser.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='speculative decoding, vLLM\'s keys, e.g. \'{"method": "ngram", '
+                             '"num_speculative_tokens": 5}\' or \'{"method": "suffix"}\' (docs/speculative.md)')
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")
@@ -178,6 +182,18 @@ def hash_key_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speculative_config(text: str | None):
+    from kvserve.config import SpeculativeConfig
+
+    if text is None:
+        return None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
+    return SpeculativeConfig.from_dict(d)
+
+
 def _engine_args(args: argparse.Namespace, **extra):
     from kvserve.engine.llm_engine import EngineArgs
     from kvserve.kvstore.config import read_key
@@ -186,7 +202,8 @@ def _engine_args(args: argparse.Namespace, **extra):
                       kv_cache_memory_gb=args.kv_cache_memory_gb,
                       max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
                       kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
-                      kv_store_key=read_key(args.kv_store_key_file), **extra)
+                      kv_store_key=read_key(args.kv_store_key_file),
+                      speculative_config=_speculative_config(args.speculative_config), **extra)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -255,7 +272,8 @@ def generate_command(args: argparse.Namespace) -> int:
               kv_cache_memory_gb=args.kv_cache_memory_gb,
               max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
               kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
-              kv_store_key=read_key(args.kv_store_key_file))
+              kv_store_key=read_key(args.kv_store_key_file),
+              speculative_config=_speculative_config(args.speculative_config))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     started = time.monotonic()

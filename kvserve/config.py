@@ -114,3 +114,70 @@ class SchedulerConfig:
         _require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
                  "with chunked prefill off, max_num_batched_tokens must be >= max_model_len "
                  f"({self.max_num_batched_tokens} < {self.max_model_len})")
+
+
+SPEC_METHODS = ("ngram", "suffix", "layer_skip", "draft_model")  # kvserve.spec
+SPEC_METHODS_BUILT = ("ngram", "suffix")
+MAX_SPEC_TOKENS = 64
+_SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+              "suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests",
+              "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob", "draft_layers", "model",
+              "adaptive")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (kvserve.spec), with vLLM's key names. `num_speculative_tokens` is the most drafts a
+    request verifies per step; adaptive drafting (on by default) picks fewer per request and per step."""
+
+    method: str
+    num_speculative_tokens: int | None = None  # None: 5, or suffix_decoding_max_tree_depth for suffix
+    prompt_lookup_min: int = 2  # ngram: shortest suffix of the text looked up earlier in it
+    prompt_lookup_max: int = 5  # ngram: longest (tried first)
+    suffix_decoding_max_tree_depth: int = 24  # suffix: longest path kept in the suffix trees
+    suffix_decoding_max_cached_requests: int = 10000  # suffix: finished outputs kept (oldest dropped first)
+    suffix_decoding_max_spec_factor: float = 1.0  # suffix: at most this x the matched length is drafted
+    suffix_decoding_min_token_prob: float = 0.1  # suffix: a path stops where its estimated probability drops below
+    draft_layers: int | None = None  # layer_skip: the first N layers draft
+    model: str | None = None  # draft_model: a model with the target's tokenizer
+    adaptive: bool = True  # per-request draft length from acceptance, global back-off from measured step cost
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SpeculativeConfig":
+        """From JSON (`--speculative-config`) or LLM(speculative_config={...}): unknown keys are an error."""
+        _require(isinstance(d, dict), "speculative_config must be a JSON object")
+        unknown = sorted(set(d) - set(_SPEC_KEYS))
+        _require(not unknown, f"speculative_config: unknown key(s) {', '.join(unknown)}; known: {', '.join(_SPEC_KEYS)}")
+        _require("method" in d, "speculative_config needs a method: " + " | ".join(SPEC_METHODS))
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        _require(self.method in SPEC_METHODS,
+                 f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}")
+        _require(self.method in SPEC_METHODS_BUILT,
+                 f"speculative_config.method {self.method!r} is not available in this build (built: "
+                 f"{', '.join(SPEC_METHODS_BUILT)})")
+        k = self.num_speculative_tokens
+        _require(k is None or (is_int(k) and 1 <= k <= MAX_SPEC_TOKENS),
+                 f"num_speculative_tokens must be an integer in [1, {MAX_SPEC_TOKENS}], got {k!r}")
+        _require(is_int(self.prompt_lookup_min) and is_int(self.prompt_lookup_max)
+                 and 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 64,
+                 "prompt_lookup_min/max must be integers with 1 <= min <= max <= 64")
+        _require(is_int(self.suffix_decoding_max_tree_depth) and 2 <= self.suffix_decoding_max_tree_depth <= 256,
+                 "suffix_decoding_max_tree_depth must be an integer in [2, 256]")
+        _require(is_int(self.suffix_decoding_max_cached_requests) and self.suffix_decoding_max_cached_requests >= 0,
+                 "suffix_decoding_max_cached_requests must be a non-negative integer")
+        f = self.suffix_decoding_max_spec_factor
+        _require(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < float("inf"),
+                 "suffix_decoding_max_spec_factor must be a positive number")
+        p = self.suffix_decoding_min_token_prob
+        _require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1,
+                 "suffix_decoding_min_token_prob must be in [0, 1]")
+        _require(isinstance(self.adaptive, bool), "adaptive must be true or false")
+        if k is None:
+            object.__setattr__(self, "num_speculative_tokens",
+                               min(self.suffix_decoding_max_tree_depth, MAX_SPEC_TOKENS)
+                               if self.method == "suffix" else 5)

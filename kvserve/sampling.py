@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from kvserve.config import MAX_SPEC_TOKENS
+
 MAX_N = 16
 MAX_LOGPROBS = 20
 
@@ -38,6 +40,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # speculative decoding: at most this many drafts per step (0: off; None: the engine's num_speculative_tokens)
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise list-valued fields so the dataclass stays hashable and immutable.
@@ -86,6 +90,10 @@ class SamplingParams:
               "stop must be at most 16 non-empty strings of at most 256 characters", "stop")
         check(len(self.stop_token_ids) <= 64 and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids must be at most 64 non-negative integers", "stop_token_ids")
+        k = self.num_speculative_tokens
+        check(k is None or (is_int(k) and 0 <= k <= MAX_SPEC_TOKENS),
+              f"num_speculative_tokens must be an integer in [0, {MAX_SPEC_TOKENS}], got {k!r}",
+              "num_speculative_tokens")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             check(v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS),

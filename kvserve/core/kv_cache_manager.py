@@ -123,6 +123,17 @@ class KVCacheManager:
             self._num_cached_blocks[request.request_id] = len(blocks) + len(new_computed_blocks)
         return new_blocks
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Free the request's blocks past its first `num_tokens` tokens (slots of rejected speculative drafts).
+        Such blocks hold no accepted token, so none was cached; freed tail first."""
+        blocks = self.req_blocks.get(request.request_id)
+        keep = self.num_blocks_needed(num_tokens)
+        if blocks and len(blocks) > keep:
+            extra = blocks[keep:]
+            del blocks[keep:]
+            assert all(b.block_hash is None for b in extra), "a trimmed block was cached"
+            self.pool.free_blocks(reversed(extra))
+
     def share_blocks(self, request: Request, blocks: list[Block]) -> None:
         """Start `request` on blocks already holding its prefix (n > 1 siblings sharing the prompt)."""
         assert request.request_id not in self.req_blocks

@@ -21,6 +21,9 @@ class ScheduledRequest:
     block_ids: list[int]
     sample: bool  # this chunk reaches the end of the known tokens: sample the next one
     prompt_logprobs: bool  # return logprobs of the prompt positions covered by this chunk
+    # speculative drafts run after the request's last token (the last len(spec_token_ids) of num_new_tokens);
+    # the runner samples at each of their positions and the scheduler keeps the accepted ones
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -28,7 +31,8 @@ class ScheduledRequest:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.token_ids[self.start:self.start + self.num_new_tokens]
+        n_real = self.num_new_tokens - len(self.spec_token_ids)
+        return self.request.token_ids[self.start:self.start + n_real] + self.spec_token_ids
 
 
 @dataclass
@@ -95,8 +99,10 @@ TokenLogprobs = tuple[int, float, int, list[tuple[int, float]]]
 
 @dataclass
 class ModelOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> tokens sampled this step: one, or for a request with drafts the accepted drafts plus the token
+    # sampled after them (the correction or bonus token), with their logprobs when asked
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     # request id -> (first prompt position covered, list of (token_id, logprob, rank, topk) for following positions)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     # swap copies the worker ran for this step's operations: what the scheduler's swap-or-recompute model learns from

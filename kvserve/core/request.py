@@ -78,6 +78,9 @@ class Request:
         self.stop_reason: int | str | None = None
         self.share_prompt_with = share_prompt_with
         self.first_scheduled_time: float | None = None
+        # speculative decoding: drafts to verify after the last token (kvserve.spec). Never part of token_ids or
+        # block_hashes; the scheduler takes them into one step's ScheduledRequest and clears them
+        self.spec_token_ids: list[int] = []
         # tiered KV store: looked up once; what came back waits here (opaque to the scheduler) until admission
         self.kv_store_checked = False
         self.fetched_kv = None

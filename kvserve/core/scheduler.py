@@ -192,12 +192,22 @@ class Scheduler:
 
         # 1) running requests: decodes first (a long prefill never delays them), then unfinished prefills.
         order = [r for r in self.running if not r.in_prefill] + [r for r in self.running if r.in_prefill]
+        spec: dict[str, list[int]] = {}
         for req in order:
             if req.status != RequestStatus.RUNNING or budget <= 0:
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.config.enable_chunked_prefill and n < req.num_tokens - req.num_computed_tokens:
                 continue
+            if req.spec_token_ids:
+                drafts, req.spec_token_ids = req.spec_token_ids, []
+                if n == 1:  # drafts verify only after the last token, within the budget; never at a preemption's cost
+                    drafts = drafts[:min(budget - 1, req.max_tokens - req.num_output_tokens - 1)]
+                    if drafts and self.kv.allocate_slots(req, 1 + len(drafts)) is not None:
+                        spec[req.request_id] = drafts
+                        num_new[req.request_id] = 1 + len(drafts)
+                        budget -= 1 + len(drafts)
+                        continue
             while self.kv.allocate_slots(req, n) is None:
                 if self.pins.release_oldest():
                     continue  # idle sessions' pins go before any running request is preempted
@@ -250,10 +260,12 @@ class Scheduler:
             if n is None:
                 continue
             start = req.num_computed_tokens
+            drafts = spec.get(req.request_id, [])
             scheduled.append(ScheduledRequest(
                 request=req, start=start, num_new_tokens=n, block_ids=self.kv.get_block_ids(req.request_id),
-                sample=start + n == req.num_tokens,
+                sample=start + n - len(drafts) == req.num_tokens,
                 prompt_logprobs=req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens,
+                spec_token_ids=drafts,
             ))
         for sr in scheduled:
             if sr.start < sr.request.num_prompt_tokens:
@@ -488,7 +500,9 @@ class Scheduler:
             if req.is_finished or req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             prompt_was_done = self._prompt_done(req)
-            req.num_computed_tokens += sr.num_new_tokens
+            sampled = out.sampled.get(req.request_id, []) if sr.sample else []
+            # drafts count as computed only once accepted (below)
+            req.num_computed_tokens += sr.num_new_tokens - len(sr.spec_token_ids)
             self.kv.cache_blocks(req, req.num_computed_tokens)
             if self.connector is not None and not prompt_was_done and self._prompt_done(req):
                 # the prompt's KV is final: store it now, while the answer decodes, so another instance can load
@@ -498,14 +512,26 @@ class Scheduler:
             if sr.sample and req.max_tokens == 0:
                 req.status = RequestStatus.FINISHED_LENGTH  # scoring only: prompt logprobs, no new token
             elif sr.sample:
-                tok = out.sampled[req.request_id]
-                req.append_output_token(tok)
-                self.waiting.charge(req, 0, 1)
-                self.tenants[req.tenant].output_tokens += 1
-                new_tokens.append(tok)
-                if req.request_id in out.logprobs:
-                    new_lps.append(out.logprobs[req.request_id])
-                req.check_stop()
+                lps = out.logprobs.get(req.request_id)
+                for i, tok in enumerate(sampled):  # a stop id or max_tokens inside accepted drafts ends it there
+                    req.append_output_token(tok)
+                    new_tokens.append(tok)
+                    if lps is not None:
+                        new_lps.append(lps[i])
+                    if req.check_stop():
+                        break
+                self.waiting.charge(req, 0, len(new_tokens))
+                self.tenants[req.tenant].output_tokens += len(new_tokens)
+                if sr.spec_token_ids:
+                    # The accepted drafts' KV is kept: every appended token but the last (sampled after them, its
+                    # KV not computed) - fewer if a stop came first. Rejected drafts are rolled back: their slots
+                    # lie past the computed tokens (rewritten when those positions are computed), blocks past the
+                    # sequence go back to the pool, and no block holding one was cached (the hashes cover
+                    # appended tokens only). Blocks the accepted drafts filled are cached now.
+                    req.num_computed_tokens = req.num_tokens - 1
+                    self.kv.cache_blocks(req, req.num_computed_tokens)
+                    if not req.is_finished:
+                        self.kv.trim(req, req.num_tokens)
             if self._prompt_done(req):
                 self._release_siblings(req)
             plp = out.prompt_logprobs.get(req.request_id)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvserve.config import CacheConfig, ConfigError, SchedulerConfig, check_scheduling
+from kvserve.config import CacheConfig, ConfigError, SchedulerConfig, SpeculativeConfig, check_scheduling
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
@@ -25,6 +25,7 @@ from kvserve.engine.protocol import (
     PrefixCacheStats,
     PinStats,
     SessionKey,
+    SpeculativeStats,
     StepOutputs,
     TenantStats,
     TierStats,
@@ -38,6 +39,7 @@ from kvserve.model.loader import load_model
 from kvserve.model.quant import QUANTIZATIONS, resolve_quantization
 from kvserve.model.smoothquant import CALIBRATION_TEXT, smooth_for_w8a8
 from kvserve.model.tokenizer import Tokenizer
+from kvserve.spec.decoder import SpecDecoder
 from kvserve.worker.kv_cache import KVCache, bytes_per_block, num_blocks_for_budget
 from kvserve.worker.kv_swap import SwapBuffer
 from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
@@ -80,8 +82,12 @@ class EngineArgs:
     # preemption: auto = per victim, swap its KV to host memory or recompute it, by measured cost (core/swap.py)
     preemption_mode: str = "auto"
     swap_space_gb: float = 1.0  # host memory for swapped-out KV (allocated on the first swap)
+    # speculative decoding (kvserve.spec); a dict (LLM(speculative_config={...})) is checked into the config
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.speculative_config, dict):
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
         if not 0 <= self.swap_space_gb < float("inf"):
             raise ConfigError("swap_space_gb must be a non-negative number of GiB")
         if self.quantization not in QUANTIZATIONS:
@@ -165,8 +171,11 @@ class EngineCore:
             enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
             kv_store=self.kv_store is not None, native_kernels=model.uses_native_kernels,
             quantization=model.quantization, scheduling_policy=args.scheduling_policy,
-            max_queue_wait_s=args.max_queue_wait_s)
+            max_queue_wait_s=args.max_queue_wait_s,
+            speculative_method=args.speculative_config.method if args.speculative_config else None,
+            num_speculative_tokens=args.speculative_config.num_speculative_tokens if args.speculative_config else 0)
         self._group_seqs: dict[str, list[str]] = {}
+        self.spec = SpecDecoder(args.speculative_config) if args.speculative_config else None
 
     def _make_kv_store(self, args: EngineArgs, name: str, model: LlamaModel, dtype: torch.dtype):
         if not args.kv_store:
@@ -210,6 +219,8 @@ class EngineCore:
             requests.append(req)
         for req in requests:  # everything is validated above: nothing can fail half-way and leave state behind
             self.scheduler.add_request(req)
+            if self.spec is not None:
+                self.spec.add(req.request_id, params.num_speculative_tokens, r.tenant, r.cache_salt)
         self._group_seqs[rid] = seq_ids
 
     def finish_requests(self, ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
@@ -217,6 +228,9 @@ class EngineCore:
         in the front end); their blocks are freed at once and their KV saved by the next step's KV operations."""
         for rid in ids:
             for sid in self._group_seqs.get(rid) or (rid,):
+                if self.spec is not None:
+                    req = self.scheduler.requests.get(sid)
+                    self.spec.finish(sid, req.output_token_ids if req is not None else [])
                 self.scheduler.finish_request(sid, status)
                 self._forget_seq(sid)
 
@@ -243,10 +257,34 @@ class EngineCore:
         if prefill_tokens * 2 >= sched.num_batched_tokens > 0:  # mostly prefill: what recomputing a victim costs
             self.scheduler.swap_cost.observe_prefill(sched.num_batched_tokens, elapsed)
         updates = self.scheduler.update(sched, out)
+        if self.spec is not None:
+            self._speculate(sched, out, updates, elapsed)
         for u in updates:
             if u.finish_reason is not None:
                 self._forget_seq(u.request_id)
         return StepOutputs(updates, first_scheduled)
+
+    def _speculate(self, sched, out, updates, elapsed: float) -> None:
+        """Learn from this step (cost, acceptance), then propose the drafts the next schedule() will verify."""
+        spec = self.spec
+        spec.observe_step(sched.num_batched_tokens, elapsed)
+        by_id = {}
+        for sr in sched.scheduled:
+            by_id[sr.request_id] = sr.request
+            if sr.spec_token_ids and sr.request_id in out.sampled:
+                spec.observe_verification(sr.request_id, len(sr.spec_token_ids), len(out.sampled[sr.request_id]) - 1)
+        for u in updates:
+            if u.finish_reason is not None:
+                req = by_id.get(u.request_id)
+                spec.finish(u.request_id, req.output_token_ids if req is not None else [])
+        decoding, other = [], 0
+        for r in self.scheduler.running:
+            if r.num_tokens - r.num_computed_tokens == 1:
+                decoding.append(r)
+            else:
+                other += r.num_tokens - r.num_computed_tokens
+        budget = self.info.max_num_batched_tokens
+        spec.propose(decoding, min(other, max(budget - len(decoding), 0)))
 
     def _forget_seq(self, seq_id: str) -> None:
         group = group_id(seq_id)
@@ -275,7 +313,8 @@ class EngineCore:
             kv_store=self._kv_store_stats(), tenants=self._tenant_stats(),
             kv_pins=PinStats(len(sched.pins), sched.pins.num_blocks, **dataclasses.asdict(sched.pins.stats)),
             preemptions_swapped=sched.num_swapped_preemptions, swap_blocks_used=sched.swap.num_used,
-            swap_blocks_total=sched.swap.num_slots)
+            swap_blocks_total=sched.swap.num_slots,
+            speculative=SpeculativeStats(**dataclasses.asdict(self.spec.snapshot())) if self.spec else None)
 
     def _tenant_stats(self) -> dict[str, TenantStats]:
         sched = self.scheduler

@@ -113,14 +113,22 @@ class OutputProcessor:
                     elif m.last_token_time is not None:
                         m.token_gaps.append(now - m.last_token_time)
                     m.last_token_time = now
-                seq.token_ids.extend(u.new_token_ids)
-                for tl in u.new_logprobs:
-                    if seq.logprobs is not None:
-                        seq.logprobs.append(self._to_position(tl))
-                        seq.cumulative_logprob += tl[1]
-                seq.text += seq.detok.add(u.new_token_ids, final=u.finish_reason is not None)
-                if self._check_stop_strings(seq):
-                    stopped.append(seq.seq_id)
+                new, final = u.new_token_ids, u.finish_reason is not None
+                # several tokens at once (accepted speculative drafts) meet stop strings one token at a time, so a
+                # stop ends the sequence at the token that completed it, exactly as without drafts
+                pieces = [new[i:i + 1] for i in range(len(new))] if seq.params.stop and len(new) > 1 else [new]
+                done = 0
+                for piece in pieces:
+                    seq.token_ids.extend(piece)
+                    for tl in u.new_logprobs[done:done + len(piece)]:
+                        if seq.logprobs is not None:
+                            seq.logprobs.append(self._to_position(tl))
+                            seq.cumulative_logprob += tl[1]
+                    done += len(piece)
+                    seq.text += seq.detok.add(piece, final=final and done == len(new))
+                    if self._check_stop_strings(seq):
+                        stopped.append(seq.seq_id)
+                        break
             if u.finish_reason is not None and seq.finish_reason is None:
                 seq.finish_reason = u.finish_reason.value
                 seq.stop_reason = u.stop_reason

@@ -43,6 +43,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     quantization: str = "none"  # the matmul weights' format: none (dtype), q8_0, w8a8
     scheduling_policy: str = "fcfs"
     max_queue_wait_s: float | None = None  # requests not scheduled within this are rejected (503 when served)
+    speculative_method: str | None = None  # kvserve.spec; None: no speculative decoding
+    num_speculative_tokens: int = 0  # the most drafts a request may verify per step (its override's upper bound)
 
 
 class RequestRouting(msgspec.Struct, frozen=True):
@@ -138,6 +140,19 @@ class TenantStats(msgspec.Struct, frozen=True):
     vtc_counter: float | None  # the fair-share policy's virtual counter; None under other policies
 
 
+class SpeculativeStats(msgspec.Struct, frozen=True):
+    """Speculative decoding counters (cumulative) of the engine's one method."""
+
+    method: str
+    num_drafts: int  # verifications with at least one draft token
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    acceptance_lengths: list[int]  # [a]: verifications that accepted exactly a draft tokens
+    num_backed_off: int  # drafted tokens the step-cost rule did not verify
+    suffix_cached_requests: int = 0
+    suffix_tree_nodes: int = 0
+
+
 class EngineStats(msgspec.Struct, frozen=True):
     """A snapshot of the engine core's counters and gauges (cumulative counters never go down)."""
 
@@ -158,6 +173,7 @@ class EngineStats(msgspec.Struct, frozen=True):
     preemptions_swapped: int = 0  # of num_preemptions: KV copied to the swap space (the rest recomputed)
     swap_blocks_used: int = 0
     swap_blocks_total: int = 0
+    speculative: SpeculativeStats | None = None
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams,
@@ -181,6 +197,12 @@ def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: Samp
         raise ParamError(f"the prompt has {len(ids)} tokens but the KV cache holds at most "
                          f"{info.kv_capacity_tokens - 1}; raise kv_cache_memory_gb", "prompt",
                          "context_length_exceeded")
+    k = params.num_speculative_tokens
+    if k and k > info.num_speculative_tokens:
+        raise ParamError(f"num_speculative_tokens must be at most {info.num_speculative_tokens} on this engine"
+                         if info.num_speculative_tokens else
+                         "speculative decoding is not enabled on this engine (num_speculative_tokens must be 0)",
+                         "num_speculative_tokens")
     if params.max_tokens == 0 and params.n > 1:
         raise ParamError("max_tokens=0 (scoring) needs n=1", "n")
     if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt

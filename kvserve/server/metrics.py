@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from kvserve.core.kv_cache_manager import MISS_CAUSES
-from kvserve.engine.protocol import EngineInfo, EngineStats, KVStoreStats, TenantStats
+from kvserve.engine.protocol import EngineInfo, EngineStats, KVStoreStats, SpeculativeStats, TenantStats
 from kvserve.outputs import RequestOutput
 
 P = "kvserve:"
@@ -87,6 +87,8 @@ class _EngineStatsCollector(Collector):
                       s.ipc_frames_dropped)
         if s.kv_store is not None:
             yield from _kv_store_metrics(s.kv_store, self.model_name)
+        if s.speculative is not None:
+            yield from _spec_metrics(s.speculative, self.model_name)
         if s.tenants:
             yield from _tenant_metrics(s.tenants, self.model_name)
         if s.kv_pins is not None:
@@ -100,6 +102,35 @@ class _EngineStatsCollector(Collector):
             for event in ("pinned", "taken_over", "expired", "released", "evicted"):
                 events.add_metric([self.model_name, event], getattr(pins, event))
             yield events
+
+
+def _spec_metrics(spec: SpeculativeStats, model_name: str) -> Iterable:
+    """Speculative decoding: drafted and accepted tokens and the acceptance-length histogram, by method."""
+    labels, values = ["model_name", "method"], [model_name, spec.method]
+    for name, doc, value in (
+            ("spec_decode_num_drafts", "Verifications of a request's draft tokens.", spec.num_drafts),
+            ("spec_decode_num_draft_tokens", "Draft tokens verified.", spec.num_draft_tokens),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens),
+            ("spec_decode_num_backed_off_tokens", "Draft tokens proposed but not verified: the step-cost rule "
+             "judged them not worth their compute.", spec.num_backed_off)):
+        c = CounterMetricFamily(P + name, doc, labels=labels)
+        c.add_metric(values, value)
+        yield c
+    h = HistogramMetricFamily(P + "spec_decode_acceptance_length", "Draft tokens accepted per verification.",
+                              labels=labels)
+    cumulative, buckets = 0, []
+    for a, n in enumerate(spec.acceptance_lengths):
+        cumulative += n
+        buckets.append((str(a), cumulative))
+    buckets.append(("+Inf", cumulative))
+    total = sum(a * n for a, n in enumerate(spec.acceptance_lengths))
+    h.add_metric(values, buckets, total)
+    yield h
+    if spec.method == "suffix":
+        g = GaugeMetricFamily(P + "spec_decode_suffix_cached_requests", "Finished outputs kept in the suffix trees.",
+                              labels=labels)
+        g.add_metric(values, spec.suffix_cached_requests)
+        yield g
 
 
 def _tenant_metrics(tenants: dict[str, TenantStats], model_name: str) -> Iterable:

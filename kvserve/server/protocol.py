@@ -68,6 +68,12 @@ class StreamOptions(_Strict):
 CacheSalt = Annotated[Text, Field(min_length=1, max_length=256)]
 
 
+class SpeculativeOverride(_Strict):
+    """Per-request speculative decoding: at most this many drafts per step (0: none)."""
+
+    num_speculative_tokens: int = Field(ge=0)
+
+
 class _SamplingFields(_Strict):
     """Fields shared by completions and chat: the OpenAI sampling parameters plus vLLM's common extensions."""
 
@@ -95,6 +101,8 @@ class _SamplingFields(_Strict):
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # vLLM's: lower runs first (--scheduling-policy priority)
     session_id: Annotated[Text, Field(min_length=1, max_length=256)] | None = None  # an agent's conversation
     kv_pin_seconds: float | None = Field(None, ge=0)  # keep this turn's KV for the session's next turn
+    # speculative decoding for this request: false turns it off, {"num_speculative_tokens": k} lowers k
+    speculative: bool | SpeculativeOverride | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -118,6 +126,10 @@ class _SamplingFields(_Strict):
             kw["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if self.stop_token_ids is not None:
             kw["stop_token_ids"] = tuple(self.stop_token_ids)
+        if self.speculative is False:
+            kw["num_speculative_tokens"] = 0
+        elif isinstance(self.speculative, SpeculativeOverride):
+            kw["num_speculative_tokens"] = self.speculative.num_speculative_tokens
         return kw
 
 

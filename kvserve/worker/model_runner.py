@@ -39,6 +39,7 @@ class ModelRunner:
         """Decodes first (one batched attention call), then prefill chunks. Returns the batch, the logits row of
         each request that samples, and the logits rows of prompt positions for prompt-logprob requests."""
         bs = self.block_size
+        # a request verifying speculative drafts runs as a chunk of 1 + k tokens through the paged prefill kernel
         decodes = [s for s in scheduled if s.num_new_tokens == 1 and s.start > 0]
         prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.start > 0)]
         ids: list[int] = []
@@ -81,9 +82,10 @@ class ModelRunner:
                 if count:
                     prompt_rows[s.request_id] = (len(rows), count, s.start + 1)
                     rows.extend(range(first, first + count))
-            if s.sample:
-                sample_rows.append(len(rows))
-                rows.append(first + s.num_new_tokens - 1)
+            if s.sample:  # the last token's row, and one per draft (each verifies the next draft)
+                k = len(s.spec_token_ids)
+                sample_rows.extend(range(len(rows), len(rows) + k + 1))
+                rows.extend(range(first + s.num_new_tokens - 1 - k, first + s.num_new_tokens))
 
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long),
@@ -135,10 +137,11 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)  # (R, vocab) float32
         sampling = [s for s in ordered if s.sample]
         if sampling:
-            rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]  # (S, vocab)
-            tokens, lps = self.sampler(rows, [s.request for s in sampling])
-            for s, tok, lp in zip(sampling, tokens, lps):
-                out.sampled[s.request_id] = tok
+            rows = logits if len(sample_rows) == logits.shape[0] else logits[sample_rows]  # (S + drafts, vocab)
+            drafts = [s.spec_token_ids for s in sampling]
+            tokens, lps = self.sampler(rows, [s.request for s in sampling], drafts if any(drafts) else None)
+            for s, toks, lp in zip(sampling, tokens, lps):
+                out.sampled[s.request_id] = toks
                 if lp is not None:
                     out.logprobs[s.request_id] = lp
         for s in ordered:

@@ -44,8 +44,13 @@ class Sampler:
             self._generators[req.request_id] = g
         return g
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
-        # logits: (R, V) float32, one row per request to sample
+    def __call__(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]] | None = None) \
+            -> tuple[list[list[int]], list[list[TokenLogprobs] | None]]:
+        """logits: (R, V) float32, one row per request, or with `drafts` 1 + len(drafts[i]) rows per request (the
+        row after its last token, then after each draft). Returns each request's sampled tokens (one, or the drafts
+        accepted plus the token sampled after them) and their logprobs where asked."""
+        if drafts is not None:
+            return self._verify(logits, requests, drafts)
         num_lp = [r.sampling_params.logprobs for r in requests]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in num_lp) else None
         logits = self._apply_penalties(logits, requests)
@@ -58,18 +63,82 @@ class Sampler:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         if rand:
             tokens[rand] = self._sample_random(logits[rand], [requests[i] for i in rand])
-        lps: list[TokenLogprobs | None] = [None] * len(requests)
+        lps: list[list[TokenLogprobs] | None] = [None] * len(requests)
         if raw_logprobs is not None:
             rows = [i for i, k in enumerate(num_lp) if k is not None]
             kmax = max(num_lp[i] for i in rows)
             for i, tl in zip(rows, token_logprobs(raw_logprobs[rows], tokens[rows], kmax)):
-                lps[i] = (tl[0], tl[1], tl[2], tl[3][: num_lp[i]])
-        return tokens.tolist(), lps
+                lps[i] = [(tl[0], tl[1], tl[2], tl[3][: num_lp[i]])]
+        return [[t] for t in tokens.tolist()], lps
+
+    def _verify(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]]) \
+            -> tuple[list[list[int]], list[list[TokenLogprobs] | None]]:
+        """Speculative verification, lossless by construction: the token at each position is sampled exactly as
+        decoding without drafts would sample it there (same penalties over the tokens before it, same per-request
+        random draw, taken in the same order), and a draft is kept only while it equals that token. A text draft
+        is a draft distribution of probability 1, for which this is the rejection-sampling rule (accept with the
+        target's probability of the draft, else resample from the rest); a seeded request gives the same tokens
+        with and without speculation, and draws no number for positions past the first rejection."""
+        owners: list[int] = []
+        extras: list[list[int]] = []
+        for i, d in enumerate(drafts):
+            for j in range(len(d) + 1):
+                owners.append(i)
+                extras.append(d[:j])
+        row_reqs = [requests[i] for i in owners]
+        num_lp = [r.sampling_params.logprobs for r in requests]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in num_lp) else None
+        logits = self._apply_penalties(logits, row_reqs, extras)
+        greedy_rows = [r for r, i in enumerate(owners) if requests[i].sampling_params.greedy]
+        rand_rows = [r for r, i in enumerate(owners) if not requests[i].sampling_params.greedy]
+        best: dict[int, int] = {}
+        if greedy_rows:
+            best = dict(zip(greedy_rows, logits[greedy_rows].argmax(dim=-1).tolist()))
+        cum_of: dict[int, int] = {}
+        if rand_rows:
+            probs = self._probs(logits[rand_rows], [row_reqs[r] for r in rand_rows])  # (Rr, V)
+            cum = probs.double().cumsum(dim=1)  # float64 as in _sample_random
+            cum_of = {r: k for k, r in enumerate(rand_rows)}
+        tokens: list[list[int]] = []
+        used_rows: list[int] = []
+        row = 0
+        for i, (req, d) in enumerate(zip(requests, drafts)):
+            toks: list[int] = []
+            for j in range(len(d) + 1):
+                r = row + j
+                if r in best:
+                    t = best[r]
+                else:
+                    c = cum[cum_of[r]]
+                    u = torch.rand(1, generator=self._generator(req)).item()  # the draw _sample_random makes
+                    target = torch.tensor([u], dtype=torch.float64) * c[-1]
+                    t = int(torch.searchsorted(c, target, right=True).clamp_(max=c.shape[0] - 1))
+                toks.append(t)
+                used_rows.append(r)
+                if j == len(d) or t != d[j]:
+                    break
+            tokens.append(toks)
+            row += len(d) + 1
+        lps: list[list[TokenLogprobs] | None] = [None] * len(requests)
+        if raw_logprobs is not None:
+            rows = [r for r in used_rows if num_lp[owners[r]] is not None]
+            kmax = max(num_lp[owners[r]] for r in rows)
+            flat = [t for toks in tokens for t in toks]
+            by_row = dict(zip(used_rows, flat))
+            for r, tl in zip(rows, token_logprobs(raw_logprobs[rows], torch.tensor([by_row[r] for r in rows]), kmax)):
+                i = owners[r]
+                lps[i] = (lps[i] or []) + [(tl[0], tl[1], tl[2], tl[3][: num_lp[i]])]
+        return tokens, lps
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _apply_penalties(logits: torch.Tensor, requests: list[Request],
+                         extras: list[list[int]] | None = None) -> torch.Tensor:
+        """`extras[i]`: tokens taken as already generated before row i (the drafts before a verified position)."""
+        def extra(i: int) -> list[int]:
+            return extras[i] if extras is not None else []
+
         rows = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties or
-                (r.sampling_params.min_tokens and r.num_output_tokens < r.sampling_params.min_tokens)]
+                (r.sampling_params.min_tokens and r.num_output_tokens + len(extra(i)) < r.sampling_params.min_tokens)]
         if not rows:
             return logits
         logits = logits.clone()
@@ -77,15 +146,16 @@ class Sampler:
         for i in rows:
             req, sp, row = requests[i], requests[i].sampling_params, logits[i]
             if sp.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(t for t in req.token_ids if t < vocab)), dtype=torch.long)
+                seen = torch.tensor(sorted(set(t for t in (*req.token_ids, *extra(i)) if t < vocab)),
+                                    dtype=torch.long)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
             if sp.presence_penalty or sp.frequency_penalty:
-                out = [t for t in req.output_token_ids if t < vocab]
+                out = [t for t in (*req.output_token_ids, *extra(i)) if t < vocab]
                 if out:
                     counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=vocab).float()
                     row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).float()
-            if sp.min_tokens and req.num_output_tokens < sp.min_tokens:
+            if sp.min_tokens and req.num_output_tokens + len(extra(i)) < sp.min_tokens:
                 banned = [t for t in (*sp.stop_token_ids, *([] if sp.ignore_eos else req.eos_token_ids)) if t < vocab]
                 if banned:
                     row[banned] = float("-inf")
@@ -93,6 +163,22 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         # logits: (B, V)
+        probs = self._probs(logits, requests)
+        # Inverse CDF: one uniform draw per row from its own generator, then a batched search of the cumulative
+        # (unnormalised) probabilities. An exponential race (argmax p / E) needs a draw per vocabulary entry: 49k per
+        # row, ~0.7 ms each on this CPU, a third of a 64-sequence decode step.
+        u = torch.tensor([torch.rand(1, generator=self._generator(r)).item() for r in requests],
+                         dtype=torch.float64)  # (B,)
+        cum = probs.double().cumsum(dim=1)  # (B, V); float64 so a 49k-term sum keeps every small probability
+        target = (u * cum[:, -1]).unsqueeze(1)  # (B, 1), below each row's total
+        # the first entry whose cumulative sum passes the target: never one of zero probability (its sum equals the
+        # entry before it, which would have passed already)
+        return torch.searchsorted(cum, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """(B, V) logits -> (B, V) probabilities after temperature, top-k, top-p and min-p (unnormalised after the
+        cut-offs: the draw scales by each row's total)."""
         temps = torch.tensor([r.sampling_params.temperature for r in requests], dtype=torch.float32)
         logits = logits / temps[:, None]
         top_ks = [r.sampling_params.top_k for r in requests]
@@ -113,13 +199,4 @@ class Sampler:
         if (min_ps > 0).any():
             thresh = probs.max(dim=1, keepdim=True).values * min_ps[:, None]
             probs = probs.masked_fill(probs < thresh, 0.0)
-        # Inverse CDF: one uniform draw per row from its own generator, then a batched search of the cumulative
-        # (unnormalised) probabilities. An exponential race (argmax p / E) needs a draw per vocabulary entry: 49k per
-        # row, ~0.7 ms each on this CPU, a third of a 64-sequence decode step.
-        u = torch.tensor([torch.rand(1, generator=self._generator(r)).item() for r in requests],
-                         dtype=torch.float64)  # (B,)
-        cum = probs.double().cumsum(dim=1)  # (B, V); float64 so a 49k-term sum keeps every small probability
-        target = (u * cum[:, -1]).unsqueeze(1)  # (B, 1), below each row's total
-        # the first entry whose cumulative sum passes the target: never one of zero probability (its sum equals the
-        # entry before it, which would have passed already)
-        return torch.searchsorted(cum, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+        return probs

@@ -66,21 +66,30 @@ class FakeRunner:
         bs = self.block_size
         self.apply_kv_ops(sched.kv_ops)
         for sr in sched.scheduled:
-            toks = sr.request.token_ids
-            for p in range(sr.start, sr.start + sr.num_new_tokens):
+            toks = sr.token_ids  # the request's tokens, then any speculative drafts
+            for i, p in enumerate(range(sr.start, sr.start + sr.num_new_tokens)):
                 slot = sr.block_ids[p // bs] * bs + p % bs
-                self.slots[slot] = (toks[p], p)
+                self.slots[slot] = (toks[i], p)
             if sr.sample:
-                end = sr.start + sr.num_new_tokens
+                drafts = sr.spec_token_ids
+                end = sr.start + sr.num_new_tokens - len(drafts)
                 context = []
                 for p in range(end):
                     tok, pos = self.slots[sr.block_ids[p // bs] * bs + p % bs]
                     assert pos == p, f"{sr.request_id}: slot for position {p} holds position {pos}"
                     context.append(tok)
-                assert context == toks[:end], f"{sr.request_id}: KV context differs from the request's tokens"
-                tok = next_token(context, seed=sr.request_id if self.sampling else "")
-                if self.eos is not None and self.eos_after is not None and \
-                        end - sr.request.num_prompt_tokens + 1 >= self.eos_after:
-                    tok = self.eos
-                out.sampled[sr.request_id] = tok
+                assert context == sr.request.token_ids[:end], \
+                    f"{sr.request_id}: KV context differs from the request's tokens"
+                # verification as the real sampler does it: a draft is kept while it equals the token sampled at
+                # its position (each draft's context includes the drafts before it)
+                sampled = []
+                for j in range(len(drafts) + 1):
+                    tok = next_token(context + drafts[:j], seed=sr.request_id if self.sampling else "")
+                    if self.eos is not None and self.eos_after is not None and \
+                            end + j - sr.request.num_prompt_tokens + 1 >= self.eos_after:
+                        tok = self.eos
+                    sampled.append(tok)
+                    if j == len(drafts) or tok != drafts[j]:
+                        break
+                out.sampled[sr.request_id] = sampled
         return out

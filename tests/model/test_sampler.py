@@ -29,7 +29,7 @@ def _frequencies(sampler: Sampler, logits: torch.Tensor, reqs: list[Request], dr
     batch = logits.expand(len(reqs), -1).contiguous() if logits.dim() == 1 else logits
     for _ in range(draws):
         tokens, _ = sampler(batch.clone(), reqs)
-        for c, t in zip(counts, tokens):
+        for c, (t,) in zip(counts, tokens):
             c[t] = c.get(t, 0) + 1
     return [{t: n / draws for t, n in c.items()} for c in counts]
 
@@ -59,8 +59,8 @@ def test_a_seed_gives_the_same_stream_alone_and_in_a_batch():
     alone, batched = Sampler(), Sampler()
     seq_alone, seq_batched = [], []
     for _ in range(20):
-        seq_alone.append(alone(logits[1:2].clone(), [_req("s", temperature=0.9, top_p=0.95, seed=42)])[0][0])
+        seq_alone.append(alone(logits[1:2].clone(), [_req("s", temperature=0.9, top_p=0.95, seed=42)])[0][0][0])
         reqs = [_req("a", temperature=1.0), _req("s", temperature=0.9, top_p=0.95, seed=42), _req("g", temperature=0)]
-        seq_batched.append(batched(logits.clone(), reqs)[0][1])
+        seq_batched.append(batched(logits.clone(), reqs)[0][1][0])
     assert seq_alone == seq_batched
     assert len(set(seq_alone)) > 1  # it samples, it is not stuck on one token

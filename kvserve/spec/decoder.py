@@ -1,0 +1,240 @@
+"""SpecDecoder: proposes each running request's drafts after a step and adapts how many it verifies.
+
+It sits in the engine core between `Scheduler.update` and the next `Scheduler.schedule`, and only writes
+`Request.spec_token_ids` (drafts beside the tokens, never in them: docs/speculative.md). The scheduler budgets and
+rolls back; the sampler verifies. Pure Python: no torch.
+
+Adaptivity has two levels.
+- Per request (PEARL/ATTS-style): k grows by half on full acceptance, falls toward the accepted length + 1 on a
+  rejection; after 3 drafts in a row with nothing accepted the request stops drafting for 2, 4, ... 32 steps.
+- Per step: the draft tokens kept are those that maximise expected tokens per second,
+  (decodes + expected accepted) / T(tokens in the step), with T measured from the engine's own steps (an EWMA per
+  power-of-two token count). Each extra draft of a request with acceptance rate a is worth a^j; on a CPU the step
+  cost is flat for small batches and grows once the step is compute-bound, so drafts back off as the batch grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvserve.config import SpeculativeConfig
+from kvserve.spec.ngram import NgramIndex
+from kvserve.spec.suffix import SuffixCache, SuffixTree
+
+MISSES_BEFORE_PAUSE = 3
+MAX_PAUSE_STEPS = 32
+PRIOR_ACCEPTANCE = 0.5  # per-token acceptance assumed for a request with no history (blended with the method's)
+DECAY = 0.8  # weight of a request's past acceptance counts per verification
+
+
+@dataclass
+class SpecStats:
+    """Cumulative drafting counters for one engine (its one method)."""
+
+    method: str
+    num_drafts: int = 0  # verifications with at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    # acceptance_lengths[a]: verifications that accepted exactly a draft tokens
+    acceptance_lengths: list[int] = field(default_factory=list)
+    num_backed_off: int = 0  # draft tokens proposed but dropped by the step-cost rule
+    suffix_cached_requests: int = 0
+    suffix_tree_nodes: int = 0
+
+
+class StepCostModel:
+    """Seconds per forward pass by token count (power-of-two buckets, EWMA), learnt from the engine's steps."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.seconds: dict[int, float] = {}
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return 1 << max(n - 1, 0).bit_length()
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens <= 0 or seconds <= 0:
+            return
+        b = self.bucket(num_tokens)
+        old = self.seconds.get(b)
+        self.seconds[b] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    def cost(self, num_tokens: int) -> float | None:
+        """Measured cost of the bucket, else of the largest measured bucket below it (optimistic, so an unmeasured
+        size gets tried once and measured), else None."""
+        b = self.bucket(num_tokens)
+        if b in self.seconds:
+            return self.seconds[b]
+        below = [k for k in self.seconds if k < b]
+        return self.seconds[max(below)] if below else None
+
+    def curve(self) -> dict[int, float]:
+        return dict(sorted(self.seconds.items()))
+
+
+class _RequestState:
+    __slots__ = ("max_k", "k", "misses", "paused_until", "acc", "rej", "fed", "ngram", "local", "scope")
+
+    def __init__(self, max_k: int, scope: tuple[str, str]):
+        self.max_k = max_k
+        self.k = max_k
+        self.misses = 0
+        self.paused_until = 0
+        self.acc = 0.0  # decayed counts of accepted / rejected draft tokens
+        self.rej = 0.0
+        self.fed = 0  # request tokens already in the index / local tree
+        self.ngram: NgramIndex | None = None
+        self.local: SuffixTree | None = None
+        self.scope = scope
+
+    def acceptance(self, prior: float) -> float:
+        return (self.acc + 2 * prior) / (self.acc + self.rej + 2)
+
+
+class SpecDecoder:
+    def __init__(self, config: SpeculativeConfig):
+        self.config = config
+        self.stats = SpecStats(config.method, acceptance_lengths=[0] * (config.num_speculative_tokens + 1))
+        self.cost = StepCostModel()
+        self._states: dict[str, _RequestState] = {}
+        self._step = 0
+        self._method_acc = 0.0
+        self._method_rej = 0.0
+        c = config
+        self.suffix_cache = SuffixCache(c.suffix_decoding_max_tree_depth, c.suffix_decoding_max_cached_requests) \
+            if c.method == "suffix" else None
+
+    # ------------------------------------------------------------------ request lifetime
+    def add(self, request_id: str, requested_k: int | None, tenant: str, cache_salt: str | None) -> None:
+        max_k = self.config.num_speculative_tokens if requested_k is None else min(requested_k,
+                                                                                  self.config.num_speculative_tokens)
+        if max_k > 0:
+            self._states[request_id] = _RequestState(max_k, (tenant, cache_salt or ""))
+
+    def finish(self, request_id: str, output_token_ids: list[int]) -> None:
+        st = self._states.pop(request_id, None)
+        if st is not None and self.suffix_cache is not None:
+            self.suffix_cache.add(request_id, st.scope, output_token_ids)
+
+    # ------------------------------------------------------------------ after each step
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.cost.observe(num_tokens, seconds)
+
+    def observe_verification(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
+        """One request's verification result: stats, and its draft length for the next step."""
+        s = self.stats
+        s.num_drafts += 1
+        s.num_draft_tokens += num_drafted
+        s.num_accepted_tokens += num_accepted
+        s.acceptance_lengths[num_accepted] += 1
+        rejected = int(num_accepted < num_drafted)
+        self._method_acc += num_accepted
+        self._method_rej += rejected
+        st = self._states.get(request_id)
+        if st is None or not self.config.adaptive:
+            return
+        st.acc = DECAY * st.acc + num_accepted
+        st.rej = DECAY * st.rej + rejected
+        if not rejected:
+            if num_drafted >= st.k:
+                st.k = min(st.max_k, st.k + max(1, st.k // 2))
+            st.misses = 0
+        else:
+            st.k = max(1, (st.k + num_accepted + 1) // 2)
+            st.misses = st.misses + 1 if num_accepted == 0 else 0
+            if st.misses >= MISSES_BEFORE_PAUSE:
+                pause = min(2 ** (st.misses - MISSES_BEFORE_PAUSE + 1), MAX_PAUSE_STEPS)
+                st.paused_until = self._step + pause
+
+    def propose(self, decoding: list, other_tokens: int) -> None:
+        """Set `spec_token_ids` of each request in `decoding` (running, one token to compute). `other_tokens`:
+        prefill tokens expected in the next step beside the decodes (the step-cost rule counts them)."""
+        self._step += 1
+        candidates: list[tuple[object, list[int], float]] = []
+        method_prior = (self._method_acc + 2 * PRIOR_ACCEPTANCE) / (self._method_acc + self._method_rej + 2)
+        for req in decoding:
+            req.spec_token_ids = []
+            st = self._states.get(req.request_id)
+            if st is None:
+                continue
+            self._feed(st, req.token_ids)
+            if st.paused_until > self._step:
+                continue
+            room = min(st.k if self.config.adaptive else st.max_k, req.max_tokens - req.num_output_tokens - 1)
+            if room <= 0:
+                continue
+            draft = self._draft(st, req.token_ids, room)
+            if draft:
+                candidates.append((req, draft, st.acceptance(method_prior)))
+        if not candidates:
+            return
+        if self.config.adaptive:
+            keep = self._budget(len(decoding), other_tokens, candidates)
+        else:
+            keep = [len(d) for _, d, _ in candidates]
+        for (req, draft, _), n in zip(candidates, keep):
+            req.spec_token_ids = draft[:n]
+            self.stats.num_backed_off += len(draft) - n
+
+    # ------------------------------------------------------------------ helpers
+    def _feed(self, st: _RequestState, tokens: list[int]) -> None:
+        new = tokens[st.fed:]
+        if not new:
+            return
+        c = self.config
+        if c.method == "ngram":
+            if st.ngram is None:
+                st.ngram = NgramIndex(c.prompt_lookup_min, c.prompt_lookup_max)
+            st.ngram.extend(new)
+        else:
+            if st.local is None:
+                st.local = SuffixTree(c.suffix_decoding_max_tree_depth)
+            for t in new:
+                st.local.append(t)
+        st.fed = len(tokens)
+
+    def _draft(self, st: _RequestState, tokens: list[int], k: int) -> list[int]:
+        c = self.config
+        if c.method == "ngram":
+            return st.ngram.propose(k)
+        args = (tokens[-c.suffix_decoding_max_tree_depth:], k, c.suffix_decoding_max_spec_factor,
+                c.suffix_decoding_min_token_prob)
+        draft, score = st.local.speculate(*args)
+        tree = self.suffix_cache.tree(st.scope)
+        if tree is not None:
+            other, other_score = tree.speculate(*args)
+            if other_score > score:
+                draft = other
+        return draft
+
+    def _budget(self, num_decodes: int, other_tokens: int, candidates) -> list[int]:
+        """Draft tokens to keep per candidate: the prefix of the marginal gains (sorted) maximising expected tokens
+        per second under the measured step cost."""
+        base = num_decodes + other_tokens
+        if self.cost.cost(base) is None:
+            return [len(d) for _, d, _ in candidates]  # nothing measured yet: draft, and learn the cost
+        gains = []
+        for i, (_, draft, a) in enumerate(candidates):
+            g = 1.0
+            for _ in draft:
+                g *= a
+                gains.append((g, i))
+        gains.sort(key=lambda x: -x[0])
+        best_rate, best_d, total = num_decodes / self.cost.cost(base), 0, 0.0
+        for d, (g, _) in enumerate(gains, start=1):
+            total += g
+            rate = (num_decodes + total) / self.cost.cost(base + d)
+            if rate > best_rate * 1.001:
+                best_rate, best_d = rate, d
+        keep = [0] * len(candidates)
+        for g, i in gains[:best_d]:
+            keep[i] += 1
+        return keep
+
+    def snapshot(self) -> SpecStats:
+        s = self.stats
+        if self.suffix_cache is not None:
+            s.suffix_cached_requests = self.suffix_cache.num_requests
+            s.suffix_tree_nodes = self.suffix_cache.num_nodes
+        return SpecStats(**{**s.__dict__, "acceptance_lengths": list(s.acceptance_lengths)})
