@@ -102,7 +102,18 @@ class _SamplingFields(_Strict):
     session_id: Annotated[Text, Field(min_length=1, max_length=256)] | None = None  # an agent's conversation
     kv_pin_seconds: float | None = Field(None, ge=0)  # keep this turn's KV for the session's next turn
     # speculative decoding for this request: false turns it off, {"num_speculative_tokens": k} lowers k
-    speculative: bool | SpeculativeOverride | None = None
+    speculative: SpeculativeOverride | bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _speculative_shape(cls, data: Any) -> Any:
+        spec = data.get("speculative") if isinstance(data, dict) else None
+        k = spec.get("num_speculative_tokens") if isinstance(spec, dict) else None
+        if spec is not None and not isinstance(spec, bool) and not (
+                isinstance(spec, dict) and set(spec) == {"num_speculative_tokens"} and type(k) is int and k >= 0):
+            raise _invalid('speculative must be true, false or {"num_speculative_tokens": k} with an integer k >= 0',
+                           "speculative")
+        return data
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
