@@ -28,7 +28,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                              "for batches); q4_0 / q4_1 / q4_k: 4-bit blocks")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, vLLM\'s keys, e.g. \'{"method": "ngram", '
-                             '"num_speculative_tokens": 5}\' or \'{"method": "suffix"}\' (docs/speculative.md)')
+                             '"num_speculative_tokens": 5}\'; methods ngram, suffix, layer_skip (+ draft_layers), '
+                             'draft_model (+ model) (docs/speculative.md)')
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")

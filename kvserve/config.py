@@ -117,12 +117,11 @@ class SchedulerConfig:
 
 
 SPEC_METHODS = ("ngram", "suffix", "layer_skip", "draft_model")  # kvserve.spec
-SPEC_METHODS_BUILT = ("ngram", "suffix")
 MAX_SPEC_TOKENS = 64
 _SPEC_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
               "suffix_decoding_max_tree_depth", "suffix_decoding_max_cached_requests",
               "suffix_decoding_max_spec_factor", "suffix_decoding_min_token_prob", "draft_layers", "model",
-              "adaptive")
+              "quantization", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,8 @@ class SpeculativeConfig:
     suffix_decoding_max_spec_factor: float = 1.0  # suffix: at most this x the matched length is drafted
     suffix_decoding_min_token_prob: float = 0.1  # suffix: a path stops where its estimated probability drops below
     draft_layers: int | None = None  # layer_skip: the first N layers draft
-    model: str | None = None  # draft_model: a model with the target's tokenizer
+    model: str | None = None  # draft_model: a model with the target's tokenizer (GGUF file or HF directory)
+    quantization: str = "auto"  # draft_model: its weights' format (as --quantization)
     adaptive: bool = True  # per-request draft length from acceptance, global back-off from measured step cost
 
     @classmethod
@@ -157,9 +157,19 @@ class SpeculativeConfig:
 
         _require(self.method in SPEC_METHODS,
                  f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}")
-        _require(self.method in SPEC_METHODS_BUILT,
-                 f"speculative_config.method {self.method!r} is not available in this build (built: "
-                 f"{', '.join(SPEC_METHODS_BUILT)})")
+        n = self.draft_layers
+        if self.method == "layer_skip":
+            _require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+                     "layer_skip needs draft_layers: the number of first layers that draft (an integer >= 1)")
+        else:
+            _require(n is None, "draft_layers is a layer_skip key")
+        if self.method == "draft_model":
+            _require(isinstance(self.model, str) and bool(self.model),
+                     "draft_model needs model: a GGUF file or HF directory with the target's tokenizer")
+        else:
+            _require(self.model is None, "model is a draft_model key")
+        _require(self.quantization in QUANTIZATIONS,
+                 f"speculative_config.quantization must be one of {', '.join(QUANTIZATIONS)}")
         k = self.num_speculative_tokens
         _require(k is None or (is_int(k) and 1 <= k <= MAX_SPEC_TOKENS),
                  f"num_speculative_tokens must be an integer in [1, {MAX_SPEC_TOKENS}], got {k!r}")
@@ -181,3 +191,8 @@ class SpeculativeConfig:
             object.__setattr__(self, "num_speculative_tokens",
                                min(self.suffix_decoding_max_tree_depth, MAX_SPEC_TOKENS)
                                if self.method == "suffix" else 5)
+
+    @property
+    def drafts_with_model(self) -> bool:
+        """layer_skip / draft_model: drafts come from a forward pass in the worker, not from text."""
+        return self.method in ("layer_skip", "draft_model")

@@ -26,9 +26,10 @@ Workloads and their parameters (`-W key=value` on the command line; defaults in 
   at once; `num_long` [6] prompts of `long_prompt` [4096] tokens (output `long_output` [16]) arrive at
   `first_long_at` [3] s and then every `long_interval` [4] s. Fixed arrival times (the request rate is ignored);
   groups "stream" and "long-prompt" are summarized apart: the streams' p99 / max ITL is the decode stall.
-- repetitive: outputs that repeat their input (speculative decoding's case): a `block_min`..`block_max`
-  [300..600]-token code block to rewrite with a rename, a JSON block to return with one change, a passage to
-  quote, an agent turn that repeats an earlier tool output (in turn); max_tokens = block + `extra_output` [64]. [32]
+- repetitive: outputs that repeat their input (speculative decoding's case), in turn: a `block_min`..`block_max`
+  [300..600]-token Python block to rewrite with a rename, a JSON config to rewrite with one change, a passage to
+  repeat, an agent's second tool call whose report repeats the tool output (its history holds the first call and
+  report); max_tokens = block + `extra_output` [64]. [32]
 - trace: replays `path` (JSONL, one request per line: `timestamp`, `input_length`, `output_length`, optional
   `hash_ids`, optional `prompt` text or `messages`). Timestamps are in `time_unit` [ms] (Mooncake's format) or s,
   shifted to start at 0 and multiplied by `time_scale` [1.0]. Requests sharing a hash id share that
@@ -349,47 +350,62 @@ def _code_block(rng: random.Random, n_tokens: int, maker: TextMaker) -> str:
     return "\n\n".join(funcs)
 
 
-def _json_block(rng: random.Random, n_tokens: int, maker: TextMaker) -> str:
-    rows = []
+def _json_block(rng: random.Random, n_tokens: int, maker: TextMaker) -> list[dict]:
+    """Inventory records until their JSON has about n_tokens tokens."""
+    rows: list[dict] = []
     while maker.count(json.dumps(rows, indent=1)) < n_tokens:
         rows.append({"id": len(rows) + 1, "name": f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}",
                      "owner": rng.choice(SUBJECTS), "place": rng.choice(PLACES), "count": rng.randrange(1, 500),
                      "status": rng.choice(["open", "closed", "pending"])})
-    return json.dumps(rows, indent=1)
+    return rows
+
+
+def _config_block(rng: random.Random, n_tokens: int, maker: TextMaker) -> str:
+    cfg: dict = {}
+    while maker.count(json.dumps(cfg, indent=2)) < n_tokens:
+        key = f"{rng.choice(NOUNS)}_{rng.choice(ADJECTIVES)}_{len(cfg)}"
+        cfg[key] = rng.choice([rng.randrange(1000), rng.choice(PLACES), True, False])
+    return json.dumps(cfg, indent=2)
 
 
 def repetitive(tok, num_requests: int | None, seed: int, block_min: int = 300, block_max: int = 600,
                extra_output: int = 64) -> list[BenchRequest]:
-    """Outputs that repeat their input (speculative decoding's case): rewrite a code block with a rename, return a
-    JSON block with one field changed, quote a passage, and an agent loop that repeats an earlier tool output.
-    `block_min`..`block_max` [300..600]-token blocks; max_tokens = block tokens + `extra_output` [64]. [32]"""
+    """Outputs that repeat their input (speculative decoding's case), in turn: rewrite a Python block with a
+    function renamed, rewrite a JSON config with its true values set to false, repeat a passage, and an agent's
+    second tool call whose report repeats the new tool output (the history holds the first call and its report).
+    Prompts are phrased so that SmolLM2-135M-Instruct does repeat (it answers "return this JSON" with its first
+    record only). `block_min`..`block_max` [300..600]-token blocks; max_tokens = block + `extra_output` [64]. [32]"""
     n = 32 if num_requests is None else num_requests
     rng = random.Random(seed)
     maker = TextMaker(tok)
     out = []
     for i in range(n):
         size = rng.randrange(block_min, block_max + 1)
-        kind = ("code", "json", "quote", "agent")[i % 4]
+        kind = ("code", "config", "quote", "agent")[i % 4]
         if kind == "code":
             block = _code_block(rng, size, maker)
             old = block.split("(")[0].removeprefix("def ")
             msgs = [{"role": "user", "content": f"Rewrite this Python code, renaming the function {old} to "
                                                 f"{old}_v2 and changing nothing else:\n\n{block}"}]
-        elif kind == "json":
-            block = _json_block(rng, size, maker)
-            msgs = [{"role": "user", "content": "Return this JSON unchanged except that every \"pending\" status "
-                                                f"becomes \"open\". Output only the JSON.\n\n{block}"}]
+        elif kind == "config":
+            block = _config_block(rng, size, maker)
+            msgs = [{"role": "user", "content": f"Here is a JSON config:\n```json\n{block}\n```\nRewrite the "
+                                                "config with every true value set to false. Output the full config."}]
         elif kind == "quote":
             block = maker.text(rng, size)
-            msgs = [{"role": "user", "content": f"Here is a passage:\n\n{block}\n\nQuote the passage above "
-                                                "word for word."}]
+            msgs = [{"role": "user", "content": f"{block}\n\nRepeat the text above exactly."}]
         else:
-            block = _json_block(rng, size, maker)
-            msgs = [{"role": "system", "content": "You are an agent. Tool results are shown to you verbatim."},
-                    {"role": "user", "content": "Look up the inventory, then report it in full."},
+            rows = _json_block(rng, size, maker)
+            first = json.dumps(rows, indent=1)
+            block = json.dumps([dict(r, count=r["count"] + rng.randrange(-3, 4)) for r in rows], indent=1)
+            msgs = [{"role": "system", "content": "You are an inventory agent. Report tool results in full."},
+                    {"role": "user", "content": "List the inventory."},
                     {"role": "assistant", "content": "Calling tool inventory.list()"},
-                    {"role": "user", "content": f"Tool result:\n{block}\n\nNow write the report: repeat every "
-                                                "record of the tool result exactly."}]
+                    {"role": "user", "content": f"Tool result:\n{first}"},
+                    {"role": "assistant", "content": f"Here is the inventory:\n{first}"},
+                    {"role": "user", "content": "List the inventory again."},
+                    {"role": "assistant", "content": "Calling tool inventory.list()"},
+                    {"role": "user", "content": f"Tool result:\n{block}"}]
         content = sum(maker.count(m["content"]) for m in msgs)
         out.append(BenchRequest(f"repetitive-{kind}-{i}", msgs, maker.count(block) + extra_output, content,
                                 group=kind))

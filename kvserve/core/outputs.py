@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from kvserve.core.request import Request
 
 
+# A draft token the worker's drafter (a model: layer_skip, draft_model) fills in at the start of the step that
+# verifies it; text drafts (ngram, suffix) are real token ids from the start.
+DRAFT_PENDING = -1
+
+
 @dataclass
 class ScheduledRequest:
     """`num_new_tokens` tokens of `request`, starting at position `start`, run this step over `block_ids`."""
@@ -108,6 +113,9 @@ class ModelOutput:
     # swap copies the worker ran for this step's operations: what the scheduler's swap-or-recompute model learns from
     kv_copy_bytes: int = 0
     kv_copy_seconds: float = 0.0
+    # model drafting at the start of this step (what the speculative back-off learns the drafts' cost from)
+    draft_iterations: int = 0
+    draft_seconds: float = 0.0
 
 
 @dataclass

@@ -43,6 +43,7 @@ from kvserve.spec.decoder import SpecDecoder
 from kvserve.worker.kv_cache import KVCache, bytes_per_block, num_blocks_for_budget
 from kvserve.worker.kv_swap import SwapBuffer
 from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
+from kvserve.worker.drafter import ModelDrafter
 from kvserve.worker.model_runner import ModelRunner
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
@@ -157,7 +158,9 @@ class EngineCore:
         self.scheduler = Scheduler(scheduler_config, self.kv_manager, connector=self.kv_store)
         transfer = NullKVTransfer() if self.kv_store is None else KVTransfer(self.kv_cache, self.kv_store)
         swap = SwapBuffer(self.kv_cache, num_swap_blocks) if num_swap_blocks else None
-        self.runner = ModelRunner(self.model, self.kv_cache, transfer, pad_shapes=args.pad_shapes, swap=swap)
+        drafter = self._make_drafter(args.speculative_config, args, tokenizer, dtype, num_blocks)
+        self.runner = ModelRunner(self.model, self.kv_cache, transfer, pad_shapes=args.pad_shapes, swap=swap,
+                                  drafter=drafter)
         eos = set(config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -176,6 +179,33 @@ class EngineCore:
             num_speculative_tokens=args.speculative_config.num_speculative_tokens if args.speculative_config else 0)
         self._group_seqs: dict[str, list[str]] = {}
         self.spec = SpecDecoder(args.speculative_config) if args.speculative_config else None
+
+    def _make_drafter(self, spec: SpeculativeConfig | None, args: EngineArgs, tokenizer: Tokenizer,
+                      dtype: torch.dtype, num_blocks: int) -> ModelDrafter | None:
+        """layer_skip: the target's first layers over its own KV; draft_model: a second model whose KV cache mirrors
+        the pool's blocks (same block ids, its own layers)."""
+        if spec is None or not spec.drafts_with_model:
+            return None
+        if spec.method == "layer_skip":
+            n = spec.draft_layers
+            if n >= self.model.config.num_layers:
+                raise ConfigError(f"draft_layers must be below the model's {self.model.config.num_layers} layers, "
+                                  f"got {n}")
+            return ModelDrafter(self.model, self.kv_cache.layers[:n], ModelRunner(self.model, self.kv_cache,
+                                                                                  pad_shapes=args.pad_shapes),
+                                shares_target_kv=True)
+        loaded = load_model(spec.model)
+        draft_tok = Tokenizer(loaded.tokenizer_source, loaded.chat_template)
+        if not draft_tok.same_vocabulary(tokenizer):
+            raise ConfigError(f"draft model {spec.model} has another tokenizer than the target model: its "
+                              "drafts' token ids would mean other text")
+        quantization = resolve_quantization(spec.quantization, loaded.weight_format, dtype == torch.float32)
+        model = LlamaModel(loaded.config, loaded.weights, dtype, native_kernels=args.native_kernels,
+                           quantization=quantization)
+        del loaded
+        cache = KVCache(model.config, num_blocks, args.block_size, dtype)
+        return ModelDrafter(model, cache.layers, ModelRunner(model, cache, pad_shapes=args.pad_shapes),
+                            shares_target_kv=False)
 
     def _make_kv_store(self, args: EngineArgs, name: str, model: LlamaModel, dtype: torch.dtype):
         if not args.kv_store:
@@ -267,7 +297,8 @@ class EngineCore:
     def _speculate(self, sched, out, updates, elapsed: float) -> None:
         """Learn from this step (cost, acceptance), then propose the drafts the next schedule() will verify."""
         spec = self.spec
-        spec.observe_step(sched.num_batched_tokens, elapsed)
+        spec.observe_draft(out.draft_iterations, out.draft_seconds)
+        spec.observe_step(sched.num_batched_tokens, elapsed - out.draft_seconds)
         by_id = {}
         for sr in sched.scheduled:
             by_id[sr.request_id] = sr.request

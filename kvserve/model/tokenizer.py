@@ -26,6 +26,10 @@ class Tokenizer:
         self.all_special_ids = set(self.hf.all_special_ids)
         self._max_token_chars: int | None = None
 
+    def same_vocabulary(self, other: "Tokenizer") -> bool:
+        """True if both map every token string to the same id (a draft model must tokenize like its target)."""
+        return self.hf.get_vocab() == other.hf.get_vocab()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvserve.config import SpeculativeConfig
+from kvserve.core.outputs import DRAFT_PENDING
 from kvserve.spec.ngram import NgramIndex
 from kvserve.spec.suffix import SuffixCache, SuffixTree
 
@@ -97,6 +98,7 @@ class SpecDecoder:
         self.config = config
         self.stats = SpecStats(config.method, acceptance_lengths=[0] * (config.num_speculative_tokens + 1))
         self.cost = StepCostModel()
+        self.draft_seconds_per_iteration: float | None = None  # model drafting: one draft forward pass, EWMA
         self._states: dict[str, _RequestState] = {}
         self._step = 0
         self._method_acc = 0.0
@@ -120,6 +122,13 @@ class SpecDecoder:
     # ------------------------------------------------------------------ after each step
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.cost.observe(num_tokens, seconds)
+
+    def observe_draft(self, iterations: int, seconds: float) -> None:
+        if iterations <= 0:
+            return
+        per = seconds / iterations
+        old = self.draft_seconds_per_iteration
+        self.draft_seconds_per_iteration = per if old is None else 0.8 * old + 0.2 * per
 
     def observe_verification(self, request_id: str, num_drafted: int, num_accepted: int) -> None:
         """One request's verification result: stats, and its draft length for the next step."""
@@ -164,12 +173,14 @@ class SpecDecoder:
             room = min(st.k if self.config.adaptive else st.max_k, req.max_tokens - req.num_output_tokens - 1)
             if room <= 0:
                 continue
-            draft = self._draft(st, req.token_ids, room)
+            draft = [DRAFT_PENDING] * room if self.config.drafts_with_model else self._draft(st, req.token_ids, room)
             if draft:
                 candidates.append((req, draft, st.acceptance(method_prior)))
         if not candidates:
             return
-        if self.config.adaptive:
+        if self.config.adaptive and self.config.drafts_with_model:
+            keep = self._budget_uniform(len(decoding), other_tokens, candidates)
+        elif self.config.adaptive:
             keep = self._budget(len(decoding), other_tokens, candidates)
         else:
             keep = [len(d) for _, d, _ in candidates]
@@ -180,7 +191,7 @@ class SpecDecoder:
     # ------------------------------------------------------------------ helpers
     def _feed(self, st: _RequestState, tokens: list[int]) -> None:
         new = tokens[st.fed:]
-        if not new:
+        if not new or self.config.drafts_with_model:
             return
         c = self.config
         if c.method == "ngram":
@@ -231,6 +242,25 @@ class SpecDecoder:
         for g, i in gains[:best_d]:
             keep[i] += 1
         return keep
+
+    def _budget_uniform(self, num_decodes: int, other_tokens: int, candidates) -> list[int]:
+        """Model drafting runs k forward passes for the longest draft, so one k serves the whole step: the k
+        maximising (decodes + expected accepted) / (T(tokens verified) + k x a draft pass's measured cost)."""
+        base = num_decodes + other_tokens
+        if self.cost.cost(base) is None:
+            return [len(d) for _, d, _ in candidates]
+        per_pass = self.draft_seconds_per_iteration or 0.0  # unmeasured: free, so it is tried and measured
+        best_rate, best_k = num_decodes / self.cost.cost(base), 0
+        for k in range(1, max(len(d) for _, d, _ in candidates) + 1):
+            gain, tokens = 0.0, 0
+            for _, d, a in candidates:
+                n = min(k, len(d))
+                tokens += n
+                gain += a * (1 - a ** n) / (1 - a) if a < 1 else n
+            rate = (num_decodes + gain) / (self.cost.cost(base + tokens) + k * per_pass)
+            if rate > best_rate * 1.001:
+                best_rate, best_k = rate, k
+        return [min(best_k, len(d)) for _, d, _ in candidates]
 
     def snapshot(self) -> SpecStats:
         s = self.stats

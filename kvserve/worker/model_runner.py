@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvserve.core.outputs import KVSwapIn, KVSwapOut, ModelOutput, ScheduledRequest, SchedulerOutput
+from kvserve.core.outputs import DRAFT_PENDING, KVSwapIn, KVSwapOut, ModelOutput, ScheduledRequest, SchedulerOutput
 from kvserve.model.batch import ForwardBatch, PrefillSeq
 from kvserve.model.llama import LlamaModel
 from kvserve.worker.kv_cache import KVCache
@@ -26,7 +26,8 @@ def bucket(n: int) -> int:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, kv_transfer: KVTransfer | NullKVTransfer | None = None,
-                 sampler: Sampler | None = None, pad_shapes: bool = True, swap: SwapBuffer | None = None):
+                 sampler: Sampler | None = None, pad_shapes: bool = True, swap: SwapBuffer | None = None,
+                 drafter=None):
         self.model = model
         self.kv_cache = kv_cache
         self.kv_transfer = kv_transfer or NullKVTransfer()
@@ -34,21 +35,41 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.sampler = sampler or Sampler()
         self.pad_shapes = pad_shapes
+        self.max_decode_rows = 1 << 30  # verification chunks up to this many tokens run as decode rows
+        self.drafter = drafter  # kvserve.worker.drafter.ModelDrafter for layer_skip / draft_model; else None
+
+    def padded_size(self, n: int) -> int:
+        return bucket(n) if self.pad_shapes else n
 
     def build_batch(self, scheduled: list[ScheduledRequest]) -> tuple[ForwardBatch, list[int], dict]:
         """Decodes first (one batched attention call), then prefill chunks. Returns the batch, the logits row of
         each request that samples, and the logits rows of prompt positions for prompt-logprob requests."""
         bs = self.block_size
-        # a request verifying speculative drafts runs as a chunk of 1 + k tokens through the paged prefill kernel
-        decodes = [s for s in scheduled if s.num_new_tokens == 1 and s.start > 0]
-        prefills = [s for s in scheduled if not (s.num_new_tokens == 1 and s.start > 0)]
+        # A request verifying k speculative drafts runs as k + 1 decode rows over its one block table, row j
+        # attending to positions < start + j + 1: each layer writes every row's K/V before any row attends, so row j
+        # sees the drafts before it. Small batches then stay on the one-call decode path (`DecodePlan`), which
+        # costs less than a prefill chunk of the same tokens (docs/speculative.md has the step costs).
+        def as_decode(s: ScheduledRequest) -> bool:
+            return s.start > 0 and s.num_new_tokens == 1 + len(s.spec_token_ids) and (
+                s.num_new_tokens == 1 or s.num_new_tokens <= self.max_decode_rows)
+
+        decodes = [s for s in scheduled if as_decode(s)]
+        prefills = [s for s in scheduled if not as_decode(s)]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        decode_lens: list[int] = []
+        decode_tables: list[list[int]] = []
         for s in decodes:
-            ids.append(s.request.token_ids[s.start])
-            positions.append(s.start)
-            slots.append(s.block_ids[s.start // bs] * bs + s.start % bs)
+            toks = s.token_ids
+            for j in range(s.num_new_tokens):
+                p = s.start + j
+                ids.append(toks[j])
+                positions.append(p)
+                slots.append(s.block_ids[p // bs] * bs + p % bs)
+                decode_lens.append(p + 1)
+                decode_tables.append(s.block_ids)
+        num_decode_rows = len(ids)
         seqs = []
         for s in prefills:
             seqs.append(PrefillSeq(len(ids), s.num_new_tokens, s.start,
@@ -58,7 +79,7 @@ class ModelRunner:
             positions.extend(pos)
             slots.extend(s.block_ids[p // bs] * bs + p % bs for p in pos)
         num_real = len(ids)
-        padded = bucket(num_real) if self.pad_shapes else num_real
+        padded = self.padded_size(num_real)
         pad = padded - num_real
         ids.extend([0] * pad)
         positions.extend([0] * pad)
@@ -68,9 +89,9 @@ class ModelRunner:
         rows: list[int] = []
         sample_rows: list[int] = []
         prompt_rows: dict[str, tuple[int, int, int]] = {}  # request id -> (first row in logits, count, first pos)
-        row_of = {id(s): i for i, s in enumerate(decodes)}
-        offset = len(decodes)
-        for s in prefills:
+        row_of = {}
+        offset = 0
+        for s in decodes + prefills:
             row_of[id(s)] = offset
             offset += s.num_new_tokens
         ordered = decodes + prefills
@@ -103,14 +124,14 @@ class ModelRunner:
             for i, q in enumerate(seqs):
                 batch.prefill_block_tables[i, :q.block_ids.numel()] = q.block_ids
         if decodes:
-            max_blocks = max(-(-(s.start + 1) // bs) for s in decodes)
-            table = torch.zeros(len(decodes), max_blocks, dtype=torch.long)
-            for i, s in enumerate(decodes):
-                n = -(-(s.start + 1) // bs)
-                table[i, :n] = torch.tensor(s.block_ids[:n])
-            batch.num_decodes = len(decodes)
+            max_blocks = -(-max(decode_lens) // bs)
+            table = torch.zeros(num_decode_rows, max_blocks, dtype=torch.long)
+            for i, (blocks, n) in enumerate(zip(decode_tables, decode_lens)):
+                nb = -(-n // bs)
+                table[i, :nb] = torch.tensor(blocks[:nb])
+            batch.num_decodes = num_decode_rows
             batch.decode_block_tables = table
-            batch.decode_seq_lens = torch.tensor([s.start + 1 for s in decodes], dtype=torch.int32)
+            batch.decode_seq_lens = torch.tensor(decode_lens, dtype=torch.int32)
         return batch, ordered, (sample_rows, prompt_rows)
 
     def apply_kv_ops(self, ops) -> None:
@@ -124,12 +145,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelOutput:
         self.sampler.drop(sched.finished_ids)
+        if self.drafter is not None:
+            self.drafter.drop(sched.finished_ids)
         self.apply_kv_ops(sched.kv_ops)
         out = ModelOutput()
         if self.swap is not None:
             out.kv_copy_bytes, out.kv_copy_seconds = self.swap.take_measurement()
         if not sched.scheduled:
             return out
+        pending = [s for s in sched.scheduled if s.spec_token_ids and s.spec_token_ids[0] == DRAFT_PENDING]
+        if pending:
+            out.draft_iterations, out.draft_seconds = self.drafter.propose(pending)
         batch, ordered, (sample_rows, prompt_rows) = self.build_batch(sched.scheduled)
         hidden = self.model.forward(batch, self.kv_cache.layers)
         if batch.logits_indices.numel() == 0:
@@ -144,6 +170,8 @@ class ModelRunner:
                 out.sampled[s.request_id] = toks
                 if lp is not None:
                     out.logprobs[s.request_id] = lp
+            for s in pending:
+                self.drafter.observe_accepted(s, len(out.sampled[s.request_id]) - 1)
         for s in ordered:
             if s.request_id not in prompt_rows:
                 continue

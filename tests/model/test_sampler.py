@@ -64,3 +64,31 @@ def test_a_seed_gives_the_same_stream_alone_and_in_a_batch():
         seq_batched.append(batched(logits.clone(), reqs)[0][1][0])
     assert seq_alone == seq_batched
     assert len(set(seq_alone)) > 1  # it samples, it is not stuck on one token
+
+
+def test_verification_keeps_the_target_distribution():
+    """Chi-square over seeded draws on a 6-token vocabulary: with a draft (any fixed token) at each of two
+    positions, the first output token is distributed as the target's p0, and the second, given a kept first draft,
+    as p1. A verifier that kept drafts too often (or resampled wrongly) would skew both."""
+    p0 = torch.tensor([0.05, 0.40, 0.10, 0.25, 0.15, 0.05])
+    p1 = torch.tensor([0.30, 0.05, 0.05, 0.20, 0.10, 0.30])
+    logits = torch.stack([p0.log(), p1.log(), torch.zeros(6)])  # rows: after the last token, after d0, after d1
+    drafts = [3, 0]  # deterministic proposals, as a draft model's argmax or a text lookup would make
+    n = 6000
+    first = torch.zeros(6)
+    second = torch.zeros(6)
+    for seed in range(n):
+        sampler = Sampler()
+        (toks,), _ = sampler(logits.clone(), [_req(f"r{seed}", temperature=1.0, seed=seed)], [drafts])
+        first[toks[0]] += 1
+        if toks[0] == drafts[0]:
+            second[toks[1]] += 1
+
+    def chi2(counts, p):
+        expected = counts.sum() * p
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    # 5 degrees of freedom: P(chi2 > 20.5) = 0.001
+    assert chi2(first, p0) < 20.5, first
+    assert chi2(second, p1) < 20.5, second
+    assert second.sum() > 0.2 * n  # the draft was kept about p0[3] = 25% of the time

@@ -9,7 +9,18 @@ from kvserve import LLM, SamplingParams
 from kvserve.config import ConfigError, SpeculativeConfig
 from kvserve.sampling import ParamError
 
-METHODS = ({"method": "ngram", "num_speculative_tokens": 6}, {"method": "suffix"})
+def _draft_model_path() -> str:
+    from kvserve.model.loader import default_model_path
+
+    return default_model_path()
+
+
+# draft_model drafts with the target's own file: the drafts are nearly always right, so long accepted runs (and the
+# draft KV's catch-up after a bonus token) are exercised; layer_skip's untrained early exit is mostly rejected
+# (not adaptive, so it drafts every step although the step-cost rule would stop it)
+METHODS = ({"method": "ngram", "num_speculative_tokens": 6}, {"method": "suffix"},
+           {"method": "layer_skip", "draft_layers": 20, "num_speculative_tokens": 3, "adaptive": False},
+           {"method": "draft_model", "model": "EMBEDDED", "num_speculative_tokens": 4})
 
 # repetitive tasks (drafts get accepted) and open-ended ones (drafts mostly fail), batched together so verification
 # shares steps with plain decodes and chunked prefills
@@ -32,8 +43,10 @@ def plain(make_engine):
 
 @pytest.fixture(scope="module", params=METHODS, ids=lambda c: c["method"])
 def spec(make_engine, request):
-    return LLM.from_engine(make_engine(max_num_batched_tokens=96, speculative_config=request.param),
-                           batch_reorder=False)
+    cfg = dict(request.param)
+    if cfg.get("model") == "EMBEDDED":
+        cfg["model"] = _draft_model_path()
+    return LLM.from_engine(make_engine(max_num_batched_tokens=96, speculative_config=cfg), batch_reorder=False)
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -128,8 +141,28 @@ def engine_without_spec(make_engine):
     ({"method": "suffix", "suffix_decoding_min_token_prob": 2}, "min_token_prob"),
     ({"method": "ngram", "speculative_tokens": 3}, "unknown key"),
     ({"num_speculative_tokens": 3}, "needs a method"),
-    ({"method": "layer_skip", "draft_layers": 8}, "not available"),
+    ({"method": "layer_skip"}, "needs draft_layers"),
+    ({"method": "draft_model"}, "needs model"),
+    ({"method": "ngram", "draft_layers": 4}, "draft_layers is a layer_skip key"),
 ])
 def test_bad_configs_fail_with_a_clear_message(bad, message):
     with pytest.raises(ConfigError, match=message):
         SpeculativeConfig.from_dict(bad)
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(make_engine, tmp_path):
+    """A tiny Llama whose tokenizer (word-level, 64 words) maps ids to other text: refused at start-up."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(63)} | {"<unk>": 63}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(tmp_path)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        make_engine(speculative_config={"method": "draft_model", "model": str(tmp_path)})
+    with pytest.raises(ConfigError, match="draft_layers must be below the model's 30 layers"):
+        make_engine(speculative_config={"method": "layer_skip", "draft_layers": 30})
