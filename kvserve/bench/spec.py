@@ -1,7 +1,8 @@
 """Speculative decoding, offline: output tok/s with and without drafts, side by side on one set of weights.
 
     python -m kvserve.bench.spec [--workload repetitive] [--num-prompts 8] [--configs none,ngram,suffix,ngram:k=3]
-                                 [--batch 1] [--quantization auto] [--step-cost] [--out FILE]
+                                 [--batch 1] [--quantization auto] [--step-cost] [--step-cost-context 512,2048]
+                                 [--max-decode-rows N] [--decode-rows-max-context N] [--out FILE]
 
 Each prompt runs under every config in turn (interleaved, so drift hits all alike) after one warm-up prompt per
 config; greedy. --batch B sends B prompts at once (B concurrent streams). Reported per config: output tokens /
@@ -9,7 +10,8 @@ seconds, the ratio to `none`, mean accepted drafts per verification, drafted and
 outputs are token-identical to `none` (bf16 verification runs the drafts through the prefill kernel, so a near-tie
 can round the other way; fp32 identity is a test). --step-cost times one forward pass of 1..32 tokens per
 sequence at batch 1, 4 and 8 (the curve the back-off learns online). Config syntax: method[:key=value,...] with
-vLLM's keys, k as short for num_speculative_tokens.
+vLLM's keys, k as short for num_speculative_tokens, e.g. ngram:k=8,prompt_lookup_max=8, layer_skip:draft_layers=20,
+draft_model:model=PATH,quantization=auto.
 """
 
 from __future__ import annotations
@@ -28,8 +30,18 @@ def parse_config(text: str) -> dict | None:
     for item in filter(None, rest.split(",")):
         key, _, val = item.partition("=")
         key = {"k": "num_speculative_tokens"}.get(key, key)
-        cfg[key] = float(val) if "." in val else int(val)
+        cfg[key] = _value(val)
     return cfg
+
+
+def _value(text: str):
+    """A config value: int, float, true/false, else the string itself (a draft model's path)."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text, text)
 
 
 def step_cost(core, tokens=(1, 2, 4, 8, 16, 32), batches=(1, 4, 8), context: int = 512, repeats: int = 5) -> dict:
@@ -73,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantization", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--step-cost", action="store_true")
+    ap.add_argument("--step-cost-context", default="512", help="comma list of context lengths for --step-cost")
+    ap.add_argument("--max-decode-rows", type=int, default=None,
+                    help="verification runs as decode rows in steps of at most this many tokens (0: always as a "
+                         "prefill chunk); default: the runner's")
+    ap.add_argument("--decode-rows-max-context", type=int, default=None,
+                    help="... and contexts of at most this many tokens; default: the runner's")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -111,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         m = r.max_tokens if args.max_tokens is None else min(r.max_tokens, args.max_tokens)
         return SamplingParams(temperature=0, max_tokens=m)
 
+    if not reqs:  # --num-prompts 0: the step-cost curve only
+        configs, engines = [], {}
     for c, llm in engines.items():  # warm-up: oneDNN shapes, suffix trees stay empty (a different scope)
         llm.chat([warm.messages], params(warm), use_tqdm=False)
     results = {c: {"seconds": 0.0, "tokens": 0, "outputs": [], "per_prompt": []} for c in configs}
@@ -126,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             res["tokens"] += n
             res["outputs"].extend(o.outputs[0].token_ids for o in outs)
             res["per_prompt"].append(n / dt)
-    ref = configs[0]
+    ref = configs[0] if configs else None
     report = {"workload": args.workload, "num_prompts": len(reqs), "batch": args.batch, "dtype": args.dtype,
               "quantization": core.model.quantization, "threads": args.threads, "configs": {}}
     for c in configs:
@@ -147,9 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c:28s} {rate:8.2f} tok/s  x{entry['ratio']:.2f}  identical {entry['identical_to_first']}/{len(reqs)}"
               + (f"  mean accepted {entry['mean_accepted']}" if s is not None else ""), flush=True)
     if args.step_cost:
-        report["step_cost_s"] = step_cost(core)
-        for k, v in report["step_cost_s"].items():
-            print(f"step cost {k:10s} {1e3 * v:8.2f} ms")
+        if args.max_decode_rows is not None:
+            core.runner.max_decode_rows = args.max_decode_rows
+        if args.decode_rows_max_context is not None:
+            core.runner.decode_rows_max_context = args.decode_rows_max_context
+        report["step_cost_s"] = {}
+        for ctx in (int(c) for c in args.step_cost_context.split(",")):
+            for k, v in step_cost(core, context=ctx).items():
+                report["step_cost_s"][f"ctx{ctx}_{k}"] = v
+                print(f"step cost ctx {ctx:5d} {k:8s} {1e3 * v:8.2f} ms")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

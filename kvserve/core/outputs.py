@@ -113,9 +113,11 @@ class ModelOutput:
     # swap copies the worker ran for this step's operations: what the scheduler's swap-or-recompute model learns from
     kv_copy_bytes: int = 0
     kv_copy_seconds: float = 0.0
-    # model drafting at the start of this step (what the speculative back-off learns the drafts' cost from)
+    # model drafting at the start of this step: one-token passes and their seconds (what the speculative back-off
+    # learns a draft's cost from), and all drafting seconds (a draft model's catch-up on a prompt included)
     draft_iterations: int = 0
     draft_seconds: float = 0.0
+    draft_total_seconds: float = 0.0
 
 
 @dataclass

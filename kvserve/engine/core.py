@@ -298,7 +298,7 @@ class EngineCore:
         """Learn from this step (cost, acceptance), then propose the drafts the next schedule() will verify."""
         spec = self.spec
         spec.observe_draft(out.draft_iterations, out.draft_seconds)
-        spec.observe_step(sched.num_batched_tokens, elapsed - out.draft_seconds)
+        spec.observe_step(sched.num_batched_tokens, elapsed - out.draft_total_seconds)
         by_id = {}
         for sr in sched.scheduled:
             by_id[sr.request_id] = sr.request

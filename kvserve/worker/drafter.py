@@ -47,8 +47,10 @@ class ModelDrafter:
         return min(n, sr.start)
 
     @torch.inference_mode()
-    def propose(self, scheduled: list[ScheduledRequest]) -> tuple[int, float]:
-        """Fill each request's pending drafts in place; returns (forward passes, seconds)."""
+    def propose(self, scheduled: list[ScheduledRequest]) -> tuple[int, float, float]:
+        """Fill each request's pending drafts in place. Returns (passes, their seconds, all seconds): the passes of
+        one token per request are what each further draft costs; a first pass that also caught up on a prompt is
+        left out of them (a one-time cost, like the target's own prefill) but not out of all seconds."""
         t0 = time.perf_counter()
         k_of = {id(sr): len(sr.spec_token_ids) for sr in scheduled}
         # iteration 0: every token from the first one without draft KV up to the last real token
@@ -58,7 +60,9 @@ class ModelDrafter:
         tokens = self._argmax(batch)
         order = {id(s.request): i for i, s in enumerate(ordered)}
         drafts = {id(sr): [tokens[sample_rows[order[id(sr.request)]]]] for sr in scheduled}
-        iterations = 1
+        caught_up = any(s.num_new_tokens > 1 for s in first)
+        iterations = 0 if caught_up else 1
+        t1 = time.perf_counter() if caught_up else t0
         live = [sr for sr in scheduled if k_of[id(sr)] > 1]
         j = 1
         while live:
@@ -75,7 +79,8 @@ class ModelDrafter:
                 # draft KV now covers the real tokens and the drafts fed back in (positions < start + k); only the
                 # accepted ones will hold the request's tokens, which update() tells us through start next time
                 self._seen[sr.request_id] = (sr.request.num_preemptions, sr.start + 1)
-        return iterations, time.perf_counter() - t0
+        end = time.perf_counter()
+        return iterations, end - t1, end - t0
 
     def observe_accepted(self, sr: ScheduledRequest, num_accepted: int) -> None:
         """After verification: draft KV holds accepted drafts fed back in (all but the last drafted one)."""

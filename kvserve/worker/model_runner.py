@@ -6,6 +6,7 @@ import torch
 
 from kvserve.core.outputs import DRAFT_PENDING, KVSwapIn, KVSwapOut, ModelOutput, ScheduledRequest, SchedulerOutput
 from kvserve.model.batch import ForwardBatch, PrefillSeq
+from kvserve.model.layers import GEMV_MAX_TOKENS
 from kvserve.model.llama import LlamaModel
 from kvserve.worker.kv_cache import KVCache
 from kvserve.worker.kv_swap import SwapBuffer
@@ -35,7 +36,10 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.sampler = sampler or Sampler()
         self.pad_shapes = pad_shapes
-        self.max_decode_rows = 1 << 30  # verification chunks up to this many tokens run as decode rows
+        # speculative verification runs as decode rows (below) only in a step of at most this many tokens, for
+        # contexts up to decode_rows_max_context; elsewhere as a prefill chunk, which measured cheaper there
+        self.max_decode_rows = GEMV_MAX_TOKENS
+        self.decode_rows_max_context = 1024
         self.drafter = drafter  # kvserve.worker.drafter.ModelDrafter for layer_skip / draft_model; else None
 
     def padded_size(self, n: int) -> int:
@@ -45,13 +49,18 @@ class ModelRunner:
         """Decodes first (one batched attention call), then prefill chunks. Returns the batch, the logits row of
         each request that samples, and the logits rows of prompt positions for prompt-logprob requests."""
         bs = self.block_size
-        # A request verifying k speculative drafts runs as k + 1 decode rows over its one block table, row j
-        # attending to positions < start + j + 1: each layer writes every row's K/V before any row attends, so row j
-        # sees the drafts before it. Small batches then stay on the one-call decode path (`DecodePlan`), which
-        # costs less than a prefill chunk of the same tokens (docs/speculative.md has the step costs).
+        # A request verifying k speculative drafts runs either as a prefill chunk of 1 + k tokens or as k + 1
+        # decode rows over its one block table, row j attending to positions < start + j + 1 (each layer writes
+        # every row's K/V before any row attends, so row j sees the drafts before it). Rows keep a small step on the
+        # one-call decode path (`DecodePlan`), cheaper at short contexts; with more tokens in the step, or a long
+        # context, the prefill kernel (which reads the context once for the chunk) costs less (docs/benchmarks.md,
+        # the step-cost curve).
+        rows_ok = sum(s.num_new_tokens for s in scheduled) <= self.max_decode_rows
+
         def as_decode(s: ScheduledRequest) -> bool:
-            return s.start > 0 and s.num_new_tokens == 1 + len(s.spec_token_ids) and (
-                s.num_new_tokens == 1 or s.num_new_tokens <= self.max_decode_rows)
+            if s.start == 0 or s.num_new_tokens != 1 + len(s.spec_token_ids):
+                return False
+            return s.num_new_tokens == 1 or (rows_ok and s.start + s.num_new_tokens <= self.decode_rows_max_context)
 
         decodes = [s for s in scheduled if as_decode(s)]
         prefills = [s for s in scheduled if not as_decode(s)]
@@ -155,7 +164,7 @@ class ModelRunner:
             return out
         pending = [s for s in sched.scheduled if s.spec_token_ids and s.spec_token_ids[0] == DRAFT_PENDING]
         if pending:
-            out.draft_iterations, out.draft_seconds = self.drafter.propose(pending)
+            out.draft_iterations, out.draft_seconds, out.draft_total_seconds = self.drafter.propose(pending)
         batch, ordered, (sample_rows, prompt_rows) = self.build_batch(sched.scheduled)
         hidden = self.model.forward(batch, self.kv_cache.layers)
         if batch.logits_indices.numel() == 0:
