@@ -66,8 +66,10 @@ class SuffixTree:
 
     def speculate(self, context: list[int], max_tokens: int, max_spec_factor: float,
                   min_token_prob: float) -> tuple[list[int], float]:
-        """(draft, score): from the longest suffix of `context` that has a continuation in the tree."""
-        n = min(len(context), self.max_depth - 1)
+        """(draft, score): from the longest suffix of `context` that has a continuation in the tree. Paths are at
+        most max_depth tokens, so a match of length m leaves room for max_depth - m drafted tokens: matches are
+        capped to leave room for max_tokens of them (at least half the depth stays for matching)."""
+        n = min(len(context), self.max_depth - 1, max(self.max_depth // 2, self.max_depth - max_tokens))
         for length in range(n, 0, -1):
             node = self.root
             for t in context[len(context) - length:]:

@@ -80,6 +80,13 @@ def test_suffix_speculation_respects_factor_and_probability():
     assert tree.speculate([5, 6], 10, 4.0, 0.3)[0] == [7, 8, 9, 10, 11][:5]
 
 
+def test_a_long_match_leaves_room_for_the_draft():
+    """Paths stop at max_depth: matching the longest suffix (7 of 8) would leave room for one drafted token."""
+    tree = SuffixTree(max_depth=8)
+    tree.add(list(range(20)))
+    assert tree.speculate(list(range(10)), 4, 4.0, 0.0)[0] == [10, 11, 12, 13]
+
+
 def test_suffix_cache_is_bounded_and_scoped():
     cache = SuffixCache(max_depth=4, max_requests=2)
     cache.add("a", ("t1", ""), [1, 2, 3])
