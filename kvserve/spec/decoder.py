@@ -90,7 +90,12 @@ class _RequestState:
         self.scope = scope
 
     def acceptance(self, prior: float) -> float:
-        return (self.acc + 2 * prior) / (self.acc + self.rej + 2)
+        return smoothed_rate(self.acc, self.rej, prior)
+
+
+def smoothed_rate(accepted: float, rejected: float, prior: float) -> float:
+    """Per-token acceptance estimate: counts plus two pseudo-observations at `prior`."""
+    return (accepted + 2 * prior) / (accepted + rejected + 2)
 
 
 class SpecDecoder:
@@ -161,7 +166,7 @@ class SpecDecoder:
         prefill tokens expected in the next step beside the decodes (the step-cost rule counts them)."""
         self._step += 1
         candidates: list[tuple[object, list[int], float]] = []
-        method_prior = (self._method_acc + 2 * PRIOR_ACCEPTANCE) / (self._method_acc + self._method_rej + 2)
+        method_prior = smoothed_rate(self._method_acc, self._method_rej, PRIOR_ACCEPTANCE)
         for req in decoding:
             req.spec_token_ids = []
             st = self._states.get(req.request_id)

@@ -27,20 +27,27 @@ def decoding(sched):
     return [r for r in sched.running if r.num_tokens - r.num_computed_tokens == 1]
 
 
-def test_drafts_are_budgeted_verified_and_rolled_back_to_the_block():
-    sched = make_sched(num_blocks=64, budget=64)
+def decoding_request(n_prompt, max_tokens, rid="a", num_blocks=64, budget=64):
+    """A scheduler whose one request has its prompt computed and a first token sampled: its next step can verify
+    drafts."""
+    sched = make_sched(num_blocks=num_blocks, budget=budget)
     runner = FakeRunner(BS)
-    r = req("a", 30, max_tokens=40)
+    r = req(rid, n_prompt, max_tokens=max_tokens)
     sched.add_request(r)
-    sched.update(so := sched.schedule(), runner.execute(so))  # prompt (30 tokens) + first output token
+    sched.update(so := sched.schedule(), runner.execute(so))
+    return sched, runner, r
+
+
+def test_drafts_are_budgeted_verified_and_rolled_back_to_the_block():
+    sched, runner, r = decoding_request(30, max_tokens=40)  # prompt (30 tokens) + first output token
     assert r.num_tokens == 31 and r.num_computed_tokens == 30
     assert sched.kv.get_block_ids("a") == [0, 1]
 
     # 5 drafts, the third wrong: the step runs 6 tokens at positions 30..35 over 3 blocks
-    drafts = r.spec_token_ids = oracle_drafts(r, 5, wrong_at=2)
+    r.spec_token_ids = oracle_drafts(r, 5, wrong_at=2)
     so = sched.schedule()
     (sr,) = so.scheduled
-    assert (sr.start, sr.num_new_tokens, sr.spec_token_ids) == (30, 6, drafts)
+    assert (sr.start, sr.num_new_tokens, sr.spec_token_ids) == (30, 6, oracle_drafts(r, 5, wrong_at=2))
     assert sr.block_ids == [0, 1, 2] and r.spec_token_ids == []  # consumed, never in token_ids
     assert r.num_tokens == 31
     sched.update(so, runner.execute(so))
@@ -59,7 +66,7 @@ def test_drafts_are_budgeted_verified_and_rolled_back_to_the_block():
     assert sched.kv.get_block_ids("a") == [0, 1, 2]
     assert sched.kv.pool.num_free_blocks == 64 - 3
     sched.check_invariants()
-    out = run(sched, runner)  # the rest without drafts reads every context back: the rolled-back slots were rewritten
+    run(sched, runner)  # the rest without drafts reads every context back: the rolled-back slots were rewritten
     assert len(r.output_token_ids) == 40 and r.output_token_ids == [true_next_of(r, i) for i in range(40)]
 
 
@@ -72,11 +79,7 @@ def true_next_of(r, i):
 
 
 def test_only_blocks_of_accepted_tokens_are_cached():
-    sched = make_sched(num_blocks=64, budget=64)
-    runner = FakeRunner(BS)
-    r = req("a", 14, max_tokens=40)
-    sched.add_request(r)
-    sched.update(so := sched.schedule(), runner.execute(so))
+    sched, runner, r = decoding_request(14, max_tokens=40)
     assert r.num_computed_tokens == 14 and r.num_tokens == 15
     # drafts fill block 0 (positions 14, 15) and run into block 1, the first is wrong: nothing new is cached
     r.spec_token_ids = oracle_drafts(r, 4, wrong_at=0)
@@ -92,11 +95,7 @@ def test_only_blocks_of_accepted_tokens_are_cached():
 
 
 def test_a_stop_id_inside_accepted_drafts_ends_the_request_there():
-    sched = make_sched(num_blocks=64, budget=64)
-    runner = FakeRunner(BS)
-    r = req("a", 20, max_tokens=40)
-    sched.add_request(r)
-    sched.update(so := sched.schedule(), runner.execute(so))
+    sched, runner, r = decoding_request(20, max_tokens=40)
     drafts = oracle_drafts(r, 6)
     stop = drafts[2]
     r.sampling_params = r.sampling_params.replace(stop_token_ids=(stop,))
@@ -109,21 +108,14 @@ def test_a_stop_id_inside_accepted_drafts_ends_the_request_there():
 
 
 def test_drafts_never_pass_max_tokens_or_the_budget():
-    sched = make_sched(num_blocks=64, budget=8)
-    runner = FakeRunner(BS)
-    r = req("a", 7, max_tokens=4)
-    sched.add_request(r)
-    sched.update(so := sched.schedule(), runner.execute(so))
+    sched, runner, r = decoding_request(7, max_tokens=4, budget=8)
     r.spec_token_ids = oracle_drafts(r, 10)
     so = sched.schedule()
     assert so.scheduled[0].num_new_tokens == 1 + 2  # 1 output so far: at most 3 more tokens, the last sampled
     sched.update(so, runner.execute(so))
     assert r.num_output_tokens == 4 and r.is_finished
 
-    sched = make_sched(num_blocks=64, budget=8)
-    r = req("b", 7, max_tokens=40)
-    sched.add_request(r)
-    sched.update(so := sched.schedule(), runner.execute(so))
+    sched, runner, r = decoding_request(7, max_tokens=40, rid="b", budget=8)
     r.spec_token_ids = oracle_drafts(r, 20)
     so = sched.schedule()
     assert so.num_batched_tokens == 8 and len(so.scheduled[0].spec_token_ids) == 7
