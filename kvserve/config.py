@@ -101,6 +101,7 @@ class SchedulerConfig:
     kv_bytes_per_block: int = 0  # what one block's copy moves (the swap cost model's unit)
     # pins up to this share of the pool hold against waiting requests (never against running ones' growth)
     kv_pin_reserved_fraction: float = 0.0
+    kv_eviction_margin: int = 0  # KV eviction: tokens past its budget a decoding request may hold (lazy's batch)
 
     def __post_init__(self) -> None:
         check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode,
@@ -196,3 +197,77 @@ class SpeculativeConfig:
     def drafts_with_model(self) -> bool:
         """layer_skip / draft_model: drafts come from a forward pass in the worker, not from text."""
         return self.method in ("layer_skip", "draft_model")
+
+
+EVICTION_POLICIES = ("streaming", "snapkv", "h2o", "lazy")  # kvserve.worker.eviction
+_EVICTION_KEYS = ("policy", "budget_tokens", "sink_tokens", "window_tokens", "observation_window", "pooling_kernel",
+                  "lazy_margin_tokens", "lazy_recurrence_weight")
+
+
+@dataclass(frozen=True)
+class KVEvictionConfig:
+    """Bounded KV per request (docs/eviction.md): once its prompt is computed, a request keeps at most
+    `budget_tokens` tokens' KV (sinks and recent window included), plus one block while it grows (`lazy`: plus its
+    margin). `policy` says which tokens stay."""
+
+    policy: str
+    budget_tokens: int = 1024  # the default per-request budget (a request may override it; 0 turns eviction off)
+    sink_tokens: int = 4  # the first tokens are always kept (StreamingLLM's attention sinks)
+    window_tokens: int = 32  # the most recent tokens are always kept
+    # snapkv / h2o / lazy: the last prompt tokens whose queries score the prompt's keys (SnapKV's observation window)
+    observation_window: int = 32
+    pooling_kernel: int = 7  # snapkv: scores are averaged over this many neighbouring tokens (1: no pooling)
+    lazy_margin_tokens: int = 16  # lazy: evict in one batch once the KV exceeds the budget by this many (<= a block)
+    # lazy: how much a token's recurrence (how regularly attention comes back to it) counts against its mass
+    lazy_recurrence_weight: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVEvictionConfig":
+        """From JSON (`--kv-eviction`) or LLM(kv_eviction={...}): unknown keys are an error."""
+        _require(isinstance(d, dict), "kv_eviction must be a JSON object")
+        unknown = sorted(set(d) - set(_EVICTION_KEYS))
+        _require(not unknown, f"kv_eviction: unknown key(s) {', '.join(unknown)}; known: {', '.join(_EVICTION_KEYS)}")
+        _require("policy" in d, "kv_eviction needs a policy: " + " | ".join(EVICTION_POLICIES))
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        _require(self.policy in EVICTION_POLICIES,
+                 f"kv_eviction.policy must be one of {', '.join(EVICTION_POLICIES)}, got {self.policy!r}")
+        for name in ("sink_tokens", "window_tokens", "lazy_margin_tokens"):
+            v = getattr(self, name)
+            _require(is_int(v) and v >= 0, f"kv_eviction.{name} must be a non-negative integer, got {v!r}")
+        _require(is_int(self.observation_window) and self.observation_window >= 1,
+                 f"kv_eviction.observation_window must be a positive integer, got {self.observation_window!r}")
+        _require(is_int(self.pooling_kernel) and self.pooling_kernel >= 1 and self.pooling_kernel % 2 == 1,
+                 f"kv_eviction.pooling_kernel must be a positive odd integer, got {self.pooling_kernel!r}")
+        w = self.lazy_recurrence_weight
+        _require(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf"),
+                 f"kv_eviction.lazy_recurrence_weight must be a non-negative number, got {w!r}")
+        self.check_budget(self.budget_tokens, "kv_eviction.budget_tokens")
+
+    @property
+    def min_budget(self) -> int:
+        """A budget must hold the sinks, the window and at least one token chosen by the policy."""
+        return self.sink_tokens + self.window_tokens + 1
+
+    def check_budget(self, budget, name: str) -> None:
+        _require(isinstance(budget, int) and not isinstance(budget, bool) and budget >= self.min_budget,
+                 f"{name} must be an integer >= {self.min_budget} (sink_tokens + window_tokens + 1), got {budget!r}")
+
+    @property
+    def margin(self) -> int:
+        """Tokens past the budget a decoding request may hold before the next eviction (lazy evicts in batches)."""
+        return self.lazy_margin_tokens if self.policy == "lazy" else 0
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the attention kernels accumulate per-key attention mass for this policy."""
+        return self.policy != "streaming"
+
+    @property
+    def scores_decode(self) -> bool:
+        """Whether decode queries keep adding to the scores (h2o, lazy) or only the prompt's window does (snapkv)."""
+        return self.policy in ("h2o", "lazy")

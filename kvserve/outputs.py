@@ -52,3 +52,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    num_evicted_tokens: int = 0  # KV eviction: tokens whose KV its sequences dropped (docs/eviction.md)

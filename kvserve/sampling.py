@@ -42,6 +42,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # speculative decoding: at most this many drafts per step (0: off; None: the engine's num_speculative_tokens)
     num_speculative_tokens: int | None = None
+    # KV eviction: keep at most this many tokens' KV once the prompt is computed (None: the engine's default
+    # budget; 0: no eviction). The engine checks it against its policy's minimum
+    kv_budget_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise list-valued fields so the dataclass stays hashable and immutable.
@@ -94,6 +97,9 @@ class SamplingParams:
         check(k is None or (is_int(k) and 0 <= k <= MAX_SPEC_TOKENS),
               f"num_speculative_tokens must be an integer in [0, {MAX_SPEC_TOKENS}], got {k!r}",
               "num_speculative_tokens")
+        b = self.kv_budget_tokens
+        check(b is None or (is_int(b) and b >= 0), f"kv_budget_tokens must be a non-negative integer, got {b!r}",
+              "kv_budget_tokens")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             check(v is None or (is_int(v) and 0 <= v <= MAX_LOGPROBS),

@@ -26,7 +26,6 @@ def timeit(fn, repeats: int = 30, warmup: int = 5) -> float:
 def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, float]]:
     from kvserve.kernels import decode_attention_kernel
     from kvserve.model.attention import decode_attention_torch
-    from kvserve.model.batch import ForwardBatch
 
     native = decode_attention_kernel()
     g = torch.Generator().manual_seed(0)
@@ -39,12 +38,9 @@ def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, f
         mb = -(-ctx // bs)
         tables = torch.randperm(nb, generator=g)[: batch * mb].view(batch, mb)
         q = torch.randn(batch, h, d, generator=g).to(dtype)
-        fb = ForwardBatch(torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long),
-                          torch.zeros(batch, dtype=torch.long), num_decodes=batch, decode_block_tables=tables,
-                          decode_seq_lens=lens)
         name = str(dtype).replace("torch.", "")
         rows.append((f"decode attention, torch gather+einsum, {name}, B={batch} ctx={ctx}",
-                     timeit(lambda: decode_attention_torch(q, kc, vc, fb, 0.125), 10)))
+                     timeit(lambda: decode_attention_torch(q, kc, vc, tables, lens, 0.125), 10)))
         if native is not None:
             rows.append((f"decode attention, native in-place kernel, {name}, B={batch} ctx={ctx}",
                          timeit(lambda: native(q, kc, vc, tables, lens, 0.125))))

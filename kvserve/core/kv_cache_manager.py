@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from kvserve.core.block_pool import Block, BlockPool
 from kvserve.core.hashing import hash_block
+from kvserve.core.outputs import KVCompact
 from kvserve.core.request import Request
 
 MISS_CAUSES = ("no_match", "short_prompt", "evicted", "different_salt")
@@ -110,7 +111,7 @@ class KVCacheManager:
         """
         new_computed_blocks = new_computed_blocks or []
         blocks = self.req_blocks.get(request.request_id, [])
-        total_tokens = request.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
+        total_tokens = request.num_kv_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
         need = self.num_blocks_needed(total_tokens) - len(blocks) - len(new_computed_blocks)
         revive = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if max(need, 0) + revive > self.pool.num_free_blocks:
@@ -124,7 +125,7 @@ class KVCacheManager:
         return new_blocks
 
     def trim(self, request: Request, num_tokens: int) -> None:
-        """Free the request's blocks past its first `num_tokens` tokens (slots of rejected speculative drafts).
+        """Free the request's blocks past its first `num_tokens` KV slots (slots of rejected speculative drafts).
         Such blocks hold no accepted token, so none was cached; freed tail first."""
         blocks = self.req_blocks.get(request.request_id)
         keep = self.num_blocks_needed(num_tokens)
@@ -134,6 +135,44 @@ class KVCacheManager:
             assert all(b.block_hash is None for b in extra), "a trimmed block was cached"
             self.pool.free_blocks(reversed(extra))
 
+    def compact(self, request: Request, evicted: list[int]) -> KVCompact:
+        """Drop the KV of `evicted` (ascending KV indices below request.num_kv_tokens) and pack the rest into the
+        first slots: each kept token past the new length moves into an evicted slot below it (attention does not care
+        about the order of past keys), emptied tail blocks go back to the pool, and a block that would be written
+        (a hole filled, or the partial last block that the next tokens extend) is copied first if it is shared or
+        cached (architecture rule 2), so cached blocks keep their exact KV. Freed first, so the copies can reuse them:
+        the worker reads every source before it writes any destination."""
+        bs = self.block_size
+        old = list(self.req_blocks[request.request_id])
+        length = request.num_kv_tokens
+        gone = set(evicted)
+        assert len(gone) == len(evicted) and all(0 <= e < length for e in evicted), "bad eviction indices"
+        final = length - len(evicted)
+        holes = [e for e in evicted if e < final]
+        movers = [i for i in range(final, length) if i not in gone]
+        source = dict(zip(holes, movers))  # destination KV index -> source KV index
+        blocks = old[:self.num_blocks_needed(final)]
+        self.pool.free_blocks(reversed(old[len(blocks):]))
+        written = {h // bs for h in holes}
+        if final % bs:
+            written.add(final // bs)  # the next tokens land in it
+        src_slots, dst_slots = [], []
+        for bi in sorted(written):
+            b = blocks[bi]
+            offsets = range(min(bs, final - bi * bs))
+            if b.ref_cnt > 1 or b.block_hash is not None:  # copy-on-write: a fresh block gets all kept slots
+                self.pool.free_blocks([b])
+                b = blocks[bi] = self.pool.get_new_blocks(1)[0]
+                pairs = [(source.get(bi * bs + o, bi * bs + o), bi * bs + o) for o in offsets]
+            else:
+                pairs = [(source[i], i) for i in (bi * bs + o for o in offsets) if i in source]
+            for src, dst in pairs:
+                src_slots.append(old[src // bs].block_id * bs + src % bs)
+                dst_slots.append(b.block_id * bs + dst % bs)
+        self.req_blocks[request.request_id] = blocks
+        request.num_evicted_tokens += len(evicted)
+        return KVCompact(request.request_id, src_slots, dst_slots, list(zip(movers, holes)), final)
+
     def share_blocks(self, request: Request, blocks: list[Block]) -> None:
         """Start `request` on blocks already holding its prefix (n > 1 siblings sharing the prompt)."""
         assert request.request_id not in self.req_blocks
@@ -142,8 +181,8 @@ class KVCacheManager:
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Make the request's full, computed blocks findable by later requests."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or request.num_evicted_tokens:
+            return  # after an eviction block i no longer holds positions [i * bs, (i + 1) * bs): rule 1
         blocks = self.req_blocks.get(request.request_id)
         if not blocks:
             return
@@ -174,6 +213,11 @@ class KVCacheManager:
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now (free or only cached)."""
+        return self.pool.num_free_blocks
 
     @property
     def num_used_blocks(self) -> int:

@@ -29,6 +29,19 @@ class ScheduledRequest:
     # speculative drafts run after the request's last token (the last len(spec_token_ids) of num_new_tokens);
     # the runner samples at each of their positions and the scheduler keeps the accepted ones
     spec_token_ids: list[int] = field(default_factory=list)
+    # KV eviction: the KV slot (index into the block table's slots) the first new token goes to; equals `start`
+    # until the request's first eviction. kv_budget > 0: the worker may evict down to it after this step
+    kv_start: int = -1
+    kv_budget: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kv_start < 0:
+            self.kv_start = self.start
+
+    @property
+    def num_real_tokens(self) -> int:
+        """The request's own tokens this step (drafts excluded)."""
+        return self.num_new_tokens - len(self.spec_token_ids)
 
     @property
     def request_id(self) -> str:
@@ -77,7 +90,20 @@ class KVSwapIn:
     block_ids: list[int]
 
 
-KVOp = KVLoad | KVSave | KVSwapOut | KVSwapIn
+@dataclass
+class KVCompact:
+    """After an eviction: copy slot src_slots[i] -> dst_slots[i] (every source read before any destination is
+    written), packing the kept tokens' KV into the first num_kv_tokens slots of the request's block table. The
+    worker's per-token eviction state moves along `moves` ((from, to) KV indices) and is cut at num_kv_tokens."""
+
+    request_id: str
+    src_slots: list[int]
+    dst_slots: list[int]
+    moves: list[tuple[int, int]]
+    num_kv_tokens: int
+
+
+KVOp = KVLoad | KVSave | KVSwapOut | KVSwapIn | KVCompact
 
 
 @dataclass
@@ -118,6 +144,9 @@ class ModelOutput:
     draft_iterations: int = 0
     draft_seconds: float = 0.0
     draft_total_seconds: float = 0.0
+    # KV eviction: request id -> KV indices (below its KV length after this step) the policy evicted, ascending
+    evicted: dict[str, list[int]] = field(default_factory=dict)
+    eviction_seconds: float = 0.0  # scoring bookkeeping and selection in the worker this step
 
 
 @dataclass
@@ -131,3 +160,4 @@ class RequestUpdate:
     finish_reason: FinishReason | None
     stop_reason: int | str | None
     num_cached_tokens: int
+    num_evicted_tokens: int = 0

@@ -52,7 +52,7 @@ class Request:
                  block_size: int, eos_token_ids: tuple[int, ...] = (), cache_salt: str | None = None,
                  arrival_time: float | None = None, priority: int = 0, max_model_len: int | None = None,
                  share_prompt_with: "Request | None" = None, tenant: str = DEFAULT_TENANT,
-                 session_id: str | None = None, kv_pin_seconds: float = 0.0):
+                 session_id: str | None = None, kv_pin_seconds: float = 0.0, kv_budget: int = 0):
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -81,6 +81,11 @@ class Request:
         # speculative decoding: drafts to verify after the last token (kvserve.spec). Never part of token_ids or
         # block_hashes; the scheduler takes them into one step's ScheduledRequest and clears them
         self.spec_token_ids: list[int] = []
+        # KV eviction (docs/eviction.md): once the prompt is computed, keep at most kv_budget tokens' KV (0: all).
+        # Evicted tokens leave the KV: positions stay the tokens' own, while the KV of the kept ones is packed into
+        # the first num_kv_tokens slots of the block table, in no particular order (RoPE is applied at write time)
+        self.kv_budget = kv_budget
+        self.num_evicted_tokens = 0
         # tiered KV store: looked up once; what came back waits here (opaque to the scheduler) until admission
         self.kv_store_checked = False
         self.fetched_kv = None
@@ -98,6 +103,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Computed tokens whose KV the request still holds (all of them until its first eviction)."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def num_output_tokens(self) -> int:

@@ -97,6 +97,7 @@ class Scheduler:
         self.num_swapped_preemptions = 0
         self.num_recomputed_preemptions = 0
         self.num_computed_prompt_tokens = 0  # prompt tokens run through the model (not cached, not loaded)
+        self.num_evicted_tokens = 0  # KV eviction: tokens evicted from running requests' KV
         self.num_loaded_tokens = 0
 
     # ------------------------------------------------------------------ intake
@@ -265,7 +266,7 @@ class Scheduler:
                 request=req, start=start, num_new_tokens=n, block_ids=self.kv.get_block_ids(req.request_id),
                 sample=start + n - len(drafts) == req.num_tokens,
                 prompt_logprobs=req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens,
-                spec_token_ids=drafts,
+                spec_token_ids=drafts, kv_start=req.num_kv_tokens, kv_budget=req.kv_budget,
             ))
         for sr in scheduled:
             if sr.start < sr.request.num_prompt_tokens:
@@ -312,23 +313,31 @@ class Scheduler:
             match = self.kv.match_prefix(req)
             if match.num_blocks > len(shared):
                 shared = []
+        swapped: SwappedKV | None = req.swapped
         if shared:
             computed, match = shared, None
-        elif req.sampling_params.prompt_logprobs is not None:
-            computed, match = [], None  # prompt logprobs need every prompt position computed
+        elif req.sampling_params.prompt_logprobs is not None or (swapped is not None and swapped.num_evicted):
+            # prompt logprobs need every prompt position computed; an evicting request's KV is its swapped copy
+            computed, match = [], None
         else:
             match = match if match is not None else self.kv.match_prefix(req)
             computed = match.blocks
         num_computed = len(computed) * self.block_size
         n_load = self._loadable(req, num_computed) if not shared else 0
-        swapped: SwappedKV | None = req.swapped
         n_swap = max(swapped.num_tokens - num_computed, 0) if swapped is not None and not shared else 0
-        n = req.num_tokens - num_computed - n_load - n_swap
+        n_evicted = swapped.num_evicted if n_swap else 0
+        n = req.num_tokens - num_computed - n_load - n_swap - n_evicted
         self._blocked_on_blocks = False
         if not self.config.enable_chunked_prefill and n > budget:
             return None
         n = min(n, budget)
         self._blocked_on_blocks = True  # a None from here on means the pool could not supply the blocks
+        if req.kv_budget and not shared:
+            # an evicting request peaks at its whole prompt plus a block before it evicts: start it only when that
+            # fits beside what the evicting requests already prefilling still need, so none is preempted for it
+            peak = self.kv.num_blocks_needed(req.num_tokens - n_evicted + 1) - len(computed)
+            if peak + self._eviction_reserve() > self.kv.num_free_blocks:
+                return None
         if shared:
             self.kv.share_blocks(req, shared)
             req.num_computed_tokens = num_computed
@@ -339,7 +348,8 @@ class Scheduler:
         else:
             if self.kv.allocate_slots(req, n_load + n_swap + n, computed) is None:
                 return None
-            req.num_computed_tokens = num_computed + n_load + n_swap
+            req.num_computed_tokens = num_computed + n_load + n_swap + n_evicted
+            req.num_evicted_tokens = n_evicted
             if match is not None:
                 self.kv.record_lookup(req, match)
         if n_swap:  # the blocks past what the prefix cache still had come back from the swap space
@@ -367,6 +377,12 @@ class Scheduler:
             self.waiting.charge(req, to_compute, 0)
             self.tenants[req.tenant].prompt_tokens_computed += to_compute
         return n
+
+    def _eviction_reserve(self) -> int:
+        """Blocks the running evicting requests still in prefill need to reach their peak."""
+        return sum(max(self.kv.num_blocks_needed(r.num_tokens - r.num_evicted_tokens + 1)
+                       - len(self.kv.get_blocks(r.request_id)), 0)
+                   for r in self.running if r.kv_budget and r.in_prefill)
 
     # ------------------------------------------------------------------ tiered KV store
     def _chunk_hash(self, req: Request, k: int) -> bytes:
@@ -425,6 +441,8 @@ class Scheduler:
         return end - num_computed
 
     def _queue_saves(self, req: Request) -> None:
+        if req.num_evicted_tokens:
+            return  # its blocks no longer hold the chunks their hashes name (rule 1); the prompt's went when done
         c = self.connector.chunk_size
         per = c // self.block_size
         block_ids = self.kv.get_block_ids(req.request_id)
@@ -464,14 +482,14 @@ class Scheduler:
         (it stays in the prefix cache until evicted; recomputed on resume), chosen per victim; it resumes first
         when blocks free up."""
         self.running.remove(req)
-        block_ids = self.kv.get_block_ids(req.request_id)[:-(-req.num_computed_tokens // self.block_size)]
+        block_ids = self.kv.get_block_ids(req.request_id)[:-(-req.num_kv_tokens // self.block_size)]
         mode = self.config.preemption_mode
         if mode != "recompute" and block_ids and req.sampling_params.prompt_logprobs is None:
             decision = self.swap_cost.decide(req.num_computed_tokens, len(block_ids))
             slots = self.swap.allocate(len(block_ids)) if mode == "swap" or decision.mode == "swap" else None
             if slots is not None:
                 self._kv_ops.append(KVSwapOut(req.request_id, block_ids, slots))
-                req.swapped = SwappedKV(slots, req.num_computed_tokens)
+                req.swapped = SwappedKV(slots, req.num_kv_tokens, req.num_evicted_tokens)
                 self.num_swapped_preemptions += 1
             else:
                 self.num_recomputed_preemptions += 1
@@ -485,6 +503,9 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        # recomputed after an eviction, it prefills everything again and evicts anew: the kept set (and so the output)
+        # may differ from an uninterrupted run; swapped, it resumes from its own KV (docs/eviction.md)
+        req.num_evicted_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_front(req)
@@ -493,7 +514,7 @@ class Scheduler:
     def update(self, sched: SchedulerOutput, out: ModelOutput) -> list[RequestUpdate]:
         self.swap_cost.observe_copy(out.kv_copy_bytes, out.kv_copy_seconds)
         updates = [RequestUpdate(r.request_id, [], [], None, r.finish_reason, r.stop_reason,
-                                 max(r.num_cached_tokens, 0)) for r in self._ended_in_schedule]
+                                 max(r.num_cached_tokens, 0), r.num_evicted_tokens) for r in self._ended_in_schedule]
         self._ended_in_schedule = []
         for sr in sched.scheduled:
             req = sr.request
@@ -531,13 +552,19 @@ class Scheduler:
                     req.num_computed_tokens = req.num_tokens - 1
                     self.kv.cache_blocks(req, req.num_computed_tokens)
                     if not req.is_finished:
-                        self.kv.trim(req, req.num_tokens)
+                        self.kv.trim(req, req.num_tokens - req.num_evicted_tokens)
+            evicted = out.evicted.get(req.request_id)
+            if evicted and not req.is_finished:
+                # the policy's choice, made by the worker from attention scores; the KV that stays is packed into
+                # fewer blocks before the next forward pass, and nothing of this request is cached from now on
+                self._kv_ops.append(self.kv.compact(req, evicted))
+                self.num_evicted_tokens += len(evicted)
             if self._prompt_done(req):
                 self._release_siblings(req)
             plp = out.prompt_logprobs.get(req.request_id)
             if new_tokens or plp or req.is_finished:
                 updates.append(RequestUpdate(req.request_id, new_tokens, new_lps, plp, req.finish_reason,
-                                             req.stop_reason, max(req.num_cached_tokens, 0)))
+                                             req.stop_reason, max(req.num_cached_tokens, 0), req.num_evicted_tokens))
             if req.is_finished:
                 self.running.remove(req)
                 self._release(req)
@@ -575,7 +602,17 @@ class Scheduler:
         assert set(self.kv.req_blocks) <= live, "blocks held by a request that is gone"
         for req in self.running:
             assert req.status == RequestStatus.RUNNING
-            assert len(self.kv.get_blocks(req.request_id)) * self.block_size >= req.num_computed_tokens
+            assert len(self.kv.get_blocks(req.request_id)) * self.block_size >= req.num_kv_tokens
+            if req.kv_budget and not req.in_prefill and req.num_computed_tokens:
+                # once the prompt is computed: the budget, plus the margin a lazy policy lets it grow by
+                assert req.num_kv_tokens <= req.kv_budget + self.config.kv_eviction_margin, \
+                    f"{req}: {req.num_kv_tokens} KV tokens over its budget of {req.kv_budget}"
+            if req.num_evicted_tokens:
+                assert len(self.kv.get_blocks(req.request_id)) <= self.kv.num_blocks_needed(req.num_kv_tokens + 1), \
+                    f"{req}: holds blocks past its KV"
+                for b in self.kv.get_blocks(req.request_id)[req.num_kv_tokens // self.block_size:]:
+                    assert b.block_hash is None and b.ref_cnt == 1, f"{req}: its next tokens would write a shared block"
+
         for req in self.waiting:
             assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert req.request_id not in self.kv.req_blocks, "a waiting request holds blocks"

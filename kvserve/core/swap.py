@@ -15,10 +15,12 @@ EWMA = 0.2
 
 @dataclass
 class SwappedKV:
-    """A preempted request's KV in the swap space: slot k holds the request's block k; tokens [0, num_tokens)."""
+    """A preempted request's KV in the swap space: slot k holds the request's block k; KV slots [0, num_tokens),
+    after `num_evicted` tokens were evicted (positions [0, num_tokens + num_evicted) were computed)."""
 
     slots: list[int]
     num_tokens: int
+    num_evicted: int = 0
 
 
 class SwapSpace:

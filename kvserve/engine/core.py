@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvserve.config import CacheConfig, ConfigError, SchedulerConfig, SpeculativeConfig, check_scheduling
+from kvserve.config import (
+    CacheConfig,
+    ConfigError,
+    KVEvictionConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    check_scheduling,
+)
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
@@ -21,6 +28,7 @@ from kvserve.engine.protocol import (
     EngineCoreRequest,
     EngineInfo,
     EngineStats,
+    EvictionStats,
     KVStoreStats,
     PrefixCacheStats,
     PinStats,
@@ -44,6 +52,7 @@ from kvserve.worker.kv_cache import KVCache, bytes_per_block, num_blocks_for_bud
 from kvserve.worker.kv_swap import SwapBuffer
 from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
 from kvserve.worker.drafter import ModelDrafter
+from kvserve.worker.eviction import KVEvictor
 from kvserve.worker.model_runner import ModelRunner
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
@@ -85,10 +94,17 @@ class EngineArgs:
     swap_space_gb: float = 1.0  # host memory for swapped-out KV (allocated on the first swap)
     # speculative decoding (kvserve.spec); a dict (LLM(speculative_config={...})) is checked into the config
     speculative_config: SpeculativeConfig | None = None
+    # KV eviction (docs/eviction.md): the policy and default per-request budget; a dict is checked into the config
+    kv_eviction: KVEvictionConfig | None = None
 
     def __post_init__(self):
         if isinstance(self.speculative_config, dict):
             object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
+        if isinstance(self.kv_eviction, dict):
+            object.__setattr__(self, "kv_eviction", KVEvictionConfig.from_dict(self.kv_eviction))
+        if self.kv_eviction is not None and self.kv_eviction.margin > self.block_size:
+            raise ConfigError(f"kv_eviction.lazy_margin_tokens must be at most the block size ({self.block_size}): "
+                              "a request's KV stays within its budget plus one block")
         if not 0 <= self.swap_space_gb < float("inf"):
             raise ConfigError("swap_space_gb must be a non-negative number of GiB")
         if self.quantization not in QUANTIZATIONS:
@@ -150,7 +166,8 @@ class EngineCore:
                                            args.scheduling_policy, args.tenant_weights, args.max_queue_wait_s,
                                            args.kv_pin_max_fraction, args.tenant_pin_max_tokens,
                                            args.pinned_sessions_first, args.preemption_mode, num_swap_blocks,
-                                           block_bytes, kv_pin_reserved_fraction=args.kv_pin_reserved_fraction)
+                                           block_bytes, kv_pin_reserved_fraction=args.kv_pin_reserved_fraction,
+                                           kv_eviction_margin=args.kv_eviction.margin if args.kv_eviction else 0)
         self.kv_cache = KVCache(config, num_blocks, args.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size, cache_config.enable_prefix_caching)
         name = model_name or "model"
@@ -159,8 +176,10 @@ class EngineCore:
         transfer = NullKVTransfer() if self.kv_store is None else KVTransfer(self.kv_cache, self.kv_store)
         swap = SwapBuffer(self.kv_cache, num_swap_blocks) if num_swap_blocks else None
         drafter = self._make_drafter(args.speculative_config, args, tokenizer, dtype, num_blocks)
+        evictor = KVEvictor(args.kv_eviction, config.num_kv_heads, args.block_size) if args.kv_eviction else None
         self.runner = ModelRunner(self.model, self.kv_cache, transfer, pad_shapes=args.pad_shapes, swap=swap,
-                                  drafter=drafter)
+                                  drafter=drafter, evictor=evictor)
+        self._eviction_seconds = 0.0
         eos = set(config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -176,7 +195,10 @@ class EngineCore:
             quantization=model.quantization, scheduling_policy=args.scheduling_policy,
             max_queue_wait_s=args.max_queue_wait_s,
             speculative_method=args.speculative_config.method if args.speculative_config else None,
-            num_speculative_tokens=args.speculative_config.num_speculative_tokens if args.speculative_config else 0)
+            num_speculative_tokens=args.speculative_config.num_speculative_tokens if args.speculative_config else 0,
+            kv_eviction_policy=args.kv_eviction.policy if args.kv_eviction else None,
+            kv_budget_tokens=args.kv_eviction.budget_tokens if args.kv_eviction else 0,
+            kv_min_budget_tokens=args.kv_eviction.min_budget if args.kv_eviction else 0)
         self._group_seqs: dict[str, list[str]] = {}
         self.spec = SpecDecoder(args.speculative_config) if args.speculative_config else None
 
@@ -244,7 +266,8 @@ class EngineCore:
                 sp = params.replace(seed=params.seed + i)
             req = Request(sid, request.prompt_token_ids, sp, self.info.block_size, self.eos_token_ids,
                           r.cache_salt, arrival, r.priority, self.info.max_model_len, share_prompt_with=first,
-                          tenant=r.tenant, session_id=r.session_id, kv_pin_seconds=r.kv_pin_seconds)
+                          tenant=r.tenant, session_id=r.session_id, kv_pin_seconds=r.kv_pin_seconds,
+                          kv_budget=self.info.kv_budget(params))
             first = first or req
             requests.append(req)
         for req in requests:  # everything is validated above: nothing can fail half-way and leave state behind
@@ -281,6 +304,7 @@ class EngineCore:
         started = time.perf_counter()
         out = self.runner.execute(sched)
         elapsed = time.perf_counter() - started
+        self._eviction_seconds += out.eviction_seconds
         if self.kv_store is not None and sched.scheduled:
             self.kv_store.observe_prefill(sched.num_batched_tokens, elapsed)
         prefill_tokens = sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1)
@@ -345,7 +369,10 @@ class EngineCore:
             kv_pins=PinStats(len(sched.pins), sched.pins.num_blocks, **dataclasses.asdict(sched.pins.stats)),
             preemptions_swapped=sched.num_swapped_preemptions, swap_blocks_used=sched.swap.num_used,
             swap_blocks_total=sched.swap.num_slots,
-            speculative=SpeculativeStats(**dataclasses.asdict(self.spec.snapshot())) if self.spec else None)
+            speculative=SpeculativeStats(**dataclasses.asdict(self.spec.snapshot())) if self.spec else None,
+            eviction=EvictionStats(self.args.kv_eviction.policy, sched.num_evicted_tokens,
+                                   sum(r.num_kv_tokens for r in sched.running), self._eviction_seconds)
+            if self.args.kv_eviction else None)
 
     def _tenant_stats(self) -> dict[str, TenantStats]:
         sched = self.scheduler

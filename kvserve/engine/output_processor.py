@@ -26,6 +26,7 @@ class SeqState:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_evicted_tokens: int = 0  # KV eviction: tokens whose KV this sequence dropped
 
     @property
     def holdback(self) -> int:
@@ -99,6 +100,7 @@ class OutputProcessor:
             if seq.finish_reason is not None:
                 continue
             touched[group.request_id] = group
+            seq.num_evicted_tokens = u.num_evicted_tokens
             if seq.index == 0:  # usage reports the prompt once, as the first sequence saw it
                 group.num_cached_tokens = max(group.num_cached_tokens, u.num_cached_tokens)
             if u.prompt_logprobs and group.prompt_logprobs is not None:
@@ -173,7 +175,8 @@ class OutputProcessor:
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                 delta_text=delta_text, delta_token_ids=delta_ids))
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, group.prompt_logprobs, outs,
-                             group.finished, group.num_cached_tokens, group.metrics)
+                             group.finished, group.num_cached_tokens, group.metrics,
+                             sum(s.num_evicted_tokens for s in group.seqs))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         group = self.groups.get(request_id)

@@ -45,6 +45,13 @@ class EngineInfo(msgspec.Struct, frozen=True):
     max_queue_wait_s: float | None = None  # requests not scheduled within this are rejected (503 when served)
     speculative_method: str | None = None  # kvserve.spec; None: no speculative decoding
     num_speculative_tokens: int = 0  # the most drafts a request may verify per step (its override's upper bound)
+    kv_eviction_policy: str | None = None  # docs/eviction.md; None: no request evicts
+    kv_budget_tokens: int = 0  # the default per-request KV budget (0: off)
+    kv_min_budget_tokens: int = 0  # the smallest budget a request may ask for (sinks + window + 1)
+
+    def kv_budget(self, params: SamplingParams) -> int:
+        """The KV budget a request runs with (0: no eviction)."""
+        return self.kv_budget_tokens if params.kv_budget_tokens is None else params.kv_budget_tokens
 
 
 class RequestRouting(msgspec.Struct, frozen=True):
@@ -153,6 +160,15 @@ class SpeculativeStats(msgspec.Struct, frozen=True):
     suffix_tree_nodes: int = 0
 
 
+class EvictionStats(msgspec.Struct, frozen=True):
+    """KV eviction (docs/eviction.md) under the engine's one policy."""
+
+    policy: str
+    evicted_tokens: int  # cumulative: tokens whose KV running requests dropped
+    kv_tokens_held: int  # now: KV tokens held by running requests (evicting or not)
+    score_seconds: float  # cumulative: worker time on attention-score bookkeeping and selection
+
+
 class EngineStats(msgspec.Struct, frozen=True):
     """A snapshot of the engine core's counters and gauges (cumulative counters never go down)."""
 
@@ -174,6 +190,7 @@ class EngineStats(msgspec.Struct, frozen=True):
     swap_blocks_used: int = 0
     swap_blocks_total: int = 0
     speculative: SpeculativeStats | None = None
+    eviction: EvictionStats | None = None
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams,
@@ -203,6 +220,14 @@ def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: Samp
                          if info.num_speculative_tokens else
                          "speculative decoding is not enabled on this engine (num_speculative_tokens must be 0)",
                          "num_speculative_tokens")
+    b = params.kv_budget_tokens
+    if b:
+        if info.kv_eviction_policy is None:
+            raise ParamError("KV eviction is not enabled on this engine (start it with a kv_eviction policy); "
+                             "kv_budget_tokens must be 0 or absent", "kv_budget_tokens")
+        if b < info.kv_min_budget_tokens:
+            raise ParamError(f"kv_budget_tokens must be 0 (no eviction) or at least {info.kv_min_budget_tokens} "
+                             "(the policy's sink and window tokens + 1)", "kv_budget_tokens")
     if params.max_tokens == 0 and params.n > 1:
         raise ParamError("max_tokens=0 (scoring) needs n=1", "n")
     if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt

@@ -64,17 +64,19 @@ def load(name: str):
 def decode_attention_kernel():
     """The paged decode attention kernel, or None where it did not build.
 
-    fn(q (B, H, D), k_cache, v_cache (NB, BS, Hkv, D), block_tables (B, MB) int64, seq_lens (B,) int32, scale)
-    returns (B, H, D), or None (nothing computed) for a head_dim or dtype the kernel does not cover."""
+    fn(q (B, H, D), k_cache, v_cache (NB, BS, Hkv, D), block_tables (B, MB) int64, seq_lens (B,) int32, scale,
+    scores=None) returns (B, H, D), or None (nothing computed) for a head_dim or dtype the kernel does not cover.
+    `scores`, a float32 (B, Hkv, S) tensor, gets each row's attention probabilities summed over the query heads of
+    each KV head added to it (per-key attention mass, for KV eviction)."""
     mod = load("paged_attention")
     if mod is None:
         return None
     import torch
 
-    def decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    def decode(q, k_cache, v_cache, block_tables, seq_lens, scale, scores=None):
         if q.shape[-1] not in KERNEL_HEAD_DIMS or q.dtype not in (torch.float32, torch.bfloat16):
             return None
-        return mod.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return mod.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, scores)
 
     return decode
 

@@ -5,6 +5,9 @@
 // block_tables: (B, MB) int64
 // seq_lens:     (B,) int32           context length of each sequence, including the new token
 // out:          (B, H, D)            same dtype as q
+// scores:       (B, Hkv, S) float32  optional, S >= every seq_len: each row's attention probabilities, summed over
+//                                    the query heads of each KV head, are ADDED here (per-key attention mass for KV
+//                                    eviction; a caller sums a step's layers into one buffer)
 //
 // Each worker takes whole (sequence, kv head) pairs, so the G = H / Hkv query heads that share a KV head read every
 // key and value row once. Scores for the whole context stay in a per-thread buffer (contexts are at most a few
@@ -33,7 +36,8 @@ inline void from_float(float x, c10::BFloat16* dst) { *dst = c10::BFloat16(x); }
 template <typename T, int D>
 void decode_kernel(const T* __restrict q, const T* __restrict k_cache, const T* __restrict v_cache,
                    const int64_t* __restrict tables, const int32_t* __restrict lens, T* __restrict out,
-                   int64_t B, int64_t H, int64_t Hkv, int64_t BS, int64_t MB, float scale) {
+                   int64_t B, int64_t H, int64_t Hkv, int64_t BS, int64_t MB, float scale, float* __restrict sc,
+                   int64_t SL) {
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;     // elements per token in a block
   const int64_t blk = BS * row;    // elements per block
@@ -69,6 +73,11 @@ void decode_kernel(const T* __restrict q, const T* __restrict k_cache, const T* 
         for (int64_t t = 0; t < L; ++t) { sg[t] = std::exp(sg[t] - m); sum += sg[t]; }
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < L; ++t) sg[t] *= inv;
+      }
+      if (sc != nullptr) {  // this (row, kv head) is one worker's alone: no race
+        float* dst = sc + (b * Hkv + h) * SL;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t t = 0; t < L; ++t) dst[t] += scores[g * L + t];
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < L; ++t) {
@@ -158,7 +167,7 @@ template <int D>
 void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
                                const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
                                const int32_t* __restrict lens, c10::BFloat16* __restrict out, int64_t B, int64_t H,
-                               int64_t Hkv, int64_t BS, int64_t MB, float scale) {
+                               int64_t Hkv, int64_t BS, int64_t MB, float scale, float* __restrict sc, int64_t SL) {
   static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
   constexpr int NQ = D / 32;  // 512-bit loads of 32 bf16 per row
   constexpr int NV = D / 16;  // float32 accumulators of 16 lanes per row
@@ -223,6 +232,15 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
         }
       }
       for (int64_t j = 0; j < nq; ++j) softmax_row(scores.data() + j * L, L);
+      if (sc != nullptr) {  // the item's kv heads of this row are its own: no race
+        for (int64_t hh = 0; hh < per_item; ++hh) {
+          float* dst = sc + (b * Hkv + h0 + hh) * SL;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* p = scores.data() + (hh * G + g) * L;
+            for (int64_t t = 0; t < L; ++t) dst[t] += p[t];
+          }
+        }
+      }
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t bi = 0; bi < nblocks; ++bi) {
         const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, L - t0);
@@ -257,7 +275,7 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
 
 template <typename T>
 void dispatch_d(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const torch::Tensor& bt,
-                const torch::Tensor& sl, torch::Tensor& out, double scale) {
+                const torch::Tensor& sl, torch::Tensor& out, double scale, float* sc, int64_t SL) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
   const int64_t BS = kc.size(1), Hkv = kc.size(2), MB = bt.size(1);
   const T* qp = q.data_ptr<T>();
@@ -268,16 +286,17 @@ void dispatch_d(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
   const int32_t* lp = sl.data_ptr<int32_t>();
 #ifdef KVSERVE_AVX512_BF16
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (D == 64) return decode_kernel_bf16_avx512<64>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale);
-    if (D == 128) return decode_kernel_bf16_avx512<128>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale);
+    const float sf = (float)scale;
+    if (D == 64) return decode_kernel_bf16_avx512<64>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, sf, sc, SL);
+    if (D == 128) return decode_kernel_bf16_avx512<128>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, sf, sc, SL);
   }
 #endif
   switch (D) {
-    case 64: decode_kernel<T, 64>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
-    case 128: decode_kernel<T, 128>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
-    case 96: decode_kernel<T, 96>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
-    case 80: decode_kernel<T, 80>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
-    case 256: decode_kernel<T, 256>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale); break;
+    case 64: decode_kernel<T, 64>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale, sc, SL); break;
+    case 128: decode_kernel<T, 128>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale, sc, SL); break;
+    case 96: decode_kernel<T, 96>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale, sc, SL); break;
+    case 80: decode_kernel<T, 80>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale, sc, SL); break;
+    case 256: decode_kernel<T, 256>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, (float)scale, sc, SL); break;
     default: TORCH_CHECK(false, "paged decode attention: unsupported head_dim ", D);
   }
 }
@@ -285,7 +304,8 @@ void dispatch_d(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
 }  // namespace
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale) {
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
+                                     c10::optional<torch::Tensor> scores = c10::nullopt) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "bad ranks");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtype mismatch");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
@@ -296,11 +316,21 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   block_tables = block_tables.contiguous();
   seq_lens = seq_lens.contiguous();
   TORCH_CHECK(seq_lens.size(0) == q.size(0) && block_tables.size(0) == q.size(0), "batch mismatch");
+  float* sc = nullptr;
+  int64_t SL = 0;
+  if (scores.has_value()) {
+    const auto& s = *scores;
+    TORCH_CHECK(s.scalar_type() == torch::kFloat32 && s.is_contiguous() && s.dim() == 3 && s.size(0) == q.size(0) &&
+                s.size(1) == k_cache.size(2), "scores must be a contiguous float32 (B, Hkv, S) tensor");
+    TORCH_CHECK(seq_lens.numel() == 0 || seq_lens.max().item<int32_t>() <= s.size(2), "scores shorter than a context");
+    sc = s.data_ptr<float>();
+    SL = s.size(2);
+  }
   auto out = torch::empty_like(q);
   if (q.scalar_type() == torch::kFloat32) {
-    dispatch_d<float>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
+    dispatch_d<float>(q, k_cache, v_cache, block_tables, seq_lens, out, scale, sc, SL);
   } else if (q.scalar_type() == torch::kBFloat16) {
-    dispatch_d<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, out, scale);
+    dispatch_d<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, out, scale, sc, SL);
   } else {
     TORCH_CHECK(false, "paged decode attention supports float32 and bfloat16");
   }
@@ -309,6 +339,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
 #ifndef KVSERVE_NO_PYBIND  // decode_step.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache");
+  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
+        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
+        pybind11::arg("seq_lens"), pybind11::arg("scale"), pybind11::arg("scores") = pybind11::none());
 }
 #endif

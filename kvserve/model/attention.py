@@ -17,23 +17,27 @@ from kvserve.model.batch import ForwardBatch, PrefillSeq
 from kvserve.model.layers import NativeOps, RotaryEmbedding, TorchOps, native_ops
 
 
-def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-                           scale: float) -> torch.Tensor:
-    """Single-token queries of many requests at once: gather their blocks, mask past each length."""
-    nd = batch.num_decodes
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, scores_out: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """Single-token queries of many requests at once: gather their blocks, mask past each length. `scores_out`
+    (B, Hkv, S) float32, if given, gets the probabilities summed over each KV head's query heads added to it."""
+    nd = q.shape[0]
     num_heads, d = q.shape[1:]
     num_kv = k_cache.shape[2]
     group = num_heads // num_kv
-    tables = batch.decode_block_tables  # (B, MB)
-    max_len = tables.shape[1] * k_cache.shape[1]
+    max_len = tables.shape[1] * k_cache.shape[1]  # tables: (B, MB)
     keys = k_cache[tables].view(nd, max_len, num_kv, d)  # (B, L, Hkv, D)
     values = v_cache[tables].view(nd, max_len, num_kv, d)
     qg = q.view(nd, num_kv, group, d)  # (B, Hkv, G, D)
     scores = torch.einsum("bkgd,blkd->bkgl", qg.float(), keys.float()) * scale  # (B, Hkv, G, L)
     pos = torch.arange(max_len)
-    mask = pos[None, :] >= batch.decode_seq_lens[:, None].long()  # (B, L)
+    mask = pos[None, :] >= seq_lens[:, None].long()  # (B, L)
     scores.masked_fill_(mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if scores_out is not None:
+        n = min(max_len, scores_out.shape[2])  # probabilities past a length are 0
+        scores_out[:, :, :n] += probs.sum(dim=2)[:, :, :n]
     out = torch.einsum("bkgl,blkd->bkgd", probs, values.float())  # (B, Hkv, G, D)
     return out.reshape(nd, num_heads, d).to(q.dtype)
 
@@ -83,14 +87,15 @@ class AttentionBackend:
         return (self.decode_kernel is not None or self.prefill_kernel is not None
                 or isinstance(self.ops, NativeOps))
 
-    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
-               scale: float) -> torch.Tensor:
-        """q: (B, H, D), one query per decode row. Returns (B, H, D)."""
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+               seq_lens: torch.Tensor, scale: float, scores_out: torch.Tensor | None = None) -> torch.Tensor:
+        """q: (B, H, D), one query per row over its block table. Returns (B, H, D); adds attention mass into
+        scores_out (B, Hkv, S) when given."""
         if self.decode_kernel is not None:
-            out = self.decode_kernel(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale)
+            out = self.decode_kernel(q, k_cache, v_cache, tables, seq_lens, scale, scores_out)
             if out is not None:
                 return out
-        return decode_attention_torch(q, k_cache, v_cache, batch, scale)
+        return decode_attention_torch(q, k_cache, v_cache, tables, seq_lens, scale, scores_out)
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, batch: ForwardBatch, out: torch.Tensor, scale: float) -> None:
@@ -108,11 +113,16 @@ class AttentionBackend:
         """q: (T, H, D), k/v: (T, Hkv, D), already written into their cache slots. Returns (T, H, D): the decode
         rows first, then the prefill chunks."""
         nd = batch.num_decodes
+        if batch.score_rows is not None:  # eviction scores of prefill rows: their attention again, mass only
+            self.decode(q[batch.score_rows], k_cache, v_cache, batch.score_block_tables, batch.score_seq_lens, scale,
+                        batch.score_out)
         if not batch.prefills and nd == q.shape[0]:
-            return self.decode(q, k_cache, v_cache, batch, scale)
+            return self.decode(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale,
+                               batch.decode_scores)
         out = torch.zeros_like(q)  # rows of padding tokens stay zero
         if nd:
-            out[:nd] = self.decode(q[:nd], k_cache, v_cache, batch, scale)
+            out[:nd] = self.decode(q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale,
+                                   batch.decode_scores)
         if batch.prefills:
             self.prefill(q, k, v, k_cache, v_cache, batch, out, scale)
         return out

@@ -39,6 +39,15 @@ class ForwardBatch:
     prefill_num_tokens: torch.Tensor | None = None
     prefill_ctx_starts: torch.Tensor | None = None
     prefill_block_tables: torch.Tensor | None = None
+    # KV eviction's per-key attention mass (kvserve.worker.eviction), summed over the step's layers and the query
+    # heads of each KV head; None where no request scores. Decode rows add into decode_scores (num_decodes, Hkv, S);
+    # score rows (prefill rows in an observation window, given as rows of the flattened batch) run once more
+    # through the decode kernel, only for score_out (R, Hkv, S), over score_block_tables (R, MB) / score_seq_lens (R,)
+    decode_scores: torch.Tensor | None = None
+    score_rows: torch.Tensor | None = None
+    score_block_tables: torch.Tensor | None = None
+    score_seq_lens: torch.Tensor | None = None
+    score_out: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

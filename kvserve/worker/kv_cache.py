@@ -44,6 +44,15 @@ class KVCache:
         self.tensor[:, :, idx] = kv.reshape(layers, two, len(block_ids), self.block_size, heads, dim).to(
             self.tensor.dtype)
 
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Token slot src[i] -> dst[i] in every layer, K and V; all sources are read before any destination is
+        written (a KV compaction may move tokens into slots another move reads)."""
+        if not src:
+            return
+        layers, two, nb, bs, heads, dim = self.tensor.shape
+        flat = self.tensor.view(layers, two, nb * bs, heads, dim)
+        flat[:, :, torch.tensor(dst, dtype=torch.long)] = flat[:, :, torch.tensor(src, dtype=torch.long)]
+
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of whole blocks as (layers, 2, len(block_ids) * block_size, Hkv, D)."""
         idx = torch.tensor(block_ids, dtype=torch.long)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from kvserve.core.outputs import DRAFT_PENDING, KVSwapIn, KVSwapOut, ModelOutput, ScheduledRequest, SchedulerOutput
+from kvserve.core.outputs import (
+    DRAFT_PENDING,
+    KVCompact,
+    KVSwapIn,
+    KVSwapOut,
+    ModelOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from kvserve.model.batch import ForwardBatch, PrefillSeq
 from kvserve.model.layers import GEMV_MAX_TOKENS
 from kvserve.model.llama import LlamaModel
+from kvserve.worker.eviction import KVEvictor
 from kvserve.worker.kv_cache import KVCache
 from kvserve.worker.kv_swap import SwapBuffer
 from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
@@ -28,7 +37,7 @@ def bucket(n: int) -> int:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, kv_transfer: KVTransfer | NullKVTransfer | None = None,
                  sampler: Sampler | None = None, pad_shapes: bool = True, swap: SwapBuffer | None = None,
-                 drafter=None):
+                 drafter=None, evictor: KVEvictor | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.kv_transfer = kv_transfer or NullKVTransfer()
@@ -41,6 +50,7 @@ class ModelRunner:
         self.max_decode_rows = GEMV_MAX_TOKENS
         self.decode_rows_max_context = 1024
         self.drafter = drafter  # kvserve.worker.drafter.ModelDrafter for layer_skip / draft_model; else None
+        self.evictor = evictor  # KV eviction's scores and policies; None: no request evicts
 
     def padded_size(self, n: int) -> int:
         return bucket(n) if self.pad_shapes else n
@@ -60,7 +70,7 @@ class ModelRunner:
         def as_decode(s: ScheduledRequest) -> bool:
             if s.start == 0 or s.num_new_tokens != 1 + len(s.spec_token_ids):
                 return False
-            return s.num_new_tokens == 1 or (rows_ok and s.start + s.num_new_tokens <= self.decode_rows_max_context)
+            return s.num_new_tokens == 1 or (rows_ok and s.kv_start + s.num_new_tokens <= self.decode_rows_max_context)
 
         decodes = [s for s in scheduled if as_decode(s)]
         prefills = [s for s in scheduled if not as_decode(s)]
@@ -69,24 +79,26 @@ class ModelRunner:
         slots: list[int] = []
         decode_lens: list[int] = []
         decode_tables: list[list[int]] = []
+        # a token's position feeds RoPE; its KV index (kv_start + j: the same until the request's first eviction)
+        # picks its slot and the context it attends to
         for s in decodes:
             toks = s.token_ids
             for j in range(s.num_new_tokens):
-                p = s.start + j
+                i = s.kv_start + j
                 ids.append(toks[j])
-                positions.append(p)
-                slots.append(s.block_ids[p // bs] * bs + p % bs)
-                decode_lens.append(p + 1)
+                positions.append(s.start + j)
+                slots.append(s.block_ids[i // bs] * bs + i % bs)
+                decode_lens.append(i + 1)
                 decode_tables.append(s.block_ids)
         num_decode_rows = len(ids)
         seqs = []
         for s in prefills:
-            seqs.append(PrefillSeq(len(ids), s.num_new_tokens, s.start,
-                                   torch.tensor(s.block_ids[: -(-(s.start + s.num_new_tokens) // bs)])))
+            seqs.append(PrefillSeq(len(ids), s.num_new_tokens, s.kv_start,
+                                   torch.tensor(s.block_ids[: -(-(s.kv_start + s.num_new_tokens) // bs)])))
             ids.extend(s.token_ids)
-            pos = range(s.start, s.start + s.num_new_tokens)
-            positions.extend(pos)
-            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in pos)
+            positions.extend(range(s.start, s.start + s.num_new_tokens))
+            kv = range(s.kv_start, s.kv_start + s.num_new_tokens)
+            slots.extend(s.block_ids[i // bs] * bs + i % bs for i in kv)
         num_real = len(ids)
         padded = self.padded_size(num_real)
         pad = padded - num_real
@@ -141,6 +153,8 @@ class ModelRunner:
             batch.num_decodes = num_decode_rows
             batch.decode_block_tables = table
             batch.decode_seq_lens = torch.tensor(decode_lens, dtype=torch.int32)
+        if self.evictor is not None:
+            self.evictor.prepare(batch, decodes, prefills, row_of)
         return batch, ordered, (sample_rows, prompt_rows)
 
     def apply_kv_ops(self, ops) -> None:
@@ -148,6 +162,10 @@ class ModelRunner:
         for op in ops:
             if isinstance(op, (KVSwapOut, KVSwapIn)):
                 self.swap.apply(op)
+            elif isinstance(op, KVCompact):
+                self.kv_cache.copy_slots(op.src_slots, op.dst_slots)
+                if self.evictor is not None:
+                    self.evictor.apply(op)
             else:
                 self.kv_transfer.apply([op])
 
@@ -156,6 +174,8 @@ class ModelRunner:
         self.sampler.drop(sched.finished_ids)
         if self.drafter is not None:
             self.drafter.drop(sched.finished_ids)
+        if self.evictor is not None:
+            self.evictor.drop(sched.finished_ids)
         self.apply_kv_ops(sched.kv_ops)
         out = ModelOutput()
         if self.swap is not None:
@@ -168,6 +188,7 @@ class ModelRunner:
         batch, ordered, (sample_rows, prompt_rows) = self.build_batch(sched.scheduled)
         hidden = self.model.forward(batch, self.kv_cache.layers)
         if batch.logits_indices.numel() == 0:
+            self._evict(batch, sched, out)  # scores of an observation window spanning chunks
             return out
         logits = self.model.compute_logits(hidden)  # (R, vocab) float32
         sampling = [s for s in ordered if s.sample]
@@ -181,6 +202,7 @@ class ModelRunner:
                     out.logprobs[s.request_id] = lp
             for s in pending:
                 self.drafter.observe_accepted(s, len(out.sampled[s.request_id]) - 1)
+        self._evict(batch, sched, out)
         for s in ordered:
             if s.request_id not in prompt_rows:
                 continue
@@ -190,3 +212,8 @@ class ModelRunner:
             out.prompt_logprobs[s.request_id] = (first_pos, token_logprobs(lp, targets,
                                                                            s.request.sampling_params.prompt_logprobs))
         return out
+
+    def _evict(self, batch: ForwardBatch, sched: SchedulerOutput, out: ModelOutput) -> None:
+        if self.evictor is not None:
+            out.evicted = self.evictor.after_step(batch, sched.scheduled, out.sampled)
+            out.eviction_seconds = self.evictor.take_seconds()

@@ -24,12 +24,21 @@ def test_native_decode_attention_matches_reference(dtype, tol, head_dim, heads, 
     mb = int((lens.max() + bs - 1) // bs)
     tables = torch.randperm(nb, generator=g)[: b * mb].view(b, mb)
     q = torch.randn(b, heads, head_dim, generator=g).to(dtype)
-    batch = ForwardBatch(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long),
-                         torch.zeros(b, dtype=torch.long), num_decodes=b, decode_block_tables=tables,
-                         decode_seq_lens=lens)
     ours = fn(q, kc, vc, tables, lens, head_dim ** -0.5).float()
-    ref = decode_attention_torch(q, kc, vc, batch, head_dim ** -0.5).float()
+    ref = decode_attention_torch(q, kc, vc, tables, lens, head_dim ** -0.5).float()
     assert (ours - ref).abs().max().item() < tol
+    # KV eviction's attention mass: added (not written) per (row, kv head), zero past each length, the same as the
+    # PyTorch reference's; each (row, kv head) sums to its G query heads' probabilities, i.e. to G
+    width = mb * bs + 5
+    start = torch.rand(b, kv_heads, width, generator=g)
+    ours_s, ref_s = start.clone(), start.clone()
+    fn(q, kc, vc, tables, lens, head_dim ** -0.5, ours_s)
+    decode_attention_torch(q, kc, vc, tables, lens, head_dim ** -0.5, ref_s)
+    assert (ours_s - ref_s).abs().max().item() < 2e-3
+    added = ours_s - start
+    assert torch.allclose(added.sum(-1), torch.full((b, kv_heads), heads / kv_heads), atol=1e-3)
+    past = torch.arange(width)[None, :] >= lens[:, None]
+    assert added.masked_select(past[:, None, :].expand_as(added)).abs().max().item() < 1e-6
 
 
 def test_packed_bf16_linear_is_bit_identical():
