@@ -135,13 +135,16 @@ class KVCacheManager:
             assert all(b.block_hash is None for b in extra), "a trimmed block was cached"
             self.pool.free_blocks(reversed(extra))
 
-    def compact(self, request: Request, evicted: list[int]) -> KVCompact:
+    def compact(self, request: Request, evicted: list[int]) -> KVCompact | None:
         """Drop the KV of `evicted` (ascending KV indices below request.num_kv_tokens) and pack the rest into the
         first slots: each kept token past the new length moves into an evicted slot below it (attention does not care
         about the order of past keys), emptied tail blocks go back to the pool, and a block that would be written
         (a hole filled, or the partial last block that the next tokens extend) is copied first if it is shared or
         cached (architecture rule 2), so cached blocks keep their exact KV. Freed first, so the copies can reuse them:
-        the worker reads every source before it writes any destination."""
+        the worker reads every source before it writes any destination.
+
+        Returns None, changing nothing, when copying the shared blocks would need more blocks than the pool has (an
+        exhausted pool, blocks shared with other requests): the eviction waits for a later step."""
         bs = self.block_size
         old = list(self.req_blocks[request.request_id])
         length = request.num_kv_tokens
@@ -151,11 +154,16 @@ class KVCacheManager:
         holes = [e for e in evicted if e < final]
         movers = [i for i in range(final, length) if i not in gone]
         source = dict(zip(holes, movers))  # destination KV index -> source KV index
-        blocks = old[:self.num_blocks_needed(final)]
-        self.pool.free_blocks(reversed(old[len(blocks):]))
+        keep = self.num_blocks_needed(final)
         written = {h // bs for h in holes}
         if final % bs:
             written.add(final // bs)  # the next tokens land in it
+        # a shared block's copy needs a block from the pool; a cached one of ours frees itself first
+        copies = sum(1 for bi in written if old[bi].ref_cnt > 1)
+        if copies > self.pool.num_free_blocks + sum(1 for b in old[keep:] if b.ref_cnt == 1):
+            return None
+        blocks = old[:keep]
+        self.pool.free_blocks(reversed(old[keep:]))
         src_slots, dst_slots = [], []
         for bi in sorted(written):
             b = blocks[bi]

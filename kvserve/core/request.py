@@ -86,6 +86,8 @@ class Request:
         # the first num_kv_tokens slots of the block table, in no particular order (RoPE is applied at write time)
         self.kv_budget = kv_budget
         self.num_evicted_tokens = 0
+        self.kv_bounded = False  # its KV is within the budget from now on: its prefill ended in a sampling step
+        self.eviction_deferred = False  # its last eviction waits for a block (KVCacheManager.compact)
         # tiered KV store: looked up once; what came back waits here (opaque to the scheduler) until admission
         self.kv_store_checked = False
         self.fetched_kv = None

@@ -98,6 +98,7 @@ class Scheduler:
         self.num_recomputed_preemptions = 0
         self.num_computed_prompt_tokens = 0  # prompt tokens run through the model (not cached, not loaded)
         self.num_evicted_tokens = 0  # KV eviction: tokens evicted from running requests' KV
+        self.num_eviction_deferrals = 0  # evictions put off a step: the pool had no block for a shared block's copy
         self.num_loaded_tokens = 0
 
     # ------------------------------------------------------------------ intake
@@ -506,6 +507,7 @@ class Scheduler:
         # recomputed after an eviction, it prefills everything again and evicts anew: the kept set (and so the output)
         # may differ from an uninterrupted run; swapped, it resumes from its own KV (docs/eviction.md)
         req.num_evicted_tokens = 0
+        req.kv_bounded = req.swapped is not None  # swapped: it comes back with its bounded KV
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add_front(req)
@@ -553,12 +555,18 @@ class Scheduler:
                     self.kv.cache_blocks(req, req.num_computed_tokens)
                     if not req.is_finished:
                         self.kv.trim(req, req.num_tokens - req.num_evicted_tokens)
+            req.kv_bounded = req.kv_bounded or sr.sample
             evicted = out.evicted.get(req.request_id)
             if evicted and not req.is_finished:
                 # the policy's choice, made by the worker from attention scores; the KV that stays is packed into
                 # fewer blocks before the next forward pass, and nothing of this request is cached from now on
-                self._kv_ops.append(self.kv.compact(req, evicted))
-                self.num_evicted_tokens += len(evicted)
+                op = self.kv.compact(req, evicted)
+                req.eviction_deferred = op is None
+                if op is None:
+                    self.num_eviction_deferrals += 1  # no block to copy a shared one into: the next step retries
+                else:
+                    self._kv_ops.append(op)
+                    self.num_evicted_tokens += len(evicted)
             if self._prompt_done(req):
                 self._release_siblings(req)
             plp = out.prompt_logprobs.get(req.request_id)
@@ -603,7 +611,7 @@ class Scheduler:
         for req in self.running:
             assert req.status == RequestStatus.RUNNING
             assert len(self.kv.get_blocks(req.request_id)) * self.block_size >= req.num_kv_tokens
-            if req.kv_budget and not req.in_prefill and req.num_computed_tokens:
+            if req.kv_budget and req.kv_bounded and not req.eviction_deferred:
                 # once the prompt is computed: the budget, plus the margin a lazy policy lets it grow by
                 assert req.num_kv_tokens <= req.kv_budget + self.config.kv_eviction_margin, \
                     f"{req}: {req.num_kv_tokens} KV tokens over its budget of {req.kv_budget}"
