@@ -12,7 +12,7 @@ import time
 
 import uvicorn
 
-from kvserve.config import QUANTIZATIONS, SCHEDULING_POLICIES, ConfigError
+from kvserve.config import QUANTIZATIONS, SCHEDULING_POLICIES, ConfigError, KVEvictionConfig, SpeculativeConfig
 
 log = logging.getLogger("kvserve.cli")
 
@@ -30,6 +30,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help='speculative decoding, vLLM\'s keys, e.g. \'{"method": "ngram", '
                              '"num_speculative_tokens": 5}\'; methods ngram, suffix, layer_skip (+ draft_layers), '
                              'draft_model (+ model) (docs/speculative.md)')
+    parser.add_argument("--kv-eviction", default=None, metavar="JSON",
+                        help='bounded KV per request, e.g. \'{"policy": "snapkv", "budget_tokens": 1024}\'; '
+                             'policies streaming, snapkv, h2o, lazy; requests may set kv_budget_tokens '
+                             '(docs/eviction.md)')
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")
@@ -183,16 +187,15 @@ def hash_key_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speculative_config(text: str | None):
-    from kvserve.config import SpeculativeConfig
-
+def _json_config(text: str | None, flag: str, cls):
+    """A --flag JSON object checked into its frozen config class; None when the flag is absent."""
     if text is None:
         return None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--speculative-config is not valid JSON: {e}") from None
-    return SpeculativeConfig.from_dict(d)
+        raise ConfigError(f"{flag} is not valid JSON: {e}") from None
+    return cls.from_dict(d)
 
 
 def _engine_args(args: argparse.Namespace, **extra):
@@ -204,7 +207,9 @@ def _engine_args(args: argparse.Namespace, **extra):
                       max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
                       kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
                       kv_store_key=read_key(args.kv_store_key_file),
-                      speculative_config=_speculative_config(args.speculative_config), **extra)
+                      speculative_config=_json_config(args.speculative_config, "--speculative-config",
+                                                      SpeculativeConfig),
+                      kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig), **extra)
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -274,7 +279,8 @@ def generate_command(args: argparse.Namespace) -> int:
               max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
               kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
               kv_store_key=read_key(args.kv_store_key_file),
-              speculative_config=_speculative_config(args.speculative_config))
+              speculative_config=_json_config(args.speculative_config, "--speculative-config", SpeculativeConfig),
+              kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     started = time.monotonic()

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from kvserve.core.kv_cache_manager import MISS_CAUSES
-from kvserve.engine.protocol import EngineInfo, EngineStats, KVStoreStats, SpeculativeStats, TenantStats
+from kvserve.engine.protocol import EngineInfo, EngineStats, EvictionStats, KVStoreStats, SpeculativeStats, TenantStats
 from kvserve.outputs import RequestOutput
 
 P = "kvserve:"
@@ -89,6 +89,8 @@ class _EngineStatsCollector(Collector):
             yield from _kv_store_metrics(s.kv_store, self.model_name)
         if s.speculative is not None:
             yield from _spec_metrics(s.speculative, self.model_name)
+        if s.eviction is not None:
+            yield from _eviction_metrics(s.eviction, self.model_name)
         if s.tenants:
             yield from _tenant_metrics(s.tenants, self.model_name)
         if s.kv_pins is not None:
@@ -131,6 +133,20 @@ def _spec_metrics(spec: SpeculativeStats, model_name: str) -> Iterable:
                               labels=labels)
         g.add_metric(values, spec.suffix_cached_requests)
         yield g
+
+
+def _eviction_metrics(ev: EvictionStats, model_name: str) -> Iterable:
+    """KV eviction under the engine's policy: tokens evicted, KV tokens held, the worker's scoring time."""
+    labels, values = ["model_name", "policy"], [model_name, ev.policy]
+    for family, name, doc, value in (
+            (CounterMetricFamily, "kv_evicted_tokens", "Tokens whose KV running requests dropped (KV eviction).",
+             ev.evicted_tokens),
+            (GaugeMetricFamily, "kv_tokens_held", "KV tokens held by running requests.", ev.kv_tokens_held),
+            (CounterMetricFamily, "kv_eviction_score_seconds", "Worker seconds spent on attention-score bookkeeping "
+             "and eviction choices.", ev.score_seconds)):
+        m = family(P + name, doc, labels=labels)
+        m.add_metric(values, value)
+        yield m
 
 
 def _tenant_metrics(tenants: dict[str, TenantStats], model_name: str) -> Iterable:

@@ -103,6 +103,9 @@ class _SamplingFields(_Strict):
     kv_pin_seconds: float | None = Field(None, ge=0)  # keep this turn's KV for the session's next turn
     # speculative decoding for this request: false turns it off, {"num_speculative_tokens": k} lowers k
     speculative: SpeculativeOverride | bool | None = None
+    # KV eviction: keep at most this many tokens' KV once the prompt is computed (0: none; absent: the server's
+    # --kv-eviction budget)
+    kv_budget_tokens: int | None = Field(None, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -137,6 +140,8 @@ class _SamplingFields(_Strict):
             kw["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if self.stop_token_ids is not None:
             kw["stop_token_ids"] = tuple(self.stop_token_ids)
+        if self.kv_budget_tokens is not None:
+            kw["kv_budget_tokens"] = self.kv_budget_tokens
         if self.speculative is False:
             kw["num_speculative_tokens"] = 0
         elif isinstance(self.speculative, SpeculativeOverride):
@@ -304,6 +309,7 @@ class Usage(_Out):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None  # only where cached counts may be told (server.md)
+    kv_evicted_tokens: int | None = None  # KV eviction: tokens whose KV the request dropped (only when it evicts)
 
 
 class CompletionLogprobs(_Out):

@@ -89,13 +89,15 @@ def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], k: in
 
 def usage(finals: Iterable[RequestOutput], report_cached: bool) -> p.Usage:
     """`report_cached`: include prompt_tokens_details.cached_tokens (see ServerState.report_cached_tokens)."""
-    prompt = completion = cached = 0
+    prompt = completion = cached = evicted = 0
     for out in finals:
         prompt += len(out.prompt_token_ids)
         completion += sum(len(o.token_ids) for o in out.outputs)
         cached += out.num_cached_tokens
+        evicted += out.num_evicted_tokens
     return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached) if report_cached else None)
+                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached) if report_cached else None,
+                   kv_evicted_tokens=evicted or None)
 
 
 # ------------------------------------------------------------------------------------------------------- completions
