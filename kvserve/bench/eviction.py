@@ -1,0 +1,387 @@
+"""KV eviction: quality, capacity and decode speed per policy and budget (a benchmark, not a timed test).
+
+    python -m kvserve.bench.eviction --tasks passkey,qa,loglik --out docs/results/eviction/quality.json
+    python -m kvserve.bench.eviction --tasks speed,capacity --out docs/results/eviction/speed.json
+
+Workloads are generated with a fixed seed, nothing is downloaded:
+- passkey: a five-digit key hidden at 10 depths in 2k / 4k / 7k tokens of filler; accuracy (the key in the greedy
+  answer) and the teacher-forced log-likelihood of the key's tokens;
+- qa: documents of generated facts ("The colour of the lamp in Room 17 is teal."), questions about single facts;
+  accuracy, and teacher-forced top-1 agreement with full KV over its greedy answer (the bar's fallback when the
+  model's own accuracy is low);
+- loglik: teacher-forced log-likelihood of the last 256 tokens of a long English text (`pydoc_data.topics`);
+- speed: decode tok/s of 16 concurrent 7k-token contexts;
+- capacity: concurrent 7k-token requests a 1 GiB pool holds (measured running, plus the block arithmetic).
+One engine per policy; every budget is a per-request override on it, so a context is prefilled once per engine and
+reused through the prefix cache (an evicting request registers its prompt blocks before it evicts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import time
+
+import torch
+
+from kvserve.config import EVICTION_POLICIES
+from kvserve.sampling import SamplingParams
+from kvserve.worker.sampler import Sampler
+
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+ENTITIES = ("lamp", "kettle", "clock", "mirror", "carpet", "vase", "chair", "radio", "violin", "globe", "drum",
+            "teapot", "easel", "compass", "lantern", "anchor")
+ATTRIBUTES = {"colour": ("teal", "crimson", "amber", "violet", "olive", "silver", "coral", "indigo", "ivory", "ochre"),
+              "owner": ("Marta", "Jonas", "Priya", "Kenji", "Amara", "Lukas", "Sofia", "Tariq", "Elena", "Diego"),
+              "age": tuple(str(n) for n in range(12, 95, 7))}
+
+
+class ForcingSampler(Sampler):
+    """Feeds given tokens instead of sampling (teacher forcing) for some requests and records, per forced token,
+    its log-probability and whether it was the model's top-1 choice."""
+
+    def __init__(self):
+        super().__init__()
+        self.forced: dict[str, list[int]] = {}
+        self.records: dict[str, list[tuple[float, bool]]] = {}
+
+    def __call__(self, logits, requests, drafts=None):
+        tokens, lps = super().__call__(logits, requests, drafts)
+        for i, r in enumerate(requests):
+            target = self.forced.get(r.request_id)
+            if target is None:
+                continue
+            t = target[r.num_output_tokens]
+            lp = torch.log_softmax(logits[i].float(), dim=-1)
+            self.records.setdefault(r.request_id, []).append((float(lp[t]), int(lp.argmax()) == t))
+            tokens[i] = [t]
+        return tokens, lps
+
+
+_PARTS: dict[str, tuple] = {}
+
+
+def make_engine(policy: str, memory_gb: float, dtype: str, budget_default: int = 1024):
+    """An engine for `policy` ("full": no eviction) on weights loaded once per dtype and shared."""
+    from kvserve.engine.core import EngineArgs
+    from kvserve.engine.llm_engine import LLMEngine
+
+    kw = {"kv_eviction": {"policy": policy, "budget_tokens": budget_default}} if policy != "full" else {}
+    args = EngineArgs(dtype=dtype, kv_cache_memory_gb=memory_gb, max_num_batched_tokens=2048, max_num_seqs=64, **kw)
+    shared = _PARTS.get(dtype)
+    engine = LLMEngine(args, *shared) if shared else LLMEngine(args)
+    _PARTS[dtype] = (engine.core.model, engine.tokenizer, engine.info.model_name)
+    sampler = ForcingSampler()
+    engine.core.runner.sampler = sampler  # a benchmark's probe: teacher forcing needs the logits
+    return engine, sampler
+
+
+def run(engine, requests: list[tuple[str, list[int], SamplingParams]]) -> dict:
+    for rid, ids, params in requests:
+        engine.add_request(rid, {"prompt_token_ids": ids}, params)
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o
+    return outs
+
+
+def forced(engine, sampler: ForcingSampler, rid: str, prompt: list[int], target: list[int], budget: int):
+    """Teacher-forced log-probabilities and top-1 hits of `target` after `prompt` under `budget` (0: full KV)."""
+    sampler.forced[rid] = target
+    run(engine, [(rid, prompt, SamplingParams(temperature=0, max_tokens=len(target), ignore_eos=True,
+                                              kv_budget_tokens=budget))])
+    sampler.forced.pop(rid)
+    return sampler.records.pop(rid)
+
+
+# ------------------------------------------------------------------------------------------------ workloads
+def passkey_prompts(tok, lengths: list[int], depths: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    filler = tok.encode(FILLER, add_special_tokens=False)
+    out = []
+    for n in lengths:
+        for d in range(depths):
+            key = str(rng.randrange(10000, 100000))
+            needle = tok.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ",
+                                add_special_tokens=False)
+            question = tok.encode("What is the pass key? The pass key is", add_special_tokens=False)
+            body = n - len(needle) - len(question)
+            hay = (filler * (body // len(filler) + 1))[:body]
+            at = int(body * d / depths)
+            # the needle sits on a sentence boundary of the filler
+            while at > 0 and not tok.decode(hay[at - 1:at]).endswith("."):
+                at -= 1
+            ids = hay[:at] + needle + hay[at:] + question
+            out.append({"ids": ids, "key": key, "length": n, "depth": d / depths,
+                        "answer_ids": tok.encode(" " + key, add_special_tokens=False)})
+    return out
+
+
+def qa_documents(tok, num_docs: int, doc_tokens: int, questions: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(num_docs):
+        facts, lines = {}, []
+        while True:
+            ent = f"{rng.choice(ENTITIES)} in Room {rng.randrange(1, 400)}"
+            attr = rng.choice(list(ATTRIBUTES))
+            if (ent, attr) in facts:
+                continue
+            facts[(ent, attr)] = rng.choice(ATTRIBUTES[attr])
+            verb = {"colour": "The colour of the {e} is {v}.", "owner": "The owner of the {e} is {v}.",
+                    "age": "The age of the {e} is {v} years."}[attr]
+            lines.append(verb.format(e=ent, v=facts[(ent, attr)]))
+            if len(tok.encode(" ".join(lines), add_special_tokens=False)) >= doc_tokens:
+                lines.pop()
+                break
+        kept = list(facts)[:len(lines)]
+        text = " ".join(lines)
+        picks = rng.sample(kept, questions)
+        qs = []
+        for ent, attr in picks:
+            q = f"What is the {attr} of the {ent}?"
+            ids = tok.apply_chat_template([{"role": "user", "content": f"{text}\n\nAnswer from the text above. {q}"}])
+            qs.append({"ids": ids, "answer": facts[(ent, attr)], "question": q})
+        docs.append({"questions": qs, "tokens": len(tok.encode(text, add_special_tokens=False))})
+    return docs
+
+
+def loglik_text(tok, total: int) -> tuple[list[int], list[int]]:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tok.encode(text, add_special_tokens=False)[:total]
+    return ids[:-256], ids[-256:]
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+def task_passkey(policy, engine, sampler, budgets, prompts, log) -> dict:
+    res = {}
+    for budget in budgets:
+        rows = []
+        reqs = [(f"pk-{policy}-{budget}-{i}", p["ids"], SamplingParams(temperature=0, max_tokens=12,
+                                                                        kv_budget_tokens=budget))
+                for i, p in enumerate(prompts)]
+        outs = run(engine, reqs)
+        for (rid, _, _), p in zip(reqs, prompts):
+            text = engine.tokenizer.decode(outs[rid].outputs[0].token_ids)
+            recs = forced(engine, sampler, rid + "-f", p["ids"], p["answer_ids"], budget)
+            rows.append({"length": p["length"], "depth": p["depth"], "hit": p["key"] in text,
+                         "key_logprob": sum(r[0] for r in recs) / len(recs)})
+        by_len = {}
+        for n in sorted({r["length"] for r in rows}):
+            sel = [r for r in rows if r["length"] == n]
+            by_len[str(n)] = {"accuracy": sum(r["hit"] for r in sel) / len(sel),
+                              "key_logprob": statistics.mean(r["key_logprob"] for r in sel)}
+        res[f"{policy}/{budget}"] = {"by_length": by_len, "rows": rows}
+        log(f"passkey {policy:9s} budget {budget:5d}: " + "  ".join(
+            f"{n}: acc {v['accuracy']:.2f} lp {v['key_logprob']:.2f}" for n, v in by_len.items()))
+    return res
+
+
+def task_qa(policy, engine, sampler, budgets, docs, ref_ids, log, agree_tokens: int = 32) -> dict:
+    """`ref_ids`: full KV's greedy answers (filled in by the "full" run, which comes first)."""
+    questions = [q for d in docs for q in d["questions"]]
+    res = {}
+    for budget in budgets:
+        reqs = [(f"qa-{policy}-{budget}-{i}", q["ids"], SamplingParams(temperature=0, max_tokens=agree_tokens,
+                                                                        kv_budget_tokens=budget))
+                for i, q in enumerate(questions)]
+        outs = run(engine, reqs)
+        hits, agree = [], []
+        for i, ((rid, _, _), q) in enumerate(zip(reqs, questions)):
+            text = engine.tokenizer.decode(outs[rid].outputs[0].token_ids)
+            hits.append(q["answer"].lower() in text.lower())
+            target = ref_ids[i] if policy != "full" else None
+            if target:
+                recs = forced(engine, sampler, rid + "-f", q["ids"], target, budget)
+                agree.append(sum(r[1] for r in recs) / len(recs))
+        if policy == "full":
+            ref_ids[:] = [outs[rid].outputs[0].token_ids for rid, _, _ in reqs]
+            agree = [1.0]
+        res[f"{policy}/{budget}"] = {"accuracy": sum(hits) / len(hits), "top1_agreement": statistics.mean(agree)}
+        log(f"qa      {policy:9s} budget {budget:5d}: acc {res[f'{policy}/{budget}']['accuracy']:.3f} "
+            f"top-1 agreement with full KV {res[f'{policy}/{budget}']['top1_agreement']:.3f}")
+    return res
+
+
+def task_loglik(policy, engine, sampler, budgets, context, target, log) -> dict:
+    res = {}
+    for budget in budgets:
+        recs = forced(engine, sampler, f"ll-{policy}-{budget}", context, target, budget)
+        res[f"{policy}/{budget}"] = {"mean_logprob": sum(r[0] for r in recs) / len(recs),
+                                     "top1": sum(r[1] for r in recs) / len(recs)}
+        log(f"loglik  {policy:9s} budget {budget:5d}: mean log-likelihood {res[f'{policy}/{budget}']['mean_logprob']:.4f}")
+    return res
+
+
+def distinct_contexts(tok, n: int, length: int, seed: int) -> list[list[int]]:
+    from kvserve.bench.workloads import TextMaker
+
+    maker, rng = TextMaker(tok), random.Random(seed)
+    return [tok.encode(maker.text(rng, length), add_special_tokens=False)[:length] for _ in range(n)]
+
+
+def decode_rate(engine, contexts, budget: int, new_tokens: int, tag: str) -> dict:
+    """Output tok/s over the steps where every request is decoding (their prefills, or prefix-cache hits, done)."""
+    n = len(contexts)
+    for i, ids in enumerate(contexts):
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": ids},
+                           SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
+                                          kv_budget_tokens=budget))
+    times, tokens = [], []
+    while engine.has_unfinished_requests():
+        started = time.perf_counter()
+        outs = engine.step()
+        elapsed = time.perf_counter() - started
+        sched = engine.core.scheduler
+        if sched.num_running == n and all(not r.in_prefill for r in sched.running):
+            times.append(elapsed)
+            tokens.append(n)
+        del outs
+    skip = min(4, len(times) // 4)  # a few warm-up steps (new shapes)
+    t, k = sum(times[skip:]), sum(tokens[skip:])
+    return {"tok_s": k / t if t else 0.0, "decode_steps": len(times) - skip,
+            "median_step_ms": 1e3 * statistics.median(times[skip:]) if times[skip:] else None}
+
+
+def task_speed(policies, budgets, args, tok, log) -> dict:
+    contexts = distinct_contexts(tok, args.speed_requests, args.speed_length, args.seed + 7)
+    res = {}
+    for policy in policies:
+        engine, _ = make_engine(policy, args.speed_memory_gb, args.dtype)
+        # prefill every context once (full KV), then each budget hits the prefix cache and decodes
+        full = decode_rate(engine, contexts, 0, args.new_tokens, f"sp-{policy}-full")
+        if policy == policies[0]:
+            res["full/0"] = full
+            log(f"speed   full      budget     0: {full['tok_s']:.1f} tok/s ({full['median_step_ms']:.1f} ms/step)")
+        for budget in budgets:
+            r = decode_rate(engine, contexts, budget, args.new_tokens, f"sp-{policy}-{budget}")
+            r["speedup_vs_full"] = r["tok_s"] / full["tok_s"] if full["tok_s"] else None
+            res[f"{policy}/{budget}"] = r
+            log(f"speed   {policy:9s} budget {budget:5d}: {r['tok_s']:.1f} tok/s ({r['median_step_ms']:.1f} ms/step), "
+                f"{r['speedup_vs_full']:.2f}x full KV ({full['tok_s']:.1f} in the same engine)")
+        del engine
+    return res
+
+
+def task_capacity(budgets, args, tok, log) -> dict:
+    """Concurrent 7k-token requests running at once in a 1 GiB pool: measured by submitting more than fit and
+    counting the running ones once every admitted prompt is computed, per budget (policy-independent)."""
+    from kvserve.worker.kv_cache import bytes_per_block
+
+    res = {}
+    for budget in [0] + budgets:
+        engine, _ = make_engine("streaming", args.capacity_memory_gb, args.dtype)
+        core = engine.core
+        bs = core.info.block_size
+        per_req = -(-(args.speed_length + args.new_tokens) // bs) if budget == 0 else -(-(budget + bs) // bs)
+        total = core.kv_manager.num_blocks
+        # the arithmetic: one prefill at its peak, the rest holding budget + a block
+        peak = -(-(args.speed_length + 1) // bs)
+        predicted = total // per_req if budget == 0 else 1 + (total - peak) // per_req
+        n = min(predicted + 2, args.capacity_max_requests)
+        contexts = distinct_contexts(tok, n, args.speed_length, args.seed + 11)
+        for i, ids in enumerate(contexts):
+            engine.add_request(f"cap-{budget}-{i}", {"prompt_token_ids": ids},
+                               SamplingParams(temperature=0, max_tokens=args.capacity_tokens, ignore_eos=True,
+                                              kv_budget_tokens=budget))
+        most, started = 0, time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            sched = core.scheduler
+            decoding = sum(1 for r in sched.running if not r.in_prefill)
+            most = max(most, decoding)
+        res[str(budget)] = {"max_concurrent_decoding": most, "predicted": predicted, "requests": n,
+                            "pool_blocks": total, "pool_gib": total * bytes_per_block(core.model.config, bs,
+                                                                                       core.kv_cache.tensor.dtype) / 2**30,
+                            "seconds": time.perf_counter() - started}
+        log(f"capacity budget {budget:5d}: {most} concurrent {args.speed_length}-token requests decoding "
+            f"(arithmetic {predicted}; {n} submitted)")
+        del engine, core
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", default="passkey,qa,loglik")
+    ap.add_argument("--policies", default=",".join(EVICTION_POLICIES))
+    ap.add_argument("--budgets", default="256,512,1024,2048")
+    ap.add_argument("--lengths", default="2048,4096,7168")
+    ap.add_argument("--depths", type=int, default=10)
+    ap.add_argument("--qa-docs", type=int, default=2)
+    ap.add_argument("--qa-doc-tokens", default="4096,6144")
+    ap.add_argument("--qa-questions", type=int, default=8)
+    ap.add_argument("--loglik-tokens", type=int, default=7168)
+    ap.add_argument("--speed-requests", type=int, default=16)
+    ap.add_argument("--speed-length", type=int, default=7168)
+    ap.add_argument("--speed-memory-gb", type=float, default=5.5)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--capacity-memory-gb", type=float, default=1.0)
+    ap.add_argument("--capacity-tokens", type=int, default=8)
+    ap.add_argument("--capacity-max-requests", type=int, default=64)
+    ap.add_argument("--memory-gb", type=float, default=4.0)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    tasks = args.tasks.split(",")
+    policies = [p for p in args.policies.split(",") if p]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    started = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)
+
+    from kvserve.bench.workloads import load_tokenizer
+
+    tok = load_tokenizer()
+    result = {"command": "python -m kvserve.bench.eviction " + " ".join(argv if argv is not None else
+                                                                      __import__("sys").argv[1:]),
+              "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+              "dtype": args.dtype, "budgets": budgets, "policies": policies}
+    if any(t in tasks for t in ("passkey", "qa", "loglik")):
+        prompts = passkey_prompts(tok, [int(x) for x in args.lengths.split(",")], args.depths, args.seed)
+        sizes = [int(x) for x in args.qa_doc_tokens.split(",")]
+        docs = [d for i, n in enumerate(sizes)
+                for d in qa_documents(tok, args.qa_docs, n, args.qa_questions, args.seed + 100 * i)]
+        context, target = loglik_text(tok, args.loglik_tokens)
+        ref_ids: list = []
+        for name in tasks:
+            if name in ("passkey", "qa", "loglik"):
+                result[name] = {}
+        for policy in ["full"] + policies:  # one engine at a time: each holds its contexts in its prefix cache
+            engine, sampler = make_engine(policy, args.memory_gb, args.dtype)
+            pb = [0] if policy == "full" else budgets
+            if "passkey" in tasks:
+                result["passkey"].update(task_passkey(policy, engine, sampler, pb, prompts, log))
+            if "qa" in tasks:
+                result["qa"].update(task_qa(policy, engine, sampler, pb, docs, ref_ids, log))
+            if "loglik" in tasks:
+                result["loglik"].update(task_loglik(policy, engine, sampler, pb, context, target, log))
+            engine.close()
+            del engine, sampler
+        if "qa" in tasks:
+            result["qa"]["doc_tokens"] = [d["tokens"] for d in docs]
+    if "speed" in tasks:
+        result["speed"] = task_speed(policies, budgets, args, tok, log)
+    if "capacity" in tasks:
+        result["capacity"] = task_capacity(budgets, args, tok, log)
+    result["seconds"] = time.time() - started
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
