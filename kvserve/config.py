@@ -199,9 +199,10 @@ class SpeculativeConfig:
         return self.method in ("layer_skip", "draft_model")
 
 
-EVICTION_POLICIES = ("streaming", "snapkv", "h2o", "lazy")  # kvserve.worker.eviction
+EVICTION_POLICIES = ("streaming", "snapkv", "h2o", "lazy", "episodic")  # kvserve.worker.eviction
 _EVICTION_KEYS = ("policy", "budget_tokens", "sink_tokens", "window_tokens", "observation_window", "pooling_kernel",
-                  "lazy_margin_tokens", "lazy_recurrence_weight")
+                  "lazy_margin_tokens", "lazy_recurrence_weight", "episodes", "episode_segment_tokens",
+                  "episode_layer")
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,12 @@ class KVEvictionConfig:
     lazy_margin_tokens: int = 16  # lazy: evict in one batch once the KV exceeds the budget by this many (<= a block)
     # lazy: how much a token's recurrence (how regularly attention comes back to it) counts against its mass
     lazy_recurrence_weight: float = 1.0
+    # episodic: the prompt (a conversation) is cut into segments of this many tokens, embedded with the model's own
+    # hidden states (the V projection of layer `episode_layer`; -1: the middle one) and clustered into `episodes`;
+    # the episode closest to the question (the observation window) is kept first
+    episodes: int = 4
+    episode_segment_tokens: int = 128
+    episode_layer: int = -1
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVEvictionConfig":
@@ -243,6 +250,12 @@ class KVEvictionConfig:
                  f"kv_eviction.observation_window must be a positive integer, got {self.observation_window!r}")
         _require(is_int(self.pooling_kernel) and self.pooling_kernel >= 1 and self.pooling_kernel % 2 == 1,
                  f"kv_eviction.pooling_kernel must be a positive odd integer, got {self.pooling_kernel!r}")
+        _require(is_int(self.episodes) and self.episodes >= 1,
+                 f"kv_eviction.episodes must be a positive integer, got {self.episodes!r}")
+        _require(is_int(self.episode_segment_tokens) and self.episode_segment_tokens >= 1,
+                 f"kv_eviction.episode_segment_tokens must be a positive integer, got {self.episode_segment_tokens!r}")
+        _require(is_int(self.episode_layer) and self.episode_layer >= -1,
+                 f"kv_eviction.episode_layer must be a layer index or -1 (the middle layer), got {self.episode_layer!r}")
         w = self.lazy_recurrence_weight
         _require(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf"),
                  f"kv_eviction.lazy_recurrence_weight must be a non-negative number, got {w!r}")

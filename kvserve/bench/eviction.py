@@ -6,9 +6,11 @@
 Workloads are generated with a fixed seed, nothing is downloaded:
 - passkey: a five-digit key hidden at 10 depths in 2k / 4k / 7k tokens of filler; accuracy (the key in the greedy
   answer) and the teacher-forced log-likelihood of the key's tokens;
-- qa: documents of generated facts ("The colour of the lamp in Room 17 is teal."), questions about single facts;
-  accuracy, and teacher-forced top-1 agreement with full KV over its greedy answer (the bar's fallback when the
-  model's own accuracy is low);
+- qa: generated English documents with six notes hidden in them ("Note: the city where the treaty was signed is
+  Oslo."), a question per note; accuracy, and teacher-forced top-1 agreement with full KV over its greedy answer
+  (the bar's fallback when the model's own accuracy is low);
+- conversation: 24-turn chats (about 6k tokens), each turn a fact about a friend among small talk; questions about
+  friends from the first third of the chat (for episodic, EpiCache's setting); accuracy;
 - loglik: teacher-forced log-likelihood of the last 256 tokens of a long English text (`pydoc_data.topics`);
 - speed: decode tok/s of 16 concurrent 7k-token contexts;
 - capacity: concurrent 7k-token requests a 1 GiB pool holds (measured running, plus the block arithmetic).
@@ -34,11 +36,13 @@ from kvserve.sampling import SamplingParams
 from kvserve.worker.sampler import Sampler
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
-ENTITIES = ("lamp", "kettle", "clock", "mirror", "carpet", "vase", "chair", "radio", "violin", "globe", "drum",
-            "teapot", "easel", "compass", "lantern", "anchor")
-ATTRIBUTES = {"colour": ("teal", "crimson", "amber", "violet", "olive", "silver", "coral", "indigo", "ivory", "ochre"),
-              "owner": ("Marta", "Jonas", "Priya", "Kenji", "Amara", "Lukas", "Sofia", "Tariq", "Elena", "Diego"),
-              "age": tuple(str(n) for n in range(12, 95, 7))}
+# (what the note names, the values it may take): each document hides one note per fact, in a random order
+FACTS = (("the secret ingredient of Grandma Ada's soup", ("cinnamon", "saffron", "ginger", "nutmeg", "cardamom")),
+         ("the name of the captain's parrot", ("Biscuit", "Pepper", "Mango", "Pickles", "Noodle")),
+         ("the city where the treaty was signed", ("Lisbon", "Oslo", "Kyoto", "Lima", "Dakar")),
+         ("the colour of the lighthouse door", ("green", "orange", "purple", "yellow", "scarlet")),
+         ("the password of the old laboratory", ("falcon", "tundra", "quartz", "meadow", "harbor")),
+         ("the instrument the mayor plays", ("cello", "banjo", "oboe", "harp", "trumpet")))
 
 
 class ForcingSampler(Sampler):
@@ -124,33 +128,85 @@ def passkey_prompts(tok, lengths: list[int], depths: int, seed: int) -> list[dic
     return out
 
 
-def qa_documents(tok, num_docs: int, doc_tokens: int, questions: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
+def qa_documents(tok, num_docs: int, doc_tokens: int, seed: int) -> list[dict]:
+    """Generated English text with one note per fact type hidden at spread-out places; a question per fact."""
+    from kvserve.bench.workloads import TextMaker
+
+    rng, maker = random.Random(seed), TextMaker(tok)
     docs = []
     for _ in range(num_docs):
-        facts, lines = {}, []
-        while True:
-            ent = f"{rng.choice(ENTITIES)} in Room {rng.randrange(1, 400)}"
-            attr = rng.choice(list(ATTRIBUTES))
-            if (ent, attr) in facts:
-                continue
-            facts[(ent, attr)] = rng.choice(ATTRIBUTES[attr])
-            verb = {"colour": "The colour of the {e} is {v}.", "owner": "The owner of the {e} is {v}.",
-                    "age": "The age of the {e} is {v} years."}[attr]
-            lines.append(verb.format(e=ent, v=facts[(ent, attr)]))
-            if len(tok.encode(" ".join(lines), add_special_tokens=False)) >= doc_tokens:
-                lines.pop()
-                break
-        kept = list(facts)[:len(lines)]
-        text = " ".join(lines)
-        picks = rng.sample(kept, questions)
-        qs = []
-        for ent, attr in picks:
-            q = f"What is the {attr} of the {ent}?"
-            ids = tok.apply_chat_template([{"role": "user", "content": f"{text}\n\nAnswer from the text above. {q}"}])
-            qs.append({"ids": ids, "answer": facts[(ent, attr)], "question": q})
+        facts = rng.sample(FACTS, k=len(FACTS))
+        answers = [rng.choice(values) for _, values in facts]
+        chunk = doc_tokens // (len(facts) + 1)
+        parts = []
+        for i in range(len(facts) + 1):
+            parts.append(maker.text(rng, chunk))
+            if i < len(facts):
+                parts.append(f" Note: {facts[i][0]} is {answers[i]}. ")
+        text = "".join(parts)
+        qs = [{"ids": tok.apply_chat_template([{"role": "user", "content":
+                                                f"{text}\n\nAnswer from the text above: what is {f}?"}]),
+               "answer": a, "question": f, "doc_tokens": doc_tokens} for (f, _), a in zip(facts, answers)]
         docs.append({"questions": qs, "tokens": len(tok.encode(text, add_special_tokens=False))})
     return docs
+
+
+PEOPLE = ("Ada", "Bruno", "Chiara", "Dmitri", "Esme", "Farid", "Greta", "Hugo", "Ines", "Jakob", "Keiko", "Leon",
+          "Maren", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Stefan", "Tove", "Umar", "Vera", "Wim", "Yara")
+# (the fact as a phrase about a person, what the user says, its values)
+TURN_FACTS = (("the name of {p}'s dog", "{p} finally got a dog, and named it {v}.",
+               ("Biscuit", "Pepper", "Mango", "Pickles", "Noodle", "Waffle")),
+              ("the city {p} moved to", "{p} moved away last spring, all the way to {v}.",
+               ("Lisbon", "Oslo", "Kyoto", "Lima", "Dakar", "Quito")),
+              ("the colour of {p}'s new bicycle", "{p} bought a new bicycle; it is painted {v}.",
+               ("green", "orange", "purple", "yellow", "scarlet", "turquoise")),
+              ("the instrument {p} is learning", "{p} has started lessons and is learning the {v}.",
+               ("cello", "banjo", "oboe", "harp", "trumpet", "accordion")),
+              ("the dish {p} cooked for the party", "For the party {p} cooked {v} for everyone.",
+               ("paella", "lasagna", "goulash", "risotto", "moussaka", "ramen")))
+
+
+def conversations(tok, num: int, turns: int, questions: int, seed: int) -> list[dict]:
+    """Long chats: each user turn tells a fact about one friend among small talk, the assistant acknowledges; the
+    final question asks about a friend from the first third of the chat (a question per early turn asked)."""
+    from kvserve.bench.workloads import TextMaker
+
+    rng, maker = random.Random(seed), TextMaker(tok)
+    out = []
+    for _ in range(num):
+        people = rng.sample(PEOPLE, turns)
+        msgs, facts = [], []
+        for p in people:
+            phrase, said, values = rng.choice(TURN_FACTS)
+            v = rng.choice(values)
+            facts.append((p, phrase.format(p=p), v))
+            msgs.append({"role": "user", "content": f"Let me tell you about my friend {p}. "
+                         f"{maker.text(rng, rng.randrange(60, 140))} {said.format(p=p, v=v)} "
+                         f"{maker.text(rng, rng.randrange(20, 60))}"})
+            msgs.append({"role": "assistant", "content": f"Thank you for telling me about {p}. "
+                         f"{maker.text(rng, rng.randrange(15, 40))}"})
+        early = rng.sample(range(max(turns // 3, 1)), min(questions, max(turns // 3, 1)))
+        qs = [{"ids": tok.apply_chat_template(msgs + [{"role": "user", "content":
+                                                        f"Earlier I told you about {facts[i][0]}. "
+                                                        f"What is {facts[i][1]}?"}]),
+               "answer": facts[i][2], "turn": i} for i in early]
+        out.append({"questions": qs, "tokens": len(qs[0]["ids"])})
+    return out
+
+
+def task_conversation(policy, engine, budgets, convs, log) -> dict:
+    questions = [q for c in convs for q in c["questions"]]
+    res = {}
+    for budget in budgets:
+        reqs = [(f"cv-{policy}-{budget}-{i}", q["ids"], SamplingParams(temperature=0, max_tokens=24,
+                                                                        kv_budget_tokens=budget))
+                for i, q in enumerate(questions)]
+        outs = run(engine, reqs)
+        hits = [q["answer"].lower() in engine.tokenizer.decode(outs[rid].outputs[0].token_ids).lower()
+                for (rid, _, _), q in zip(reqs, questions)]
+        res[f"{policy}/{budget}"] = {"accuracy": sum(hits) / len(hits)}
+        log(f"conv    {policy:9s} budget {budget:5d}: acc {sum(hits) / len(hits):.3f}")
+    return res
 
 
 def loglik_text(tok, total: int) -> tuple[list[int], list[int]]:
@@ -206,7 +262,11 @@ def task_qa(policy, engine, sampler, budgets, docs, ref_ids, log, agree_tokens: 
         if policy == "full":
             ref_ids[:] = [outs[rid].outputs[0].token_ids for rid, _, _ in reqs]
             agree = [1.0]
-        res[f"{policy}/{budget}"] = {"accuracy": sum(hits) / len(hits), "top1_agreement": statistics.mean(agree)}
+        sizes = sorted({q["doc_tokens"] for q in questions})
+        res[f"{policy}/{budget}"] = {
+            "accuracy": sum(hits) / len(hits), "top1_agreement": statistics.mean(agree),
+            "accuracy_by_doc_tokens": {str(n): statistics.mean(h for h, q in zip(hits, questions) if q["doc_tokens"] == n)
+                                       for n in sizes}}
         log(f"qa      {policy:9s} budget {budget:5d}: acc {res[f'{policy}/{budget}']['accuracy']:.3f} "
             f"top-1 agreement with full KV {res[f'{policy}/{budget}']['top1_agreement']:.3f}")
     return res
@@ -309,6 +369,40 @@ def task_capacity(budgets, args, tok, log) -> dict:
     return res
 
 
+def task_kvpress(args, tok, log) -> dict:
+    """kvpress (HF transformers) on the passkey prompts of --kvpress-lengths, in its own venv (kvpress_ref.py)."""
+    import subprocess
+    import tempfile
+
+    from kvserve.config import KVEvictionConfig
+    from kvserve.model.loader import default_model_path
+
+    defaults = KVEvictionConfig("snapkv")
+    lengths = [int(x) for x in args.kvpress_lengths.split(",")]
+    prompts = [p for p in passkey_prompts(tok, [int(x) for x in args.lengths.split(",")], args.depths, args.seed)
+               if p["length"] in lengths]
+    spec = {"model": default_model_path(), "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "policies": ["streaming", "snapkv"], "budgets": [int(b) for b in args.kvpress_budgets.split(",")],
+            "sink_tokens": defaults.sink_tokens, "observation_window": defaults.observation_window,
+            "pooling_kernel": defaults.pooling_kernel, "max_tokens": 12, "prompts": prompts}
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "prompts.json"), os.path.join(d, "out.json")
+        json.dump(spec, open(src, "w"))
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kvpress_ref.py")
+        subprocess.run([args.kvpress_python, script, src, dst], check=True)
+        out = json.load(open(dst))
+    summary = {}
+    for r in out["results"]:
+        s = summary.setdefault(f"{r['policy']}/{r['budget']}/{r['length']}", {"hits": 0, "n": 0, "lp": 0.0})
+        s["hits"] += r["hit"]
+        s["n"] += 1
+        s["lp"] += r["key_logprob"]
+    table = {k: {"accuracy": v["hits"] / v["n"], "key_logprob": v["lp"] / v["n"]} for k, v in summary.items()}
+    for k, v in table.items():
+        log(f"kvpress {k}: acc {v['accuracy']:.2f} key log-likelihood {v['key_logprob']:.2f}")
+    return {"summary": table, "rows": out["results"], "versions": out["versions"], "seconds": out["seconds"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default="passkey,qa,loglik")
@@ -316,10 +410,11 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", default="256,512,1024,2048")
     ap.add_argument("--lengths", default="2048,4096,7168")
     ap.add_argument("--depths", type=int, default=10)
-    ap.add_argument("--qa-docs", type=int, default=2)
-    ap.add_argument("--qa-doc-tokens", default="4096,6144")
-    ap.add_argument("--qa-questions", type=int, default=8)
+    ap.add_argument("--qa-docs", type=int, default=4, help="documents per length (six questions each)")
+    ap.add_argument("--qa-doc-tokens", default="4096,7000")
     ap.add_argument("--loglik-tokens", type=int, default=7168)
+    ap.add_argument("--conversations", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=24)
     ap.add_argument("--speed-requests", type=int, default=16)
     ap.add_argument("--speed-length", type=int, default=7168)
     ap.add_argument("--speed-memory-gb", type=float, default=5.5)
@@ -328,6 +423,10 @@ def main(argv=None) -> int:
     ap.add_argument("--capacity-tokens", type=int, default=8)
     ap.add_argument("--capacity-max-requests", type=int, default=64)
     ap.add_argument("--memory-gb", type=float, default=4.0)
+    ap.add_argument("--kvpress-python", default="/work/kvpress-venv/bin/python",
+                    help="python of a venv with kvpress (its own transformers pin)")
+    ap.add_argument("--kvpress-lengths", default="4096")
+    ap.add_argument("--kvpress-budgets", default="256,1024")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -347,15 +446,15 @@ def main(argv=None) -> int:
                                                                       __import__("sys").argv[1:]),
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
               "dtype": args.dtype, "budgets": budgets, "policies": policies}
-    if any(t in tasks for t in ("passkey", "qa", "loglik")):
+    if any(t in tasks for t in ("passkey", "qa", "loglik", "conversation")):
         prompts = passkey_prompts(tok, [int(x) for x in args.lengths.split(",")], args.depths, args.seed)
         sizes = [int(x) for x in args.qa_doc_tokens.split(",")]
-        docs = [d for i, n in enumerate(sizes)
-                for d in qa_documents(tok, args.qa_docs, n, args.qa_questions, args.seed + 100 * i)]
+        docs = [d for i, n in enumerate(sizes) for d in qa_documents(tok, args.qa_docs, n, args.seed + 100 * i)]
         context, target = loglik_text(tok, args.loglik_tokens)
+        convs = conversations(tok, args.conversations, args.turns, 3, args.seed + 5)
         ref_ids: list = []
         for name in tasks:
-            if name in ("passkey", "qa", "loglik"):
+            if name in ("passkey", "qa", "loglik", "conversation"):
                 result[name] = {}
         for policy in ["full"] + policies:  # one engine at a time: each holds its contexts in its prefix cache
             engine, sampler = make_engine(policy, args.memory_gb, args.dtype)
@@ -366,10 +465,16 @@ def main(argv=None) -> int:
                 result["qa"].update(task_qa(policy, engine, sampler, pb, docs, ref_ids, log))
             if "loglik" in tasks:
                 result["loglik"].update(task_loglik(policy, engine, sampler, pb, context, target, log))
+            if "conversation" in tasks:
+                result["conversation"].update(task_conversation(policy, engine, pb, convs, log))
             engine.close()
             del engine, sampler
         if "qa" in tasks:
             result["qa"]["doc_tokens"] = [d["tokens"] for d in docs]
+        if "conversation" in tasks:
+            result["conversation"]["tokens"] = [c["tokens"] for c in convs]
+    if "kvpress" in tasks:
+        result["kvpress"] = task_kvpress(args, tok, log)
     if "speed" in tasks:
         result["speed"] = task_speed(policies, budgets, args, tok, log)
     if "capacity" in tasks:

@@ -176,7 +176,13 @@ class EngineCore:
         transfer = NullKVTransfer() if self.kv_store is None else KVTransfer(self.kv_cache, self.kv_store)
         swap = SwapBuffer(self.kv_cache, num_swap_blocks) if num_swap_blocks else None
         drafter = self._make_drafter(args.speculative_config, args, tokenizer, dtype, num_blocks)
-        evictor = KVEvictor(args.kv_eviction, config.num_kv_heads, args.block_size) if args.kv_eviction else None
+        evictor = None
+        if args.kv_eviction:
+            layer = args.kv_eviction.episode_layer
+            if layer >= config.num_layers:
+                raise ConfigError(f"kv_eviction.episode_layer must be below the model's {config.num_layers} layers")
+            v_cache = self.kv_cache.layers[config.num_layers // 2 if layer < 0 else layer][1]
+            evictor = KVEvictor(args.kv_eviction, config.num_kv_heads, args.block_size, v_cache)
         self.runner = ModelRunner(self.model, self.kv_cache, transfer, pad_shapes=args.pad_shapes, swap=swap,
                                   drafter=drafter, evictor=evictor)
         self._eviction_seconds = 0.0

@@ -21,6 +21,7 @@ from kvserve.model.batch import ForwardBatch
 
 _INITIAL_CAPACITY = 256
 _KEEP = 1e15  # priority offsets: kept before / evicted before anything a score can reach
+_EPISODE = 1e6  # episodic: the chosen episode's tokens rank above every other prompt token (masses are far smaller)
 
 
 @dataclass
@@ -95,13 +96,60 @@ def pool_in_position_order(scores: torch.Tensor, pos: torch.Tensor, kernel: int)
     return out
 
 
-def select_evicted(config: KVEvictionConfig, state: EvictionState, length: int, target: int) -> list[int]:
+def _kmeans(x: torch.Tensor, k: int, iterations: int = 20) -> torch.Tensor:
+    """Cluster the rows of x (unit vectors) into k by cosine similarity; deterministic (farthest-point start).
+    Returns each row's cluster (n,) and the unit centroids (k, F)."""
+    centroids = [x[0]]
+    for _ in range(1, k):
+        sim = torch.stack([x @ c for c in centroids]).max(dim=0).values
+        centroids.append(x[int(sim.argmin())])
+    c = torch.stack(centroids)
+    for _ in range(iterations):
+        assign = (x @ c.T).argmax(dim=1)
+        new = torch.zeros_like(c).index_add_(0, assign, x)
+        empty = new.norm(dim=1) == 0
+        new[empty] = c[empty]
+        new = F.normalize(new, dim=1)
+        if torch.allclose(new, c):
+            break
+        c = new
+    return (x @ c.T).argmax(dim=1), c
+
+
+def episode_mask(config: KVEvictionConfig, values: torch.Tensor, pos: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """EpiCache's routing: the conversation before the question is cut into segments, each embedded by the mean of
+    its tokens' hidden-state projections (`values`, (n, F)), clustered into episodes; returns the tokens (bool, (n,))
+    of the episode whose centroid is closest to the question (the observation window's mean)."""
+    question = pos >= prompt_len - config.observation_window
+    history = ~question & (pos < prompt_len)
+    mask = torch.zeros_like(pos, dtype=torch.bool)
+    if not history.any() or not question.any():
+        return mask
+    seg = pos // config.episode_segment_tokens
+    nseg = int(seg[history].max()) + 1
+    sums = torch.zeros(nseg, values.shape[1]).index_add_(0, seg[history], values[history])
+    present = sums.norm(dim=1) > 0
+    emb = F.normalize(sums[present], dim=1)
+    ids = torch.arange(nseg)[present]
+    assign, centroids = _kmeans(emb, min(config.episodes, emb.shape[0]))
+    query = F.normalize(values[question].mean(dim=0), dim=0)
+    best = int((centroids @ query).argmax())
+    chosen = torch.zeros(nseg, dtype=torch.bool)
+    chosen[ids[assign == best]] = True
+    mask[history] = chosen[seg[history]]
+    return mask
+
+
+def select_evicted(config: KVEvictionConfig, state: EvictionState, length: int, target: int,
+                   values: torch.Tensor | None = None) -> list[int]:
     """The KV indices (ascending) among [0, length) that `config.policy` evicts to keep `target` tokens.
 
     Every policy keeps the `sink_tokens` first positions and the `window_tokens` most recent ones; the rest by:
     streaming: recency. snapkv: the prompt's pooled observation-window scores, generated tokens outside the window
     going first (oldest first). h2o: accumulated attention mass. lazy: tokens overdue (no attention for longer than
-    their recurrence interval x lazy_recurrence_weight) go first, most overdue first, then the lowest mass."""
+    their recurrence interval x lazy_recurrence_weight) go first, most overdue first, then the lowest mass.
+    episodic: as snapkv, with the tokens of the episode closest to the question ranked above all others (`values`:
+    the tokens' hidden-state projections, needed at the first eviction)."""
     n_evict = length - target
     if n_evict <= 0:
         return []
@@ -112,9 +160,12 @@ def select_evicted(config: KVEvictionConfig, state: EvictionState, length: int, 
     policy = config.policy
     if policy == "streaming":
         keep = pos.double()
-    elif policy == "snapkv":
-        if not state.pooled:
-            state.scores[:length] = pool_in_position_order(state.scores[:length], pos, config.pooling_kernel)
+    elif policy in ("snapkv", "episodic"):
+        if not state.pooled:  # the prompt's ranking, made once at the end of its prefill
+            ranked = pool_in_position_order(state.scores[:length], pos, config.pooling_kernel)
+            if policy == "episodic":
+                ranked = ranked + _EPISODE * episode_mask(config, values, pos, state.prompt_len)
+            state.scores[:length] = ranked
             state.pooled = True
             scores = state.scores[:length].double()
         keep = torch.where(pos < state.prompt_len, scores, pos.double() - _KEEP)
@@ -137,8 +188,11 @@ class KVEvictor:
     """Per-request eviction state in the worker; the runner calls prepare() on each batch and after_step() once
     the step's tokens are sampled."""
 
-    def __init__(self, config: KVEvictionConfig, num_kv_heads: int, block_size: int):
+    def __init__(self, config: KVEvictionConfig, num_kv_heads: int, block_size: int,
+                 v_cache: torch.Tensor | None = None):
+        """`v_cache`: (blocks, block_size, Hkv, D) values of the layer episodic embeds with (None for others)."""
         self.config = config
+        self.v_cache = v_cache
         self.num_kv_heads = num_kv_heads
         self.block_size = block_size
         self.states: dict[str, EvictionState] = {}
@@ -229,9 +283,19 @@ class KVEvictor:
                 continue
             ends_prefill = s.num_real_tokens > 1 or s.start < s.request.num_prompt_tokens
             if ends_prefill or length > s.kv_budget + cfg.margin:
-                evicted[s.request_id] = select_evicted(cfg, state, length, s.kv_budget)
+                values = None
+                if cfg.policy == "episodic" and not state.pooled:
+                    values = self._values(s.block_ids, length)
+                evicted[s.request_id] = select_evicted(cfg, state, length, s.kv_budget, values)
         self.seconds += time.perf_counter() - started
         return evicted
+
+    def _values(self, block_ids: list[int], length: int) -> torch.Tensor:
+        """(length, Hkv * D) float32: the request's first `length` KV slots' values in the episode layer."""
+        bs = self.block_size
+        slots = torch.tensor([block_ids[i // bs] * bs + i % bs for i in range(length)])
+        flat = self.v_cache.reshape(-1, self.v_cache.shape[-2] * self.v_cache.shape[-1])
+        return flat[slots].float()
 
     def take_seconds(self) -> float:
         out, self.seconds = self.seconds, 0.0

@@ -16,7 +16,7 @@ from kvserve.sampling import ParamError
 TEXT = ("The lighthouse keeper wrote in his log every evening. On Monday the sea was calm and the fishing boats came "
         "home early. On Tuesday a storm rolled in from the west, and the keeper lit the lamp before sunset. The "
         "passkey for the supply shed is 4721. On Wednesday the supply ship arrived with oil, bread and letters. ")
-POLICIES = ("streaming", "snapkv", "h2o", "lazy")
+POLICIES = ("streaming", "snapkv", "h2o", "lazy", "episodic")
 
 
 @pytest.fixture(scope="module")

@@ -110,3 +110,22 @@ def test_state_moves_with_a_compaction():
 def test_bad_configs_fail_clearly(bad, message):
     with pytest.raises(ConfigError, match=message):
         KVEvictionConfig.from_dict(bad)
+
+
+def test_episodic_keeps_the_episode_closest_to_the_question():
+    """Segments of 4 tokens whose hidden-state projections point three ways; the question (the observation window)
+    points like the middle topic's segments: those are kept, though other tokens drew more attention."""
+    from kvserve.worker.eviction import episode_mask
+
+    c = KVEvictionConfig("episodic", budget_tokens=12, sink_tokens=1, window_tokens=4, observation_window=4,
+                         pooling_kernel=1, episodes=3, episode_segment_tokens=4)
+    axes = torch.eye(3)
+    topics = [0, 1, 2, 0, 2]  # the topic of each history segment (positions 0-19), then the question (20-23)
+    values = torch.cat([axes[t].repeat(4, 1) for t in topics] + [axes[1].repeat(4, 1)]) + 0.01 * torch.rand(24, 3)
+    pos = torch.arange(24)
+    mask = episode_mask(c, values, pos, prompt_len=24)
+    assert mask.nonzero().flatten().tolist() == [4, 5, 6, 7]
+    s = state([5.0] * 4 + [0.1] * 4 + [5.0] * 16, prompt_len=24)
+    ev = select_evicted(c, s, 24, 12, values)
+    # sink 0, window 20-23, the whole episode 4-7, then three more by score (ties: the newest)
+    assert kept(ev, 24) == [0, 4, 5, 6, 7, 17, 18, 19, 20, 21, 22, 23]
