@@ -9,7 +9,7 @@ Workloads are generated with a fixed seed, nothing is downloaded:
 - qa: generated English documents with six notes hidden in them ("Note: the city where the treaty was signed is
   Oslo."), a question per note; accuracy, and teacher-forced top-1 agreement with full KV over its greedy answer
   (the bar's fallback when the model's own accuracy is low);
-- conversation: 24-turn chats (about 6k tokens), each turn a fact about a friend among small talk; questions about
+- conversation: 20-turn chats (about 4k tokens), each turn a fact about a friend among small talk; questions about
   friends from the first third of the chat (for episodic, EpiCache's setting); accuracy;
 - loglik: teacher-forced log-likelihood of the last 256 tokens of a long English text (`pydoc_data.topics`);
 - speed: decode tok/s of 16 concurrent 7k-token contexts;
@@ -146,24 +146,33 @@ def qa_documents(tok, num_docs: int, doc_tokens: int, seed: int) -> list[dict]:
         text = "".join(parts)
         qs = [{"ids": tok.apply_chat_template([{"role": "user", "content":
                                                 f"{text}\n\nAnswer from the text above: what is {f}?"}]),
-               "answer": a, "question": f, "doc_tokens": doc_tokens} for (f, _), a in zip(facts, answers)]
+               "answer": a, "question": f, "group": doc_tokens} for (f, _), a in zip(facts, answers)]
         docs.append({"questions": qs, "tokens": len(tok.encode(text, add_special_tokens=False))})
     return docs
 
 
 PEOPLE = ("Ada", "Bruno", "Chiara", "Dmitri", "Esme", "Farid", "Greta", "Hugo", "Ines", "Jakob", "Keiko", "Leon",
           "Maren", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Stefan", "Tove", "Umar", "Vera", "Wim", "Yara")
-# (the fact as a phrase about a person, what the user says, its values)
-TURN_FACTS = (("the name of {p}'s dog", "{p} finally got a dog, and named it {v}.",
-               ("Biscuit", "Pepper", "Mango", "Pickles", "Noodle", "Waffle")),
-              ("the city {p} moved to", "{p} moved away last spring, all the way to {v}.",
-               ("Lisbon", "Oslo", "Kyoto", "Lima", "Dakar", "Quito")),
-              ("the colour of {p}'s new bicycle", "{p} bought a new bicycle; it is painted {v}.",
-               ("green", "orange", "purple", "yellow", "scarlet", "turquoise")),
-              ("the instrument {p} is learning", "{p} has started lessons and is learning the {v}.",
-               ("cello", "banjo", "oboe", "harp", "trumpet", "accordion")),
-              ("the dish {p} cooked for the party", "For the party {p} cooked {v} for everyone.",
-               ("paella", "lasagna", "goulash", "risotto", "moussaka", "ramen")))
+# (the fact as a phrase about a person, what the user says, its values): a chat uses each at most once
+TURN_FACTS = tuple(
+    [(f"the name of {{p}}'s {pet}", f"{{p}} has a {pet} called {{v}}.",
+      ("Biscuit", "Pepper", "Mango", "Pickles", "Noodle", "Waffle", "Clover", "Ziggy"))
+     for pet in ("dog", "cat", "parrot", "horse", "goat", "tortoise")]
+    + [(f"the colour of {{p}}'s {thing}", f"{{p}} painted the {thing} {{v}}.",
+        ("green", "orange", "purple", "yellow", "scarlet", "turquoise", "silver", "pink"))
+       for thing in ("bicycle", "front door", "car", "boat", "fence")]
+    + [("the city {p} moved to", "{p} moved to {v} last spring.", ("Lisbon", "Oslo", "Kyoto", "Lima", "Dakar", "Quito")),
+       ("the instrument {p} is learning", "{p} is learning to play the {v}.",
+        ("cello", "banjo", "oboe", "harp", "trumpet", "accordion")),
+       ("the dish {p} cooked", "{p} cooked {v} for dinner.", ("paella", "lasagna", "goulash", "risotto", "ramen")),
+       ("the sport {p} plays", "{p} plays {v} every weekend.", ("tennis", "rugby", "cricket", "volleyball", "squash")),
+       ("the language {p} is studying", "{p} is studying {v}.", ("Finnish", "Korean", "Swahili", "Greek", "Welsh")),
+       ("the flower {p} planted", "{p} planted {v} in the garden.", ("tulips", "orchids", "lilies", "peonies")),
+       ("the mountain {p} climbed", "{p} climbed {v} in the summer.", ("Kilimanjaro", "Olympus", "Fuji", "Denali")),
+       ("the car {p} bought", "{p} bought a {v}.", ("Volvo", "Fiat", "Tesla", "Skoda", "Subaru")),
+       ("the job {p} started", "{p} started working as a {v}.", ("pilot", "nurse", "plumber", "baker", "lawyer")),
+       ("the museum {p} visited", "{p} visited the {v}.", ("Louvre", "Prado", "Uffizi", "Hermitage")),
+       ("the game {p} plays at night", "{p} plays {v} at night.", ("chess", "poker", "mahjong", "backgammon"))])
 
 
 def conversations(tok, num: int, turns: int, questions: int, seed: int) -> list[dict]:
@@ -175,38 +184,22 @@ def conversations(tok, num: int, turns: int, questions: int, seed: int) -> list[
     out = []
     for _ in range(num):
         people = rng.sample(PEOPLE, turns)
+        kinds = rng.sample(TURN_FACTS, turns)
         msgs, facts = [], []
-        for p in people:
-            phrase, said, values = rng.choice(TURN_FACTS)
+        for p, (phrase, said, values) in zip(people, kinds):
             v = rng.choice(values)
             facts.append((p, phrase.format(p=p), v))
-            msgs.append({"role": "user", "content": f"Let me tell you about my friend {p}. "
-                         f"{maker.text(rng, rng.randrange(60, 140))} {said.format(p=p, v=v)} "
-                         f"{maker.text(rng, rng.randrange(20, 60))}"})
+            msgs.append({"role": "user", "content": f"Let me tell you about my friend {p}. {said.format(p=p, v=v)} "
+                         f"{maker.text(rng, rng.randrange(80, 160))}"})
             msgs.append({"role": "assistant", "content": f"Thank you for telling me about {p}. "
                          f"{maker.text(rng, rng.randrange(15, 40))}"})
         early = rng.sample(range(max(turns // 3, 1)), min(questions, max(turns // 3, 1)))
         qs = [{"ids": tok.apply_chat_template(msgs + [{"role": "user", "content":
-                                                        f"Earlier I told you about {facts[i][0]}. "
-                                                        f"What is {facts[i][1]}?"}]),
-               "answer": facts[i][2], "turn": i} for i in early]
+                                                        f"Answer from our conversation above: what is "
+                                                        f"{facts[i][1]}?"}]),
+               "answer": facts[i][2], "group": i} for i in early]
         out.append({"questions": qs, "tokens": len(qs[0]["ids"])})
     return out
-
-
-def task_conversation(policy, engine, budgets, convs, log) -> dict:
-    questions = [q for c in convs for q in c["questions"]]
-    res = {}
-    for budget in budgets:
-        reqs = [(f"cv-{policy}-{budget}-{i}", q["ids"], SamplingParams(temperature=0, max_tokens=24,
-                                                                        kv_budget_tokens=budget))
-                for i, q in enumerate(questions)]
-        outs = run(engine, reqs)
-        hits = [q["answer"].lower() in engine.tokenizer.decode(outs[rid].outputs[0].token_ids).lower()
-                for (rid, _, _), q in zip(reqs, questions)]
-        res[f"{policy}/{budget}"] = {"accuracy": sum(hits) / len(hits)}
-        log(f"conv    {policy:9s} budget {budget:5d}: acc {sum(hits) / len(hits):.3f}")
-    return res
 
 
 def loglik_text(tok, total: int) -> tuple[list[int], list[int]]:
@@ -242,13 +235,13 @@ def task_passkey(policy, engine, sampler, budgets, prompts, log) -> dict:
     return res
 
 
-def task_qa(policy, engine, sampler, budgets, docs, ref_ids, log, agree_tokens: int = 32) -> dict:
-    """`ref_ids`: full KV's greedy answers (filled in by the "full" run, which comes first)."""
-    questions = [q for d in docs for q in d["questions"]]
+def task_questions(tag, policy, engine, sampler, budgets, questions, ref_ids, log, agree_tokens: int = 32) -> dict:
+    """Accuracy (the answer in the greedy output) and teacher-forced top-1 agreement with full KV over its greedy
+    answer. `ref_ids`: full KV's answers, filled in by the "full" run, which comes first."""
     res = {}
     for budget in budgets:
-        reqs = [(f"qa-{policy}-{budget}-{i}", q["ids"], SamplingParams(temperature=0, max_tokens=agree_tokens,
-                                                                        kv_budget_tokens=budget))
+        reqs = [(f"{tag}-{policy}-{budget}-{i}", q["ids"], SamplingParams(temperature=0, max_tokens=agree_tokens,
+                                                                           kv_budget_tokens=budget))
                 for i, q in enumerate(questions)]
         outs = run(engine, reqs)
         hits, agree = [], []
@@ -262,13 +255,13 @@ def task_qa(policy, engine, sampler, budgets, docs, ref_ids, log, agree_tokens: 
         if policy == "full":
             ref_ids[:] = [outs[rid].outputs[0].token_ids for rid, _, _ in reqs]
             agree = [1.0]
-        sizes = sorted({q["doc_tokens"] for q in questions})
-        res[f"{policy}/{budget}"] = {
+        groups = sorted({q["group"] for q in questions})
+        r = res[f"{policy}/{budget}"] = {
             "accuracy": sum(hits) / len(hits), "top1_agreement": statistics.mean(agree),
-            "accuracy_by_doc_tokens": {str(n): statistics.mean(h for h, q in zip(hits, questions) if q["doc_tokens"] == n)
-                                       for n in sizes}}
-        log(f"qa      {policy:9s} budget {budget:5d}: acc {res[f'{policy}/{budget}']['accuracy']:.3f} "
-            f"top-1 agreement with full KV {res[f'{policy}/{budget}']['top1_agreement']:.3f}")
+            "accuracy_by_group": {str(n): statistics.mean(h for h, q in zip(hits, questions) if q["group"] == n)
+                                  for n in groups}}
+        log(f"{tag:7s} {policy:9s} budget {budget:5d}: acc {r['accuracy']:.3f} "
+            f"top-1 agreement with full KV {r['top1_agreement']:.3f}")
     return res
 
 
@@ -342,7 +335,7 @@ def task_capacity(budgets, args, tok, log) -> dict:
         engine, _ = make_engine("streaming", args.capacity_memory_gb, args.dtype)
         core = engine.core
         bs = core.info.block_size
-        per_req = -(-(args.speed_length + args.new_tokens) // bs) if budget == 0 else -(-(budget + bs) // bs)
+        per_req = -(-(args.speed_length + args.capacity_tokens) // bs) if budget == 0 else -(-(budget + bs) // bs)
         total = core.kv_manager.num_blocks
         # the arithmetic: one prefill at its peak, the rest holding budget + a block
         peak = -(-(args.speed_length + 1) // bs)
@@ -366,6 +359,36 @@ def task_capacity(budgets, args, tok, log) -> dict:
         log(f"capacity budget {budget:5d}: {most} concurrent {args.speed_length}-token requests decoding "
             f"(arithmetic {predicted}; {n} submitted)")
         del engine, core
+    return res
+
+
+def task_score_cost(log) -> dict:
+    """What accumulating attention mass costs in the decode kernel (bf16, the model's shapes): 16 decode rows at a
+    1k and a 7k context with and without the score buffer, and 32 observation-window rows at 7k (snapkv's one extra
+    pass at the end of a prefill), per layer; medians of 30 after 5 warm-ups."""
+    from kvserve.bench.micro import timeit
+    from kvserve.kernels import decode_attention_kernel
+
+    fn = decode_attention_kernel()
+    if fn is None:
+        return {"native": False}
+    g = torch.Generator().manual_seed(0)
+    h, hkv, d, bs = 9, 3, 64, 16
+    res = {}
+    for rows, ctx in ((16, 1024), (16, 7168), (32, 7168)):
+        mb = -(-ctx // bs)
+        nb = rows * mb + 1
+        kc = torch.randn(nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+        vc = torch.randn(nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+        tables = torch.randperm(nb - 1, generator=g)[:rows * mb].view(rows, mb)
+        lens = torch.full((rows,), ctx, dtype=torch.int32)
+        q = torch.randn(rows, h, d, generator=g).to(torch.bfloat16)
+        buf = torch.zeros(rows, hkv, mb * bs)
+        plain = timeit(lambda: fn(q, kc, vc, tables, lens, 0.125))
+        scored = timeit(lambda: fn(q, kc, vc, tables, lens, 0.125, buf))
+        res[f"{rows}x{ctx}"] = {"plain_ms": plain, "with_scores_ms": scored, "overhead": scored / plain - 1}
+        log(f"score cost {rows} rows x {ctx} context, one layer: {plain:.3f} ms plain, {scored:.3f} ms with "
+            f"scores (+{100 * (scored / plain - 1):.1f}%)")
     return res
 
 
@@ -414,14 +437,16 @@ def main(argv=None) -> int:
     ap.add_argument("--qa-doc-tokens", default="4096,7000")
     ap.add_argument("--loglik-tokens", type=int, default=7168)
     ap.add_argument("--conversations", type=int, default=8)
-    ap.add_argument("--turns", type=int, default=24)
+    ap.add_argument("--turns", type=int, default=20)
     ap.add_argument("--speed-requests", type=int, default=16)
     ap.add_argument("--speed-length", type=int, default=7168)
     ap.add_argument("--speed-memory-gb", type=float, default=5.5)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--capacity-memory-gb", type=float, default=1.0)
-    ap.add_argument("--capacity-tokens", type=int, default=8)
+    ap.add_argument("--capacity-tokens", type=int, default=256,
+                    help="output tokens per request: long enough that the first admitted still decode when the last prefill ends")
     ap.add_argument("--capacity-max-requests", type=int, default=64)
+    ap.add_argument("--capacity-budgets", default="1024,2048", help="budgets measured (besides full KV)")
     ap.add_argument("--memory-gb", type=float, default=4.0)
     ap.add_argument("--kvpress-python", default="/work/kvpress-venv/bin/python",
                     help="python of a venv with kvpress (its own transformers pin)")
@@ -452,7 +477,7 @@ def main(argv=None) -> int:
         docs = [d for i, n in enumerate(sizes) for d in qa_documents(tok, args.qa_docs, n, args.seed + 100 * i)]
         context, target = loglik_text(tok, args.loglik_tokens)
         convs = conversations(tok, args.conversations, args.turns, 3, args.seed + 5)
-        ref_ids: list = []
+        ref_ids: dict[str, list] = {"qa": [], "conversation": []}
         for name in tasks:
             if name in ("passkey", "qa", "loglik", "conversation"):
                 result[name] = {}
@@ -462,11 +487,14 @@ def main(argv=None) -> int:
             if "passkey" in tasks:
                 result["passkey"].update(task_passkey(policy, engine, sampler, pb, prompts, log))
             if "qa" in tasks:
-                result["qa"].update(task_qa(policy, engine, sampler, pb, docs, ref_ids, log))
+                questions = [q for d in docs for q in d["questions"]]
+                result["qa"].update(task_questions("qa", policy, engine, sampler, pb, questions, ref_ids["qa"], log))
             if "loglik" in tasks:
                 result["loglik"].update(task_loglik(policy, engine, sampler, pb, context, target, log))
             if "conversation" in tasks:
-                result["conversation"].update(task_conversation(policy, engine, pb, convs, log))
+                questions = [q for c in convs for q in c["questions"]]
+                result["conversation"].update(task_questions("conv", policy, engine, sampler, pb, questions,
+                                                             ref_ids["conversation"], log))
             engine.close()
             del engine, sampler
         if "qa" in tasks:
@@ -475,10 +503,12 @@ def main(argv=None) -> int:
             result["conversation"]["tokens"] = [c["tokens"] for c in convs]
     if "kvpress" in tasks:
         result["kvpress"] = task_kvpress(args, tok, log)
+    if "score_cost" in tasks:
+        result["score_cost"] = task_score_cost(log)
     if "speed" in tasks:
         result["speed"] = task_speed(policies, budgets, args, tok, log)
     if "capacity" in tasks:
-        result["capacity"] = task_capacity(budgets, args, tok, log)
+        result["capacity"] = task_capacity([int(b) for b in args.capacity_budgets.split(",")], args, tok, log)
     result["seconds"] = time.time() - started
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

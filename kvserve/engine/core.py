@@ -102,6 +102,10 @@ class EngineArgs:
             object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
         if isinstance(self.kv_eviction, dict):
             object.__setattr__(self, "kv_eviction", KVEvictionConfig.from_dict(self.kv_eviction))
+        if self.kv_eviction is not None and self.speculative_config is not None \
+                and self.speculative_config.drafts_with_model:
+            raise ConfigError("kv_eviction works with text drafts (ngram, suffix); a model drafter's KV follows "
+                              "positions, which eviction no longer matches")
         if self.kv_eviction is not None and self.kv_eviction.margin > self.block_size:
             raise ConfigError(f"kv_eviction.lazy_margin_tokens must be at most the block size ({self.block_size}): "
                               "a request's KV stays within its budget plus one block")

@@ -141,6 +141,24 @@ def test_request_budgets_are_validated(make_engine, prompt_ids):
         SamplingParams(kv_budget_tokens=-1)
     with pytest.raises(ConfigError, match="at most the block size"):
         make_engine(kv_eviction={"policy": "lazy", "lazy_margin_tokens": 32})
+    with pytest.raises(ConfigError, match="text drafts"):
+        make_engine(kv_eviction={"policy": "h2o"}, speculative_config={"method": "layer_skip", "draft_layers": 4})
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+def test_eviction_with_text_drafts_and_siblings(make_engine, prompt_ids, policy):
+    """ngram drafts verified over evicted KV (accepted drafts' KV counts toward the budget) and n = 2 siblings that
+    share their prompt blocks (copied before a compaction writes them): the budget holds after every step."""
+    engine = make_engine(max_num_batched_tokens=64, kv_eviction={"policy": policy, "budget_tokens": 48},
+                         speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    repeat = prompt_ids[:60] + prompt_ids[:60] + prompt_ids[:40]
+    outs = generate(engine, [repeat, prompt_ids], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert all(o.num_evicted_tokens > 0 and len(o.outputs[0].token_ids) == 30 for o in outs)
+    assert engine.stats().speculative.num_accepted_tokens > 0
+    outs = generate(engine, [prompt_ids], SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=20,
+                                                         ignore_eos=True))
+    assert len(outs[0].outputs) == 2 and outs[0].num_evicted_tokens > 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_pooling_matches_snapkv_reference():
