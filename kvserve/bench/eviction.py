@@ -96,13 +96,20 @@ def run(engine, requests: list[tuple[str, list[int], SamplingParams]]) -> dict:
     return outs
 
 
-def forced(engine, sampler: ForcingSampler, rid: str, prompt: list[int], target: list[int], budget: int):
-    """Teacher-forced log-probabilities and top-1 hits of `target` after `prompt` under `budget` (0: full KV)."""
-    sampler.forced[rid] = target
-    run(engine, [(rid, prompt, SamplingParams(temperature=0, max_tokens=len(target), ignore_eos=True,
-                                              kv_budget_tokens=budget))])
-    sampler.forced.pop(rid)
-    return sampler.records.pop(rid)
+def forced(engine, sampler: ForcingSampler, items: list[tuple[str, list[int], list[int]]], budget: int) -> dict:
+    """Teacher-forced log-probabilities and top-1 hits of each (rid, prompt, target): `target` after `prompt` under
+    `budget` (0: full KV), all in one batch. Returns rid -> [(logprob, top-1 hit)] per target token."""
+    reqs = []
+    for rid, prompt, target in items:
+        sampler.forced[rid] = target
+        reqs.append((rid, prompt, SamplingParams(temperature=0, max_tokens=len(target), ignore_eos=True,
+                                                 kv_budget_tokens=budget)))
+    run(engine, reqs)
+    out = {}
+    for rid, _, _ in items:
+        sampler.forced.pop(rid)
+        out[rid] = sampler.records.pop(rid)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ workloads
@@ -219,9 +226,11 @@ def task_passkey(policy, engine, sampler, budgets, prompts, log) -> dict:
                                                                         kv_budget_tokens=budget))
                 for i, p in enumerate(prompts)]
         outs = run(engine, reqs)
+        recs_of = forced(engine, sampler, [(rid + "-f", p["ids"], p["answer_ids"])
+                                           for (rid, _, _), p in zip(reqs, prompts)], budget)
         for (rid, _, _), p in zip(reqs, prompts):
             text = engine.tokenizer.decode(outs[rid].outputs[0].token_ids)
-            recs = forced(engine, sampler, rid + "-f", p["ids"], p["answer_ids"], budget)
+            recs = recs_of[rid + "-f"]
             rows.append({"length": p["length"], "depth": p["depth"], "hit": p["key"] in text,
                          "key_logprob": sum(r[0] for r in recs) / len(recs)})
         by_len = {}
@@ -245,13 +254,13 @@ def task_questions(tag, policy, engine, sampler, budgets, questions, ref_ids, lo
                 for i, q in enumerate(questions)]
         outs = run(engine, reqs)
         hits, agree = [], []
-        for i, ((rid, _, _), q) in enumerate(zip(reqs, questions)):
+        for (rid, _, _), q in zip(reqs, questions):
             text = engine.tokenizer.decode(outs[rid].outputs[0].token_ids)
             hits.append(q["answer"].lower() in text.lower())
-            target = ref_ids[i] if policy != "full" else None
-            if target:
-                recs = forced(engine, sampler, rid + "-f", q["ids"], target, budget)
-                agree.append(sum(r[1] for r in recs) / len(recs))
+        if policy != "full":
+            items = [(rid + "-f", q["ids"], ref_ids[i]) for i, ((rid, _, _), q) in enumerate(zip(reqs, questions))
+                     if ref_ids[i]]
+            agree = [sum(r[1] for r in recs) / len(recs) for recs in forced(engine, sampler, items, budget).values()]
         if policy == "full":
             ref_ids[:] = [outs[rid].outputs[0].token_ids for rid, _, _ in reqs]
             agree = [1.0]
@@ -268,7 +277,7 @@ def task_questions(tag, policy, engine, sampler, budgets, questions, ref_ids, lo
 def task_loglik(policy, engine, sampler, budgets, context, target, log) -> dict:
     res = {}
     for budget in budgets:
-        recs = forced(engine, sampler, f"ll-{policy}-{budget}", context, target, budget)
+        recs = forced(engine, sampler, [(f"ll-{policy}-{budget}", context, target)], budget)[f"ll-{policy}-{budget}"]
         res[f"{policy}/{budget}"] = {"mean_logprob": sum(r[0] for r in recs) / len(recs),
                                      "top1": sum(r[1] for r in recs) / len(recs)}
         log(f"loglik  {policy:9s} budget {budget:5d}: mean log-likelihood {res[f'{policy}/{budget}']['mean_logprob']:.4f}")
@@ -426,6 +435,61 @@ def task_kvpress(args, tok, log) -> dict:
     return {"summary": table, "rows": out["results"], "versions": out["versions"], "seconds": out["seconds"]}
 
 
+def report(paths: list[str]) -> str:
+    """Markdown tables (docs/eviction.md, docs/benchmarks.md) from this benchmark's JSON files."""
+    data: dict = {}
+    for path in paths:
+        with open(path) as f:
+            for k, v in json.load(f).items():
+                if isinstance(v, dict) and isinstance(data.get(k), dict):
+                    data[k].update(v)
+                else:
+                    data[k] = v
+    out = []
+    keys = sorted({k for t in ("passkey", "qa", "loglik", "conversation") for k in data.get(t, {}) if "/" in k},
+                  key=lambda k: (k != "full/0", k.split("/")[0], int(k.split("/")[1])))
+    if "passkey" in data:
+        lengths = list(data["passkey"]["full/0"]["by_length"])
+        out.append("| policy / budget | " + " | ".join(f"passkey {n}: acc, key log-lik" for n in lengths)
+                   + " | QA acc | QA top-1 agr. | log-lik (256 tok) | conv. top-1 agr. |")
+        out.append("| --- " * (len(lengths) + 5) + "|")
+        for k in keys:
+            cells = []
+            for n in lengths:
+                v = data["passkey"].get(k, {}).get("by_length", {}).get(n)
+                cells.append(f"{100 * v['accuracy']:.0f}%, {v['key_logprob']:.2f}" if v else "")
+            qa = data.get("qa", {}).get(k)
+            ll = data.get("loglik", {}).get(k)
+            cv = data.get("conversation", {}).get(k)
+            cells += [f"{100 * qa['accuracy']:.1f}%" if qa else "", f"{100 * qa['top1_agreement']:.1f}%" if qa else "",
+                      f"{ll['mean_logprob']:.3f}" if ll else "",
+                      f"{100 * cv['top1_agreement']:.1f}%" if cv and "top1_agreement" in cv else ""]
+            out.append(f"| {k} | " + " | ".join(cells) + " |")
+    if "speed" in data:
+        out.append("")
+        out.append("| policy / budget | decode tok/s, 16 x 7k contexts | median step | x full KV (same engine) |")
+        out.append("| --- | --- | --- | --- |")
+        for k, v in data["speed"].items():
+            sp = v.get("speedup_vs_full")
+            out.append(f"| {k} | {v['tok_s']:.1f} | {v['median_step_ms']:.0f} ms | {f'{sp:.2f}x' if sp else ''} |")
+    if "capacity" in data:
+        out.append("")
+        out.append("| budget | concurrent 7k-token requests decoding in a 1 GiB pool | block arithmetic |")
+        out.append("| --- | --- | --- |")
+        for k, v in data["capacity"].items():
+            out.append(f"| {'full KV' if k == '0' else k} | {v['max_concurrent_decoding']} | {v['predicted']} |")
+    if "kvpress" in data:
+        out.append("")
+        out.append("| policy / budget / length | kvpress acc, key log-lik | kvserve acc, key log-lik |")
+        out.append("| --- | --- | --- |")
+        for k, v in data["kvpress"]["summary"].items():
+            policy, budget, n = k.split("/")
+            ours = data.get("passkey", {}).get(f"{policy}/{budget}", {}).get("by_length", {}).get(n)
+            out.append(f"| {k} | {100 * v['accuracy']:.0f}%, {v['key_logprob']:.2f} | "
+                       + (f"{100 * ours['accuracy']:.0f}%, {ours['key_logprob']:.2f} |" if ours else " |"))
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default="passkey,qa,loglik")
@@ -455,7 +519,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-full-passkey", action="store_true",
+                    help="no full-KV passkey/loglik runs (their numbers come from another result file)")
+    ap.add_argument("--report", nargs="+", metavar="JSON", help="print markdown tables from result files and exit")
     args = ap.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return 0
     tasks = args.tasks.split(",")
     policies = [p for p in args.policies.split(",") if p]
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -484,12 +554,16 @@ def main(argv=None) -> int:
         for policy in ["full"] + policies:  # one engine at a time: each holds its contexts in its prefix cache
             engine, sampler = make_engine(policy, args.memory_gb, args.dtype)
             pb = [0] if policy == "full" else budgets
-            if "passkey" in tasks:
+            if policy == "full" and args.skip_full_passkey:
+                pb_passkey = []
+            else:
+                pb_passkey = pb
+            if "passkey" in tasks and pb_passkey:
                 result["passkey"].update(task_passkey(policy, engine, sampler, pb, prompts, log))
             if "qa" in tasks:
                 questions = [q for d in docs for q in d["questions"]]
                 result["qa"].update(task_questions("qa", policy, engine, sampler, pb, questions, ref_ids["qa"], log))
-            if "loglik" in tasks:
+            if "loglik" in tasks and pb_passkey:
                 result["loglik"].update(task_loglik(policy, engine, sampler, pb, context, target, log))
             if "conversation" in tasks:
                 questions = [q for c in convs for q in c["questions"]]
