@@ -304,7 +304,7 @@ def decode_rate(engine, contexts, budget: int, new_tokens: int, tag: str) -> dic
         outs = engine.step()
         elapsed = time.perf_counter() - started
         sched = engine.core.scheduler
-        if sched.num_running == n and all(not r.in_prefill for r in sched.running):
+        if sched.num_running == n and all(not r.in_prefill for r in sched.running):  # every one decoding
             times.append(elapsed)
             tokens.append(n)
         del outs
@@ -505,7 +505,8 @@ def main(argv=None) -> int:
     ap.add_argument("--speed-requests", type=int, default=16)
     ap.add_argument("--speed-length", type=int, default=7168)
     ap.add_argument("--speed-memory-gb", type=float, default=5.5)
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=160,
+                    help="speed: output tokens per request; more than the prefill steps, so all 16 decode together")
     ap.add_argument("--capacity-memory-gb", type=float, default=1.0)
     ap.add_argument("--capacity-tokens", type=int, default=256,
                     help="output tokens per request: long enough that the first admitted still decode when the last prefill ends")
