@@ -474,7 +474,8 @@ def report(paths: list[str]) -> str:
             out.append(f"| {k} | {v['tok_s']:.1f} | {v['median_step_ms']:.0f} ms | {f'{sp:.2f}x' if sp else ''} |")
     if "capacity" in data:
         out.append("")
-        out.append("| budget | concurrent 7k-token requests decoding in a 1 GiB pool | block arithmetic |")
+        gib = next(iter(data["capacity"].values()))["pool_gib"]
+        out.append(f"| budget | concurrent 7k-token requests decoding in a {gib:.2f} GiB pool | block arithmetic |")
         out.append("| --- | --- | --- |")
         for k, v in data["capacity"].items():
             out.append(f"| {'full KV' if k == '0' else k} | {v['max_concurrent_decoding']} | {v['predicted']} |")
