@@ -14,6 +14,16 @@ def _require(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _from_json_object(cls, d, name: str, keys: tuple[str, ...], required: str, choices: tuple[str, ...]):
+    """A frozen config from a JSON object (a CLI flag or a dict in Python): unknown keys and a missing required one
+    are errors naming them."""
+    _require(isinstance(d, dict), f"{name} must be a JSON object")
+    unknown = sorted(set(d) - set(keys))
+    _require(not unknown, f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(keys)}")
+    _require(required in d, f"{name} needs a {required}: " + " | ".join(choices))
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters of a Llama-family decoder (filled by the loader)."""
@@ -146,11 +156,7 @@ class SpeculativeConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SpeculativeConfig":
         """From JSON (`--speculative-config`) or LLM(speculative_config={...}): unknown keys are an error."""
-        _require(isinstance(d, dict), "speculative_config must be a JSON object")
-        unknown = sorted(set(d) - set(_SPEC_KEYS))
-        _require(not unknown, f"speculative_config: unknown key(s) {', '.join(unknown)}; known: {', '.join(_SPEC_KEYS)}")
-        _require("method" in d, "speculative_config needs a method: " + " | ".join(SPEC_METHODS))
-        return cls(**d)
+        return _from_json_object(cls, d, "speculative_config", _SPEC_KEYS, "method", SPEC_METHODS)
 
     def __post_init__(self) -> None:
         def is_int(x) -> bool:
@@ -231,11 +237,7 @@ class KVEvictionConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "KVEvictionConfig":
         """From JSON (`--kv-eviction`) or LLM(kv_eviction={...}): unknown keys are an error."""
-        _require(isinstance(d, dict), "kv_eviction must be a JSON object")
-        unknown = sorted(set(d) - set(_EVICTION_KEYS))
-        _require(not unknown, f"kv_eviction: unknown key(s) {', '.join(unknown)}; known: {', '.join(_EVICTION_KEYS)}")
-        _require("policy" in d, "kv_eviction needs a policy: " + " | ".join(EVICTION_POLICIES))
-        return cls(**d)
+        return _from_json_object(cls, d, "kv_eviction", _EVICTION_KEYS, "policy", EVICTION_POLICIES)
 
     def __post_init__(self) -> None:
         def is_int(x) -> bool:
