@@ -53,3 +53,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     num_evicted_tokens: int = 0  # KV eviction: tokens whose KV its sequences dropped (docs/eviction.md)
+    # CacheBlend (docs/kvreuse.md): prompt tokens whose KV came from the segment cache (counted in num_cached_tokens)
+    # and how many of those were recomputed
+    num_blended_tokens: int = 0
+    num_recomputed_tokens: int = 0

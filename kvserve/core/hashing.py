@@ -25,11 +25,32 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_key: st
 
 
 def hash_block_chain(token_ids: Sequence[int], block_size: int, extra_key: str | None,
-                     existing: list[BlockHash] | None = None) -> list[BlockHash]:
-    """Extend `existing` with the hashes of every further full block of `token_ids`."""
+                     existing: list[BlockHash] | None = None,
+                     switch: tuple[int, str] | None = None) -> list[BlockHash]:
+    """Extend `existing` with the hashes of every further full block of `token_ids`. `switch` = (block index, key):
+    blocks from that index on are hashed under the other key (a namespace), chained to the plain ones before."""
     hashes = list(existing) if existing else []
     parent = hashes[-1] if hashes else None
     for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start:start + block_size], extra_key)
+        key = switch[1] if switch is not None and start // block_size >= switch[0] else extra_key
+        parent = hash_block(parent, token_ids[start:start + block_size], key)
         hashes.append(parent)
     return hashes
+
+
+# Namespaced chains (docs/kvreuse.md). A plain chain's extra key is the request's cache_salt, which validation keeps
+# printable, so a key starting with NUL can never be a plain one: approximate (blended) KV is never found by a plain
+# request, and a segment's KV (computed alone, from position 0) never by a prefix lookup.
+SEGMENT_KEY_VERSION = 1
+
+
+def segment_key(cache_salt: str | None) -> str:
+    """Extra key of a segment's own chain: the key version, the context mode (none: each segment is computed alone)
+    and its hash (empty), the position base (0) and the salt. The model's identity is the pool's (one model per
+    pool) and, in the tiers, the store's namespace (model fingerprint, dtype, layout)."""
+    return f"\x00segment:v{SEGMENT_KEY_VERSION}:ctx=none:ctxhash=:base=0\x00{cache_salt or ''}"
+
+
+def blend_key(cache_salt: str | None) -> str:
+    """Extra key of a blended request's blocks from the first one that may hold reused (approximate) KV on."""
+    return f"\x00blend\x00{cache_salt or ''}"

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from kvserve.core.block_pool import Block, BlockPool
 from kvserve.core.hashing import hash_block
-from kvserve.core.outputs import KVCompact
+from kvserve.core.hashing import BlockHash
+from kvserve.core.outputs import KVCompact, KVRerotate
 from kvserve.core.request import Request
 
 MISS_CAUSES = ("no_match", "short_prompt", "evicted", "different_salt")
@@ -71,6 +72,40 @@ class KVCacheManager:
         else:
             cause = "no_match"
         return PrefixMatch(blocks, cause)
+
+    def cached_run(self, hashes: list[BlockHash]) -> list[Block]:
+        """The pool's blocks for the leading run of `hashes` it holds (a segment's own chain)."""
+        blocks = []
+        for h in hashes:
+            block = self.pool.get_cached_block(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def hold(self, blocks) -> None:
+        """Take a reference on cached blocks a request reads from without owning them (a segment being re-rotated),
+        so an allocation meanwhile cannot reuse them."""
+        self.pool.touch(blocks)
+
+    def release(self, blocks) -> None:
+        self.pool.free_blocks(blocks)
+
+    def rerotate_op(self, request: Request, segment_blocks: list[Block], segment_start: int, first: int,
+                    end: int) -> KVRerotate:
+        """Copy prompt positions [first, end) from a segment's cached blocks (the segment's position p - segment_start
+        there) into the request's own slots, K re-rotated by +segment_start. Only into the request's private blocks
+        (rule 2)."""
+        bs = self.block_size
+        own = self.req_blocks[request.request_id]
+        src, dst = [], []
+        for p in range(first, end):
+            o = p - segment_start
+            b = own[p // bs]
+            assert b.ref_cnt == 1 and b.block_hash is None, f"re-rotation into shared or cached {b}"
+            src.append(segment_blocks[o // bs].block_id * bs + o % bs)
+            dst.append(b.block_id * bs + p % bs)
+        return KVRerotate(request.request_id, src, dst, segment_start)
 
     def record_lookup(self, request: Request, match: PrefixMatch) -> None:
         if not self.enable_prefix_caching:

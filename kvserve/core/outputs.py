@@ -33,6 +33,11 @@ class ScheduledRequest:
     # until the request's first eviction. kv_budget > 0: the worker may evict down to it after this step
     kv_start: int = -1
     kv_budget: int = 0
+    # CacheBlend: [start, end) prompt positions in this chunk whose KV was re-rotated from the segment cache; the
+    # model recomputes all tokens up to its check layer and then only the blend_ratio share of these that deviate
+    # most, plus every other token of the chunk (docs/kvreuse.md)
+    blend_reused: list[tuple[int, int]] = field(default_factory=list)
+    blend_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kv_start < 0:
@@ -103,7 +108,18 @@ class KVCompact:
     num_kv_tokens: int
 
 
-KVOp = KVLoad | KVSave | KVSwapOut | KVSwapIn | KVCompact
+@dataclass
+class KVRerotate:
+    """Copy a cached segment's KV into a request's own blocks (slot src_slots[i] -> dst_slots[i], every layer),
+    rotating K by RoPE from the segment's positions to the request's: +delta positions. V is copied as is."""
+
+    request_id: str
+    src_slots: list[int]
+    dst_slots: list[int]
+    delta: int
+
+
+KVOp = KVLoad | KVSave | KVSwapOut | KVSwapIn | KVCompact | KVRerotate
 
 
 @dataclass
@@ -147,6 +163,8 @@ class ModelOutput:
     # KV eviction: request id -> KV indices (below its KV length after this step) the policy evicted, ascending
     evicted: dict[str, list[int]] = field(default_factory=dict)
     eviction_seconds: float = 0.0  # scoring bookkeeping and selection in the worker this step
+    # CacheBlend: request id -> reused tokens recomputed this step (those the check layer found deviating)
+    blend_recomputed: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -161,3 +179,5 @@ class RequestUpdate:
     stop_reason: int | str | None
     num_cached_tokens: int
     num_evicted_tokens: int = 0
+    num_blended_tokens: int = 0  # prompt tokens whose KV came from the segment cache (in num_cached_tokens)
+    num_recomputed_tokens: int = 0  # ... of which CacheBlend recomputed

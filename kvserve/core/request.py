@@ -6,7 +6,9 @@ import enum
 import time
 from typing import TYPE_CHECKING
 
-from kvserve.core.hashing import BlockHash, hash_block_chain
+from dataclasses import dataclass
+
+from kvserve.core.hashing import BlockHash, blend_key, hash_block_chain, segment_key
 
 if TYPE_CHECKING:
     from kvserve.sampling import SamplingParams
@@ -45,6 +47,21 @@ _STATUS_TO_REASON = {
 DEFAULT_TENANT = "default"
 
 
+@dataclass(frozen=True)
+class BlendSpec:
+    """A prompt given as segments (docs/kvreuse.md): segment 0 is a plain prefix, segments 1 .. k-2 may reuse KV
+    computed alone (the segment cache), the last one (the question) is always computed."""
+
+    segment_starts: tuple[int, ...]  # prompt position where each segment after the first starts, ascending
+    ratio: float  # CacheBlend's share of reused tokens recomputed (per chunk): 0 naive reuse, 1 exact
+    use_segment_cache: bool = True  # False: segments are only hashed apart (no reuse, no fills)
+
+    def reusable(self, num_prompt_tokens: int) -> list[tuple[int, int]]:
+        """[start, end) of the segments whose KV may come from the segment cache (not the first, not the last)."""
+        ends = list(self.segment_starts[1:]) + [num_prompt_tokens]
+        return [(s, e) for s, e in zip(self.segment_starts, ends)][:-1]
+
+
 class Request:
     """One sequence. For n > 1 the engine creates n Requests; siblings share the first one's prompt blocks."""
 
@@ -52,7 +69,10 @@ class Request:
                  block_size: int, eos_token_ids: tuple[int, ...] = (), cache_salt: str | None = None,
                  arrival_time: float | None = None, priority: int = 0, max_model_len: int | None = None,
                  share_prompt_with: "Request | None" = None, tenant: str = DEFAULT_TENANT,
-                 session_id: str | None = None, kv_pin_seconds: float = 0.0, kv_budget: int = 0):
+                 session_id: str | None = None, kv_pin_seconds: float = 0.0, kv_budget: int = 0,
+                 blend: BlendSpec | None = None, segment_of: "Request | None" = None):
+        """`blend`: the prompt is segments and may reuse their KV from the segment cache. `segment_of`: this is an
+        internal request computing one segment of that request alone, under the segment key (core/scheduler.py)."""
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -99,7 +119,22 @@ class Request:
         elif limit is not None:
             max_tokens = min(max_tokens, limit)
         self.max_tokens = max(max_tokens, 0)
-        self.block_hashes: list[BlockHash] = hash_block_chain(self.token_ids, block_size, cache_salt)
+        # CacheBlend (docs/kvreuse.md): the prompt ranges whose KV came re-rotated from the segment cache, and
+        # counts of reused tokens and of those recomputed (selected by KV deviation)
+        self.blend = blend
+        self.segment_of = segment_of
+        self.blend_reused: list[tuple[int, int]] = []
+        self.num_blended_tokens = 0
+        self.num_recomputed_tokens = 0
+        self.segment_fills: list[str] = []  # ids of the segment requests this one waits for
+        self.segment_chains: list[list[BlockHash]] = []  # per reusable segment: its own chain (segment key)
+        # the hash chain: plain (salt), a segment's own namespace, or plain up to the block holding segment 1's first
+        # token and a blend namespace from there on (rule 1: approximate KV never under a plain key)
+        self._hash_key = segment_key(cache_salt) if segment_of is not None else cache_salt
+        self._hash_switch = ((blend.segment_starts[0] // block_size, blend_key(cache_salt))
+                             if blend is not None and blend.segment_starts else None)
+        self.block_hashes: list[BlockHash] = hash_block_chain(self.token_ids, block_size, self._hash_key,
+                                                              switch=self._hash_switch)
 
     # ------------------------------------------------------------------ views
     @property
@@ -135,7 +170,8 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         if len(self.token_ids) % self.block_size == 0:
-            self.block_hashes = hash_block_chain(self.token_ids, self.block_size, self.cache_salt, self.block_hashes)
+            self.block_hashes = hash_block_chain(self.token_ids, self.block_size, self._hash_key, self.block_hashes,
+                                                 self._hash_switch)
 
     def check_stop(self) -> bool:
         """Sets a finished status if the last token ends the request. Stop strings are checked by the engine."""

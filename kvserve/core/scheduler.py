@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from kvserve.config import SchedulerConfig
+from kvserve.core.hashing import hash_block_chain, segment_key
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.kv_pins import PinKey, PinTable
 from kvserve.core.outputs import (
     KVLoad,
     KVOp,
+    KVRerotate,
     KVSave,
     KVSwapIn,
     KVSwapOut,
@@ -100,6 +102,12 @@ class Scheduler:
         self.num_evicted_tokens = 0  # KV eviction: tokens evicted from running requests' KV
         self.num_eviction_deferrals = 0  # evictions put off a step: the pool had no block for a shared block's copy
         self.num_loaded_tokens = 0
+        # CacheBlend's segment cache: the internal requests computing a segment alone, by its chain's last hash
+        self._fills: dict[bytes, Request] = {}
+        self.num_segment_hits = 0  # reusable segments found (wholly or in part) in the pool at admission
+        self.num_segment_misses = 0  # ... not found: computed alone first by a segment request
+        self.num_blended_tokens = 0
+        self.num_recomputed_tokens = 0
 
     # ------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
@@ -112,6 +120,8 @@ class Scheduler:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self.requests[request.request_id] = request
         self.tenants.setdefault(request.tenant, TenantCounters())
+        if request.blend is not None and request.blend.use_segment_cache and self.kv.enable_prefix_caching:
+            self._plan_segment_fills(request)  # queued ahead of it
         parent = request.share_prompt_with
         if parent is not None and parent.request_id in self.requests and not self._prompt_done(parent):
             self._held_siblings.setdefault(parent.request_id, []).append(request)
@@ -119,6 +129,47 @@ class Scheduler:
             self.waiting.add_front(request)  # Continuum: a session's next turn before new work, while its KV waits
         else:
             self.waiting.add(request)
+
+    # ------------------------------------------------------------------ CacheBlend's segment cache
+    def _plan_segment_fills(self, req: Request) -> None:
+        """Each reusable segment not in the pool is computed alone first, as its own request under the segment key,
+        so that this request and the next ones reuse it (KVShare: schedule for reuse). One fill per segment at a
+        time, shared by every request waiting for it; a fill may itself load the segment from a KV tier."""
+        key = segment_key(req.cache_salt)
+        for j, (s, e) in enumerate(req.blend.reusable(req.num_prompt_tokens)):
+            chain = hash_block_chain(req.prompt_token_ids[s:e], self.block_size, key)
+            req.segment_chains.append(chain)
+            if not chain:
+                continue  # shorter than a block: nothing to reuse
+            if len(self.kv.cached_run(chain)) == len(chain):
+                continue
+            fill = self._fills.get(chain[-1])
+            if fill is None:
+                sp = req.sampling_params.replace(n=1, max_tokens=0, min_tokens=0, logprobs=None,
+                                                 prompt_logprobs=None, num_speculative_tokens=0,
+                                                 kv_budget_tokens=0)
+                fill = Request(f"{req.request_id}\x00segment{j}", req.prompt_token_ids[s:e], sp, self.block_size,
+                               (), req.cache_salt, req.arrival_time, req.priority, tenant=req.tenant, segment_of=req)
+                if fill.request_id in self.requests:
+                    continue
+                fill.segment_chains = [chain]
+                self._fills[chain[-1]] = fill
+                self.requests[fill.request_id] = fill
+                self.waiting.add(fill)
+            req.segment_fills.append(fill.request_id)
+
+    def _segment_reuse(self, req: Request, start: int) -> list[tuple[int, int, int, list]]:
+        """(first, end, segment start, cached blocks) of each run of prompt positions from `start` on whose KV the
+        pool holds in a segment's own chain (its leading cached blocks)."""
+        out = []
+        for (s, e), chain in zip(req.blend.reusable(req.num_prompt_tokens), req.segment_chains):
+            if e <= start or not chain:
+                continue
+            blocks = self.kv.cached_run(chain)
+            lo, hi = max(s, start), min(s + len(blocks) * self.block_size, e)
+            if hi > lo:
+                out.append((lo, hi, s, blocks))
+        return out
 
     def _finish_now(self, req: Request, status: RequestStatus) -> None:
         self.running.remove(req)
@@ -240,6 +291,9 @@ class Scheduler:
             if in_flight and self._prefix_in_flight(req, in_flight):
                 deferred.append(self.waiting.pop())
                 continue
+            if req.segment_fills and any(f in self.requests for f in req.segment_fills):
+                deferred.append(self.waiting.pop())  # its segments are being computed alone: reuse them then
+                continue
             n = self._admit(req, budget)
             if n is None:
                 if self._blocked_on_blocks and self.pins.release_oldest(keep=req.pin_key,
@@ -263,11 +317,14 @@ class Scheduler:
                 continue
             start = req.num_computed_tokens
             drafts = spec.get(req.request_id, [])
+            reused = [(max(lo, start), min(hi, start + n)) for lo, hi in req.blend_reused
+                      if lo < start + n and hi > start]
             scheduled.append(ScheduledRequest(
                 request=req, start=start, num_new_tokens=n, block_ids=self.kv.get_block_ids(req.request_id),
                 sample=start + n - len(drafts) == req.num_tokens,
                 prompt_logprobs=req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens,
                 spec_token_ids=drafts, kv_start=req.num_kv_tokens, kv_budget=req.kv_budget,
+                blend_reused=reused, blend_ratio=req.blend.ratio if reused else 1.0,
             ))
         for sr in scheduled:
             if sr.start < sr.request.num_prompt_tokens:
@@ -333,6 +390,8 @@ class Scheduler:
             return None
         n = min(n, budget)
         self._blocked_on_blocks = True  # a None from here on means the pool could not supply the blocks
+        start = num_computed + n_load + n_swap + n_evicted
+        reuse = self._segment_reuse(req, start) if req.blend is not None and not shared else []
         if req.kv_budget and not shared:
             # an evicting request peaks at its whole prompt plus a block before it evicts: start it only when that
             # fits beside what the evicting requests already prefilling still need, so none is preempted for it
@@ -347,8 +406,16 @@ class Scheduler:
                 req.num_computed_tokens = 0
                 return None
         else:
-            if self.kv.allocate_slots(req, n_load + n_swap + n, computed) is None:
+            # reused segments' KV is written into the request's blocks now: they are allocated for the whole prompt,
+            # with the segment blocks held meanwhile, so this allocation cannot take them
+            touched = [b for _, _, _, blocks in reuse for b in blocks]
+            self.kv.hold(touched)
+            extra = req.num_tokens - start - n if reuse else 0
+            if self.kv.allocate_slots(req, n_load + n_swap + n + extra, computed) is None:
+                self.kv.release(touched)
                 return None
+            rerotates = [self.kv.rerotate_op(req, blocks, s, lo, hi) for lo, hi, s, blocks in reuse]
+            self.kv.release(reversed(touched))  # to the LRU tail: recently used
             req.num_computed_tokens = num_computed + n_load + n_swap + n_evicted
             req.num_evicted_tokens = n_evicted
             if match is not None:
@@ -368,8 +435,19 @@ class Scheduler:
             req.num_loaded_tokens += n_load
             self.num_loaded_tokens += n_load
         req.fetched_kv = None  # used or outdated: either way, free its memory
+        if reuse:  # after the loads and swap-ins: a swapped-in partial block would overwrite the slots after it
+            self._kv_ops.extend(rerotates)
+        if reuse or req.blend is not None:
+            req.blend_reused = [(lo, hi) for lo, hi, _, _ in reuse]
+            blended = sum(hi - lo for lo, hi, _, _ in reuse)
+            req.num_blended_tokens += blended
+            self.num_blended_tokens += blended
+            if req.num_cached_tokens < 0:
+                n_seg = len([c for c in req.segment_chains if c])
+                self.num_segment_hits += len(reuse)
+                self.num_segment_misses += n_seg - len(reuse)
         if req.num_cached_tokens < 0:
-            req.num_cached_tokens = num_computed + n_load
+            req.num_cached_tokens = num_computed + n_load + req.num_blended_tokens
         if req.pin_key is not None:
             self.pins.take_over(req.pin_key)  # it holds the blocks it matched now
         if not req.prompt_charged:
@@ -507,6 +585,7 @@ class Scheduler:
         # recomputed after an eviction, it prefills everything again and evicts anew: the kept set (and so the output)
         # may differ from an uninterrupted run; swapped, it resumes from its own KV (docs/eviction.md)
         req.num_evicted_tokens = 0
+        req.blend_reused = []  # re-admitted, it reuses what the segment cache holds then
         req.kv_bounded = req.swapped is not None  # swapped: it comes back with its bounded KV
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -515,8 +594,7 @@ class Scheduler:
     # ------------------------------------------------------------------ update
     def update(self, sched: SchedulerOutput, out: ModelOutput) -> list[RequestUpdate]:
         self.swap_cost.observe_copy(out.kv_copy_bytes, out.kv_copy_seconds)
-        updates = [RequestUpdate(r.request_id, [], [], None, r.finish_reason, r.stop_reason,
-                                 max(r.num_cached_tokens, 0), r.num_evicted_tokens) for r in self._ended_in_schedule]
+        updates = [self._update_of(r, [], [], None) for r in self._ended_in_schedule if r.segment_of is None]
         self._ended_in_schedule = []
         for sr in sched.scheduled:
             req = sr.request
@@ -524,6 +602,9 @@ class Scheduler:
                 continue  # aborted while the step ran
             prompt_was_done = self._prompt_done(req)
             sampled = out.sampled.get(req.request_id, []) if sr.sample else []
+            recomputed = out.blend_recomputed.get(req.request_id, 0)
+            req.num_recomputed_tokens += recomputed
+            self.num_recomputed_tokens += recomputed
             # drafts count as computed only once accepted (below)
             req.num_computed_tokens += sr.num_new_tokens - len(sr.spec_token_ids)
             self.kv.cache_blocks(req, req.num_computed_tokens)
@@ -570,15 +651,20 @@ class Scheduler:
             if self._prompt_done(req):
                 self._release_siblings(req)
             plp = out.prompt_logprobs.get(req.request_id)
-            if new_tokens or plp or req.is_finished:
-                updates.append(RequestUpdate(req.request_id, new_tokens, new_lps, plp, req.finish_reason,
-                                             req.stop_reason, max(req.num_cached_tokens, 0), req.num_evicted_tokens))
+            if (new_tokens or plp or req.is_finished) and req.segment_of is None:  # segment requests are internal
+                updates.append(self._update_of(req, new_tokens, new_lps, plp))
             if req.is_finished:
                 self.running.remove(req)
                 self._release(req)
         return updates
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _update_of(req: Request, new_tokens, new_lps, plp) -> RequestUpdate:
+        return RequestUpdate(req.request_id, new_tokens, new_lps, plp, req.finish_reason, req.stop_reason,
+                             max(req.num_cached_tokens, 0), req.num_evicted_tokens, req.num_blended_tokens,
+                             req.num_recomputed_tokens)
+
     @staticmethod
     def _prompt_done(req: Request) -> bool:
         return req.num_computed_tokens >= req.num_prompt_tokens
@@ -598,6 +684,8 @@ class Scheduler:
             self._pin(req)
         self.kv.free(req)
         self._release_siblings(req)
+        if req.segment_of is not None and self._fills.get(req.segment_chains[0][-1]) is req:
+            del self._fills[req.segment_chains[0][-1]]
         self.requests.pop(req.request_id, None)
         self._finished_ids.append(req.request_id)
 

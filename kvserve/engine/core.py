@@ -22,7 +22,7 @@ from kvserve.config import (
     check_scheduling,
 )
 from kvserve.core.kv_cache_manager import KVCacheManager
-from kvserve.core.request import Request, RequestStatus
+from kvserve.core.request import BlendSpec, Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
 from kvserve.engine.protocol import (
     EngineCoreRequest,
@@ -38,6 +38,7 @@ from kvserve.engine.protocol import (
     TenantStats,
     TierStats,
     check_new_id,
+    check_segments,
     group_id,
     sequence_ids,
     validate_request,
@@ -96,6 +97,10 @@ class EngineArgs:
     speculative_config: SpeculativeConfig | None = None
     # KV eviction (docs/eviction.md): the policy and default per-request budget; a dict is checked into the config
     kv_eviction: KVEvictionConfig | None = None
+    # CacheBlend (docs/kvreuse.md): reuse segments' KV wherever they appear in a prompt
+    enable_segment_cache: bool = True
+    blend_recompute_ratio: float = 0.15  # share of reused tokens recomputed (a request may override it)
+    blend_check_layer: int = 1  # the layer whose KV deviation picks the tokens to recompute
 
     def __post_init__(self):
         if isinstance(self.speculative_config, dict):
@@ -109,6 +114,11 @@ class EngineArgs:
         if self.kv_eviction is not None and self.kv_eviction.margin > self.block_size:
             raise ConfigError(f"kv_eviction.lazy_margin_tokens must be at most the block size ({self.block_size}): "
                               "a request's KV stays within its budget plus one block")
+        if isinstance(self.blend_recompute_ratio, bool) or not isinstance(self.blend_recompute_ratio, (int, float)) \
+                or not 0.0 <= self.blend_recompute_ratio <= 1.0:
+            raise ConfigError(f"blend_recompute_ratio must be in [0, 1], got {self.blend_recompute_ratio!r}")
+        if type(self.blend_check_layer) is not int or self.blend_check_layer < 0:
+            raise ConfigError(f"blend_check_layer must be a layer index >= 0, got {self.blend_check_layer!r}")
         if not 0 <= self.swap_space_gb < float("inf"):
             raise ConfigError("swap_space_gb must be a non-negative number of GiB")
         if self.quantization not in QUANTIZATIONS:
@@ -187,8 +197,10 @@ class EngineCore:
                 raise ConfigError(f"kv_eviction.episode_layer must be below the model's {config.num_layers} layers")
             v_cache = self.kv_cache.layers[config.num_layers // 2 if layer < 0 else layer][1]
             evictor = KVEvictor(args.kv_eviction, config.num_kv_heads, args.block_size, v_cache)
+        if args.blend_check_layer >= config.num_layers:
+            raise ConfigError(f"blend_check_layer must be below the model's {config.num_layers} layers")
         self.runner = ModelRunner(self.model, self.kv_cache, transfer, pad_shapes=args.pad_shapes, swap=swap,
-                                  drafter=drafter, evictor=evictor)
+                                  drafter=drafter, evictor=evictor, blend_check_layer=args.blend_check_layer)
         self._eviction_seconds = 0.0
         eos = set(config.eos_token_ids)
         if tokenizer.eos_token_id is not None:
@@ -208,7 +220,9 @@ class EngineCore:
             num_speculative_tokens=args.speculative_config.num_speculative_tokens if args.speculative_config else 0,
             kv_eviction_policy=args.kv_eviction.policy if args.kv_eviction else None,
             kv_budget_tokens=args.kv_eviction.budget_tokens if args.kv_eviction else 0,
-            kv_min_budget_tokens=args.kv_eviction.min_budget if args.kv_eviction else 0)
+            kv_min_budget_tokens=args.kv_eviction.min_budget if args.kv_eviction else 0,
+            enable_segment_cache=args.enable_segment_cache and args.enable_prefix_caching,
+            blend_recompute_ratio=float(args.blend_recompute_ratio))
         self._group_seqs: dict[str, list[str]] = {}
         self.spec = SpecDecoder(args.speculative_config) if args.speculative_config else None
 
@@ -264,6 +278,12 @@ class EngineCore:
         rid, params = request.request_id, request.params
         check_new_id(rid, self._group_seqs)
         validate_request(self.info, request.prompt_token_ids, params, request.routing)
+        blend = None
+        if request.segments is not None:
+            seg = request.segments
+            check_segments(self.info, len(request.prompt_token_ids), seg, params, request.routing)
+            ratio = self.info.blend_recompute_ratio if seg.blend_recompute_ratio is None else seg.blend_recompute_ratio
+            blend = BlendSpec(tuple(seg.starts), float(ratio), self.info.enable_segment_cache)
         seq_ids = sequence_ids(rid, params.n)
         for sid in seq_ids:
             check_new_id(sid, self.scheduler.requests)
@@ -277,7 +297,7 @@ class EngineCore:
             req = Request(sid, request.prompt_token_ids, sp, self.info.block_size, self.eos_token_ids,
                           r.cache_salt, arrival, r.priority, self.info.max_model_len, share_prompt_with=first,
                           tenant=r.tenant, session_id=r.session_id, kv_pin_seconds=r.kv_pin_seconds,
-                          kv_budget=self.info.kv_budget(params))
+                          kv_budget=self.info.kv_budget(params), blend=blend)
             first = first or req
             requests.append(req)
         for req in requests:  # everything is validated above: nothing can fail half-way and leave state behind
@@ -306,7 +326,7 @@ class EngineCore:
         now = time.monotonic()
         first_scheduled = {}
         for sr in sched.scheduled:
-            if sr.request.first_scheduled_time is None:
+            if sr.request.first_scheduled_time is None and sr.request.segment_of is None:
                 sr.request.first_scheduled_time = now
                 first_scheduled[sr.request_id] = now
         if sched.is_empty and self.scheduler.fetching and self.kv_store is not None:

@@ -15,7 +15,14 @@ from kvserve.core.request import DEFAULT_TENANT, RequestStatus
 from kvserve.engine.batch_order import prefix_grouped_order
 from kvserve.engine.core import EngineArgs, EngineCore
 from kvserve.engine.output_processor import OutputProcessor
-from kvserve.engine.protocol import EngineCoreRequest, EngineInfo, EngineStats, RequestRouting, check_new_id
+from kvserve.engine.protocol import (
+    EngineCoreRequest,
+    EngineInfo,
+    EngineStats,
+    PromptSegments,
+    RequestRouting,
+    check_new_id,
+)
 from kvserve.model.llama import LlamaModel
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.outputs import RequestOutput
@@ -24,6 +31,43 @@ from kvserve.sampling import ParamError, SamplingParams
 __all__ = ["EngineArgs", "LLMEngine", "LLM", "Prompt", "tokenize_prompt"]
 
 Prompt = str | dict | Sequence[int]
+
+
+def tokenize_segments(tokenizer: Tokenizer, segments) -> tuple[str | None, list[int], list[int]]:
+    """(text or None, token ids, start of every segment after the first) of `prompt_segments`: strings tokenized
+    alone, special tokens added to the first only; lists of token ids taken as they are."""
+    if not isinstance(segments, (list, tuple)) or not segments:
+        raise ParamError("prompt_segments must be a non-empty list of strings or token-id lists", "prompt_segments")
+    ids: list[int] = []
+    starts: list[int] = []
+    for i, seg in enumerate(segments):
+        if isinstance(seg, str):
+            part = tokenizer.encode(seg, add_special_tokens=i == 0)
+        elif isinstance(seg, (list, tuple)) and all(type(t) is int for t in seg):
+            part = list(seg)
+        else:
+            raise ParamError("each prompt segment must be a string or a list of token ids", "prompt_segments")
+        if not part:
+            raise ParamError(f"prompt segment {i} is empty (no tokens)", "prompt_segments")
+        if i:
+            starts.append(len(ids))
+        ids.extend(part)
+    text = "".join(segments) if all(isinstance(s, str) for s in segments) else None
+    return text, ids, starts
+
+
+def prompt_segments(tokenizer: Tokenizer, prompt: Prompt, default_ratio: float | None = None
+                    ) -> tuple[str | None, list[int], PromptSegments | None]:
+    """(text, token ids, segments or None) of any prompt form; a dict with `prompt_segments` is segmented, with an
+    optional `blend_recompute_ratio` and `kv_reuse`."""
+    if isinstance(prompt, dict) and "prompt_segments" in prompt:
+        if "prompt" in prompt or "prompt_token_ids" in prompt:
+            raise ParamError("give either prompt_segments or prompt / prompt_token_ids, not both", "prompt_segments")
+        text, ids, starts = tokenize_segments(tokenizer, prompt["prompt_segments"])
+        ratio = prompt.get("blend_recompute_ratio", default_ratio)
+        return text, ids, PromptSegments(starts, ratio, prompt.get("kv_reuse", "blend"))
+    text, ids = tokenize_prompt(tokenizer, prompt)
+    return text, ids, None
 
 
 def tokenize_prompt(tokenizer: Tokenizer, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -72,10 +116,10 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{next(self._counter)}"
         check_new_id(request_id, self.output_processor.groups)
-        text, ids = tokenize_prompt(self.tokenizer, prompt)
+        text, ids, segments = prompt_segments(self.tokenizer, prompt)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         routing = RequestRouting(cache_salt, priority, tenant, session_id, kv_pin_seconds)
-        self.core.add_request(EngineCoreRequest(request_id, ids, params, arrival, routing))
+        self.core.add_request(EngineCoreRequest(request_id, ids, params, arrival, routing, segments))
         self.output_processor.add(request_id, text, ids, params, arrival)
         return request_id
 
@@ -160,7 +204,8 @@ class LLM:
     def _admission_order(self, prompts: list[Prompt], params: list) -> tuple[list[Prompt], list[int]]:
         """(prompts, the order to add them): input order, or with `batch_reorder` grouped by shared prefix; the
         prompts are then tokenized here, once, and handed on as token ids."""
-        if not self.batch_reorder or len(prompts) < 2:
+        if not self.batch_reorder or len(prompts) < 2 or any(isinstance(p, dict) and "prompt_segments" in p
+                                                             for p in prompts):
             return prompts, list(range(len(prompts)))
         tokenized = [tokenize_prompt(self.engine.tokenizer, p) for p in prompts]
         max_tokens = [(sp or SamplingParams()).max_tokens for sp in params]

@@ -45,6 +45,8 @@ class GroupState:
     prompt_logprobs: list[PositionLogprobs | None] | None
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    num_blended_tokens: int = 0  # CacheBlend: prompt tokens reused from the segment cache (docs/kvreuse.md)
+    num_recomputed_tokens: int = 0  # ... of which recomputed
 
     @property
     def finished(self) -> bool:
@@ -103,6 +105,8 @@ class OutputProcessor:
             seq.num_evicted_tokens = u.num_evicted_tokens
             if seq.index == 0:  # usage reports the prompt once, as the first sequence saw it
                 group.num_cached_tokens = max(group.num_cached_tokens, u.num_cached_tokens)
+                group.num_blended_tokens = u.num_blended_tokens
+                group.num_recomputed_tokens = u.num_recomputed_tokens
             if u.prompt_logprobs and group.prompt_logprobs is not None:
                 first, entries = u.prompt_logprobs
                 for j, tl in enumerate(entries):
@@ -176,7 +180,8 @@ class OutputProcessor:
                 delta_text=delta_text, delta_token_ids=delta_ids))
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, group.prompt_logprobs, outs,
                              group.finished, group.num_cached_tokens, group.metrics,
-                             sum(s.num_evicted_tokens for s in group.seqs))
+                             sum(s.num_evicted_tokens for s in group.seqs), group.num_blended_tokens,
+                             group.num_recomputed_tokens)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         group = self.groups.get(request_id)

@@ -48,6 +48,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     kv_eviction_policy: str | None = None  # docs/eviction.md; None: no request evicts
     kv_budget_tokens: int = 0  # the default per-request KV budget (0: off)
     kv_min_budget_tokens: int = 0  # the smallest budget a request may ask for (sinks + window + 1)
+    enable_segment_cache: bool = True  # CacheBlend (docs/kvreuse.md): segments' KV is reused across prompts
+    blend_recompute_ratio: float = 0.15  # the default share of reused tokens recomputed
 
     def kv_budget(self, params: SamplingParams) -> int:
         """The KV budget a request runs with (0: no eviction)."""
@@ -66,6 +68,38 @@ class RequestRouting(msgspec.Struct, frozen=True):
 
 PLAIN = RequestRouting()
 
+KV_REUSE_MODES = ("blend",)
+
+
+class PromptSegments(msgspec.Struct, frozen=True):
+    """The prompt's token ids are the concatenation of segments (docs/kvreuse.md): where segments 2, 3, ... start,
+    and how their KV may be reused."""
+
+    starts: list[int]  # prompt positions of the first token of every segment after the first, ascending
+    blend_recompute_ratio: float | None = None  # None: the engine's default
+    kv_reuse: str = "blend"
+
+
+def check_segments(info: EngineInfo, num_tokens: int, segments: PromptSegments, params: SamplingParams,
+                   routing: RequestRouting = PLAIN) -> None:
+    """Raises ParamError: the one check of a segmented prompt against the engine."""
+    starts = segments.starts
+    if any(type(p) is not int for p in starts) or any(not 0 < p < num_tokens for p in starts) \
+            or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ParamError("prompt_segments must be non-empty segments (every segment at least one token)",
+                         "prompt_segments")
+    r = segments.blend_recompute_ratio
+    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0):
+        raise ParamError("blend_recompute_ratio must be a number in [0, 1]", "blend_recompute_ratio")
+    if segments.kv_reuse not in KV_REUSE_MODES:
+        raise ParamError(f"kv_reuse must be one of {', '.join(KV_REUSE_MODES)}", "kv_reuse")
+    if params.prompt_logprobs is not None:
+        raise ParamError("prompt_logprobs cannot be combined with prompt_segments: blended KV is approximate, so "
+                         "the prompt's logprobs would be too", "prompt_logprobs")
+    if info.kv_budget(params):
+        raise ParamError("prompt_segments cannot be combined with KV eviction (set kv_budget_tokens to 0)",
+                         "kv_budget_tokens")
+
 
 class EngineCoreRequest(msgspec.Struct, frozen=True):
     """A tokenized, validated request; the core expands n > 1 into sequences `{request_id}#{i}`."""
@@ -75,6 +109,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True):
     params: SamplingParams
     arrival_time: float = 0.0  # time.monotonic() of the front end (CLOCK_MONOTONIC is machine-wide on Linux)
     routing: RequestRouting = PLAIN
+    segments: PromptSegments | None = None  # the prompt as segments (CacheBlend); None: a plain prompt
 
 
 class StepOutputs(msgspec.Struct, frozen=True):
@@ -231,9 +266,10 @@ def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: Samp
     if params.max_tokens == 0 and params.n > 1:
         raise ParamError("max_tokens=0 (scoring) needs n=1", "n")
     if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt
-                                   or len(cache_salt) > MAX_CACHE_SALT_CHARS):
-        raise ParamError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters",
-                         "cache_salt")
+                                   or len(cache_salt) > MAX_CACHE_SALT_CHARS or not cache_salt.isprintable()):
+        # printable: namespaced chains (segments, blended KV) use keys no salt can spell (core/hashing.py)
+        raise ParamError(f"cache_salt must be a non-empty printable string of at most {MAX_CACHE_SALT_CHARS} "
+                         "characters", "cache_salt")
     if not isinstance(tenant, str) or not tenant or len(tenant) > MAX_TENANT_CHARS or not tenant.isprintable():
         raise ParamError(f"tenant must be a non-empty printable string of at most {MAX_TENANT_CHARS} characters",
                          "tenant")

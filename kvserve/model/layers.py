@@ -101,6 +101,7 @@ class RotaryEmbedding:
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
                  freq_factors: torch.Tensor | None, dtype: torch.dtype):
         inv_freq = rope_inv_freq(head_dim, theta, scaling, freq_factors)
+        self.inv_freq = inv_freq.double()  # (head_dim / 2,): re-rotation by a position delta (CacheBlend)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (max_positions, head_dim / 2)
         emb = torch.cat([freqs, freqs], dim=-1)
@@ -116,6 +117,14 @@ class RotaryEmbedding:
         # q: (T, H, D), k: (T, Hkv, D)
         cos, sin = cos_sin
         return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def rotate(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """K already rotated at position p, rotated to p + delta: RoPE(p + delta) = R(delta) RoPE(p), one rotation
+        per frequency, computed in float32 from float64 angles. k: (..., D) float32."""
+        freqs = delta * self.inv_freq
+        cos = torch.cat([freqs.cos(), freqs.cos()]).float()  # (D,)
+        sin = torch.cat([freqs.sin(), freqs.sin()]).float()
+        return self._apply(k, cos, sin)
 
     def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x1, x2 = x[..., : self.half], x[..., self.half:]

@@ -186,6 +186,12 @@ class LlamaModel:
             h = h[batch.logits_indices]
         return ops.rms_norm(h.contiguous(), self.norm, c.rms_norm_eps)
 
+    def forward_blend(self, chunk, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], check_layer: int):
+        """One CacheBlend chunk (kvserve.model.blend): (final hidden of its last token or None, tokens recomputed)."""
+        from kvserve.model.blend import forward_blend
+
+        return forward_blend(self, chunk, kv_caches, check_layer)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # (R, vocab)
 

@@ -53,6 +53,19 @@ class KVCache:
         flat = self.tensor.view(layers, two, nb * bs, heads, dim)
         flat[:, :, torch.tensor(dst, dtype=torch.long)] = flat[:, :, torch.tensor(src, dtype=torch.long)]
 
+    def rerotate(self, src: list[int], dst: list[int], delta: int, rotary) -> None:
+        """Token slot src[i] -> dst[i] in every layer, K rotated by RoPE from its position to +delta (V as is): a
+        cached segment's KV moved to where the segment sits in a prompt (CacheBlend)."""
+        if not src:
+            return
+        layers, two, nb, bs, heads, dim = self.tensor.shape
+        flat = self.tensor.view(layers, two, nb * bs, heads, dim)
+        si, di = torch.tensor(src, dtype=torch.long), torch.tensor(dst, dtype=torch.long)
+        k = flat[:, 0, si].float()  # (layers, n, Hkv, D)
+        v = flat[:, 1, si]
+        flat[:, 0, di] = rotary.rotate(k, delta).to(self.tensor.dtype)
+        flat[:, 1, di] = v
+
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A copy of whole blocks as (layers, 2, len(block_ids) * block_size, Hkv, D)."""
         idx = torch.tensor(block_ids, dtype=torch.long)

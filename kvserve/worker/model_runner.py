@@ -7,6 +7,7 @@ import torch
 from kvserve.core.outputs import (
     DRAFT_PENDING,
     KVCompact,
+    KVRerotate,
     KVSwapIn,
     KVSwapOut,
     ModelOutput,
@@ -14,6 +15,7 @@ from kvserve.core.outputs import (
     SchedulerOutput,
 )
 from kvserve.model.batch import ForwardBatch, PrefillSeq
+from kvserve.model.blend import BlendChunk
 from kvserve.model.layers import GEMV_MAX_TOKENS
 from kvserve.model.llama import LlamaModel
 from kvserve.worker.eviction import KVEvictor
@@ -37,7 +39,7 @@ def bucket(n: int) -> int:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: KVCache, kv_transfer: KVTransfer | NullKVTransfer | None = None,
                  sampler: Sampler | None = None, pad_shapes: bool = True, swap: SwapBuffer | None = None,
-                 drafter=None, evictor: KVEvictor | None = None):
+                 drafter=None, evictor: KVEvictor | None = None, blend_check_layer: int = 1):
         self.model = model
         self.kv_cache = kv_cache
         self.kv_transfer = kv_transfer or NullKVTransfer()
@@ -51,6 +53,7 @@ class ModelRunner:
         self.decode_rows_max_context = 1024
         self.drafter = drafter  # kvserve.worker.drafter.ModelDrafter for layer_skip / draft_model; else None
         self.evictor = evictor  # KV eviction's scores and policies; None: no request evicts
+        self.blend_check_layer = blend_check_layer  # CacheBlend: where reused tokens' KV deviation is measured
 
     def padded_size(self, n: int) -> int:
         return bucket(n) if self.pad_shapes else n
@@ -162,6 +165,8 @@ class ModelRunner:
         for op in ops:
             if isinstance(op, (KVSwapOut, KVSwapIn)):
                 self.swap.apply(op)
+            elif isinstance(op, KVRerotate):
+                self.kv_cache.rerotate(op.src_slots, op.dst_slots, op.delta, self.model.rotary)
             elif isinstance(op, KVCompact):
                 self.kv_cache.copy_slots(op.src_slots, op.dst_slots)
                 if self.evictor is not None:
@@ -185,11 +190,26 @@ class ModelRunner:
         pending = [s for s in sched.scheduled if s.spec_token_ids and s.spec_token_ids[0] == DRAFT_PENDING]
         if pending:
             out.draft_iterations, out.draft_seconds, out.draft_total_seconds = self.drafter.propose(pending)
-        batch, ordered, (sample_rows, prompt_rows) = self.build_batch(sched.scheduled)
-        hidden = self.model.forward(batch, self.kv_cache.layers)
-        if batch.logits_indices.numel() == 0:
-            self._evict(batch, sched, out)  # scores of an observation window spanning chunks
+        main = [s for s in sched.scheduled if not s.blend_reused]
+        batch, ordered, sample_rows, prompt_rows, parts = None, [], [], {}, []
+        if main:
+            batch, ordered, (sample_rows, prompt_rows) = self.build_batch(main)
+            parts.append(self.model.forward(batch, self.kv_cache.layers))
+        num_rows = parts[0].shape[0] if parts else 0
+        for s in sched.scheduled:  # CacheBlend chunks: their own forward each (rows shrink past the check layer)
+            if s.blend_reused:
+                last, out.blend_recomputed[s.request_id] = self.model.forward_blend(
+                    self.blend_chunk(s), self.kv_cache.layers, self.blend_check_layer)
+                if s.sample:
+                    parts.append(last)
+                    sample_rows.append(num_rows)
+                    ordered.append(s)
+                    num_rows += 1
+        if num_rows == 0:
+            if batch is not None:
+                self._evict(batch, sched, out)  # scores of an observation window spanning chunks
             return out
+        hidden = parts[0] if len(parts) == 1 else torch.cat(parts)
         logits = self.model.compute_logits(hidden)  # (R, vocab) float32
         sampling = [s for s in ordered if s.sample]
         if sampling:
@@ -202,7 +222,8 @@ class ModelRunner:
                     out.logprobs[s.request_id] = lp
             for s in pending:
                 self.drafter.observe_accepted(s, len(out.sampled[s.request_id]) - 1)
-        self._evict(batch, sched, out)
+        if batch is not None:
+            self._evict(batch, sched, out)
         for s in ordered:
             if s.request_id not in prompt_rows:
                 continue
@@ -212,6 +233,20 @@ class ModelRunner:
             out.prompt_logprobs[s.request_id] = (first_pos, token_logprobs(lp, targets,
                                                                            s.request.sampling_params.prompt_logprobs))
         return out
+
+    def blend_chunk(self, s: ScheduledRequest) -> BlendChunk:
+        bs = self.block_size
+        n = s.num_new_tokens
+        kv = range(s.kv_start, s.kv_start + n)
+        reused = torch.zeros(n, dtype=torch.bool)
+        for lo, hi in s.blend_reused:
+            reused[lo - s.start:hi - s.start] = True
+        return BlendChunk(
+            input_ids=torch.tensor(s.token_ids, dtype=torch.long),
+            positions=torch.arange(s.start, s.start + n),
+            slots=torch.tensor([s.block_ids[i // bs] * bs + i % bs for i in kv], dtype=torch.long),
+            block_ids=torch.tensor(s.block_ids[: -(-(s.kv_start + n) // bs)], dtype=torch.long),
+            ctx_start=s.kv_start, reused=reused, ratio=s.blend_ratio)
 
     def _evict(self, batch: ForwardBatch, sched: SchedulerOutput, out: ModelOutput) -> None:
         if self.evictor is not None:
