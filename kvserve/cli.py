@@ -34,6 +34,14 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help='bounded KV per request, e.g. \'{"policy": "snapkv", "budget_tokens": 1024}\'; '
                              'policies streaming, snapkv, h2o, lazy; requests may set kv_budget_tokens '
                              '(docs/eviction.md)')
+    parser.add_argument("--enable-segment-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="CacheBlend: reuse the KV of prompt segments (prompt_segments, kv_reuse) wherever they "
+                             "appear, with selective recompute (docs/kvreuse.md)")
+    parser.add_argument("--blend-recompute-ratio", type=float, default=0.15,
+                        help="share of reused segment tokens recomputed (0: naive reuse, 1: exact); requests may "
+                             "set blend_recompute_ratio")
+    parser.add_argument("--blend-check-layer", type=int, default=1,
+                        help="the layer whose KV deviation picks the reused tokens to recompute")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")
@@ -209,7 +217,13 @@ def _engine_args(args: argparse.Namespace, **extra):
                       kv_store_key=read_key(args.kv_store_key_file),
                       speculative_config=_json_config(args.speculative_config, "--speculative-config",
                                                       SpeculativeConfig),
-                      kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig), **extra)
+                      kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig),
+                      **_blend_args(args), **extra)
+
+
+def _blend_args(args: argparse.Namespace) -> dict:
+    return {"enable_segment_cache": args.enable_segment_cache, "blend_recompute_ratio": args.blend_recompute_ratio,
+            "blend_check_layer": args.blend_check_layer}
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -280,7 +294,7 @@ def generate_command(args: argparse.Namespace) -> int:
               kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
               kv_store_key=read_key(args.kv_store_key_file),
               speculative_config=_json_config(args.speculative_config, "--speculative-config", SpeculativeConfig),
-              kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig))
+              kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig), **_blend_args(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     started = time.monotonic()

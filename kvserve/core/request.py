@@ -55,9 +55,14 @@ class BlendSpec:
     segment_starts: tuple[int, ...]  # prompt position where each segment after the first starts, ascending
     ratio: float  # CacheBlend's share of reused tokens recomputed (per chunk): 0 naive reuse, 1 exact
     use_segment_cache: bool = True  # False: segments are only hashed apart (no reuse, no fills)
+    precompute: bool = False  # only fill the segment cache with every segment (LLM.precompute_segments); no output
 
     def reusable(self, num_prompt_tokens: int) -> list[tuple[int, int]]:
-        """[start, end) of the segments whose KV may come from the segment cache (not the first, not the last)."""
+        """[start, end) of the segments whose KV may come from the segment cache (not the first, not the last; all
+        of them when precomputing)."""
+        if self.precompute:
+            starts = [0, *self.segment_starts]
+            return list(zip(starts, starts[1:] + [num_prompt_tokens]))
         ends = list(self.segment_starts[1:]) + [num_prompt_tokens]
         return [(s, e) for s, e in zip(self.segment_starts, ends)][:-1]
 
@@ -70,9 +75,9 @@ class Request:
                  arrival_time: float | None = None, priority: int = 0, max_model_len: int | None = None,
                  share_prompt_with: "Request | None" = None, tenant: str = DEFAULT_TENANT,
                  session_id: str | None = None, kv_pin_seconds: float = 0.0, kv_budget: int = 0,
-                 blend: BlendSpec | None = None, segment_of: "Request | None" = None):
-        """`blend`: the prompt is segments and may reuse their KV from the segment cache. `segment_of`: this is an
-        internal request computing one segment of that request alone, under the segment key (core/scheduler.py)."""
+                 blend: BlendSpec | None = None, segment_fill: bool = False):
+        """`blend`: the prompt is segments and may reuse their KV from the segment cache. `segment_fill`: this is an
+        internal request computing one segment alone, under the segment key (core/scheduler.py)."""
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -122,7 +127,7 @@ class Request:
         # CacheBlend (docs/kvreuse.md): the prompt ranges whose KV came re-rotated from the segment cache, and
         # counts of reused tokens and of those recomputed (selected by KV deviation)
         self.blend = blend
-        self.segment_of = segment_of
+        self.segment_fill = segment_fill
         self.blend_reused: list[tuple[int, int]] = []
         self.num_blended_tokens = 0
         self.num_recomputed_tokens = 0
@@ -130,7 +135,7 @@ class Request:
         self.segment_chains: list[list[BlockHash]] = []  # per reusable segment: its own chain (segment key)
         # the hash chain: plain (salt), a segment's own namespace, or plain up to the block holding segment 1's first
         # token and a blend namespace from there on (rule 1: approximate KV never under a plain key)
-        self._hash_key = segment_key(cache_salt) if segment_of is not None else cache_salt
+        self._hash_key = segment_key(cache_salt) if segment_fill else cache_salt
         self._hash_switch = ((blend.segment_starts[0] // block_size, blend_key(cache_salt))
                              if blend is not None and blend.segment_starts else None)
         self.block_hashes: list[BlockHash] = hash_block_chain(self.token_ids, block_size, self._hash_key,

@@ -149,7 +149,7 @@ class Scheduler:
                                                  prompt_logprobs=None, num_speculative_tokens=0,
                                                  kv_budget_tokens=0)
                 fill = Request(f"{req.request_id}\x00segment{j}", req.prompt_token_ids[s:e], sp, self.block_size,
-                               (), req.cache_salt, req.arrival_time, req.priority, tenant=req.tenant, segment_of=req)
+                               (), req.cache_salt, req.arrival_time, req.priority, tenant=req.tenant, segment_fill=True)
                 if fill.request_id in self.requests:
                     continue
                 fill.segment_chains = [chain]
@@ -293,6 +293,13 @@ class Scheduler:
                 continue
             if req.segment_fills and any(f in self.requests for f in req.segment_fills):
                 deferred.append(self.waiting.pop())  # its segments are being computed alone: reuse them then
+                continue
+            if req.blend is not None and req.blend.precompute:
+                self.waiting.pop()  # its segments are in the cache now: nothing more to do
+                req.num_cached_tokens = sum(len(self.kv.cached_run(c)) for c in req.segment_chains) * self.block_size
+                req.status = RequestStatus.FINISHED_LENGTH
+                self._release(req)
+                self._ended_in_schedule.append(req)
                 continue
             n = self._admit(req, budget)
             if n is None:
@@ -594,7 +601,7 @@ class Scheduler:
     # ------------------------------------------------------------------ update
     def update(self, sched: SchedulerOutput, out: ModelOutput) -> list[RequestUpdate]:
         self.swap_cost.observe_copy(out.kv_copy_bytes, out.kv_copy_seconds)
-        updates = [self._update_of(r, [], [], None) for r in self._ended_in_schedule if r.segment_of is None]
+        updates = [self._update_of(r, [], [], None) for r in self._ended_in_schedule if not r.segment_fill]
         self._ended_in_schedule = []
         for sr in sched.scheduled:
             req = sr.request
@@ -651,7 +658,7 @@ class Scheduler:
             if self._prompt_done(req):
                 self._release_siblings(req)
             plp = out.prompt_logprobs.get(req.request_id)
-            if (new_tokens or plp or req.is_finished) and req.segment_of is None:  # segment requests are internal
+            if (new_tokens or plp or req.is_finished) and not req.segment_fill:  # segment requests are internal
                 updates.append(self._update_of(req, new_tokens, new_lps, plp))
             if req.is_finished:
                 self.running.remove(req)
@@ -684,7 +691,7 @@ class Scheduler:
             self._pin(req)
         self.kv.free(req)
         self._release_siblings(req)
-        if req.segment_of is not None and self._fills.get(req.segment_chains[0][-1]) is req:
+        if req.segment_fill and self._fills.get(req.segment_chains[0][-1]) is req:
             del self._fills[req.segment_chains[0][-1]]
         self.requests.pop(req.request_id, None)
         self._finished_ids.append(req.request_id)

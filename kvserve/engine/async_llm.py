@@ -26,10 +26,12 @@ from kvserve.engine.protocol import (
     EngineInfo,
     PLAIN,
     EngineStats,
+    PromptSegments,
     RequestRouting,
     SessionKey,
     StepOutputs,
     check_new_id,
+    check_segments,
     validate_request,
 )
 from kvserve.model.tokenizer import Tokenizer
@@ -137,19 +139,25 @@ class AsyncLLM:
         return len(self._streams)
 
     # ------------------------------------------------------------------ API
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams, routing: RequestRouting = PLAIN) -> None:
-        validate_request(self._info(), prompt_token_ids, params, routing)
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams, routing: RequestRouting = PLAIN,
+                 segments: PromptSegments | None = None) -> None:
+        info = self._info()
+        validate_request(info, prompt_token_ids, params, routing)
+        if segments is not None:
+            check_segments(info, len(prompt_token_ids), segments, params, routing)
 
     async def generate(self, prompt: dict, params: SamplingParams, request_id: str,
                        routing: RequestRouting = PLAIN) -> AsyncIterator[RequestOutput]:
-        """`prompt` is {"prompt_token_ids": [...], "prompt": text or None}. Raises ParamError before anything is
-        queued; EngineDeadError if the core dies after this request produced output."""
+        """`prompt` is {"prompt_token_ids": [...], "prompt": text or None, "segments": PromptSegments or None}.
+        Raises ParamError before anything is queued; EngineDeadError if the core dies after this request produced
+        output."""
         if self.state == "dead":
             raise EngineDeadError(f"the engine core is dead: {self.error}")
         ids = list(prompt["prompt_token_ids"])
-        self.validate(ids, params, routing)
+        segments = prompt.get("segments")
+        self.validate(ids, params, routing, segments)
         check_new_id(request_id, self._streams)
-        request = EngineCoreRequest(request_id, ids, params, time.monotonic(), routing)
+        request = EngineCoreRequest(request_id, ids, params, time.monotonic(), routing, segments)
         stream = OutputStream()
         self._streams[request_id] = stream
         self.output_processor.add(request_id, prompt.get("prompt"), ids, params, request.arrival_time)

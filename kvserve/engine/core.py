@@ -25,6 +25,7 @@ from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import BlendSpec, Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
 from kvserve.engine.protocol import (
+    BlendStats,
     EngineCoreRequest,
     EngineInfo,
     EngineStats,
@@ -283,7 +284,7 @@ class EngineCore:
             seg = request.segments
             check_segments(self.info, len(request.prompt_token_ids), seg, params, request.routing)
             ratio = self.info.blend_recompute_ratio if seg.blend_recompute_ratio is None else seg.blend_recompute_ratio
-            blend = BlendSpec(tuple(seg.starts), float(ratio), self.info.enable_segment_cache)
+            blend = BlendSpec(tuple(seg.starts), float(ratio), self.info.enable_segment_cache, seg.precompute)
         seq_ids = sequence_ids(rid, params.n)
         for sid in seq_ids:
             check_new_id(sid, self.scheduler.requests)
@@ -326,7 +327,7 @@ class EngineCore:
         now = time.monotonic()
         first_scheduled = {}
         for sr in sched.scheduled:
-            if sr.request.first_scheduled_time is None and sr.request.segment_of is None:
+            if sr.request.first_scheduled_time is None and not sr.request.segment_fill:
                 sr.request.first_scheduled_time = now
                 first_scheduled[sr.request_id] = now
         if sched.is_empty and self.scheduler.fetching and self.kv_store is not None:
@@ -402,7 +403,9 @@ class EngineCore:
             speculative=SpeculativeStats(**dataclasses.asdict(self.spec.snapshot())) if self.spec else None,
             eviction=EvictionStats(self.args.kv_eviction.policy, sched.num_evicted_tokens,
                                    sum(r.num_kv_tokens for r in sched.running), self._eviction_seconds)
-            if self.args.kv_eviction else None)
+            if self.args.kv_eviction else None,
+            blend=BlendStats(sched.num_segment_hits, sched.num_segment_misses, sched.num_blended_tokens,
+                             sched.num_recomputed_tokens) if self.info.enable_segment_cache else None)
 
     def _tenant_stats(self) -> dict[str, TenantStats]:
         sched = self.scheduler

@@ -33,29 +33,6 @@ __all__ = ["EngineArgs", "LLMEngine", "LLM", "Prompt", "tokenize_prompt"]
 Prompt = str | dict | Sequence[int]
 
 
-def tokenize_segments(tokenizer: Tokenizer, segments) -> tuple[str | None, list[int], list[int]]:
-    """(text or None, token ids, start of every segment after the first) of `prompt_segments`: strings tokenized
-    alone, special tokens added to the first only; lists of token ids taken as they are."""
-    if not isinstance(segments, (list, tuple)) or not segments:
-        raise ParamError("prompt_segments must be a non-empty list of strings or token-id lists", "prompt_segments")
-    ids: list[int] = []
-    starts: list[int] = []
-    for i, seg in enumerate(segments):
-        if isinstance(seg, str):
-            part = tokenizer.encode(seg, add_special_tokens=i == 0)
-        elif isinstance(seg, (list, tuple)) and all(type(t) is int for t in seg):
-            part = list(seg)
-        else:
-            raise ParamError("each prompt segment must be a string or a list of token ids", "prompt_segments")
-        if not part:
-            raise ParamError(f"prompt segment {i} is empty (no tokens)", "prompt_segments")
-        if i:
-            starts.append(len(ids))
-        ids.extend(part)
-    text = "".join(segments) if all(isinstance(s, str) for s in segments) else None
-    return text, ids, starts
-
-
 def prompt_segments(tokenizer: Tokenizer, prompt: Prompt, default_ratio: float | None = None
                     ) -> tuple[str | None, list[int], PromptSegments | None]:
     """(text, token ids, segments or None) of any prompt form; a dict with `prompt_segments` is segmented, with an
@@ -63,9 +40,15 @@ def prompt_segments(tokenizer: Tokenizer, prompt: Prompt, default_ratio: float |
     if isinstance(prompt, dict) and "prompt_segments" in prompt:
         if "prompt" in prompt or "prompt_token_ids" in prompt:
             raise ParamError("give either prompt_segments or prompt / prompt_token_ids, not both", "prompt_segments")
-        text, ids, starts = tokenize_segments(tokenizer, prompt["prompt_segments"])
+        segs = prompt["prompt_segments"]
+        try:
+            ids, starts = tokenizer.encode_segments(segs)
+        except ValueError as e:
+            raise ParamError(str(e), "prompt_segments") from None
+        text = "".join(segs) if all(isinstance(x, str) for x in segs) else None
         ratio = prompt.get("blend_recompute_ratio", default_ratio)
-        return text, ids, PromptSegments(starts, ratio, prompt.get("kv_reuse", "blend"))
+        return text, ids, PromptSegments(starts, ratio, prompt.get("kv_reuse", "blend"),
+                                         bool(prompt.get("precompute", False)))
     text, ids = tokenize_prompt(tokenizer, prompt)
     return text, ids, None
 
@@ -211,6 +194,14 @@ class LLM:
         max_tokens = [(sp or SamplingParams()).max_tokens for sp in params]
         order = prefix_grouped_order([ids for _, ids in tokenized], max_tokens, self.engine.info.block_size)
         return [{"prompt": text, "prompt_token_ids": ids} for text, ids in tokenized], order
+
+    def precompute_segments(self, segments: list[str | list[int]], cache_salt: str | None = None) -> int:
+        """Compute each segment alone into the segment cache (documents a RAG service will retrieve), so that the
+        first prompt using them already reuses their KV. Returns the tokens the segment cache holds for them
+        (whole blocks: a segment's last partial block is always recomputed)."""
+        rid = self.engine.add_request(None, {"prompt_segments": list(segments), "precompute": True},
+                                      SamplingParams(max_tokens=1, temperature=0.0), cache_salt=cache_salt)
+        return self._run([rid], use_tqdm=False)[0].num_cached_tokens
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:

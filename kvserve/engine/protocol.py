@@ -78,6 +78,7 @@ class PromptSegments(msgspec.Struct, frozen=True):
     starts: list[int]  # prompt positions of the first token of every segment after the first, ascending
     blend_recompute_ratio: float | None = None  # None: the engine's default
     kv_reuse: str = "blend"
+    precompute: bool = False  # only compute each segment alone into the segment cache (no output)
 
 
 def check_segments(info: EngineInfo, num_tokens: int, segments: PromptSegments, params: SamplingParams,
@@ -204,6 +205,15 @@ class EvictionStats(msgspec.Struct, frozen=True):
     score_seconds: float  # cumulative: worker time on attention-score bookkeeping and selection
 
 
+class BlendStats(msgspec.Struct, frozen=True):
+    """CacheBlend's segment cache (docs/kvreuse.md), cumulative."""
+
+    segment_hits: int  # reusable segments of admitted requests whose KV the pool held (wholly or in part)
+    segment_misses: int  # ... it did not (computed alone first, or in place if evicted meanwhile)
+    blended_tokens: int  # prompt tokens whose KV came re-rotated from the segment cache
+    recomputed_tokens: int  # ... of which the check layer picked for recompute
+
+
 class EngineStats(msgspec.Struct, frozen=True):
     """A snapshot of the engine core's counters and gauges (cumulative counters never go down)."""
 
@@ -226,6 +236,7 @@ class EngineStats(msgspec.Struct, frozen=True):
     swap_blocks_total: int = 0
     speculative: SpeculativeStats | None = None
     eviction: EvictionStats | None = None
+    blend: BlendStats | None = None  # None: the segment cache is off
 
 
 def validate_request(info: EngineInfo, prompt_token_ids: list[int], params: SamplingParams,

@@ -57,6 +57,52 @@ class Tokenizer:
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            **kwargs)
 
+    def encode_segments(self, segments: list, add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
+        """(token ids, start of every segment after the first) of a prompt given as segments (docs/kvreuse.md):
+        strings are tokenized alone, special tokens added to the first only; token-id lists are taken as they are.
+        Raises ValueError naming the bad segment."""
+        if not isinstance(segments, (list, tuple)) or not segments:
+            raise ValueError("prompt_segments must be a non-empty list of strings or token-id lists")
+        ids: list[int] = []
+        starts: list[int] = []
+        for i, seg in enumerate(segments):
+            if isinstance(seg, str):
+                part = self.encode(seg, add_special_tokens=add_special_tokens and i == 0)
+            elif isinstance(seg, (list, tuple)) and all(type(t) is int for t in seg):
+                part = list(seg)
+            else:
+                raise ValueError(f"prompt segment {i} must be a string or a list of token ids")
+            if not part:
+                raise ValueError(f"prompt segment {i} is empty (it has no tokens)")
+            if i:
+                starts.append(len(ids))
+            ids.extend(part)
+        return ids, starts
+
+    def chat_segments(self, messages: list[dict], parts: list[list[str]], add_generation_prompt: bool = True
+                      ) -> tuple[list[int], list[int]]:
+        """A chat prompt as segments: each message's text parts (`parts[i]`, joined as messages[i]'s content) are
+        segments, and the template's own text between them segments of their own."""
+        text = self.render_chat_template(messages, add_generation_prompt)
+        pieces, pos = [], 0
+        for message_parts in parts:
+            for part in message_parts:
+                at = text.find(part, pos)
+                if at < 0:
+                    raise ValueError("the chat template changes the messages' text, so its parts cannot be segments")
+                pieces += [text[pos:at], part]
+                pos = at + len(part)
+        pieces.append(text[pos:])
+        ids: list[int] = []
+        starts: list[int] = []
+        for piece in pieces:
+            part = self.encode(piece, add_special_tokens=False) if piece else []
+            if part:
+                if ids:
+                    starts.append(len(ids))
+                ids.extend(part)
+        return ids, starts
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         text = self.render_chat_template(messages, add_generation_prompt, **kwargs)
         # the template already contains any BOS/special tokens it wants

@@ -9,6 +9,7 @@ import uuid
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from kvserve.engine.protocol import PromptSegments
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server import protocol as p
 from kvserve.server.errors import ApiError
@@ -33,6 +34,16 @@ def apply_template(tok, messages: list[dict], add_generation_prompt: bool,
     except Exception as e:  # noqa: BLE001 - template errors (jinja, no template) are the caller's input problem
         raise ApiError(400, f"messages: the chat template could not be applied: {e}", "messages",
                        "invalid_value") from None
+
+
+def apply_template_segments(tok, messages: list[dict], parts: list[list[str]], add_generation_prompt: bool,
+                            ratio: float | None) -> EngineInput:
+    try:
+        ids, starts = tok.chat_segments(messages, parts, add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - template errors are the caller's input problem
+        raise ApiError(400, f"messages: the chat template could not be applied as segments: {e}", "messages",
+                       "invalid_value") from None
+    return EngineInput(None, ids, PromptSegments(starts, ratio, "blend"))
 
 
 def _chat_choice(req: p.ChatCompletionRequest, o: CompletionOutput) -> p.ChatChoice:
@@ -105,7 +116,14 @@ async def create_chat_completion(request: Request) -> Response:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     log.debug("%s: %d message(s), user=%r", rid, len(messages), req.user)
     try:
-        inp = await state.tokenize(apply_template, state.tokenizer, messages, req.add_generation_prompt)
+        if req.kv_reuse is not None:
+            inp = await state.tokenize(apply_template_segments, state.tokenizer, messages, req.content_parts(),
+                                       req.add_generation_prompt, req.blend_recompute_ratio)
+        elif req.blend_recompute_ratio is not None:
+            raise ApiError(400, 'blend_recompute_ratio needs "kv_reuse": "blend"', "blend_recompute_ratio",
+                           "invalid_value")
+        else:
+            inp = await state.tokenize(apply_template, state.tokenizer, messages, req.add_generation_prompt)
         state.validate_input(inp, params, req.cache_salt, names, session.scope)
         session.start(rid, [inp], params, req.cache_salt)
     except BaseException:

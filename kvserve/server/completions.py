@@ -9,8 +9,10 @@ import uuid
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from kvserve.engine.protocol import PromptSegments
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server import protocol as p
+from kvserve.server.errors import ApiError
 from kvserve.server.inputs import EngineInput, check_token_ids, parse_request, sampling_params
 from kvserve.server.responses import completion_logprobs, dump, json_response, sse, usage
 from kvserve.server.session import Session, aborted, generate
@@ -30,6 +32,16 @@ def _tokenize_prompts(tok, prompts: list, add_special_tokens: bool, echo: bool) 
             text = tok.decode(prompt, skip_special_tokens=False) if echo else None
             inputs.append(EngineInput(text, list(prompt)))
     return inputs
+
+
+def _tokenize_segments(tok, segments: list, add_special_tokens: bool, ratio: float | None,
+                       kv_reuse: str | None) -> list[EngineInput]:
+    try:
+        ids, starts = tok.encode_segments(segments, add_special_tokens)
+    except ValueError as e:
+        raise ApiError(400, str(e), "prompt_segments", "invalid_value") from None
+    text = "".join(segments) if all(isinstance(x, str) for x in segments) else None
+    return [EngineInput(text, ids, PromptSegments(starts, ratio, kv_reuse or "blend"))]
 
 
 def _completion_choice(state: ServerState, req: p.CompletionRequest, i: int, out: RequestOutput,
@@ -116,25 +128,37 @@ async def create_completion(request: Request) -> Response:
     state.check_model(req.model)
     params = sampling_params(req, {})
     prompts = req.prompts()
+    field = "prompt_segments" if req.prompt_segments is not None else "prompt"
+    num_prompts = 1 if req.prompt_segments is not None else len(prompts)
+    if req.prompt_segments is None and (req.blend_recompute_ratio is not None or req.kv_reuse is not None):
+        name = "blend_recompute_ratio" if req.blend_recompute_ratio is not None else "kv_reuse"
+        raise ApiError(400, f"{name} applies to prompt_segments only", name, "invalid_value")
+    if req.prompt_segments is not None:
+        state.check_text_length(sum(len(x) for x in prompts if isinstance(x, str)), field)
     for prompt in prompts:
         if isinstance(prompt, str):
-            state.check_text_length(len(prompt), "prompt")
+            state.check_text_length(len(prompt), field)
         else:
-            check_token_ids(prompt, state.info.vocab_size, "prompt")
+            check_token_ids(prompt, state.info.vocab_size, field)
     state.check_cache_salt(req.cache_salt)
     scope = state.request_scope(request_tenant(request), req.priority, req.session_id, req.kv_pin_seconds)
-    session = Session(state, len(prompts) * params.n, params.n, "prompt" if len(prompts) > 1 else "n", scope)
+    session = Session(state, num_prompts * params.n, params.n, "prompt" if num_prompts > 1 else "n", scope)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    log.debug("%s: %d prompt(s), user=%r", rid, len(prompts), req.user)
+    log.debug("%s: %d prompt(s), user=%r", rid, num_prompts, req.user)
     try:
-        inputs = await state.tokenize(_tokenize_prompts, state.tokenizer, prompts, req.add_special_tokens, req.echo)
+        if req.prompt_segments is not None:
+            inputs = await state.tokenize(_tokenize_segments, state.tokenizer, prompts, req.add_special_tokens,
+                                          req.blend_recompute_ratio, req.kv_reuse)
+        else:
+            inputs = await state.tokenize(_tokenize_prompts, state.tokenizer, prompts, req.add_special_tokens,
+                                          req.echo)
         for inp in inputs:
             state.validate_input(inp, params, req.cache_salt, scope=session.scope)
         session.start(rid, inputs, params, req.cache_salt)
     except BaseException:
         session.close("error")
         raise
-    streamer = _CompletionStreamer(state, req, rid, len(prompts))
+    streamer = _CompletionStreamer(state, req, rid, num_prompts)
 
     def respond(finals: list[RequestOutput]) -> Response:
         choices = [_completion_choice(state, req, i, out, o) for i, out in enumerate(finals) for o in out.outputs]

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from kvserve.engine.protocol import PromptSegments
 from kvserve.sampling import ParamError, SamplingParams
 from kvserve.server.errors import ApiError
 
@@ -128,10 +129,12 @@ def check_token_ids(ids: list[int], vocab: int, param: str) -> None:
 
 @dataclass(frozen=True)
 class EngineInput:
-    """One prompt as the engine takes it: token ids, plus the text when the client sent text (echo needs it)."""
+    """One prompt as the engine takes it: token ids, plus the text when the client sent text (echo needs it), and
+    where its segments start when it was sent as segments (CacheBlend)."""
 
     text: str | None
     ids: list[int]
+    segments: PromptSegments | None = None
 
     def engine_prompt(self) -> dict:
-        return {"prompt_token_ids": self.ids, "prompt": self.text}
+        return {"prompt_token_ids": self.ids, "prompt": self.text, "segments": self.segments}

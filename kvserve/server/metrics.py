@@ -91,6 +91,16 @@ class _EngineStatsCollector(Collector):
             yield from _spec_metrics(s.speculative, self.model_name)
         if s.eviction is not None:
             yield from _eviction_metrics(s.eviction, self.model_name)
+        if s.blend is not None:
+            b = s.blend
+            yield counter("segment_cache_hits", "Reusable prompt segments found in the segment cache (CacheBlend).",
+                          b.segment_hits)
+            yield counter("segment_cache_misses", "Reusable prompt segments not in the segment cache.",
+                          b.segment_misses)
+            yield counter("blend_reused_tokens", "Prompt tokens whose KV was reused from the segment cache.",
+                          b.blended_tokens)
+            yield counter("blend_recomputed_tokens", "Reused prompt tokens recomputed by CacheBlend's selection.",
+                          b.recomputed_tokens)
         if s.tenants:
             yield from _tenant_metrics(s.tenants, self.model_name)
         if s.kv_pins is not None:

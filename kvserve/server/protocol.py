@@ -106,6 +106,8 @@ class _SamplingFields(_Strict):
     # KV eviction: keep at most this many tokens' KV once the prompt is computed (0: none; absent: the server's
     # --kv-eviction budget)
     kv_budget_tokens: int | None = Field(None, ge=0)
+    # CacheBlend (docs/kvreuse.md): the share of reused segment tokens recomputed (absent: the server's default)
+    blend_recompute_ratio: float | None = Field(None, ge=0, le=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -154,7 +156,10 @@ PromptInput = Text | list[Text] | TokenIds | list[TokenIds]
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: PromptInput
+    prompt: PromptInput | None = None
+    # instead of prompt: one prompt as segments whose KV may be reused wherever they appear (docs/kvreuse.md)
+    prompt_segments: list[Text | TokenIds] | None = None
+    kv_reuse: Literal["blend"] | None = None
     max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS  # null means the default, as in OpenAI's API
     echo: bool = False
     logprobs: int | None = None
@@ -163,6 +168,11 @@ class CompletionRequest(_SamplingFields):
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {"suffix": ("",), "logit_bias": ({},)}
     @model_validator(mode="after")
     def _check(self):
+        if (self.prompt is None) == (self.prompt_segments is None):
+            raise _invalid("give exactly one of prompt and prompt_segments", "prompt_segments"
+                           if self.prompt_segments is not None else "prompt")
+        if self.prompt_segments is not None and not self.prompt_segments:
+            raise _invalid("prompt_segments must not be an empty list", "prompt_segments")
         if isinstance(self.prompt, list) and not self.prompt:
             raise _invalid("prompt must not be an empty list", "prompt")
         if self.best_of is not None and self.best_of != self.n:
@@ -171,7 +181,9 @@ class CompletionRequest(_SamplingFields):
         return self
 
     def prompts(self) -> list[str | list[int]]:
-        """The prompt field as a list of texts or token-id lists."""
+        """The prompt field as a list of texts or token-id lists (the segments, for prompt_segments)."""
+        if self.prompt_segments is not None:
+            return list(self.prompt_segments)
         p = self.prompt
         if isinstance(p, str):
             return [p]
@@ -227,6 +239,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    # "blend": each text part of a message's content is a segment whose KV may be reused (docs/kvreuse.md)
+    kv_reuse: Literal["blend"] | None = None
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
         "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
         "parallel_tool_calls": (), "response_format": ({"type": "text"},), "logit_bias": ({},),
@@ -255,6 +269,10 @@ class ChatCompletionRequest(_SamplingFields):
 
     def template_messages(self) -> list[dict]:
         return [m.as_template_dict() for m in self.messages]
+
+    def content_parts(self) -> list[list[str]]:
+        """Each message's text parts (a string content is one part), in the order the template renders them."""
+        return [[m.content] if isinstance(m.content, str) else [x.text for x in m.content] for m in self.messages]
 
     def sampling_params(self) -> SamplingParams:
         kw = self._sampling_kwargs()
@@ -302,6 +320,10 @@ class _Out(BaseModel):
 
 class PromptTokensDetails(_Out):
     cached_tokens: int = 0
+    # CacheBlend (prompt_segments / kv_reuse): tokens whose KV came from the segment cache (within cached_tokens)
+    # and how many of those were recomputed; absent for plain prompts
+    blended_tokens: int | None = None
+    recomputed_tokens: int | None = None
 
 
 class Usage(_Out):

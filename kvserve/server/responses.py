@@ -41,6 +41,11 @@ def dump(model: BaseModel, keep_usage: bool = True) -> dict:
         data.pop("usage", None)
     elif data.get("usage") and data["usage"].get("prompt_tokens_details", 0) is None:
         del data["usage"]["prompt_tokens_details"]
+    elif data.get("usage") and data["usage"].get("prompt_tokens_details"):
+        details = data["usage"]["prompt_tokens_details"]
+        for key in ("blended_tokens", "recomputed_tokens"):  # only for segmented prompts
+            if details.get(key, 0) is None:
+                del details[key]
     return data
 
 
@@ -89,15 +94,20 @@ def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], k: in
 
 def usage(finals: Iterable[RequestOutput], report_cached: bool) -> p.Usage:
     """`report_cached`: include prompt_tokens_details.cached_tokens (see ServerState.report_cached_tokens)."""
-    prompt = completion = cached = evicted = 0
+    prompt = completion = cached = evicted = blended = recomputed = 0
     for out in finals:
         prompt += len(out.prompt_token_ids)
         completion += sum(len(o.token_ids) for o in out.outputs)
         cached += out.num_cached_tokens
         evicted += out.num_evicted_tokens
+        blended += out.num_blended_tokens
+        recomputed += out.num_recomputed_tokens
+    details = None
+    if report_cached:  # segment reuse tells the same as cached tokens: under the same consent
+        details = p.PromptTokensDetails(cached_tokens=cached, blended_tokens=blended if blended else None,
+                                        recomputed_tokens=recomputed if blended else None)
     return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached) if report_cached else None,
-                   kv_evicted_tokens=evicted or None)
+                   prompt_tokens_details=details, kv_evicted_tokens=evicted or None)
 
 
 # ------------------------------------------------------------------------------------------------------- completions
