@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
-from kvserve.core.outputs import KVSave, KVSwapIn, KVSwapOut, ModelOutput, SchedulerOutput
+from kvserve.core.outputs import KVRerotate, KVSave, KVSwapIn, KVSwapOut, ModelOutput, SchedulerOutput
 
 
 def next_token(context: list[int], vocab: int = 1000, seed: str = "") -> int:
@@ -51,6 +51,11 @@ class FakeRunner:
                         if v is not None:
                             self.slots[b * bs + i] = v
                 continue
+            if isinstance(op, KVRerotate):  # a segment's (token, position) pairs, moved by +delta positions
+                moved = [self.slots[s] for s in op.src_slots]
+                for d, (tok, pos) in zip(op.dst_slots, moved):
+                    self.slots[d] = (tok, pos + op.delta)
+                continue
             if isinstance(op, KVSave):
                 for h, block_ids in op.chunks:
                     self.store.chunks[h] = [self.slots[b * bs + i] for b in block_ids for i in range(bs)]
@@ -67,7 +72,10 @@ class FakeRunner:
         self.apply_kv_ops(sched.kv_ops)
         for sr in sched.scheduled:
             toks = sr.token_ids  # the request's tokens, then any speculative drafts
+            reused = {p for lo, hi in sr.blend_reused for p in range(lo, hi)}
             for i, p in enumerate(range(sr.start, sr.start + sr.num_new_tokens)):
+                if p in reused:
+                    continue  # as CacheBlend at ratio 0: the re-rotated copy stands (its content is checked below)
                 slot = sr.block_ids[p // bs] * bs + p % bs
                 self.slots[slot] = (toks[i], p)
             if sr.sample:

@@ -1,0 +1,156 @@
+"""CacheBlend in the brain: the blend namespace of a segmented prompt's hash chain, segment requests computing the
+segment cache first, re-rotation ops to the exact slot, what plain and other-salt requests can find, segments lost
+before use, and a randomized run whose fake runner reads every context back (a re-rotated copy that lands on the
+wrong slot or position shows up as a wrong context)."""
+
+import random
+
+from kvserve.config import SchedulerConfig
+from kvserve.core.hashing import blend_key, hash_block_chain, segment_key
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.outputs import KVRerotate
+from kvserve.core.request import BlendSpec, Request
+from kvserve.core.scheduler import Scheduler
+from kvserve.sampling import SamplingParams
+
+from tests.core.fake_runner import FakeRunner
+from tests.core.test_scheduler import run
+
+BS = 4
+PREFIX, D1, D2, Q = [1, 2, 3, 4, 5, 6], list(range(20, 28)), list(range(40, 50)), [7, 8, 9]
+TOKENS = PREFIX + D1 + D2 + Q  # 27 tokens; segments start at 6, 14, 24
+STARTS = (6, 14, 24)
+
+
+def make_sched(num_blocks=64, budget=64, max_seqs=8):
+    return Scheduler(SchedulerConfig(budget, max_seqs, 4096, True), KVCacheManager(num_blocks, BS, True))
+
+
+def blend_req(rid, tokens=TOKENS, starts=STARTS, ratio=0.5, salt=None, max_tokens=3):
+    return Request(rid, tokens, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), BS,
+                   cache_salt=salt, blend=BlendSpec(starts, ratio))
+
+
+def plain_req(rid, tokens=TOKENS, salt=None, max_tokens=3):
+    return Request(rid, tokens, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), BS,
+                   cache_salt=salt)
+
+
+def test_blend_chain_is_plain_up_to_segment_one_and_namespaced_after():
+    r = blend_req("a")
+    plain = hash_block_chain(TOKENS, BS, None)
+    # blocks 0 (tokens 0-3) and ... block 1 holds token 6, segment 1's first: namespaced from there on
+    assert r.block_hashes[:1] == plain[:1]
+    assert all(a != b for a, b in zip(r.block_hashes[1:], plain[1:]))
+    assert r.block_hashes[1:] == hash_block_chain(TOKENS, BS, None, plain[:1], switch=(1, blend_key(None)))[1:]
+    assert blend_req("s", salt="t").block_hashes[0] != r.block_hashes[0]
+    # a segment's own chain: neither the plain chain of the same tokens nor another salt's
+    own = hash_block_chain(D1, BS, segment_key(None))
+    assert own != hash_block_chain(D1, BS, None) and own != hash_block_chain(D1, BS, segment_key("t"))
+    # output tokens extend the namespaced chain
+    r.append_output_token(99)
+    assert r.block_hashes[-1] == hash_block_chain(r.token_ids, BS, None, switch=(1, blend_key(None)))[-1]
+
+
+def test_segments_are_computed_alone_first_then_reused_by_rerotation_to_the_exact_slot():
+    sched, runner = make_sched(), FakeRunner(BS)
+    a = blend_req("a")
+    sched.add_request(a)
+    assert a.segment_fills == ["a\x00segment0", "a\x00segment1"]  # D1 and D2; the question never
+    so = sched.schedule()
+    # the request waits while its segments are computed alone; D1 takes blocks 0-1, D2 blocks 2-4
+    assert [(s.request_id, s.start, s.num_new_tokens, s.block_ids) for s in so.scheduled] == [
+        ("a\x00segment0", 0, 8, [0, 1]), ("a\x00segment1", 0, 10, [2, 3, 4])]
+    updates = sched.update(so, runner.execute(so))
+    assert updates == []  # segment requests are internal: nothing reaches the front end
+    sched.check_invariants()
+    so = sched.schedule()
+    assert [s.request_id for s in so.scheduled] == ["a"]
+    assert sched.kv.get_block_ids("a") == [5, 6, 7, 8, 9, 10, 11]  # the whole prompt, allocated at once
+    # D1 (8 tokens, 2 cached blocks) and D2's 2 full blocks (its last 2 tokens are computed) move to positions 6-13
+    # and 14-21 of the request's own blocks
+    assert so.kv_ops == [
+        KVRerotate("a", list(range(0, 8)), list(range(26, 34)), 6),
+        KVRerotate("a", list(range(8, 16)), [34, 35, 36, 37, 38, 39, 40, 41], 14)]
+    assert so.scheduled[0].blend_reused == [(6, 14), (14, 22)] and so.scheduled[0].blend_ratio == 0.5
+    assert a.num_cached_tokens == 16 and a.num_blended_tokens == 16
+    [u] = sched.update(so, runner.execute(so))  # the fake runner reads the context back through the block table
+    out = run(sched, runner)
+    assert len(u.new_token_ids + out["a"]) == 3 and set(out) == {"a"}
+    assert (sched.num_segment_hits, sched.num_segment_misses, sched.num_blended_tokens) == (2, 0, 16)
+
+
+def test_blended_blocks_are_found_by_blend_requests_only():
+    sched, runner = make_sched(), FakeRunner(BS)
+    sched.add_request(blend_req("a"))
+    ref = run(sched, runner)["a"]
+    # a plain request with the same tokens finds only the block before segment 1
+    p = plain_req("p")
+    assert sched.kv.match_prefix(p).num_blocks == 1
+    # another blend request with the same segments finds all of it by prefix (any ratio)
+    b = blend_req("b", ratio=0.0)
+    assert sched.kv.match_prefix(b).num_blocks == 6
+    sched.add_request(b)
+    assert b.segment_fills == []  # the segments are cached
+    out = run(sched, runner)
+    assert out["b"] == ref and b.num_cached_tokens == 24 and b.num_blended_tokens == 0
+    sched.add_request(p)
+    assert run(sched, runner)["p"] == ref and p.num_cached_tokens == 4
+
+
+def test_cache_salt_isolates_segments():
+    sched, runner = make_sched(), FakeRunner(BS)
+    sched.add_request(blend_req("a", salt="t1"))
+    run(sched, runner)
+    b = blend_req("b", salt="t2")
+    sched.add_request(b)
+    assert len(b.segment_fills) == 2  # the other salt's segments are not found
+    run(sched, runner)
+    assert sched.num_segment_misses == 0 and sched.num_segment_hits == 4
+
+
+def test_segments_lost_before_use_are_recomputed():
+    sched, runner = make_sched(), FakeRunner(BS)
+    sched.add_request(blend_req("warm", tokens=[8] * 6 + D1 + D2 + [9]))  # caches D1 and D2
+    run(sched, runner)
+    a = blend_req("a")
+    sched.add_request(a)
+    assert a.segment_fills == []  # found at arrival ...
+    assert sched.kv.reset_prefix_cache()  # ... and gone before admission (evicted)
+    so = sched.schedule()
+    assert not any(isinstance(op, KVRerotate) for op in so.kv_ops) and so.scheduled[0].blend_reused == []
+    sched.update(so, runner.execute(so))
+    out = run(sched, runner)
+    assert len(out["a"]) == 2 and a.num_blended_tokens == 0  # (the first token came from the step above)
+    assert sched.num_segment_misses == 2
+
+
+def test_randomized_blend_runs_read_back_the_same_context_as_plain_runs():
+    """Documents reused in random orders, a pool small enough to preempt, random ratios and budgets: every sampled
+    context read back through the block tables (re-rotated copies included) is the request's own, so outputs equal
+    a plain run's, and the invariants hold every step."""
+    rng = random.Random(7)
+    docs = [[rng.randrange(100, 900) for _ in range(rng.randrange(3, 14))] for _ in range(6)]
+    prompts = []
+    for i in range(14):
+        chosen = rng.sample(docs, rng.randrange(1, 4))
+        segs = [[1 + i % 3] * rng.randrange(1, 7), *chosen, [rng.randrange(3, 99) for _ in range(rng.randrange(1, 5))]]
+        toks, starts = [], []
+        for j, sgm in enumerate(segs):
+            if j:
+                starts.append(len(toks))
+            toks += sgm
+        prompts.append((toks, tuple(starts)))
+    expected = {}
+    sched, runner = make_sched(num_blocks=40, budget=24), FakeRunner(BS)
+    for i, (toks, _) in enumerate(prompts):
+        sched.add_request(plain_req(f"r{i}", toks, max_tokens=5))
+    expected = run(sched, runner)
+    for budget in (8, 24):
+        sched, runner = make_sched(num_blocks=40, budget=budget), FakeRunner(BS)
+        for i, (toks, starts) in enumerate(prompts):
+            sched.add_request(blend_req(f"r{i}", toks, starts, ratio=rng.choice([0.0, 0.15, 1.0]), max_tokens=5,
+                                        salt=rng.choice([None, "x"])))
+        assert run(sched, runner) == expected
+        assert sched.num_blended_tokens > 0
+        assert sched.kv.num_used_blocks == 0
