@@ -65,9 +65,10 @@ def attend_selected(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def forward_blend(model, chunk: BlendChunk, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                  check_layer: int) -> tuple[torch.Tensor, int]:
-    """Returns the final hidden state of the chunk's last token (1, hidden) and how many reused tokens were
-    recomputed past the check layer."""
+                  check_layer: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Returns the final hidden state of the chunk's last token (1, hidden; None when that token was reused and not
+    recomputed: no logits are needed there) and the chunk rows of the reused tokens recomputed past the check
+    layer."""
     c = model.config
     ops = model.attention.ops
     n = chunk.input_ids.numel()
@@ -76,12 +77,12 @@ def forward_blend(model, chunk: BlendChunk, kv_caches: list[tuple[torch.Tensor, 
     fresh_idx = (~chunk.reused).nonzero().flatten()
     kv_index = torch.arange(chunk.ctx_start, chunk.ctx_start + n)
     ctx_end = chunk.ctx_start + n
-    num_recomputed = 0
+    chosen = torch.zeros(0, dtype=torch.long)
     rows = None  # None: every row of the chunk; else the row indices still computed
     if chunk.ratio <= 0.0:
         rows = fresh_idx  # naive reuse: the cached KV stands at every layer
     elif chunk.ratio >= 1.0:
-        num_recomputed = reused_idx.numel()  # every layer recomputes every token: the plain prefill
+        chosen = reused_idx  # every layer recomputes every token: the plain prefill
         check_layer = len(model.layers)
 
     def sub(idx):
@@ -119,12 +120,11 @@ def forward_blend(model, chunk: BlendChunk, kv_caches: list[tuple[torch.Tensor, 
             h.add_(mlp)
         if deviation is not None:  # from the next layer on: the fresh tokens and the most deviating reused ones
             chosen = reused_idx[select_recompute(deviation, chunk.ratio)]
-            num_recomputed = chosen.numel()
             rows = torch.cat([fresh_idx, chosen]).sort().values
             h, x = h[rows].contiguous(), x[rows].contiguous()
             batch = sub(rows)
             rope = ops.rope_tables(batch.positions)
     last = h[-1:] if rows is None or (rows.numel() and int(rows[-1]) == n - 1) else None
     if last is None:
-        return None, num_recomputed  # the chunk's last token was reused and not recomputed: no logits here
-    return ops.rms_norm(last.contiguous(), model.norm, c.rms_norm_eps), num_recomputed
+        return None, chosen
+    return ops.rms_norm(last.contiguous(), model.norm, c.rms_norm_eps), chosen

@@ -187,7 +187,7 @@ class LlamaModel:
         return ops.rms_norm(h.contiguous(), self.norm, c.rms_norm_eps)
 
     def forward_blend(self, chunk, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], check_layer: int):
-        """One CacheBlend chunk (kvserve.model.blend): (final hidden of its last token or None, tokens recomputed)."""
+        """One CacheBlend chunk (kvserve.model.blend): (final hidden of its last token or None, rows recomputed)."""
         from kvserve.model.blend import forward_blend
 
         return forward_blend(self, chunk, kv_caches, check_layer)

@@ -198,8 +198,9 @@ class ModelRunner:
         num_rows = parts[0].shape[0] if parts else 0
         for s in sched.scheduled:  # CacheBlend chunks: their own forward each (rows shrink past the check layer)
             if s.blend_reused:
-                last, out.blend_recomputed[s.request_id] = self.model.forward_blend(
-                    self.blend_chunk(s), self.kv_cache.layers, self.blend_check_layer)
+                last, chosen = self.model.forward_blend(self.blend_chunk(s), self.kv_cache.layers,
+                                                        self.blend_check_layer)
+                out.blend_recomputed[s.request_id] = chosen.numel()
                 if s.sample:
                     parts.append(last)
                     sample_rows.append(num_rows)
