@@ -104,8 +104,10 @@ class Scheduler:
         self.num_loaded_tokens = 0
         # CacheBlend's segment cache: the internal requests computing a segment alone, by its chain's last hash
         self._fills: dict[bytes, Request] = {}
-        self.num_segment_hits = 0  # reusable segments found (wholly or in part) in the pool at admission
-        self.num_segment_misses = 0  # ... not found: computed alone first by a segment request
+        # segment-cache lookups, at a request's arrival (a miss is computed alone first) and at its admission (a miss
+        # is computed in place: the segment was evicted meanwhile)
+        self.num_segment_hits = 0
+        self.num_segment_misses = 0
         self.num_blended_tokens = 0
         self.num_recomputed_tokens = 0
 
@@ -142,7 +144,9 @@ class Scheduler:
             if not chain:
                 continue  # shorter than a block: nothing to reuse
             if len(self.kv.cached_run(chain)) == len(chain):
+                self.num_segment_hits += 1
                 continue
+            self.num_segment_misses += 1
             fill = self._fills.get(chain[-1])
             if fill is None:
                 sp = req.sampling_params.replace(n=1, max_tokens=0, min_tokens=0, logprobs=None,
@@ -449,10 +453,11 @@ class Scheduler:
             blended = sum(hi - lo for lo, hi, _, _ in reuse)
             req.num_blended_tokens += blended
             self.num_blended_tokens += blended
-            if req.num_cached_tokens < 0:
-                n_seg = len([c for c in req.segment_chains if c])
+            if req.num_cached_tokens < 0:  # the lookup at use (the first was at arrival)
+                wanted = sum(1 for (s, _), c in zip(req.blend.reusable(req.num_prompt_tokens), req.segment_chains)
+                             if c and s + len(c) * self.block_size > start)
                 self.num_segment_hits += len(reuse)
-                self.num_segment_misses += n_seg - len(reuse)
+                self.num_segment_misses += wanted - len(reuse)
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_computed + n_load + req.num_blended_tokens
         if req.pin_key is not None:
@@ -716,6 +721,10 @@ class Scheduler:
                 for b in self.kv.get_blocks(req.request_id)[req.num_kv_tokens // self.block_size:]:
                     assert b.block_hash is None and b.ref_cnt == 1, f"{req}: its next tokens would write a shared block"
 
+            if req.blend is not None:  # rule 1: every hashed block of a blended request carries its chain's hash
+                for i, b in enumerate(self.kv.get_blocks(req.request_id)[:len(req.block_hashes)]):
+                    assert b.block_hash is None or b.block_hash == req.block_hashes[i], \
+                        f"{req}: block {i} holds another chain's hash"
         for req in self.waiting:
             assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert req.request_id not in self.kv.req_blocks, "a waiting request holds blocks"

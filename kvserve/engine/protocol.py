@@ -208,8 +208,8 @@ class EvictionStats(msgspec.Struct, frozen=True):
 class BlendStats(msgspec.Struct, frozen=True):
     """CacheBlend's segment cache (docs/kvreuse.md), cumulative."""
 
-    segment_hits: int  # reusable segments of admitted requests whose KV the pool held (wholly or in part)
-    segment_misses: int  # ... it did not (computed alone first, or in place if evicted meanwhile)
+    segment_hits: int  # segment-cache lookups (at a request's arrival and at its admission) that found the segment
+    segment_misses: int  # ... that did not: computed alone first (arrival) or in place (evicted before admission)
     blended_tokens: int  # prompt tokens whose KV came re-rotated from the segment cache
     recomputed_tokens: int  # ... of which the check layer picked for recompute
 

@@ -153,7 +153,7 @@ async def create_completion(request: Request) -> Response:
             inputs = await state.tokenize(_tokenize_prompts, state.tokenizer, prompts, req.add_special_tokens,
                                           req.echo)
         for inp in inputs:
-            state.validate_input(inp, params, req.cache_salt, scope=session.scope)
+            state.validate_input(inp, params, req.cache_salt, {"prompt": field}, scope=session.scope)
         session.start(rid, inputs, params, req.cache_salt)
     except BaseException:
         session.close("error")
