@@ -85,19 +85,25 @@ def prefill_attention_kernel():
     """The paged prefill attention kernel (bfloat16, AVX512-BF16), or None where it did not build.
 
     fn(q (T, H, D), k_cache, v_cache (NB, BS, Hkv, D), token_starts, num_tokens, ctx_starts (S,) int64,
-    block_tables (S, MB) int64, out (T, H, D), scale) attends every chunk in one call, writing its rows of out, and
-    returns True; it returns False (out untouched) for a dtype, head_dim or head layout it does not cover."""
+    block_tables (S, MB) int64, out (T, H, D), scale, q_positions=None) attends every chunk in one call, writing its
+    rows of out, and returns True; it returns False (out untouched) for a dtype, head_dim or head layout it does not
+    cover. `q_positions` (T,) int64: each row sees the keys up to its own position instead of its place in the chunk
+    (ascending within a chunk, below ctx_start + num_tokens): CacheBlend's scattered recomputed tokens."""
     mod = load("prefill_attention")
     if mod is None:
         return None
     import torch
 
-    def prefill(q, k_cache, v_cache, token_starts, num_tokens, ctx_starts, block_tables, out, scale) -> bool:
+    empty = torch.empty(0, dtype=torch.long)
+
+    def prefill(q, k_cache, v_cache, token_starts, num_tokens, ctx_starts, block_tables, out, scale,
+                q_positions=None) -> bool:
         heads, kv_heads = q.shape[1], k_cache.shape[2]
         if (q.dtype != torch.bfloat16 or not mod.supported(q.shape[-1], k_cache.shape[1])
                 or heads // kv_heads > 16 or kv_heads >= 256):  # the kernel's per-item row and head limits
             return False
-        mod.prefill_attention(q, k_cache, v_cache, token_starts, num_tokens, ctx_starts, block_tables, out, scale)
+        mod.prefill_attention(q, k_cache, v_cache, token_starts, num_tokens, ctx_starts, block_tables, out, scale,
+                              empty if q_positions is None else q_positions)
         return True
 
     return prefill

@@ -18,6 +18,8 @@
 // ctx_starts:   (S,) int64  tokens of each chunk's request already cached before the chunk
 // block_tables: (S, MB) int64
 // out:          (T, H, D) bfloat16, rows of the chunks written, others untouched
+// q_positions:  (T,) int64 or empty. Given, query row t sees the keys [0, q_positions[t]] instead of its place in
+//               the chunk: CacheBlend's recomputed tokens, scattered through the prompt (ascending within a chunk)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -78,7 +80,7 @@ void prefill_kernel(const c10::BFloat16* __restrict q, const c10::BFloat16* __re
                     const c10::BFloat16* __restrict vc, const int64_t* __restrict token_starts,
                     const int64_t* __restrict num_tokens, const int64_t* __restrict ctx_starts,
                     const int64_t* __restrict tables, c10::BFloat16* __restrict out, int64_t S, int64_t H,
-                    int64_t Hkv, int64_t MB, int64_t q_stride, float scale) {
+                    int64_t Hkv, int64_t MB, int64_t q_stride, float scale, const int64_t* __restrict qpos_of) {
   constexpr int NJ = Item<D>::NJ, NC = Item<D>::NC;
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;  // elements per token in a block
@@ -110,7 +112,8 @@ void prefill_kernel(const c10::BFloat16* __restrict q, const c10::BFloat16* __re
       const int64_t n = num_tokens[s], c0 = ctx_starts[s];
       const int64_t i0 = ti * QT, i1 = std::min<int64_t>(n, i0 + QT);
       const int64_t rows = (i1 - i0) * G;  // row r: query token i0 + r / G, head h * G + r % G
-      const int64_t kend = c0 + i1;        // keys this tile sees
+      // keys this tile sees: up to its last row's position (rows are in position order)
+      const int64_t kend = qpos_of ? qpos_of[token_starts[s] + i1 - 1] + 1 : c0 + i1;
       const int64_t* table = tables + s * MB;
       std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
       std::fill(m.begin(), m.begin() + rows, -INFINITY);
@@ -175,7 +178,8 @@ void prefill_kernel(const c10::BFloat16* __restrict q, const c10::BFloat16* __re
           }
           for (int r = 0; r < nr; ++r) {
             const int64_t gr = g0 + r;
-            const int64_t qpos = c0 + i0 + gr / G;  // keys at positions <= qpos are visible
+            // keys at positions <= qpos are visible
+            const int64_t qpos = qpos_of ? qpos_of[token_starts[s] + i0 + gr / G] : c0 + i0 + gr / G;
             const int64_t vis = std::min<int64_t>(kn, qpos - k0 + 1);
             if (vis <= 0) continue;
             const __mmask16 km = vis >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << vis) - 1);
@@ -227,7 +231,7 @@ bool supported(int64_t head_dim, int64_t block_size) {
 
 void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor token_starts,
                        torch::Tensor num_tokens, torch::Tensor ctx_starts, torch::Tensor block_tables,
-                       torch::Tensor out, double scale) {
+                       torch::Tensor out, double scale, torch::Tensor q_positions) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 && out.sizes() == q.sizes(), "bad shapes");
   TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k_cache.scalar_type() == torch::kBFloat16 &&
               v_cache.scalar_type() == torch::kBFloat16 && out.scalar_type() == torch::kBFloat16,
@@ -246,6 +250,16 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   const int64_t* nt = num_tokens.data_ptr<int64_t>();
   const int64_t* cs = ctx_starts.data_ptr<int64_t>();
   const int64_t* bt = block_tables.data_ptr<int64_t>();
+  const int64_t* qp_of = nullptr;
+  if (q_positions.numel()) {
+    TORCH_CHECK(q_positions.scalar_type() == torch::kInt64 && q_positions.is_contiguous() && q_positions.numel() == T,
+                "q_positions: one contiguous int64 per query row");
+    qp_of = q_positions.data_ptr<int64_t>();
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t i = ts[s]; i < ts[s] + nt[s]; ++i)  // ascending and inside the chunk's block table
+        TORCH_CHECK(qp_of[i] >= 0 && qp_of[i] < cs[s] + nt[s] && (i == ts[s] || qp_of[i] > qp_of[i - 1]),
+                    "q_positions must ascend within a chunk and stay below its context");
+  }
   for (int64_t s = 0; s < S; ++s) {
     TORCH_CHECK(nt[s] > 0 && ts[s] >= 0 && ts[s] + nt[s] <= T && cs[s] >= 0, "chunk rows out of range");
     TORCH_CHECK((cs[s] + nt[s] + 15) / 16 <= MB && (nt[s] + 31) / 32 < (1 << 24), "block table too short");
@@ -257,8 +271,8 @@ void prefill_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_c
   auto* kp = reinterpret_cast<const c10::BFloat16*>(k_cache.data_ptr());
   auto* vp = reinterpret_cast<const c10::BFloat16*>(v_cache.data_ptr());
   auto* op = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
-  if (D == 64) prefill_kernel<64>(qp, kp, vp, ts, nt, cs, bt, op, S, H, Hkv, MB, q.stride(0), (float)scale);
-  else prefill_kernel<128>(qp, kp, vp, ts, nt, cs, bt, op, S, H, Hkv, MB, q.stride(0), (float)scale);
+  if (D == 64) prefill_kernel<64>(qp, kp, vp, ts, nt, cs, bt, op, S, H, Hkv, MB, q.stride(0), (float)scale, qp_of);
+  else prefill_kernel<128>(qp, kp, vp, ts, nt, cs, bt, op, S, H, Hkv, MB, q.stride(0), (float)scale, qp_of);
 #endif
 }
 

@@ -65,6 +65,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     return out.squeeze(0).transpose(0, 1).reshape(n, num_heads, d)
 
 
+def _slots(block_ids: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
+    """The cache slots of a request's first n KV tokens."""
+    return (block_ids[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
     """How a model attends over the paged KV cache and runs a layer's elementwise ops."""
@@ -107,6 +112,28 @@ class AttentionBackend:
         for seq in batch.prefills:
             s, e = seq.token_start, seq.token_start + seq.num_tokens
             out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, seq, scale)
+
+    def scattered(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor,
+                  kv_index: torch.Tensor, scale: float) -> torch.Tensor:
+        """Queries at scattered, ascending KV indices of one request (CacheBlend's recomputed tokens), each over the
+        keys up to its own index. q: (m, H, D); returns (m, H, D)."""
+        m = q.shape[0]
+        ctx_end = int(kv_index[-1]) + 1
+        if self.prefill_kernel is not None:
+            out = torch.empty_like(q)
+            if self.prefill_kernel(q, k_cache, v_cache, torch.zeros(1, dtype=torch.long),
+                                   torch.tensor([m]), torch.tensor([ctx_end - m]), block_ids[None].contiguous(),
+                                   out, scale, kv_index.contiguous()):
+                return out
+        num_heads, d = q.shape[1:]
+        num_kv = k_cache.shape[2]
+        keys = k_cache.view(-1, num_kv, d).index_select(0, _slots(block_ids, k_cache.shape[1], ctx_end))
+        values = v_cache.view(-1, num_kv, d).index_select(0, _slots(block_ids, k_cache.shape[1], ctx_end))
+        mask = torch.arange(ctx_end)[None, :] <= kv_index[:, None]  # (m, ctx) True = attend
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv)  # (1, H, m, D)
+        return out.squeeze(0).transpose(0, 1).contiguous()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, batch: ForwardBatch, scale: float) -> torch.Tensor:

@@ -50,20 +50,6 @@ def _chunk_batch(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
                         prefill_ctx_starts=torch.tensor([chunk.ctx_start]), prefill_block_tables=chunk.block_ids[None])
 
 
-def attend_selected(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor,
-                    ctx_end: int, kv_index: torch.Tensor, scale: float) -> torch.Tensor:
-    """Queries at scattered KV indices over the request's KV [0, ctx_end), causal by KV index. q: (m, H, D)."""
-    num_heads, d = q.shape[1:]
-    num_kv = k_cache.shape[2]
-    keys = k_cache[block_ids].view(-1, num_kv, d)[:ctx_end]  # (ctx, Hkv, D)
-    values = v_cache[block_ids].view(-1, num_kv, d)[:ctx_end]
-    mask = torch.arange(ctx_end)[None, :] <= kv_index[:, None]  # (m, ctx) True = attend
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv)  # (1, H, m, D)
-    return out.squeeze(0).transpose(0, 1).contiguous()
-
-
 def forward_blend(model, chunk: BlendChunk, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                   check_layer: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Returns the final hidden state of the chunk's last token (1, hidden; None when that token was reused and not
@@ -76,7 +62,6 @@ def forward_blend(model, chunk: BlendChunk, kv_caches: list[tuple[torch.Tensor, 
     reused_idx = chunk.reused.nonzero().flatten()
     fresh_idx = (~chunk.reused).nonzero().flatten()
     kv_index = torch.arange(chunk.ctx_start, chunk.ctx_start + n)
-    ctx_end = chunk.ctx_start + n
     chosen = torch.zeros(0, dtype=torch.long)
     rows = None  # None: every row of the chunk; else the row indices still computed
     if chunk.ratio <= 0.0:
@@ -111,7 +96,7 @@ def forward_blend(model, chunk: BlendChunk, kv_caches: list[tuple[torch.Tensor, 
             attn = model.attention(q, k.view(m, c.num_kv_heads, c.head_dim), v.view(m, c.num_kv_heads, c.head_dim),
                                    k_cache, v_cache, batch, model.scale)
         else:
-            attn = attend_selected(q, k_cache, v_cache, chunk.block_ids, ctx_end, kv_index[rows], model.scale)
+            attn = model.attention.scattered(q, k_cache, v_cache, chunk.block_ids, kv_index[rows], model.scale)
         x = ops.add_rms_norm_(h, lw.o(attn.reshape(m, q_size)), lw.post_norm, c.rms_norm_eps)
         mlp = lw.down(ops.silu_mul(lw.gate_up(x)))
         if i + 1 < len(model.layers):

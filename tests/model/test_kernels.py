@@ -157,6 +157,28 @@ def test_native_prefill_attention_matches_sdpa(head_dim, heads, kv_heads):
         fn(q, kc, vc, *chunks_at, tables, out, head_dim ** -0.5)
 
 
+@pytest.mark.parametrize("m", [1, 37, 200])
+def test_scattered_queries_match_sdpa(m):
+    """CacheBlend's recomputed tokens: rows at scattered, ascending positions, each over the keys up to its own (the
+    prefill kernel with q_positions) against the PyTorch backend's masked SDPA, and bad positions refused."""
+    g = torch.Generator().manual_seed(m)
+    nb, bs, heads, kv_heads, d, ctx = 160, 16, 9, 3, 64, 2300
+    kc = torch.randn(nb, bs, kv_heads, d, generator=g).to(torch.bfloat16)
+    vc = torch.randn(nb, bs, kv_heads, d, generator=g).to(torch.bfloat16)
+    blocks = torch.randperm(nb, generator=g)[:-(-ctx // bs)]
+    rows = torch.randperm(ctx, generator=g)[:m].sort().values
+    q = torch.randn(m, heads, d, generator=g).to(torch.bfloat16)
+    rotary = RotaryEmbedding(d, 4096, 10000.0, None, None, torch.bfloat16)
+    native, torch_backend = AttentionBackend.build(rotary), AttentionBackend.build(rotary, native_kernels=False)
+    assert native.prefill_kernel is not None
+    got = native.scattered(q, kc, vc, blocks, rows, d ** -0.5)
+    ref = torch_backend.scattered(q.float(), kc.float(), vc.float(), blocks, rows, d ** -0.5)
+    assert (got.float() - ref).abs().max().item() < 2e-2
+    if m > 1:
+        with pytest.raises(RuntimeError, match="ascend"):
+            native.scattered(q, kc, vc, blocks, rows.flip(0), d ** -0.5)
+
+
 def test_native_prefill_attention_declines_what_it_does_not_cover():
     """float32 (the parity path) and layouts outside the kernel go to SDPA: the function says no, writes nothing."""
     fn = prefill_attention_kernel()

@@ -1,0 +1,273 @@
+"""CacheBlend's quality and speed (a benchmark, not a timed test): `python -m kvserve.bench.blend`.
+
+A fact-QA RAG set generated with a fixed seed (no download): documents of ~512 tokens, each holding the profiles of
+invented people (colour, city, profession, pet, instrument); a question asks one attribute of one person, whose
+document sits among distractors in a random order. Every prompt is [system, 4 documents, question] as segments.
+
+- ttft: one request at a time, all documents cached (LLM.precompute_segments), the time to the first token of the
+  plain prefill of the same token ids against blending at each ratio; medians.
+- quality: the same questions at each ratio and as the plain prefill (the reference): answer accuracy (the value in
+  the answer), paired differences with 95% bootstrap intervals, agreement of the first 32 greedy tokens with the
+  plain prefill's (all 32 equal; the common prefix's length), and the KL of the first token's distribution from the
+  plain prefill's, over the plain prefill's top 20 tokens (a token missing from the blend's top 20 is given the
+  blend's 20th logprob, so the figure is a lower bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import time
+
+SYSTEM = ("<|im_start|>system\nYou answer questions using the documents the user gives. Answer with the value "
+          "only.<|im_end|>\n<|im_start|>user\n")
+SYLLABLES = ["ka", "lo", "mi", "ren", "to", "sa", "vel", "dor", "an", "is", "mar", "bo", "li", "un", "tes", "ra",
+             "no", "pe", "gri", "zu", "ha", "qui", "el", "os"]
+ATTRIBUTES = {
+    "favorite color": ["teal", "crimson", "amber", "violet", "olive", "silver", "indigo", "coral", "ochre", "jade"],
+    "home city": ["Orvane", "Pelmar", "Quistor", "Dunvell", "Harrowgate", "Selbrook", "Tamsin", "Varga", "Elloran",
+                  "Brisk"],
+    "profession": ["baker", "glassblower", "surveyor", "librarian", "ferryman", "welder", "botanist", "tailor",
+                   "cartographer", "beekeeper"],
+    "pet": ["ferret", "parrot", "tortoise", "goat", "hamster", "iguana", "rabbit", "owl", "gecko", "pony"],
+    "instrument": ["cello", "oboe", "banjo", "harp", "trumpet", "accordion", "flute", "sitar", "drums", "viola"],
+}
+RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
+
+
+def _name(rng: random.Random, used: set) -> str:
+    while True:
+        n = (rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize() + " " + \
+            (rng.choice(SYLLABLES) + rng.choice(SYLLABLES) + rng.choice(SYLLABLES)).capitalize()
+        if n not in used:
+            used.add(n)
+            return n
+
+
+def make_documents(tokenizer, num_docs: int, doc_tokens: int, seed: int) -> list[tuple[str, dict]]:
+    """(text, {person: {attribute: value}}) per document, each just under `doc_tokens` tokens."""
+    rng = random.Random(seed)
+    used: set = set()
+    docs = []
+    for d in range(num_docs):
+        people: dict[str, dict[str, str]] = {}
+        text = f"Document {d + 1}: staff records.\n"
+        while True:
+            person = _name(rng, used)
+            attrs = {a: rng.choice(v) for a, v in ATTRIBUTES.items()}
+            line = f"{person}: " + "; ".join(f"{a} {v}" for a, v in attrs.items()) + ".\n"
+            if len(tokenizer.encode(text + line + "\n", add_special_tokens=False)) > doc_tokens:
+                break
+            text += line
+            people[person] = attrs
+        docs.append((text + "\n", people))
+    return docs
+
+
+def make_questions(docs, num: int, docs_per_prompt: int, seed: int, distinct_first: bool = False) -> list[dict]:
+    """`distinct_first`: no two prompts start with the same document (so none reuses another's blocks by prefix)."""
+    rng = random.Random(seed)
+    out = []
+    firsts: set = set()
+    while len(out) < num:
+        target = rng.randrange(len(docs))
+        others = rng.sample([i for i in range(len(docs)) if i != target], docs_per_prompt - 1)
+        order = others + [target]
+        rng.shuffle(order)
+        if distinct_first and order[0] in firsts:
+            continue
+        firsts.add(order[0])
+        person = rng.choice(sorted(docs[target][1]))
+        attr = rng.choice(sorted(ATTRIBUTES))
+        q = (f"Question: What is the {attr} of {person}?<|im_end|>\n<|im_start|>assistant\n")
+        out.append({"docs": order, "question": q, "answer": docs[target][1][person][attr]})
+    return out
+
+
+def segments(docs, q: dict) -> list[str]:
+    return [SYSTEM, *(docs[i][0] for i in q["docs"]), q["question"]]
+
+
+def bootstrap_ci(diffs: list[float], seed: int = 0, rounds: int = 2000) -> tuple[float, float]:
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
+    return means[int(0.025 * rounds)], means[int(0.975 * rounds)]
+
+
+def first_token_kl(ref, out) -> float:
+    """KL(plain || blend) of the first token over the plain prefill's top 20 (see the module docstring)."""
+    p = ref.outputs[0].logprobs[0]
+    q = out.outputs[0].logprobs[0]
+    floor = min(lp.logprob for lp in q.values())
+    kl = 0.0
+    for t, lp in p.items():
+        kl += math.exp(lp.logprob) * (lp.logprob - (q[t].logprob if t in q else floor))
+    return kl
+
+
+def run_ttft(llm, docs, questions, ratios, log) -> dict:
+    from kvserve.sampling import SamplingParams
+
+    engine = llm.engine
+    sp = SamplingParams(temperature=0, max_tokens=1)
+    results = {}
+
+    def one(prompt) -> float:
+        out = llm.generate(prompt, sp, use_tqdm=False)[0]
+        return out.metrics.first_token_time - out.metrics.arrival_time
+
+    for label in ["full", *ratios]:
+        assert engine.reset_prefix_cache()
+        llm.precompute_segments([d for d, _ in docs])
+        warm = questions[-1]
+        prompts = []
+        for q in questions[:-1]:
+            segs = segments(docs, q)
+            if label == "full":
+                ids, _ = engine.tokenizer.encode_segments(segs)
+                prompts.append({"prompt_token_ids": ids})
+            else:
+                prompts.append({"prompt_segments": segs, "blend_recompute_ratio": label})
+        one({"prompt_token_ids": engine.tokenizer.encode_segments(segments(docs, warm))[0]} if label == "full"
+            else {"prompt_segments": segments(docs, warm), "blend_recompute_ratio": label})  # shapes warm
+        times = [one(p) for p in prompts]
+        results[str(label)] = {"ttft_median_s": statistics.median(times), "ttft_s": times}
+        log(f"ttft {label!s:>5}: median {1e3 * statistics.median(times):.0f} ms over {len(times)}")
+    full = results["full"]["ttft_median_s"]
+    for r in ratios:
+        results[str(r)]["speedup_vs_full"] = full / results[str(r)]["ttft_median_s"]
+    return results
+
+
+def run_quality(llm, docs, questions, ratios, max_tokens: int, log) -> dict:
+    from kvserve.sampling import SamplingParams
+
+    engine = llm.engine
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=20, ignore_eos=True)
+    assert engine.reset_prefix_cache()
+    started = time.perf_counter()
+    prompts = [{"prompt_token_ids": engine.tokenizer.encode_segments(segments(docs, q))[0]} for q in questions]
+    ref = llm.generate(prompts, sp, use_tqdm=False)
+    log(f"quality full: {time.perf_counter() - started:.0f} s")
+    correct_full = [int(q["answer"].lower() in o.outputs[0].text.lower()) for q, o in zip(questions, ref)]
+    results = {"full": {"accuracy": sum(correct_full) / len(questions), "correct": correct_full}}
+    for r in ratios:
+        assert engine.reset_prefix_cache()
+        started = time.perf_counter()
+        llm.precompute_segments([d for d, _ in docs])
+        outs = llm.generate([{"prompt_segments": segments(docs, q), "blend_recompute_ratio": r} for q in questions],
+                            sp, use_tqdm=False)
+        correct = [int(q["answer"].lower() in o.outputs[0].text.lower()) for q, o in zip(questions, outs)]
+        agree_all, prefix, kls = [], [], []
+        for a, b in zip(ref, outs):
+            ta, tb = a.outputs[0].token_ids[:32], b.outputs[0].token_ids[:32]
+            n = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+            prefix.append(n)
+            agree_all.append(int(n == len(ta)))
+            kls.append(first_token_kl(a, b))
+        diffs = [c - f for c, f in zip(correct, correct_full)]
+        blended = sum(o.num_blended_tokens for o in outs)
+        results[str(r)] = {
+            "accuracy": sum(correct) / len(questions), "correct": correct,
+            "accuracy_minus_full": sum(diffs) / len(diffs), "accuracy_minus_full_ci95": bootstrap_ci(diffs),
+            "greedy32_all_equal": sum(agree_all) / len(agree_all), "greedy32_common_prefix_mean": statistics.mean(prefix),
+            "first_token_kl_mean": statistics.mean(kls), "first_token_kl_median": statistics.median(kls),
+            "blended_tokens": blended, "recomputed_tokens": sum(o.num_recomputed_tokens for o in outs),
+            "seconds": time.perf_counter() - started}
+        log(f"quality {r:>5}: acc {results[str(r)]['accuracy']:.3f} (full {results['full']['accuracy']:.3f}), "
+            f"32 equal {results[str(r)]['greedy32_all_equal']:.3f}, KL {results[str(r)]['first_token_kl_mean']:.4f}, "
+            f"recomputed {results[str(r)]['recomputed_tokens']}/{blended}")
+    zero = results.get("0.0")
+    if zero is not None:
+        for r in ratios:
+            d = [a - b for a, b in zip(results[str(r)]["correct"], zero["correct"])]
+            results[str(r)]["accuracy_minus_ratio0"] = sum(d) / len(d)
+            results[str(r)]["accuracy_minus_ratio0_ci95"] = bootstrap_ci(d)
+    return results
+
+
+def report(paths: list[str]) -> str:
+    lines = []
+    for path in paths:
+        data = json.load(open(path))
+        if "ttft" in data:
+            t = data["ttft"]
+            lines += [f"TTFT ({path}): " + ", ".join(
+                f"{k} {1e3 * v['ttft_median_s']:.0f} ms" + (f" ({v['speedup_vs_full']:.2f}x)" if "speedup_vs_full" in v
+                                                             else "") for k, v in t.items())]
+        if "quality" in data:
+            q = data["quality"]
+            lines += ["", "| ratio | accuracy | minus full (95% CI) | minus ratio 0 (95% CI) | 32 tokens equal | "
+                          "common prefix | first-token KL (mean) | recomputed / reused |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                      f"| full prefill | {q['full']['accuracy']:.1%} | | | 100% | 32 | 0 | |"]
+            for k, v in q.items():
+                if k == "full":
+                    continue
+                lo, hi = v["accuracy_minus_full_ci95"]
+                z = v.get("accuracy_minus_ratio0")
+                zci = v.get("accuracy_minus_ratio0_ci95", (0, 0))
+                lines.append(f"| {k} | {v['accuracy']:.1%} | {100 * v['accuracy_minus_full']:+.1f} "
+                             f"({100 * lo:+.1f}, {100 * hi:+.1f}) | "
+                             + (f"{100 * z:+.1f} ({100 * zci[0]:+.1f}, {100 * zci[1]:+.1f})" if z is not None else "")
+                             + f" | {v['greedy32_all_equal']:.1%} | {v['greedy32_common_prefix_mean']:.1f} | "
+                             f"{v['first_token_kl_mean']:.4f} | {v['recomputed_tokens']} / {v['blended_tokens']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", default="ttft,quality")
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    ap.add_argument("--num-docs", type=int, default=100)
+    ap.add_argument("--doc-tokens", type=int, default=512)
+    ap.add_argument("--docs-per-prompt", type=int, default=4)
+    ap.add_argument("--questions", type=int, default=400)
+    ap.add_argument("--ttft-prompts", type=int, default=20)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--num-threads", type=int, default=2)
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=4.0)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--report", nargs="+", metavar="JSON")
+    args = ap.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return 0
+    from kvserve.engine.llm_engine import LLM
+
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True)
+
+    llm = LLM(dtype=args.dtype, num_threads=args.num_threads, kv_cache_memory_gb=args.kv_cache_memory_gb,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+              batch_reorder=False)
+    docs = make_documents(llm.engine.tokenizer, args.num_docs, args.doc_tokens, args.seed)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    tasks = args.tasks.split(",")
+    result = {"args": vars(args)}
+    lengths = [len(llm.engine.tokenizer.encode(d, add_special_tokens=False)) for d, _ in docs]
+    log(f"{len(docs)} documents, {min(lengths)}-{max(lengths)} tokens")
+    if "ttft" in tasks:
+        qs = make_questions(docs, args.ttft_prompts + 1, args.docs_per_prompt, args.seed + 1, distinct_first=True)
+        result["ttft"] = run_ttft(llm, docs, qs, ratios, log)
+    if "quality" in tasks:
+        qs = make_questions(docs, args.questions, args.docs_per_prompt, args.seed + 2)
+        result["quality"] = run_quality(llm, docs, qs, ratios, args.max_tokens, log)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(report([args.out]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
