@@ -153,12 +153,14 @@ class Client:
             rec.error = "no token received"
 
 
-def make_body(args, messages: list[dict], max_tokens: int, endpoint: str) -> dict:
+def make_body(args, messages: list[dict], max_tokens: int, endpoint: str, segments: list[str] | None = None) -> dict:
     """The JSON body of one streaming request (only fields every server accepts, plus the asked-for extras)."""
     body: dict = {"model": args.model, "max_tokens": max_tokens, "temperature": args.temperature, "stream": True,
                   "stream_options": {"include_usage": True}}
     if endpoint == "chat":
         body["messages"] = messages
+    elif segments and getattr(args, "prompt_segments", False):
+        body["prompt_segments"] = segments  # the same text, as segments whose KV kvserve reuses (CacheBlend)
     else:
         body["prompt"] = "\n\n".join(m["content"] for m in messages)
     if args.ignore_eos:
@@ -195,7 +197,7 @@ class Runner:
     async def one(self, req: W.BenchRequest, messages: list[dict], endpoint: str) -> M.RequestRecord:
         rec = M.RequestRecord(req.request_id, send_time=0.0, max_tokens=req.max_tokens, group=req.group,
                               conversation=req.conversation, turn=req.turn)
-        body = make_body(self.args, messages, req.max_tokens, endpoint)
+        body = make_body(self.args, messages, req.max_tokens, endpoint, req.segments)
         if getattr(self.args, "session_pin_seconds", 0) and req.conversation is not None:
             body["session_id"] = f"bench-{self.args.seed}-conv-{req.conversation}"
             body["kv_pin_seconds"] = self.args.session_pin_seconds
@@ -339,6 +341,9 @@ def build_parser(prog: str = "kvserve bench serve") -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--extra-body", default="{}", help="JSON object merged into every request body")
+    ap.add_argument("--prompt-segments", action="store_true",
+                    help="completions: send workloads' segmented prompts (rag) as prompt_segments (kvserve's "
+                         "CacheBlend); the text is the same")
     ap.add_argument("--session-pin-seconds", type=float, default=0.0,
                     help="multi-turn: send session_id (one per conversation) and kv_pin_seconds, so kvserve keeps "
                          "each conversation's KV pinned between turns (0: off)")

@@ -58,6 +58,9 @@ class BenchRequest:
     turn: int | None = None
     group: str | None = None
     think_time: float = 0.0  # multi-turn: pause after the previous turn's answer
+    # the completions prompt as segments (rag: instruction, each document, the question), joined = prompt_text();
+    # sent as prompt_segments with `kvserve bench serve --prompt-segments` (CacheBlend, docs/kvreuse.md)
+    segments: list[str] | None = None
 
     def prompt_text(self) -> str:
         return "\n\n".join(m["content"] for m in self.messages)
@@ -250,8 +253,9 @@ def rag(tok, num_requests: int | None, seed: int, num_docs: int = 16, doc_len: i
         q = maker.question(rng, rng.randint(question_min, question_max))
         body = "\n\n".join(docs[d] for d in chosen) + "\n\nQuestion: " + q
         msgs = [{"role": "system", "content": RAG_INSTRUCTION}, {"role": "user", "content": body}]
+        segments = [RAG_INSTRUCTION + "\n\n", *(docs[d] + "\n\n" for d in chosen), "Question: " + q]
         out.append(BenchRequest(f"rag-{i}", msgs, rng.randint(output_min, output_max),
-                                sum(maker.count(m["content"]) for m in msgs), group=None))
+                                sum(maker.count(m["content"]) for m in msgs), group=None, segments=segments))
     return out
 
 

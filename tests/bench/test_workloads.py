@@ -90,6 +90,8 @@ def test_rag_reuses_documents_in_varying_order(tok):
     firsts = {d[0] for d in docs_per_req}
     assert len(firsts) > 1  # not a shared prefix: the first document changes
     assert len({r.messages[0]["content"] for r in reqs}) == 1  # the instruction is shared
+    # the same prompt as segments (instruction, each document, the question) for --prompt-segments
+    assert all("".join(r.segments) == r.prompt_text() and len(r.segments) == 5 for r in reqs)
 
 
 def test_stall_arrivals_and_groups(tok):
