@@ -4,7 +4,8 @@
 # off), and two kvserve instances sharing KV through Redis on the multi-turn workload.
 #   scripts/bench_campaign.sh [OUT_DIR] [ENGINES]     e.g. scripts/bench_campaign.sh results "kvserve vllm llamacpp"
 #   engines: kvserve kvserve-inproc (engine core in a thread) kvserve-offline (LLM.generate on the same requests)
-#            kvserve-nopc kvserve-nochunk vllm llamacpp redis-pair; WORKLOADS="sharegpt-like ..." limits the workloads
+#            kvserve-nopc kvserve-nochunk vllm llamacpp redis-pair; WORKLOADS="sharegpt-like ..." limits the workloads;
+#            kvserve-rag kvserve-blend vllm-rag blend-redis-pair: the rag workload with and without prompt_segments
 #   single-stream (issue 16: one request at a time, 8 sharegpt-like requests, the same GGUF files for both engines):
 #            kvserve-c1 llamacpp-c1 (bf16) kvserve-q8-c1 llamacpp-q8-c1 (llama.cpp's Q8_0 of the same weights, run
 #            natively by both) kvserve-q4-c1 llamacpp-q4-c1 (the embedded Q4_1 file, natively by both)
@@ -102,6 +103,23 @@ for e in $ENGINES; do
             >>"$OUT/decode1.md" 2>>"$OUT/decode1.log"
       done ;;
     vllm) start vllm vllm 8001 && { all_workloads vllm 8001; stop; } ;;
+    # CacheBlend (docs/kvreuse.md): the rag workload plain, with prompt_segments, and on vLLM, each on a fresh server
+    kvserve-rag) start kvserve-rag kvserve 8000 && { bench kvserve-rag 8000 rag --num-requests 50 --request-rate 0.5
+        stop; } ;;
+    kvserve-blend) start kvserve-blend kvserve 8000 && {
+        bench kvserve-blend 8000 rag --num-requests 50 --request-rate 0.5 --prompt-segments; stop; } ;;
+    vllm-rag) start vllm-rag vllm 8001 && { bench vllm-rag 8001 rag --num-requests 50 --request-rate 0.5; stop; } ;;
+    blend-redis-pair)
+      # instance a computes the documents (saved to Redis), then a fresh instance b serves the same workload
+      REDIS_PORT=6399
+      redis-server --bind 127.0.0.1 --port $REDIS_PORT --save "" --appendonly no >"$OUT/redis.log" 2>&1 &
+      REDIS=$!
+      sleep 1
+      for inst in a b; do
+        start "blend-redis-$inst" kvserve 8000 -- --kv-store "redis://127.0.0.1:$REDIS_PORT?timeout=2" && {
+          bench "blend-redis-$inst" 8000 rag --num-requests 50 --request-rate 0.5 --prompt-segments; stop; }
+      done
+      kill $REDIS; wait $REDIS 2>/dev/null ;;
     llamacpp) start llamacpp llamacpp 8002 && { all_workloads llamacpp 8002; stop; } ;;
     redis-pair)
       # two instances (1 thread each) behind a client-side round robin that alternates every conversation's turns,

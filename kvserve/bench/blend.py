@@ -1,8 +1,8 @@
 """CacheBlend's quality and speed (a benchmark, not a timed test): `python -m kvserve.bench.blend`.
 
-A fact-QA RAG set generated with a fixed seed (no download): documents of ~512 tokens, each holding the profiles of
-invented people (colour, city, profession, pet, instrument); a question asks one attribute of one person, whose
-document sits among distractors in a random order. Every prompt is [system, 4 documents, question] as segments.
+A fact-QA RAG set generated with a fixed seed (no download): documents of ~512 tokens, each the notes about one
+invented person (colour, city, profession, pet, instrument, spread through filler sentences); a question asks one
+attribute of one person, whose document sits among distractors in a random order. Every prompt is [system, 4 documents, question] as segments.
 
 - ttft: one request at a time, all documents cached (LLM.precompute_segments), the time to the first token of the
   plain prefill of the same token ids against blending at each ratio; medians.
@@ -48,22 +48,31 @@ def _name(rng: random.Random, used: set) -> str:
 
 
 def make_documents(tokenizer, num_docs: int, doc_tokens: int, seed: int) -> list[tuple[str, dict]]:
-    """(text, {person: {attribute: value}}) per document, each just under `doc_tokens` tokens."""
+    """(text, {person: {attribute: value}}) per document: notes about one invented person, the five facts spread
+    through filler sentences, just under `doc_tokens` tokens."""
+    from kvserve.bench.workloads import sentence
+
     rng = random.Random(seed)
     used: set = set()
     docs = []
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
     for d in range(num_docs):
-        people: dict[str, dict[str, str]] = {}
-        text = f"Document {d + 1}: staff records.\n"
-        while True:
-            person = _name(rng, used)
-            attrs = {a: rng.choice(v) for a, v in ATTRIBUTES.items()}
-            line = f"{person}: " + "; ".join(f"{a} {v}" for a, v in attrs.items()) + ".\n"
-            if len(tokenizer.encode(text + line + "\n", add_special_tokens=False)) > doc_tokens:
-                break
-            text += line
-            people[person] = attrs
-        docs.append((text + "\n", people))
+        person = _name(rng, used)
+        attrs = {a: rng.choice(v) for a, v in ATTRIBUTES.items()}
+        facts = [f"The {a} of {person} is {v}." for a, v in attrs.items()]
+        header = f"Document {d + 1}: notes about {person}.\n"
+        filler: list[str] = []
+        while count(header + " ".join(facts + filler)) < doc_tokens:
+            filler.append(sentence(rng))
+        while filler and count(header + " ".join(facts + filler) + "\n\n") > doc_tokens:
+            filler.pop()
+        body = list(filler)
+        for f in facts:
+            body.insert(rng.randrange(len(body) + 1), f)
+        docs.append((header + " ".join(body) + "\n\n", {person: attrs}))
     return docs
 
 
