@@ -152,7 +152,7 @@ def run_ttft(llm, docs, questions, ratios, log) -> dict:
     return results
 
 
-def run_quality(llm, docs, questions, ratios, max_tokens: int, log) -> dict:
+def run_quality(llm, docs, questions, ratios, max_tokens: int, log, save=lambda results: None) -> dict:
     from kvserve.sampling import SamplingParams
 
     engine = llm.engine
@@ -187,6 +187,7 @@ def run_quality(llm, docs, questions, ratios, max_tokens: int, log) -> dict:
             "first_token_kl_mean": statistics.mean(kls), "first_token_kl_median": statistics.median(kls),
             "blended_tokens": blended, "recomputed_tokens": sum(o.num_recomputed_tokens for o in outs),
             "seconds": time.perf_counter() - started}
+        save(results)
         log(f"quality {r:>5}: acc {results[str(r)]['accuracy']:.3f} (full {results['full']['accuracy']:.3f}), "
             f"32 equal {results[str(r)]['greedy32_all_equal']:.3f}, KL {results[str(r)]['first_token_kl_mean']:.4f}, "
             f"recomputed {results[str(r)]['recomputed_tokens']}/{blended}")
@@ -270,7 +271,12 @@ def main(argv=None) -> int:
         result["ttft"] = run_ttft(llm, docs, qs, ratios, log)
     if "quality" in tasks:
         qs = make_questions(docs, args.questions, args.docs_per_prompt, args.seed + 2)
-        result["quality"] = run_quality(llm, docs, qs, ratios, args.max_tokens, log)
+        def save(partial):  # after every ratio, so a stopped run keeps what it measured
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump({**result, "quality": partial}, f, indent=1)
+
+        result["quality"] = run_quality(llm, docs, qs, ratios, args.max_tokens, log, save)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
