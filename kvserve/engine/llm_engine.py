@@ -199,9 +199,17 @@ class LLM:
         """Compute each segment alone into the segment cache (documents a RAG service will retrieve), so that the
         first prompt using them already reuses their KV. Returns the tokens the segment cache holds for them
         (whole blocks: a segment's last partial block is always recomputed)."""
-        rid = self.engine.add_request(None, {"prompt_segments": list(segments), "precompute": True},
-                                      SamplingParams(max_tokens=1, temperature=0.0), cache_salt=cache_salt)
-        return self._run([rid], use_tqdm=False)[0].num_cached_tokens
+        ids = []
+        try:  # one request per segment: together they may exceed the context
+            for seg in segments:
+                ids.append(self.engine.add_request(None, {"prompt_segments": [seg], "precompute": True},
+                                                   SamplingParams(max_tokens=1, temperature=0.0),
+                                                   cache_salt=cache_salt))
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return sum(out.num_cached_tokens for out in self._run(ids, use_tqdm=False))
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
