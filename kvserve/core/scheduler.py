@@ -448,7 +448,7 @@ class Scheduler:
         req.fetched_kv = None  # used or outdated: either way, free its memory
         if reuse:  # after the loads and swap-ins: a swapped-in partial block would overwrite the slots after it
             self._kv_ops.extend(rerotates)
-        if reuse or req.blend is not None:
+        if req.blend is not None:
             req.blend_reused = [(lo, hi) for lo, hi, _, _ in reuse]
             blended = sum(hi - lo for lo, hi, _, _ in reuse)
             req.num_blended_tokens += blended

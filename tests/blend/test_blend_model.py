@@ -13,23 +13,14 @@ from kvserve.model.blend import BlendChunk, select_recompute
 from kvserve.sampling import ParamError
 from kvserve.worker.kv_cache import KVCache
 
+from tests.eviction.test_engine import generate as run
+
 SYSTEM = "<|im_start|>system\nAnswer from the documents.<|im_end|>\n<|im_start|>user\n"
 FACTS = ["The capital of Veloria is Marbin.", "Tom Kessler was born in 1931.",
          "The river Ostra flows into Lake Min.", "Anna Brovik plays the cello."]
 DOCS = [" ".join(f"Document {i}. {f}" for _ in range(6)) + "\n" for i, f in enumerate(FACTS)]
 QUESTION = "Question: What instrument does Anna Brovik play?<|im_end|>\n<|im_start|>assistant\n"
 SEGMENTS = [SYSTEM, *DOCS, QUESTION]
-
-
-def run(engine, prompts, params):
-    ids = [engine.add_request(None, p, params) for p in prompts]
-    outs = {}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            if o.finished:
-                outs[o.request_id] = o
-        engine.core.scheduler.check_invariants()
-    return [outs[i] for i in ids]
 
 
 def top_logprobs(out):
@@ -117,10 +108,9 @@ def test_full_recompute_equals_the_plain_prefill(make_engine, plain_reference, r
     through the selective path (gathered rows, masked attention): both give the plain prefill's output."""
     ids, ref = plain_reference
     engine = make_engine()
-    engine_tokens = engine.tokenizer.encode_segments(SEGMENTS)[0]
-    assert engine_tokens == ids
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=5)
     [out] = run(engine, [{"prompt_segments": SEGMENTS, "blend_recompute_ratio": ratio}], params)
+    assert out.prompt_token_ids == ids  # the segments' concatenation is the plain prompt
     assert out.num_blended_tokens > 0 and out.num_recomputed_tokens == out.num_blended_tokens
     assert out.outputs[0].token_ids == ref.outputs[0].token_ids
     got, want = top_logprobs(out), top_logprobs(ref)

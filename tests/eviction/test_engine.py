@@ -26,9 +26,10 @@ def prompt_ids(fp32_parts):
 
 
 def generate(engine, prompts, params):
+    """Runs prompts (token-id lists, or prompt dicts) to the end, checking the scheduler's invariants every step."""
     ids = [f"r{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
-        engine.add_request(rid, {"prompt_token_ids": p}, params)
+        engine.add_request(rid, p if isinstance(p, dict) else {"prompt_token_ids": p}, params)
     outs = {}
     while engine.has_unfinished_requests():
         for o in engine.step():
