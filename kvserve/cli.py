@@ -42,6 +42,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                              "set blend_recompute_ratio")
     parser.add_argument("--blend-check-layer", type=int, default=1,
                         help="the layer whose KV deviation picks the reused tokens to recompute")
+    parser.add_argument("--blend-segment-context", choices=("prefix", "none"), default="prefix",
+                        help="what a cached segment's KV is computed after: the prompt's first segment (the system "
+                             "prompt; default) or nothing (reusable under any first segment, lower quality)")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")
@@ -223,7 +226,7 @@ def _engine_args(args: argparse.Namespace, **extra):
 
 def _blend_args(args: argparse.Namespace) -> dict:
     return {"enable_segment_cache": args.enable_segment_cache, "blend_recompute_ratio": args.blend_recompute_ratio,
-            "blend_check_layer": args.blend_check_layer}
+            "blend_check_layer": args.blend_check_layer, "blend_segment_context": args.blend_segment_context}
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -92,20 +92,21 @@ class KVCacheManager:
         self.pool.free_blocks(blocks)
 
     def rerotate_op(self, request: Request, segment_blocks: list[Block], segment_start: int, first: int,
-                    end: int) -> KVRerotate:
-        """Copy prompt positions [first, end) from a segment's cached blocks (the segment's position p - segment_start
-        there) into the request's own slots, K re-rotated by +segment_start. Only into the request's private blocks
-        (rule 2)."""
+                    end: int, context_len: int = 0) -> KVRerotate:
+        """Copy prompt positions [first, end) from a segment's cached blocks into the request's own slots, K
+        re-rotated from where the segment was computed (after `context_len` tokens of context) to where it sits.
+        `segment_blocks` start at the block holding the segment's first token (at offset context_len % block_size).
+        Only into the request's private blocks (rule 2)."""
         bs = self.block_size
         own = self.req_blocks[request.request_id]
         src, dst = [], []
         for p in range(first, end):
-            o = p - segment_start
+            o = p - segment_start + context_len % bs
             b = own[p // bs]
             assert b.ref_cnt == 1 and b.block_hash is None, f"re-rotation into shared or cached {b}"
             src.append(segment_blocks[o // bs].block_id * bs + o % bs)
             dst.append(b.block_id * bs + p % bs)
-        return KVRerotate(request.request_id, src, dst, segment_start)
+        return KVRerotate(request.request_id, src, dst, segment_start - context_len)
 
     def record_lookup(self, request: Request, match: PrefixMatch) -> None:
         if not self.enable_prefix_caching:

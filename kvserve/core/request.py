@@ -49,22 +49,30 @@ DEFAULT_TENANT = "default"
 
 @dataclass(frozen=True)
 class BlendSpec:
-    """A prompt given as segments (docs/kvreuse.md): segment 0 is a plain prefix, segments 1 .. k-2 may reuse KV
-    computed alone (the segment cache), the last one (the question) is always computed."""
+    """A prompt given as segments (docs/kvreuse.md): segment 0 is a plain prefix, the middle segments may reuse KV
+    from the segment cache, the last one (the question) is always computed. `context_len` 0: each segment's KV is
+    computed alone, from position 0 (CacheBlend's original setting). context_len = segment_starts[0] (prefix mode):
+    each is computed after segment 0 (the system prompt), as the exact prompt [segment 0, segment] under the plain
+    prefix-cache key, so segment 1, which follows segment 0 in the prompt too, is a plain prefix-cache hit and only
+    segments 2 .. k-2 are blended."""
 
     segment_starts: tuple[int, ...]  # prompt position where each segment after the first starts, ascending
     ratio: float  # CacheBlend's share of reused tokens recomputed (per chunk): 0 naive reuse, 1 exact
     use_segment_cache: bool = True  # False: segments are only hashed apart (no reuse, no fills)
     precompute: bool = False  # only fill the segment cache with every segment (LLM.precompute_segments); no output
+    context_len: int = 0  # prompt tokens (segment 0 or none) each segment's cached KV was computed after
 
     def reusable(self, num_prompt_tokens: int) -> list[tuple[int, int]]:
-        """[start, end) of the segments whose KV may come from the segment cache (not the first, not the last; all
-        of them when precomputing)."""
-        if self.precompute:
-            starts = [0, *self.segment_starts]
-            return list(zip(starts, starts[1:] + [num_prompt_tokens]))
-        ends = list(self.segment_starts[1:]) + [num_prompt_tokens]
-        return [(s, e) for s, e in zip(self.segment_starts, ends)][:-1]
+        """[start, end) of the segments whose KV may come from the segment cache: not the first (the context, or a
+        plain prefix), not the one right after the context (a plain prefix-cache hit), not the last (the question);
+        when precomputing, every one but the context."""
+        starts = list(self.segment_starts) if self.context_len else [0, *self.segment_starts]
+        if not self.precompute:
+            starts = starts[1:]
+        if not starts:
+            return []
+        runs = list(zip(starts, starts[1:] + [num_prompt_tokens]))
+        return runs if self.precompute else runs[:-1]
 
 
 class Request:
@@ -75,9 +83,10 @@ class Request:
                  arrival_time: float | None = None, priority: int = 0, max_model_len: int | None = None,
                  share_prompt_with: "Request | None" = None, tenant: str = DEFAULT_TENANT,
                  session_id: str | None = None, kv_pin_seconds: float = 0.0, kv_budget: int = 0,
-                 blend: BlendSpec | None = None, segment_fill: bool = False):
+                 blend: BlendSpec | None = None, segment_fill: bool = False, fill_in_context: bool = False):
         """`blend`: the prompt is segments and may reuse their KV from the segment cache. `segment_fill`: this is an
-        internal request computing one segment alone, under the segment key (core/scheduler.py)."""
+        internal request computing one segment for the segment cache (core/scheduler.py): alone under the segment
+        key, or (`fill_in_context`) after its context, an exact prompt under the plain key."""
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         self.request_id = request_id
@@ -133,11 +142,11 @@ class Request:
         self.num_recomputed_tokens = 0
         self.segment_fills: list[str] = []  # ids of the segment requests this one waits for
         self.segment_chains: list[list[BlockHash]] = []  # per reusable segment: its own chain (segment key)
-        # the hash chain: plain (salt), a segment's own namespace, or plain up to the block holding segment 1's first
-        # token and a blend namespace from there on (rule 1: approximate KV never under a plain key)
-        self._hash_key = segment_key(cache_salt) if segment_fill else cache_salt
-        self._hash_switch = ((blend.segment_starts[0] // block_size, blend_key(cache_salt))
-                             if blend is not None and blend.segment_starts else None)
+        # the hash chain: plain (salt), a segment's own namespace, or plain up to the block holding the first reusable
+        # segment's first token and a blend namespace from there on (rule 1: approximate KV never under a plain key)
+        self._hash_key = segment_key(cache_salt) if segment_fill and not fill_in_context else cache_salt
+        reusable = blend.reusable(self.num_prompt_tokens) if blend is not None else []
+        self._hash_switch = (reusable[0][0] // block_size, blend_key(cache_salt)) if reusable else None
         self.block_hashes: list[BlockHash] = hash_block_chain(self.token_ids, block_size, self._hash_key,
                                                               switch=self._hash_switch)
 

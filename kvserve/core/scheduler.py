@@ -137,12 +137,16 @@ class Scheduler:
         """Each reusable segment not in the pool is computed alone first, as its own request under the segment key,
         so that this request and the next ones reuse it (KVShare: schedule for reuse). One fill per segment at a
         time, shared by every request waiting for it; a fill may itself load the segment from a KV tier."""
-        key = segment_key(req.cache_salt)
+        ctx = req.blend.context_len
+        key = req.cache_salt if ctx else segment_key(req.cache_salt)
         for j, (s, e) in enumerate(req.blend.reusable(req.num_prompt_tokens)):
-            chain = hash_block_chain(req.prompt_token_ids[s:e], self.block_size, key)
+            tokens = req.prompt_token_ids[:ctx] + req.prompt_token_ids[s:e]
+            chain = hash_block_chain(tokens, self.block_size, key)
+            if len(chain) * self.block_size <= ctx:
+                chain = []  # no whole block holds a token of the segment: nothing to reuse
             req.segment_chains.append(chain)
             if not chain:
-                continue  # shorter than a block: nothing to reuse
+                continue
             if len(self.kv.cached_run(chain)) == len(chain):
                 self.num_segment_hits += 1
                 continue
@@ -152,8 +156,9 @@ class Scheduler:
                 sp = req.sampling_params.replace(n=1, max_tokens=0, min_tokens=0, logprobs=None,
                                                  prompt_logprobs=None, num_speculative_tokens=0,
                                                  kv_budget_tokens=0)
-                fill = Request(f"{req.request_id}\x00segment{j}", req.prompt_token_ids[s:e], sp, self.block_size,
-                               (), req.cache_salt, req.arrival_time, req.priority, tenant=req.tenant, segment_fill=True)
+                fill = Request(f"{req.request_id}\x00segment{j}", tokens, sp, self.block_size, (), req.cache_salt,
+                               req.arrival_time, req.priority, tenant=req.tenant, segment_fill=True,
+                               fill_in_context=ctx > 0)
                 if fill.request_id in self.requests:
                     continue
                 fill.segment_chains = [chain]
@@ -164,13 +169,15 @@ class Scheduler:
 
     def _segment_reuse(self, req: Request, start: int) -> list[tuple[int, int, int, list]]:
         """(first, end, segment start, cached blocks) of each run of prompt positions from `start` on whose KV the
-        pool holds in a segment's own chain (its leading cached blocks)."""
+        pool holds in a segment's own chain (its leading cached blocks; in prefix mode from the block holding its
+        first token, at offset context_len % block_size there: the context's own blocks come before it)."""
         out = []
+        skip, offset = divmod(req.blend.context_len, self.block_size)
         for (s, e), chain in zip(req.blend.reusable(req.num_prompt_tokens), req.segment_chains):
             if e <= start or not chain:
                 continue
-            blocks = self.kv.cached_run(chain)
-            lo, hi = max(s, start), min(s + len(blocks) * self.block_size, e)
+            blocks = self.kv.cached_run(chain)[skip:]
+            lo, hi = max(s, start), min(s + len(blocks) * self.block_size - offset, e)
             if hi > lo:
                 out.append((lo, hi, s, blocks))
         return out
@@ -300,7 +307,8 @@ class Scheduler:
                 continue
             if req.blend is not None and req.blend.precompute:
                 self.waiting.pop()  # its segments are in the cache now: nothing more to do
-                req.num_cached_tokens = sum(len(self.kv.cached_run(c)) for c in req.segment_chains) * self.block_size
+                req.num_cached_tokens = sum(max(len(self.kv.cached_run(c)) * self.block_size - req.blend.context_len, 0)
+                                            for c in req.segment_chains)
                 req.status = RequestStatus.FINISHED_LENGTH
                 self._release(req)
                 self._ended_in_schedule.append(req)
@@ -425,7 +433,8 @@ class Scheduler:
             if self.kv.allocate_slots(req, n_load + n_swap + n + extra, computed) is None:
                 self.kv.release(touched)
                 return None
-            rerotates = [self.kv.rerotate_op(req, blocks, s, lo, hi) for lo, hi, s, blocks in reuse]
+            rerotates = [self.kv.rerotate_op(req, blocks, s, lo, hi, req.blend.context_len)
+                         for lo, hi, s, blocks in reuse]
             self.kv.release(reversed(touched))  # to the LRU tail: recently used
             req.num_computed_tokens = num_computed + n_load + n_swap + n_evicted
             req.num_evicted_tokens = n_evicted
@@ -455,7 +464,7 @@ class Scheduler:
             self.num_blended_tokens += blended
             if req.num_cached_tokens < 0:  # the lookup at use (the first was at arrival)
                 wanted = sum(1 for (s, _), c in zip(req.blend.reusable(req.num_prompt_tokens), req.segment_chains)
-                             if c and s + len(c) * self.block_size > start)
+                             if c and s + len(c) * self.block_size - req.blend.context_len > start)
                 self.num_segment_hits += len(reuse)
                 self.num_segment_misses += wanted - len(reuse)
         if req.num_cached_tokens < 0:

@@ -57,6 +57,7 @@ from kvserve.worker.drafter import ModelDrafter
 from kvserve.worker.eviction import KVEvictor
 from kvserve.worker.model_runner import ModelRunner
 
+BLEND_SEGMENT_CONTEXTS = ("prefix", "none")
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
            "float": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
@@ -102,6 +103,9 @@ class EngineArgs:
     enable_segment_cache: bool = True
     blend_recompute_ratio: float = 0.15  # share of reused tokens recomputed (a request may override it)
     blend_check_layer: int = 1  # the layer whose KV deviation picks the tokens to recompute
+    # what a cached segment's KV was computed after: "prefix" (a prompt's first segment, e.g. the system prompt;
+    # APE's shared prefix) or "none" (alone from position 0, content-addressed wherever it sits)
+    blend_segment_context: str = "prefix"
 
     def __post_init__(self):
         if isinstance(self.speculative_config, dict):
@@ -120,6 +124,9 @@ class EngineArgs:
             raise ConfigError(f"blend_recompute_ratio must be in [0, 1], got {self.blend_recompute_ratio!r}")
         if type(self.blend_check_layer) is not int or self.blend_check_layer < 0:
             raise ConfigError(f"blend_check_layer must be a layer index >= 0, got {self.blend_check_layer!r}")
+        if self.blend_segment_context not in BLEND_SEGMENT_CONTEXTS:
+            raise ConfigError(f"blend_segment_context must be one of {', '.join(BLEND_SEGMENT_CONTEXTS)}, "
+                              f"got {self.blend_segment_context!r}")
         if not 0 <= self.swap_space_gb < float("inf"):
             raise ConfigError("swap_space_gb must be a non-negative number of GiB")
         if self.quantization not in QUANTIZATIONS:
@@ -223,7 +230,7 @@ class EngineCore:
             kv_budget_tokens=args.kv_eviction.budget_tokens if args.kv_eviction else 0,
             kv_min_budget_tokens=args.kv_eviction.min_budget if args.kv_eviction else 0,
             enable_segment_cache=args.enable_segment_cache and args.enable_prefix_caching,
-            blend_recompute_ratio=float(args.blend_recompute_ratio))
+            blend_recompute_ratio=float(args.blend_recompute_ratio), blend_segment_context=args.blend_segment_context)
         self._group_seqs: dict[str, list[str]] = {}
         self.spec = SpecDecoder(args.speculative_config) if args.speculative_config else None
 
@@ -284,7 +291,8 @@ class EngineCore:
             seg = request.segments
             check_segments(self.info, len(request.prompt_token_ids), seg, params, request.routing)
             ratio = self.info.blend_recompute_ratio if seg.blend_recompute_ratio is None else seg.blend_recompute_ratio
-            blend = BlendSpec(tuple(seg.starts), float(ratio), self.info.enable_segment_cache, seg.precompute)
+            ctx = seg.starts[0] if self.info.blend_segment_context == "prefix" and seg.starts else 0
+            blend = BlendSpec(tuple(seg.starts), float(ratio), self.info.enable_segment_cache, seg.precompute, ctx)
         seq_ids = sequence_ids(rid, params.n)
         for sid in seq_ids:
             check_new_id(sid, self.scheduler.requests)

@@ -195,14 +195,24 @@ class LLM:
         order = prefix_grouped_order([ids for _, ids in tokenized], max_tokens, self.engine.info.block_size)
         return [{"prompt": text, "prompt_token_ids": ids} for text, ids in tokenized], order
 
-    def precompute_segments(self, segments: list[str | list[int]], cache_salt: str | None = None) -> int:
-        """Compute each segment alone into the segment cache (documents a RAG service will retrieve), so that the
-        first prompt using them already reuses their KV. Returns the tokens the segment cache holds for them
-        (whole blocks: a segment's last partial block is always recomputed)."""
+    def precompute_segments(self, segments: list[str | list[int]], prefix: str | list[int] | None = None,
+                            cache_salt: str | None = None) -> int:
+        """Compute each segment into the segment cache (documents a RAG service will retrieve), so that the first
+        prompt using them already reuses their KV: after `prefix` (the first segment the prompts will start with,
+        e.g. the system prompt) in the engine's default prefix mode, alone in "none" mode (no prefix then). Returns
+        the tokens the segment cache holds for them (whole blocks: a segment's last partial block is always
+        recomputed)."""
+        in_context = self.engine.info.blend_segment_context == "prefix"
+        if in_context and not prefix:
+            raise ValueError("precompute_segments needs the prefix the segments will follow (the prompts' first "
+                             "segment): the segment cache keeps KV computed after it (blend_segment_context prefix)")
+        if not in_context and prefix:
+            raise ValueError("blend_segment_context is none: segments are cached alone, without a prefix")
         ids = []
         try:  # one request per segment: together they may exceed the context
             for seg in segments:
-                ids.append(self.engine.add_request(None, {"prompt_segments": [seg], "precompute": True},
+                ids.append(self.engine.add_request(None, {"prompt_segments": [prefix, seg] if in_context else [seg],
+                                                          "precompute": True},
                                                    SamplingParams(max_tokens=1, temperature=0.0),
                                                    cache_salt=cache_salt))
         except Exception:

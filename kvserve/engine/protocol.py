@@ -50,6 +50,7 @@ class EngineInfo(msgspec.Struct, frozen=True):
     kv_min_budget_tokens: int = 0  # the smallest budget a request may ask for (sinks + window + 1)
     enable_segment_cache: bool = True  # CacheBlend (docs/kvreuse.md): segments' KV is reused across prompts
     blend_recompute_ratio: float = 0.15  # the default share of reused tokens recomputed
+    blend_segment_context: str = "prefix"  # a cached segment's KV follows the first segment ("prefix") or none
 
     def kv_budget(self, params: SamplingParams) -> int:
         """The KV budget a request runs with (0: no eviction)."""

@@ -23,6 +23,12 @@ QUESTION = "Question: What instrument does Anna Brovik play?<|im_end|>\n<|im_sta
 SEGMENTS = [SYSTEM, *DOCS, QUESTION]
 
 
+def cached_doc_tokens(tokenizer, docs, context: str) -> int:
+    """Tokens of `docs` in whole cached blocks: alone from position 0, or after the system prompt (prefix mode)."""
+    n_sys = len(tokenizer.encode(SYSTEM)) if context == "prefix" else 0
+    return sum((n_sys + len(tokenizer.encode(d, add_special_tokens=False))) // 16 * 16 - n_sys for d in docs)
+
+
 def top_logprobs(out):
     return {t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()}
 
@@ -120,23 +126,30 @@ def test_full_recompute_equals_the_plain_prefill(make_engine, plain_reference, r
     assert engine.core.kv_manager.num_used_blocks == 0
 
 
-def test_partial_recompute_and_naive_reuse(make_engine, plain_reference):
+@pytest.mark.parametrize("context", ["prefix", "none"])
+def test_partial_recompute_and_naive_reuse(make_engine, plain_reference, context):
     """Ratio 0.15 recomputes its share of the reused tokens (how close that stays to the plain prefill is the
-    benchmark's question); later blend requests reuse the blended blocks by prefix, plain requests never."""
+    benchmark's question); later blend requests reuse the blended blocks by prefix, plain requests never. In prefix
+    mode the first document follows the system prompt as in its cache entry: a plain prefix, not blended."""
     ids, ref = plain_reference
-    engine = make_engine()
+    engine = make_engine(blend_segment_context=context)
     params = SamplingParams(temperature=0, max_tokens=12)
     cached = engine.core.scheduler
     out15, = run(engine, [{"prompt_segments": SEGMENTS, "blend_recompute_ratio": 0.15}], params)
     m = out15.num_blended_tokens
     assert m > 0 and 0 < out15.num_recomputed_tokens <= round(0.15 * m) + 4 * len(DOCS)  # rounding per chunk
+    reused_docs = DOCS[1:] if context == "prefix" else DOCS
+    assert m == cached_doc_tokens(engine.tokenizer, reused_docs, context)
     again, = run(engine, [{"prompt_segments": SEGMENTS, "blend_recompute_ratio": 0.0}], params)
     assert again.num_cached_tokens >= len(ids) - 16 and again.num_blended_tokens == 0  # by prefix: blended blocks
     plain, = run(engine, [{"prompt_token_ids": ids}], params)
-    assert plain.num_cached_tokens < len(engine.tokenizer.encode(SYSTEM)) + 16  # never the blended blocks
+    first_doc_end = len(engine.tokenizer.encode(SYSTEM)) + len(engine.tokenizer.encode(DOCS[0], add_special_tokens=False))
+    # never the blended blocks: in prefix mode up to the block holding document 1's start, else segment 0's
+    limit = first_doc_end + 16 if context == "prefix" else len(engine.tokenizer.encode(SYSTEM)) + 16
+    assert plain.num_cached_tokens < limit
     assert plain.outputs[0].token_ids == ref.outputs[0].token_ids
-    assert cached.num_segment_misses == len(DOCS)  # the first request's documents were computed alone first
-    assert cached.num_segment_hits == 2 * len(DOCS)  # found at its admission, and at the second one's arrival
+    assert cached.num_segment_misses == len(reused_docs)  # the first request's documents were computed first
+    assert cached.num_segment_hits == 2 * len(reused_docs)  # found at its admission, and at the second's arrival
 
 
 def test_precompute_and_segments_shared_through_a_kv_tier(make_engine, tmp_path, plain_reference):
@@ -145,8 +158,14 @@ def test_precompute_and_segments_shared_through_a_kv_tier(make_engine, tmp_path,
     assert a.core.kv_store is not None
     from kvserve.engine.llm_engine import LLM
     llm = LLM.from_engine(a)
-    cached = llm.precompute_segments(DOCS)
-    assert cached == sum(len(a.tokenizer.encode(d, add_special_tokens=False)) // 16 * 16 for d in DOCS)
+    with pytest.raises(ValueError, match="prefix"):
+        llm.precompute_segments(DOCS)  # prefix mode: the documents' KV follows the system prompt
+    cached = llm.precompute_segments(DOCS, prefix=SYSTEM)
+    assert cached == cached_doc_tokens(a.tokenizer, DOCS, "prefix")
+    # the cache entries are exact plain prompts: the plain prefill of [system, document] finds them
+    doc_ids = a.tokenizer.encode_segments([SYSTEM, DOCS[2]])[0]
+    hit, = run(a, [{"prompt_token_ids": doc_ids}], SamplingParams(max_tokens=1))
+    assert hit.num_cached_tokens == (len(doc_ids) - 1) // 16 * 16
     a.close()
     b = make_engine(kv_store=store, kv_store_chunk_size=32)
     params = SamplingParams(temperature=0, max_tokens=12)
@@ -180,3 +199,5 @@ def test_bad_segmented_prompts_fail_clearly(make_engine):
         make_engine(blend_recompute_ratio=2.0)
     with pytest.raises(ConfigError):
         make_engine(blend_check_layer=30)
+    with pytest.raises(ConfigError, match="blend_segment_context"):
+        make_engine(blend_segment_context="suffix")

@@ -26,9 +26,10 @@ def make_sched(num_blocks=64, budget=64, max_seqs=8):
     return Scheduler(SchedulerConfig(budget, max_seqs, 4096, True), KVCacheManager(num_blocks, BS, True))
 
 
-def blend_req(rid, tokens=TOKENS, starts=STARTS, ratio=0.5, salt=None, max_tokens=3):
+def blend_req(rid, tokens=TOKENS, starts=STARTS, ratio=0.5, salt=None, max_tokens=3, prefix_mode=False):
+    """prefix_mode: segments are cached after segment 0 (context_len = its length) instead of alone."""
     return Request(rid, tokens, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), BS,
-                   cache_salt=salt, blend=BlendSpec(starts, ratio))
+                   cache_salt=salt, blend=BlendSpec(starts, ratio, context_len=starts[0] if prefix_mode else 0))
 
 
 def plain_req(rid, tokens=TOKENS, salt=None, max_tokens=3):
@@ -79,6 +80,44 @@ def test_segments_are_computed_alone_first_then_reused_by_rerotation_to_the_exac
     assert len(u.new_token_ids + out["a"]) == 3 and set(out) == {"a"}
     # looked up at arrival (missing: computed alone) and at admission (found)
     assert (sched.num_segment_hits, sched.num_segment_misses, sched.num_blended_tokens) == (2, 2, 16)
+
+
+def test_prefix_mode_caches_segments_after_segment_zero_as_exact_plain_prompts():
+    sched, runner = make_sched(), FakeRunner(BS)
+    a = blend_req("a", prefix_mode=True)
+    # D1 follows the prefix in the prompt as in the cache: a plain prefix (no fill, not blended); only D2 is reused
+    assert a.blend.reusable(a.num_prompt_tokens) == [(14, 24)]
+    assert a.block_hashes[:3] == hash_block_chain(TOKENS, BS, None)[:3]  # plain up to the block holding D2's start
+    sched.add_request(a)
+    assert a.segment_fills == ["a\x00segment0"]
+    so = sched.schedule()
+    # the fill is the exact prompt PREFIX + D2 (16 tokens, blocks 0-3) under the plain key
+    assert [(s.request_id, s.start, s.num_new_tokens, s.block_ids) for s in so.scheduled] == [
+        ("a\x00segment0", 0, 16, [0, 1, 2, 3])]
+    assert so.scheduled[0].token_ids == PREFIX + D2
+    sched.update(so, runner.execute(so))
+    sched.check_invariants()
+    so = sched.schedule()
+    # block 0 (the prefix's first 4 tokens) is shared with the fill; D2 sat at positions 6-15 of the fill (slots 6-15
+    # of blocks 1-3) and moves to positions 14-23, K re-rotated by 14 - 6
+    assert [(s.request_id, s.start, s.num_new_tokens, s.block_ids, s.blend_reused) for s in so.scheduled] == [
+        ("a", 4, 23, [0, 4, 5, 6, 7, 8, 9], [(14, 24)])]
+    assert so.kv_ops == [KVRerotate("a", list(range(6, 16)), list(range(26, 36)), 8)]
+    assert a.num_cached_tokens == 4 + 10 and a.num_blended_tokens == 10
+    sched.update(so, runner.execute(so))
+    ref = run(sched, runner)
+    # the fill's KV is exact: a plain request for PREFIX + D2 finds all of it, and so does a blend request whose
+    # first document is D2 (a plain prefix hit there, nothing blended)
+    p = plain_req("p", PREFIX + D2 + [5])
+    assert sched.kv.match_prefix(p).num_blocks == 4
+    b = blend_req("b", PREFIX + D2 + D1 + Q, (6, 16, 24), prefix_mode=True)
+    sched.add_request(b)
+    # no fill for D1 either: "a" computed PREFIX + D1[:6] exactly as its own first 3 blocks (plain key), the whole
+    # blocks of PREFIX + D1; D1's first 6 tokens are reused from them, its last 2 computed
+    assert b.segment_fills == []
+    out = run(sched, runner)
+    assert (b.num_cached_tokens, b.num_blended_tokens) == (16 + 6, 6) and len(out["b"]) == 3 and len(ref["a"]) == 2
+    sched.check_invariants()
 
 
 def test_blended_blocks_are_found_by_blend_requests_only():
@@ -147,11 +186,11 @@ def test_randomized_blend_runs_read_back_the_same_context_as_plain_runs():
     for i, (toks, _) in enumerate(prompts):
         sched.add_request(plain_req(f"r{i}", toks, max_tokens=5))
     expected = run(sched, runner)
-    for budget in (8, 24):
+    for budget, prefix_mode in ((8, False), (24, False), (8, True), (24, True)):
         sched, runner = make_sched(num_blocks=40, budget=budget), FakeRunner(BS)
         for i, (toks, starts) in enumerate(prompts):
             sched.add_request(blend_req(f"r{i}", toks, starts, ratio=rng.choice([0.0, 0.15, 1.0]), max_tokens=5,
-                                        salt=rng.choice([None, "x"])))
+                                        salt=rng.choice([None, "x"]), prefix_mode=prefix_mode))
         assert run(sched, runner) == expected
         assert sched.num_blended_tokens > 0
         assert sched.kv.num_used_blocks == 0
