@@ -81,11 +81,16 @@ class Tokenizer:
 
     def chat_segments(self, messages: list[dict], parts: list[list[str]], add_generation_prompt: bool = True
                       ) -> tuple[list[int], list[int]]:
-        """A chat prompt as segments: each message's text parts (`parts[i]`, joined as messages[i]'s content) are
-        segments, and the template's own text between them segments of their own."""
+        """A chat prompt as segments: the text parts of every message with two or more (`parts[i]`, joined as
+        messages[i]'s content; a RAG turn's documents and question) are segments; everything before the first of
+        them (the system prompt, earlier turns, the template's headers) is segment 0, the context the documents are
+        cached after in prefix mode; the template's own text between parts of different messages, and after the
+        last, are segments of their own."""
         text = self.render_chat_template(messages, add_generation_prompt)
         pieces, pos = [], 0
         for message_parts in parts:
+            if len(message_parts) < 2:
+                continue  # one part: nothing to reuse apart, it stays with the text around it
             for part in message_parts:
                 at = text.find(part, pos)
                 if at < 0:

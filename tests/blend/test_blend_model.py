@@ -201,3 +201,21 @@ def test_bad_segmented_prompts_fail_clearly(make_engine):
         make_engine(blend_check_layer=30)
     with pytest.raises(ConfigError, match="blend_segment_context"):
         make_engine(blend_segment_context="suffix")
+
+
+def test_chat_segments_put_the_system_prompt_in_segment_zero(fp32_parts):
+    """The documents of a multi-part user turn are segments; the system prompt and the headers before them are
+    segment 0 (their context in prefix mode); a one-part message is not split."""
+    tok = fp32_parts[1]
+    messages = [{"role": "system", "content": "Answer from the documents."},
+                {"role": "user", "content": DOCS[0] + DOCS[1] + "Which?"}]
+    parts = [["Answer from the documents."], [DOCS[0], DOCS[1], "Which?"]]
+    ids, starts = tok.chat_segments(messages, parts)
+    assert ids == tok.apply_chat_template(messages)
+    text = tok.render_chat_template(messages)
+    head = text[:text.index(DOCS[0])]  # "<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n"
+    assert "Answer from the documents." in head
+    assert starts[0] == len(tok.encode(head, add_special_tokens=False))
+    assert len(starts) == 4  # documents 0 and 1, the question, the template's tail
+    one = tok.chat_segments(messages, [["Answer from the documents."], [DOCS[0] + DOCS[1] + "Which?"]])
+    assert one == (ids, [])
