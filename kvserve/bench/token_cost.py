@@ -145,9 +145,12 @@ def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int
         rows = [one_step(timers) for _ in range(steps)]
     finally:
         undo()
+    for r in rows:
+        r["runner_other"] += r.pop("lm_head_other")
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    med["runner_other"] += med.pop("lm_head_other")
-    parts_sum = sum(med[k] for k in PARTS)
+    # each step's parts summed, then the median: comparable with the median step even when a noisy step moves some
+    # parts' medians and not others (a sum of medians is not the median of the sums)
+    parts_sum = statistics.median(sum(r[k] for k in PARTS) for r in rows)
     return {"batch": batch, "quantization": core.info.quantization, "decode_plan": core.model.decode_plan is not None,
             "threads": threads, "steps": steps,
             "weight_bytes": core.model.weight_bytes(), "step_ms_untimed": statistics.median(plain) * 1e3,
