@@ -131,6 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
     serve.set_defaults(func=serve_command)
 
+    rt = sub.add_parser("router", help="a KV-aware router in front of several kvserve instances (docs/scaleout.md)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rt.add_argument("--backend", action="append", required=True, metavar="URL",
+                    help="a kvserve instance, http://host:port (repeat the flag for each)")
+    rt.add_argument("--host", default="127.0.0.1")
+    rt.add_argument("--port", type=int, default=8080)
+    rt.add_argument("--policy", choices=("kv", "round_robin"), default="kv",
+                    help="kv: the backend holding most of the prompt's prefix, weighed against load")
+    rt.add_argument("--model", default=None,
+                    help="the backends' model (GGUF file or HF directory) whose tokenizer hashes the prompts; "
+                         "none: the embedded default")
+    rt.add_argument("--prefix-weight", type=float, default=1.0)
+    rt.add_argument("--load-weight", type=float, default=0.5)
+    rt.add_argument("--balance-abs-threshold", type=int, default=4,
+                    help="route to the idlest backend while the busiest has this many more requests ...")
+    rt.add_argument("--balance-rel-threshold", type=float, default=1.5, help="... and this many times as many")
+    rt.add_argument("--poll-interval", type=float, default=0.25, help="seconds between /kv/summary reads")
+    rt.add_argument("--backend-api-key-file", default=None,
+                    help="the key the router reads /kv/summary with (clients' own keys pass through)")
+    rt.add_argument("--kv-identity", default=None,
+                    help="the model identity every backend must report; none: the first backend to answer sets it")
+    rt.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    rt.set_defaults(func=router_command)
+
     tenants = sub.add_parser("tenants", help="tenants-file helpers")
     tsub = tenants.add_subparsers(dest="tenants_command", required=True)
     hk = tsub.add_parser("hash-key", help="print the sha256 form of an API key for a tenants file (the key is read "
@@ -227,6 +251,26 @@ def _engine_args(args: argparse.Namespace, **extra):
 def _blend_args(args: argparse.Namespace) -> dict:
     return {"enable_segment_cache": args.enable_segment_cache, "blend_recompute_ratio": args.blend_recompute_ratio,
             "blend_check_layer": args.blend_check_layer, "blend_segment_context": args.blend_segment_context}
+
+
+def router_command(args: argparse.Namespace) -> int:
+    from kvserve.model.loader import tokenizer_source
+    from kvserve.model.tokenizer import Tokenizer
+    from kvserve.router.app import build_router_app
+    from kvserve.router.config import RouterConfig
+    from kvserve.router.prompt import PromptHasher
+    from kvserve.server.config import read_api_key_file
+
+    key = read_api_key_file(args.backend_api_key_file) if args.backend_api_key_file else \
+        os.environ.get("KVSERVE_BACKEND_API_KEY") or None
+    config = RouterConfig(tuple(args.backend), policy=args.policy, prefix_weight=args.prefix_weight,
+                          load_weight=args.load_weight, balance_abs_threshold=args.balance_abs_threshold,
+                          balance_rel_threshold=args.balance_rel_threshold, poll_interval_s=args.poll_interval,
+                          backend_api_key=key, kv_identity=args.kv_identity)
+    source, template = tokenizer_source(args.model)
+    app = build_router_app(config, PromptHasher(Tokenizer(source, template)))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
 
 
 def serve_command(args: argparse.Namespace) -> int:

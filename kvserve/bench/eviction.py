@@ -130,7 +130,7 @@ def passkey_prompts(tok, lengths: list[int], depths: int, seed: int) -> list[dic
             while at > 0 and not tok.decode(hay[at - 1:at]).endswith("."):
                 at -= 1
             ids = hay[:at] + needle + hay[at:] + question
-            out.append({"ids": ids, "key": key, "length": n, "depth": d / depths,
+            out.append({"ids": ids, "key": key, "length": n, "depth": d / depths, "needle": [at, at + len(needle)],
                         "answer_ids": tok.encode(" " + key, add_special_tokens=False)})
     return out
 
@@ -402,7 +402,8 @@ def task_score_cost(log) -> dict:
 
 
 def task_kvpress(args, tok, log) -> dict:
-    """kvpress (HF transformers) on the passkey prompts of --kvpress-lengths, in its own venv (kvpress_ref.py)."""
+    """kvpress (HF transformers) on the passkey prompts of --kvpress-lengths, in its own venv (kvpress_ref.py); for
+    snapkv, the kept-token sets compared with the ones kvserve keeps on the same prompts (kvserve_kept_sets)."""
     import subprocess
     import tempfile
 
@@ -413,8 +414,9 @@ def task_kvpress(args, tok, log) -> dict:
     lengths = [int(x) for x in args.kvpress_lengths.split(",")]
     prompts = [p for p in passkey_prompts(tok, [int(x) for x in args.lengths.split(",")], args.depths, args.seed)
                if p["length"] in lengths]
+    budgets = [int(b) for b in args.kvpress_budgets.split(",")]
     spec = {"model": default_model_path(), "dtype": args.dtype, "threads": torch.get_num_threads(),
-            "policies": ["streaming", "snapkv"], "budgets": [int(b) for b in args.kvpress_budgets.split(",")],
+            "policies": args.kvpress_policies.split(","), "budgets": budgets,
             "sink_tokens": defaults.sink_tokens, "observation_window": defaults.observation_window,
             "pooling_kernel": defaults.pooling_kernel, "max_tokens": 12, "prompts": prompts}
     with tempfile.TemporaryDirectory() as d:
@@ -432,7 +434,77 @@ def task_kvpress(args, tok, log) -> dict:
     table = {k: {"accuracy": v["hits"] / v["n"], "key_logprob": v["lp"] / v["n"]} for k, v in summary.items()}
     for k, v in table.items():
         log(f"kvpress {k}: acc {v['accuracy']:.2f} key log-likelihood {v['key_logprob']:.2f}")
-    return {"summary": table, "rows": out["results"], "versions": out["versions"], "seconds": out["seconds"]}
+    res = {"summary": table, "versions": out["versions"], "seconds": out["seconds"]}
+    if any(r["policy"] == "snapkv" for r in out["results"]):
+        res["kept_sets"] = kvserve_kept_sets(args, prompts, out["results"], log)
+    # the kept positions are the comparison's input, not a result to keep
+    res["rows"] = [{k: v for k, v in r.items() if k not in ("kept", "kept_per_head")} for r in out["results"]]
+    return res
+
+
+def jaccard(a, b) -> float:
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def kvserve_kept_sets(args, prompts: list[dict], rows: list[dict], log) -> dict:
+    """kvserve's snapkv on the same prompts and budgets: the prompt positions it keeps at the end of the prefill (its
+    one eviction then), compared with kvpress's sets: per layer and KV head (SnapKVPress as published) and the one set
+    kvserve's rule picks from kvpress's scores summed over layers and heads (snapkv_request). Jaccard similarity of
+    the sets, the share of the needle's tokens kept, and kvserve's answer."""
+    import copy
+
+    from kvserve.worker.eviction import select_evicted
+
+    by = {(r["policy"], r["budget"], r["prompt"]): r for r in rows}
+    engine, _ = make_engine("snapkv", args.memory_gb, args.dtype)
+    evictor = engine.core.runner.evictor  # a benchmark's probe: the kept set is the worker's choice
+    res = {}
+    for budget in sorted({r["budget"] for r in rows if r["policy"] == "snapkv"}):
+        per = []
+        for pi, p in enumerate(prompts):
+            ids, rid = p["ids"], f"kept-{budget}-{pi}"
+            engine.add_request(rid, {"prompt_token_ids": ids},
+                               SamplingParams(temperature=0, max_tokens=12, kv_budget_tokens=budget))
+            kept, final = None, None
+            while engine.has_unfinished_requests():
+                for o in engine.step():
+                    if o.finished:
+                        final = o
+                state = evictor.states.get(rid)
+                if kept is None and state is not None and state.pooled:
+                    # the prompt's scores are pooled and nothing is compacted yet (KV index == position): the same
+                    # choice the step just made
+                    gone = set(select_evicted(evictor.config, copy.deepcopy(state), len(ids), budget))
+                    kept = [i for i in range(len(ids)) if i not in gone]
+            needle = range(*p["needle"])
+
+            def needle_share(s) -> float:
+                s = set(s)
+                return sum(i in s for i in needle) / len(needle)
+
+            heads = [h for layer in by[("snapkv", budget, pi)]["kept_per_head"] for h in layer]
+            agg = by.get(("snapkv_request", budget, pi))
+            per.append({
+                "kvserve_hit": p["key"] in engine.tokenizer.decode(final.outputs[0].token_ids),
+                "kvserve_kept": len(kept),
+                "jaccard_vs_kvpress_per_request": jaccard(kept, agg["kept"]) if agg else None,
+                "jaccard_vs_kvpress_heads_mean": statistics.mean(jaccard(kept, h) for h in heads),
+                "jaccard_kvpress_heads_vs_per_request": (statistics.mean(jaccard(agg["kept"], h) for h in heads)
+                                                         if agg else None),
+                "needle_kept_kvserve": needle_share(kept),
+                "needle_kept_kvpress_heads_mean": statistics.mean(needle_share(h) for h in heads),
+                "needle_kept_kvpress_heads_all": statistics.mean(needle_share(h) == 1.0 for h in heads),
+                "needle_kept_kvpress_per_request": needle_share(agg["kept"]) if agg else None})
+        keys = [k for k in per[0] if per[0][k] is not None]
+        res[str(budget)] = {"mean": {k: statistics.mean(float(x[k]) for x in per) for k in keys}, "prompts": per}
+        m = res[str(budget)]["mean"]
+        log(f"kept sets, snapkv budget {budget}: kvserve vs kvpress scores summed per request: Jaccard "
+            f"{m.get('jaccard_vs_kvpress_per_request', float('nan')):.3f}; vs kvpress per head: "
+            f"{m['jaccard_vs_kvpress_heads_mean']:.3f}; needle kept kvserve {m['needle_kept_kvserve']:.2f}, "
+            f"kvpress heads {m['needle_kept_kvpress_heads_mean']:.2f}; kvserve acc {m['kvserve_hit']:.2f}")
+    engine.close()
+    return res
 
 
 def report(paths: list[str]) -> str:
@@ -518,6 +590,8 @@ def main(argv=None) -> int:
                     help="python of a venv with kvpress (its own transformers pin)")
     ap.add_argument("--kvpress-lengths", default="4096")
     ap.add_argument("--kvpress-budgets", default="256,1024")
+    ap.add_argument("--kvpress-policies", default="streaming,snapkv,snapkv_request",
+                    help="snapkv_request: kvpress's SnapKV scores summed per request (needs snapkv before it)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)

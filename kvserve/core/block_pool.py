@@ -84,6 +84,10 @@ class BlockPool:
         self.cached: dict[BlockHash, Block] = {}
         self.recently_evicted: OrderedDict[BlockHash, None] = OrderedDict()
         self.num_evictions = 0
+        # the cached hashes a router may be told about (rule 1: plain, exact KV only), and a counter bumped whenever
+        # that set changes, so a summary is sent again only after a change
+        self.advertised: dict[BlockHash, None] = {}
+        self.summary_version = 0
 
     # ------------------------------------------------------------------ queries
     @property
@@ -131,8 +135,9 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue.append(block)
 
-    def cache_block(self, block: Block, block_hash: BlockHash) -> None:
-        """Register a full block under its prefix hash. A hash already cached elsewhere keeps its first block."""
+    def cache_block(self, block: Block, block_hash: BlockHash, advertise: bool = True) -> None:
+        """Register a full block under its prefix hash. A hash already cached elsewhere keeps its first block.
+        `advertise`: the hash is a plain chain's (exact KV), so prefix summaries may list it."""
         if not self.enable_caching or block.block_hash is not None:
             return
         if block_hash in self.cached:
@@ -140,6 +145,9 @@ class BlockPool:
         block.block_hash = block_hash
         self.cached[block_hash] = block
         self.recently_evicted.pop(block_hash, None)
+        if advertise:
+            self.advertised[block_hash] = None
+            self.summary_version += 1
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash (benchmarks, tests, operators). Refused while any block is referenced."""
@@ -148,6 +156,9 @@ class BlockPool:
         for b in self.blocks:
             b.block_hash = None
         self.cached.clear()
+        if self.advertised:
+            self.advertised.clear()
+            self.summary_version += 1
         return True
 
     def _evict(self, block: Block) -> None:
@@ -157,6 +168,9 @@ class BlockPool:
         if self.cached.get(h) is block:
             del self.cached[h]
             self.num_evictions += 1
+            if h in self.advertised:
+                del self.advertised[h]
+                self.summary_version += 1
             self.recently_evicted[h] = None
             if len(self.recently_evicted) > self.EVICTED_MEMORY:
                 self.recently_evicted.popitem(last=False)
@@ -175,6 +189,8 @@ class BlockPool:
                 assert b.ref_cnt > 0, f"{b} is neither free nor referenced"
         for h, b in self.cached.items():
             assert b.block_hash == h, f"cache index points at {b} under another hash"
+        for h in self.advertised:
+            assert h in self.cached, "an advertised hash is not cached"
         for b in self.blocks:
             if b.block_hash is not None:
                 assert self.cached.get(b.block_hash) is b, f"{b} has a hash but is not findable"

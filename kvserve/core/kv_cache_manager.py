@@ -232,12 +232,21 @@ class KVCacheManager:
             return
         start = self._num_cached_blocks.get(request.request_id, 0)
         end = min(num_computed_tokens // self.block_size, len(request.block_hashes), len(blocks))
+        plain = request.num_plain_hashes
         for i in range(start, end):
-            self.pool.cache_block(blocks[i], request.block_hashes[i])
+            self.pool.cache_block(blocks[i], request.block_hashes[i], advertise=i < plain)
         if start == 0 and end > 0:
             self._remember_salt(request)
         if end > start:
             self._num_cached_blocks[request.request_id] = end
+
+    def prefix_summary(self, since: int | None) -> tuple[int, list[BlockHash] | None]:
+        """(version, the advertised block hashes), or (version, None) when nothing changed since version `since`:
+        what a KV-aware router needs to score this pool (docs/scaleout.md)."""
+        version = self.pool.summary_version
+        if since == version:
+            return version, None
+        return version, list(self.pool.advertised)
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first, so a shared prefix outlives its private suffix in the LRU."""

@@ -152,6 +152,13 @@ class Request:
 
     # ------------------------------------------------------------------ views
     @property
+    def num_plain_hashes(self) -> int:
+        """How many of block_hashes are plain-chain hashes (exact KV, rule 1); the rest are namespaced."""
+        if self._hash_key != self.cache_salt:
+            return 0  # a segment computed alone, in its own namespace
+        return self._hash_switch[0] if self._hash_switch is not None else len(self.block_hashes)
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 

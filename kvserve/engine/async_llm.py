@@ -24,6 +24,7 @@ from kvserve.engine.protocol import (
     EngineCoreRequest,
     EngineDeadError,
     EngineInfo,
+    KVSummary,
     PLAIN,
     EngineStats,
     PromptSegments,
@@ -197,6 +198,10 @@ class AsyncLLM:
 
     async def reset_prefix_cache(self) -> bool:
         return await self.client.call("reset_prefix_cache")
+
+    async def kv_summary(self, since: str | None = None) -> KVSummary:
+        """The engine's advertised prefix hashes (None while unchanged since `since`) and load, for a router."""
+        return await self.client.call("kv_summary", since)
 
     async def release_session(self, key: SessionKey) -> int:
         """Unpin a session's KV; the tokens that were pinned (0 if none)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,8 @@ from kvserve.engine.protocol import (
     EngineStats,
     EvictionStats,
     KVStoreStats,
+    KVSummary,
+    SUMMARY_HASH_BYTES,
     PrefixCacheStats,
     PinStats,
     SessionKey,
@@ -193,7 +196,10 @@ class EngineCore:
         self.kv_cache = KVCache(config, num_blocks, args.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size, cache_config.enable_prefix_caching)
         name = model_name or "model"
-        self.kv_store = self._make_kv_store(args, name, model, dtype)
+        from kvserve.kvstore.store import model_fingerprint
+
+        fingerprint = model_fingerprint(name, config, model.fingerprint_weights(), model.quantization)
+        self.kv_store = self._make_kv_store(args, fingerprint, model, dtype)
         self.scheduler = Scheduler(scheduler_config, self.kv_manager, connector=self.kv_store)
         transfer = NullKVTransfer() if self.kv_store is None else KVTransfer(self.kv_cache, self.kv_store)
         swap = SwapBuffer(self.kv_cache, num_swap_blocks) if num_swap_blocks else None
@@ -230,7 +236,9 @@ class EngineCore:
             kv_budget_tokens=args.kv_eviction.budget_tokens if args.kv_eviction else 0,
             kv_min_budget_tokens=args.kv_eviction.min_budget if args.kv_eviction else 0,
             enable_segment_cache=args.enable_segment_cache and args.enable_prefix_caching,
-            blend_recompute_ratio=float(args.blend_recompute_ratio), blend_segment_context=args.blend_segment_context)
+            blend_recompute_ratio=float(args.blend_recompute_ratio), blend_segment_context=args.blend_segment_context,
+            model_fingerprint=fingerprint)
+        self._summary_epoch = uuid.uuid4().hex[:12]  # a restarted core's versions never match an old one's
         self._group_seqs: dict[str, list[str]] = {}
         self.spec = SpecDecoder(args.speculative_config) if args.speculative_config else None
 
@@ -261,17 +269,16 @@ class EngineCore:
         return ModelDrafter(model, cache.layers, ModelRunner(model, cache, pad_shapes=args.pad_shapes),
                             shares_target_kv=False)
 
-    def _make_kv_store(self, args: EngineArgs, name: str, model: LlamaModel, dtype: torch.dtype):
+    def _make_kv_store(self, args: EngineArgs, fingerprint: str, model: LlamaModel, dtype: torch.dtype):
         if not args.kv_store:
             return None
-        from kvserve.kvstore import KVStore, model_fingerprint, parse_kv_store
+        from kvserve.kvstore import KVStore, parse_kv_store
 
         config = parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size, load_policy=args.kv_store_load,
                                 key=args.kv_store_key)
         config.check_block_size(args.block_size)
         c = model.config
-        return KVStore(config, model_fingerprint(name, c, model.fingerprint_weights(), model.quantization), dtype,
-                       c.num_layers, c.num_kv_heads, c.head_dim, args.block_size)
+        return KVStore(config, fingerprint, dtype, c.num_layers, c.num_kv_heads, c.head_dim, args.block_size)
 
     def close(self) -> None:
         """Stop the KV store's threads (after its queued saves are written)."""
@@ -389,6 +396,17 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         """Drop the pool's prefix cache (the tiered store keeps its entries); False while requests hold blocks."""
         return self.kv_manager.reset_prefix_cache()
+
+    def kv_summary(self, since: str | None = None) -> KVSummary:
+        """What a KV-aware router scores this engine by: its advertised prefix hashes (truncated; None when unchanged
+        since the version `since`) and its load."""
+        epoch, _, number = (since or "").partition(":")
+        version, hashes = self.kv_manager.prefix_summary(int(number) if epoch == self._summary_epoch
+                                                         and number.isdigit() else None)
+        sched, n = self.scheduler, SUMMARY_HASH_BYTES
+        return KVSummary(f"{self._summary_epoch}:{version}",
+                         None if hashes is None else b"".join(h[:n] for h in hashes),
+                         sched.num_running, sched.num_waiting, self.kv_manager.num_used_blocks / self.kv_manager.num_blocks)
 
     def release_session(self, key: SessionKey) -> int:
         """Unpin a session's KV now (the client says it will not continue); the tokens that were pinned."""

@@ -66,6 +66,16 @@ def run_core(args, ipc_dir: str, epoch: int, parent_pid: int) -> int:
     log.info("engine core %d ready (pid %d): %s, %d KV tokens", epoch, os.getpid(), core.info.model_name,
              core.info.kv_capacity_tokens)
 
+    def utility(msg: UtilityCall) -> UtilityResult:
+        if msg.method == "stats":
+            stats = msgspec.structs.replace(core.stats(), ipc_frames_dropped=codec_in.dropped)
+            return UtilityResult(epoch, msg.call_id, stats=stats)
+        if msg.method == "release_session" and msg.session is not None:
+            return UtilityResult(epoch, msg.call_id, count=core.release_session(msg.session))
+        if msg.method == "kv_summary":
+            return UtilityResult(epoch, msg.call_id, summary=core.kv_summary(msg.since))
+        return UtilityResult(epoch, msg.call_id, value=core.reset_prefix_cache())
+
     def handle(msg) -> bool:
         """False on Shutdown."""
         if isinstance(msg, AddRequests):
@@ -78,14 +88,11 @@ def run_core(args, ipc_dir: str, epoch: int, parent_pid: int) -> int:
             core.finish_requests(msg.ids, RequestStatus.FINISHED_STOPPED if msg.stopped else
                                  RequestStatus.FINISHED_ABORTED)
         elif isinstance(msg, UtilityCall):
-            result = UtilityResult(epoch, msg.call_id)
-            if msg.method == "stats":
-                stats = msgspec.structs.replace(core.stats(), ipc_frames_dropped=codec_in.dropped)
-                result = UtilityResult(epoch, msg.call_id, stats=stats)
-            elif msg.method == "release_session" and msg.session is not None:
-                result = UtilityResult(epoch, msg.call_id, count=core.release_session(msg.session))
-            else:
-                result = UtilityResult(epoch, msg.call_id, value=core.reset_prefix_cache())
+            try:
+                result = utility(msg)
+            except Exception as e:  # noqa: BLE001 - a failed query is the caller's error, not the engine's death
+                log.exception("utility call %s failed", msg.method)
+                result = UtilityResult(epoch, msg.call_id, error=f"{msg.method} failed: {e}")
             outbox.send(codec_out.encode(result))
         elif isinstance(msg, Shutdown):
             return False
@@ -229,7 +236,8 @@ class MPCoreClient:
         future = self._loop.create_future()
         self._calls[self._call_ids] = future
         session = args[0] if method == "release_session" else None
-        await self._in.send(self._codec_in.encode(UtilityCall(self._call_ids, method, session)))
+        since = args[0] if method == "kv_summary" else None
+        await self._in.send(self._codec_in.encode(UtilityCall(self._call_ids, method, session, since)))
         return await future
 
     def send_raw(self, frame: bytes) -> None:
@@ -289,6 +297,7 @@ class MPCoreClient:
                     future.set_exception(RuntimeError(msg.error))
                 else:
                     future.set_result(msg.stats if msg.stats is not None else
+                                      msg.summary if msg.summary is not None else
                                       msg.count if msg.count is not None else msg.value)
 
     async def _watch(self) -> None:

@@ -10,7 +10,7 @@ from typing import Literal
 
 import msgspec
 
-from kvserve.engine.protocol import EngineCoreRequest, EngineInfo, EngineStats, SessionKey, StepOutputs
+from kvserve.engine.protocol import EngineCoreRequest, EngineInfo, EngineStats, KVSummary, SessionKey, StepOutputs
 
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # larger frames are dropped unread (a prompt at the context limit is ~100 KB)
 
@@ -27,8 +27,9 @@ class FinishRequests(msgspec.Struct, frozen=True, tag="finish"):
 
 class UtilityCall(msgspec.Struct, frozen=True, tag="call"):
     call_id: int
-    method: Literal["stats", "reset_prefix_cache", "release_session"]
+    method: Literal["stats", "reset_prefix_cache", "release_session", "kv_summary"]
     session: SessionKey | None = None  # release_session's argument
+    since: str | None = None  # kv_summary's argument
 
 
 class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
@@ -65,6 +66,7 @@ class UtilityResult(msgspec.Struct, frozen=True, tag="result"):
     stats: EngineStats | None = None
     value: bool | None = None
     count: int | None = None  # release_session: tokens unpinned
+    summary: KVSummary | None = None
     error: str | None = None
 
 

@@ -51,10 +51,29 @@ class EngineInfo(msgspec.Struct, frozen=True):
     enable_segment_cache: bool = True  # CacheBlend (docs/kvreuse.md): segments' KV is reused across prompts
     blend_recompute_ratio: float = 0.15  # the default share of reused tokens recomputed
     blend_segment_context: str = "prefix"  # a cached segment's KV follows the first segment ("prefix") or none
+    model_fingerprint: str = ""  # name@digest of the architecture, weights and their quantization (kvstore)
+
+    @property
+    def kv_identity(self) -> str:
+        """Everything two engines must share for a prefix-block hash to mean the same KV in both (rule 5)."""
+        return f"{self.model_fingerprint}|{self.dtype}|block_size={self.block_size}"
 
     def kv_budget(self, params: SamplingParams) -> int:
         """The KV budget a request runs with (0: no eviction)."""
         return self.kv_budget_tokens if params.kv_budget_tokens is None else params.kv_budget_tokens
+
+
+SUMMARY_HASH_BYTES = 8  # a prefix summary lists each block hash's first bytes: collisions only misroute
+
+
+class KVSummary(msgspec.Struct, frozen=True):
+    """An engine's advertised prefix-cache content and load, for a KV-aware router (docs/scaleout.md)."""
+
+    version: str  # opaque; pass it back as `since` to get hashes=None while nothing changed
+    hashes: bytes | None  # SUMMARY_HASH_BYTES per cached plain block hash, concatenated; None: unchanged
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # share of the pool's blocks referenced by live sequences
 
 
 class RequestRouting(msgspec.Struct, frozen=True):

@@ -264,6 +264,11 @@ def load_hf_dir(path: str) -> LoadedModel:
             weights[k] = v.float()
     if "lm_head.weight" not in weights and not config.tie_word_embeddings:
         raise ValueError("checkpoint has no lm_head.weight and does not tie embeddings")
+    return LoadedModel(config, weights, (path, None), _hf_chat_template(path),
+                       cfg.get("_name_or_path") or os.path.basename(path))
+
+
+def _hf_chat_template(path: str) -> str | None:
     chat_template = None
     tok_cfg = os.path.join(path, "tokenizer_config.json")
     if os.path.isfile(tok_cfg):
@@ -273,4 +278,18 @@ def load_hf_dir(path: str) -> LoadedModel:
     if chat_template is None and os.path.isfile(jinja):
         with open(jinja) as f:
             chat_template = f.read()
-    return LoadedModel(config, weights, (path, None), chat_template, cfg.get("_name_or_path") or os.path.basename(path))
+    return chat_template
+
+
+def tokenizer_source(model: str | None) -> tuple[tuple[str, str | None], str | None]:
+    """(tokenizer source, chat template) of a model, without its weights: a router tokenizes as its backends do."""
+    path = resolve_model(model)
+    if os.path.isdir(path):
+        return (path, None), _hf_chat_template(path)
+    if path.endswith(".gguf"):
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+        return (os.path.dirname(os.path.abspath(path)), os.path.basename(path)), \
+            _field(reader, "tokenizer.chat_template")
+    raise ModelNotFoundError(f"{path} is neither a .gguf file nor a model directory")

@@ -5,6 +5,7 @@ starts the engine (the port serves only once the model is loaded) and stops it."
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from contextlib import asynccontextmanager
 
@@ -12,7 +13,7 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
 from kvserve.engine.async_llm import AsyncLLM
-from kvserve.engine.protocol import EngineDeadError, SessionKey
+from kvserve.engine.protocol import SUMMARY_HASH_BYTES, EngineDeadError, SessionKey
 from kvserve.server import chat, completions
 from kvserve.server import protocol as p
 from kvserve.server.chat import apply_template
@@ -26,7 +27,7 @@ from kvserve.server.tenants import TENANT_SCOPE_KEY, request_tenant
 log = logging.getLogger("kvserve.server")
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-             "/detokenize", "/v1/sessions/release")
+             "/detokenize", "/v1/sessions/release", "/kv/summary")
 OPEN_PATHS = frozenset({"/health"})
 STATS_TIMEOUT_S = 10.0
 
@@ -104,6 +105,27 @@ async def detokenize(request: Request) -> Response:
     finally:
         state.release(1)
     return json_response(p.DetokenizeResponse(prompt=text))
+
+
+@router.get("/kv/summary")
+async def kv_summary(request: Request, since: str | None = None) -> Response:
+    """The prefix-cache summary a KV-aware router polls (docs/scaleout.md): the engine's identity, its advertised
+    block hashes (first SUMMARY_HASH_BYTES bytes of each, base64; null while unchanged since `since`) and its load.
+    Behind the API key like the generation routes: it tells which prompts are cached."""
+    state = _state(request)
+    if since is not None and len(since) > 64:
+        raise ApiError(400, "since: a version is at most 64 characters", "since", "invalid_value")
+    try:
+        s = await asyncio.wait_for(state.engine.kv_summary(since), STATS_TIMEOUT_S)
+    except (asyncio.TimeoutError, EngineDeadError) as e:
+        raise ApiError(503, f"the engine did not answer: {e}", code="engine_dead") from None
+    info = state.info
+    return json_response(p.KVSummaryResponse(
+        model=state.model_name, kv_identity=info.kv_identity, block_size=info.block_size,
+        hash_bytes=SUMMARY_HASH_BYTES, version=s.version,
+        hashes=None if s.hashes is None else base64.b64encode(s.hashes).decode("ascii"),
+        num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
+        max_num_seqs=info.max_num_seqs))
 
 
 @router.post("/v1/sessions/release")

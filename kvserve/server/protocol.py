@@ -292,6 +292,22 @@ class ReleaseSessionResponse(BaseModel):
     released_tokens: int  # 0: nothing was pinned (expired, taken over, or never pinned)
 
 
+class KVSummaryResponse(BaseModel):
+    """GET /kv/summary (docs/scaleout.md); the router reads it with this same model."""
+
+    object: Literal["kv.summary"] = "kv.summary"
+    model: str  # the served model name
+    kv_identity: str  # model fingerprint, dtype and block size: engines that differ never share a prefix hash
+    block_size: int
+    hash_bytes: int  # bytes of each block hash listed
+    version: str
+    hashes: str | None  # base64 of the concatenated truncated hashes; null: unchanged since the `since` sent
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    max_num_seqs: int
+
+
 class TokenizeRequest(_Strict):
     model: Text | None = None
     prompt: Text | None = None
