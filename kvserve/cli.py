@@ -46,6 +46,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="what a cached segment's KV is computed after: the prompt's first segment (the system "
                              "prompt; default) or nothing (reusable under any first segment, lower quality)")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV blocks in the pool (overrides --kv-cache-memory-gb; benchmarks size pools exactly)")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads; none: torch's choice")
     parser.add_argument("--kv-store", default=None, metavar="TIERS",
@@ -238,7 +240,7 @@ def _engine_args(args: argparse.Namespace, **extra):
     from kvserve.kvstore.config import read_key
 
     return EngineArgs(model=args.model, dtype=args.dtype, quantization=args.quantization,
-                      kv_cache_memory_gb=args.kv_cache_memory_gb,
+                      kv_cache_memory_gb=args.kv_cache_memory_gb, num_blocks=args.num_kv_blocks,
                       max_model_len=args.max_model_len, num_threads=args.num_threads, kv_store=args.kv_store,
                       kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
                       kv_store_key=read_key(args.kv_store_key_file),

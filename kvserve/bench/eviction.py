@@ -513,6 +513,8 @@ def report(paths: list[str]) -> str:
     for path in paths:
         with open(path) as f:
             for k, v in json.load(f).items():
+                if k == "kvpress" and k in data:  # runs of other policies add rows to the summary
+                    v = {**v, "summary": {**data[k].get("summary", {}), **v.get("summary", {})}}
                 if isinstance(v, dict) and isinstance(data.get(k), dict):
                     data[k].update(v)
                 else:
@@ -557,9 +559,23 @@ def report(paths: list[str]) -> str:
         out.append("| --- | --- | --- |")
         for k, v in data["kvpress"]["summary"].items():
             policy, budget, n = k.split("/")
-            ours = data.get("passkey", {}).get(f"{policy}/{budget}", {}).get("by_length", {}).get(n)
+            mine = "snapkv" if policy == "snapkv_request" else policy  # kvserve's snapkv is the per-request rule
+            ours = data.get("passkey", {}).get(f"{mine}/{budget}", {}).get("by_length", {}).get(n)
             out.append(f"| {k} | {100 * v['accuracy']:.0f}%, {v['key_logprob']:.2f} | "
                        + (f"{100 * ours['accuracy']:.0f}%, {ours['key_logprob']:.2f} |" if ours else " |"))
+    if "kept_sets" in data.get("kvpress", {}):
+        out.append("")
+        out.append("| snapkv budget | Jaccard: kvserve vs kvpress scores summed per request | kvserve vs kvpress per "
+                   "head (mean) | needle tokens kept: kvserve / kvpress per request / kvpress per head (mean) | "
+                   "heads keeping the whole needle | accuracy: kvserve (this run) |")
+        out.append("| --- | --- | --- | --- | --- | --- |")
+        for budget, v in data["kvpress"]["kept_sets"].items():
+            m = v["mean"]
+            out.append(f"| {budget} | {m['jaccard_vs_kvpress_per_request']:.3f} | "
+                       f"{m['jaccard_vs_kvpress_heads_mean']:.3f} | {100 * m['needle_kept_kvserve']:.0f}% / "
+                       f"{100 * m['needle_kept_kvpress_per_request']:.0f}% / "
+                       f"{100 * m['needle_kept_kvpress_heads_mean']:.0f}% | "
+                       f"{100 * m['needle_kept_kvpress_heads_all']:.0f}% | {100 * m['kvserve_hit']:.0f}% |")
     return "\n".join(out)
 
 

@@ -15,7 +15,8 @@ Workloads and their parameters (`-W key=value` on the command line; defaults in 
   `output_min`..`output_max` [32..128]. [400 requests]
 - multi-turn: conversations of `turns_min`..`turns_max` [2..8] turns; a `system_len` [64]-token system prompt, user
   turns of `user_min`..`user_max` [32..256] tokens, answers of `output_min`..`output_max` [32..128] tokens. Turn k is
-  sent only after turn k-1 finished, with the whole history (the real answers included) resent; `think_time` [0]
+  sent only after turn k-1 finished, with the whole history (the real answers included) resent; `num_systems` [0]:
+  conversations share that many system prompts (0: each its own); `think_time` [0]
   seconds between a turn's answer and the next turn (drawn uniformly up to `think_time_max` when that is larger:
   an agent's tool calls). The request rate applies to first turns. `num_requests` counts
   turns: conversations are drawn until they add up to it. [200 turns]
@@ -214,15 +215,22 @@ def shared_prefix(tok, num_requests: int | None, seed: int, num_prefixes: int = 
 
 def multi_turn(tok, num_requests: int | None, seed: int, turns_min: int = 2, turns_max: int = 8,
                system_len: int = 64, user_min: int = 32, user_max: int = 256, output_min: int = 32,
-               output_max: int = 128, think_time: float = 0.0, think_time_max: float = 0.0) -> list[BenchRequest]:
+               output_max: int = 128, think_time: float = 0.0, think_time_max: float = 0.0,
+               num_systems: int = 0) -> list[BenchRequest]:
     n = 200 if num_requests is None else num_requests
     rng = random.Random(seed)
     maker = TextMaker(tok)
+    # num_systems > 0: conversations share that many system prompts (drawn from their own generator, so the default
+    # workload, one system prompt per conversation, is unchanged)
+    srng = random.Random(seed + 1)
+    shared = [maker.text(srng, system_len, opening=f"You are guide number {k} to the harbour town.")
+              for k in range(num_systems)]
     out: list[BenchRequest] = []
     conv = 0
     while len(out) < n:
         turns = min(rng.randint(turns_min, turns_max), n - len(out))
-        system = maker.text(rng, system_len, opening="You are a helpful guide to the harbour town.")
+        system = srng.choice(shared) if shared else \
+            maker.text(rng, system_len, opening="You are a helpful guide to the harbour town.")
         for t in range(turns):
             msgs = [{"role": "system", "content": system}] if t == 0 else []
             q = maker.question(rng, rng.randint(user_min, user_max))
