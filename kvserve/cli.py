@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "none: the embedded default")
     rt.add_argument("--prefix-weight", type=float, default=1.0)
     rt.add_argument("--load-weight", type=float, default=0.5)
-    rt.add_argument("--balance-abs-threshold", type=int, default=4,
+    rt.add_argument("--balance-abs-threshold", type=int, default=8,
                     help="route to the idlest backend while the busiest has this many more requests ...")
     rt.add_argument("--balance-rel-threshold", type=float, default=1.5, help="... and this many times as many")
     rt.add_argument("--poll-interval", type=float, default=0.25, help="seconds between /kv/summary reads")

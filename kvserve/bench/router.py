@@ -53,12 +53,14 @@ def wait_ok(url: str, proc: subprocess.Popen, timeout: float, log: str) -> None:
         time.sleep(0.5)
 
 
-def metrics(url: str) -> dict[str, float]:
-    out = {}
+def metrics(url: str, drop: tuple[str, ...] = ("model_name",)) -> dict[str, float]:
+    """name{label=value,...} -> value, summed over the labels in `drop` (the instances label by model)."""
+    out: dict[str, float] = {}
     for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         for s in fam.samples:
-            key = s.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
-            out[key] = s.value
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in drop)
+            key = f"{s.name}{{{labels}}}"
+            out[key] = out.get(key, 0.0) + s.value
     return out
 
 

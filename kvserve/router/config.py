@@ -24,7 +24,7 @@ class RouterConfig:
     policy: str = "kv"
     prefix_weight: float = 1.0  # weight of the share of the prompt's full blocks a backend holds
     load_weight: float = 0.5  # weight of a backend's load relative to the busiest one's
-    balance_abs_threshold: int = 4  # out of balance when the busiest backend has this many more requests ...
+    balance_abs_threshold: int = 8  # out of balance when the busiest backend has this many more requests ...
     balance_rel_threshold: float = 1.5  # ... and this many times as many as the idlest: route to the idlest
     poll_interval_s: float = 0.25  # how often each backend's /kv/summary is read (unchanged ones answer small)
     poll_timeout_s: float = 5.0

@@ -8,7 +8,7 @@ from kvserve.config import ConfigError
 from kvserve.router.config import RouterConfig
 from kvserve.router.policy import BackendState, NoBackend, choose, session_slot
 
-CFG = RouterConfig(("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"))
+CFG = RouterConfig(("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"), balance_abs_threshold=4)
 H = [bytes([i]) * 8 for i in range(10)]  # a request's chain of 10 blocks
 
 

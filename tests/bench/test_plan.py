@@ -1,0 +1,70 @@
+"""The goodput planner's simulator (kvserve/bench/plan.py): kvserve's own scheduler on a virtual clock, checked to
+the exact step times a hand-made cost model gives, and the cost fit recovering known coefficients."""
+
+import random
+
+import pytest
+
+from kvserve.bench.plan import (KV_BYTES_PER_TOKEN, CostModel, InstanceConfig, SimInstance, SimRequest, expand,
+                                fit_cost, simulate, summarize)
+
+# 10 ms a step + 1 ms a prefill token + 2 ms a decoding sequence; nothing else
+COST = CostModel(1, (0.010, 0.001, 0.002, 0.002, 0.0, 0.0))
+
+
+def test_one_request_chunked_prefill_then_decode_exact_times():
+    r = SimRequest("a", 0.5, list(range(1000)), 5)
+    res = simulate([r], [SimInstance(COST, InstanceConfig())])["a"]
+    # chunks of 512 and 488 tokens (the 512-token budget), the first token sampled with the second
+    assert res.send == 0.5
+    assert res.ttft == pytest.approx(0.010 + 0.512 + 0.010 + 0.488)
+    assert res.tokens == 5 and res.tpot == pytest.approx(0.012)
+
+
+def test_decodes_share_steps_and_prefix_cache_hits_cost_nothing():
+    prompt = list(range(2000, 2100))
+    reqs = [SimRequest("a", 0.0, prompt, 3), SimRequest("b", 10.0, prompt + [7], 3)]
+    res = simulate(reqs, [SimInstance(COST, InstanceConfig())])
+    assert res["a"].ttft == pytest.approx(0.110)
+    # b arrives later: its first 96 tokens (6 blocks of 16) come from the prefix cache, 5 are computed
+    assert res["b"].ttft == pytest.approx(0.010 + 0.005)
+
+
+def test_max_concurrency_delays_the_send():
+    reqs = [SimRequest(f"r{i}", 0.0, list(range(100 * i, 100 * i + 50)), 2) for i in range(3)]
+    res = simulate(reqs, [SimInstance(COST, InstanceConfig())], max_concurrency=1)
+    assert res["r0"].send == 0.0 and res["r1"].send == pytest.approx(res["r0"].last)
+    assert res["r2"].send == pytest.approx(res["r1"].last)
+
+
+def test_prefill_decode_split_moves_the_kv_and_decodes_elsewhere():
+    r = SimRequest("a", 0.0, list(range(300)), 4)
+    prefill, decode = SimInstance(COST, InstanceConfig()), SimInstance(COST, InstanceConfig(), transfer_gbps=1.0)
+    res = simulate([r], [prefill], decode=[decode])["a"]
+    assert res.ttft == pytest.approx(0.310)  # the prefill instance's step gives the first token
+    # the decode instance loads 301 tokens of KV (no compute), samples the second token in that step, then 2 more
+    load = 0.010 + 0.002 + 301 * KV_BYTES_PER_TOKEN / 1e9
+    assert res.last == pytest.approx(0.310 + load + 2 * 0.012)
+    assert res.tokens == 4
+    s = summarize({"a": res}, slo_ttft_ms=400, slo_tpot_ms=1000)
+    assert s["slo_attainment"] == 1.0 and s["requests"] == 1
+
+
+def test_fit_recovers_coefficients_and_ignores_outliers():
+    rng = random.Random(0)
+    true = (0.004, 0.0002, 0.001, 0.0005, 0.0003, 0.02)
+    rows = []
+    for _ in range(400):
+        f = [1.0, rng.randint(1, 512), rng.randint(0, 64), rng.uniform(0, 100), rng.uniform(0, 0.3)]
+        y = sum(c * x for c, x in zip(true, expand(f))) * rng.uniform(0.98, 1.02)
+        rows.append((f, y * (20 if rng.random() < 0.02 else 1)))  # a few kernel builds
+    model = fit_cost(rows, threads=1)
+    assert model.coef == pytest.approx(true, rel=0.05)
+    assert model.fit["median_rel_error"] < 0.02
+
+
+def test_amdahl_extrapolation():
+    one, two = CostModel(1, (0.010, 0.002)), CostModel(2, (0.010, 0.0012))
+    four = one.at_threads(two, 4)
+    # serial 0.010 / parallel 0; the token term 0.0004 serial + 0.0016 parallel
+    assert four.coef == pytest.approx((0.010, 0.0004 + 0.0016 / 4))
