@@ -1,6 +1,7 @@
 """`kvserve router` in front of real kvserve instances on 127.0.0.1, driven with the official openai client: requests
-go where their prefix is cached, bytes and errors pass through unchanged, the client's API key too, a backend of
-another model identity is refused, and a killed backend's requests are served by the other one."""
+go where their prefix is cached, bytes and errors pass through unchanged, the client's API key too, backends of
+another model identity than the router expects are refused, and a killed backend's requests are served by the other
+one."""
 
 from __future__ import annotations
 
@@ -34,37 +35,44 @@ def cluster(tmp_path_factory):
     (tmp / "key").write_text(KEY + "\n")
     procs = []
     try:
-        for name, dtype in (("a", "float32"), ("b", "float32"), ("c", "bfloat16")):
-            procs.append(_backend(tmp, name, dtype))
-        port = free_port()
-        cmd = [sys.executable, "-m", "kvserve.cli", "router", "--port", str(port), "--poll-interval", "0.1",
-               "--backend-api-key-file", str(tmp / "key"), "--log-level", "warning"]
-        for _, url in procs:
-            cmd += ["--backend", url]
-        log = open(tmp / "router.log", "ab")
-        router = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                  env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert router.poll() is None, (tmp / "router.log").read_text()
-            try:
-                status = httpx.get(f"{url}/router/status", timeout=2).json()
-                b = status["backends"]
-                if b[0]["healthy"] and b[1]["healthy"] and b[2]["refused"]:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp / "router.log").read_text()
-            time.sleep(0.2)
-        yield {"url": url, "backends": procs, "router": router, "tmp": tmp}
+        for name in ("a", "b"):
+            procs.append(_backend(tmp, name, "float32"))
+        router, url = _router(tmp, [u for _, u in procs], "main")
+        routers = [router]
+        _wait_status(url, tmp / "main.log", lambda b: b[0]["healthy"] and b[1]["healthy"])
+        yield {"url": url, "backends": procs, "router": router, "tmp": tmp, "routers": routers}
     finally:
         for proc, _ in procs:
             proc.kill()
             proc.wait(10)
-        if "router" in locals():
-            router.terminate()
-            router.wait(10)
+        for r in locals().get("routers", []):
+            r.terminate()
+            r.wait(10)
+
+
+def _router(tmp: Path, backends: list[str], name: str, *extra: str):
+    port = free_port()
+    cmd = [sys.executable, "-m", "kvserve.cli", "router", "--port", str(port), "--poll-interval", "0.1",
+           "--backend-api-key-file", str(tmp / "key"), "--log-level", "warning", *extra]
+    for u in backends:
+        cmd += ["--backend", u]
+    log = open(tmp / f"{name}.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_status(url: str, log: Path, ready) -> dict:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            status = httpx.get(f"{url}/router/status", timeout=2).json()
+            if ready(status["backends"]):
+                return status
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
 
 
 def _client(url: str, key: str = KEY) -> openai.OpenAI:
@@ -87,10 +95,18 @@ def _wait_advertised(url: str, n: int) -> None:
 
 def test_other_model_identity_is_refused(cluster):
     status = httpx.get(f"{cluster['url']}/router/status").json()
-    assert "bfloat16" in status["kv_identity"] or "float32" in status["kv_identity"]
-    a, b, c = status["backends"]
-    assert a["refused"] is None and b["refused"] is None
-    assert "model identity" in c["refused"] and "bfloat16" in c["refused"] and not c["healthy"]
+    assert status["kv_identity"].endswith("|float32|block_size=16")
+    assert all(b["refused"] is None for b in status["backends"])
+    # a router that expects another model (here: the same weights in bf16) refuses both float32 backends
+    other = status["kv_identity"].replace("|float32|", "|bfloat16|")
+    proc, url = _router(cluster["tmp"], [p[1] for p in cluster["backends"]], "other", "--kv-identity", other)
+    cluster["routers"].append(proc)
+    s = _wait_status(url, cluster["tmp"] / "other.log", lambda b: all(x["refused"] for x in b))
+    assert all("float32" in b["refused"] and not b["healthy"] for b in s["backends"])
+    assert httpx.get(f"{url}/health").status_code == 503
+    r = httpx.post(f"{url}/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "Hi", "max_tokens": 2},
+                   headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_backend"
 
 
 def test_requests_follow_their_cached_prefix_and_match_direct_outputs(cluster):
