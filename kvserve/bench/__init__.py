@@ -14,3 +14,22 @@ def emit_report(report: dict, out: str | None, table: str) -> None:
     print(text)
     print()
     print(table)
+
+
+def write_json(path: str, result: dict) -> None:
+    """A benchmark's result file (its folder made first)."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server a benchmark starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

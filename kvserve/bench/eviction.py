@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from kvserve.bench import write_json
 from kvserve.config import EVICTION_POLICIES
 from kvserve.sampling import SamplingParams
 from kvserve.worker.sampler import Sampler
@@ -677,9 +678,7 @@ def main(argv=None) -> int:
         result["capacity"] = task_capacity([int(b) for b in args.capacity_budgets.split(",")], args, tok, log)
     result["seconds"] = time.time() - started
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         log(f"wrote {args.out}")
     return 0
 

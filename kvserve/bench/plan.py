@@ -29,6 +29,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from kvserve.bench import free_port, write_json
+
 # what a step is measured by (step_features), and the model's terms (expand): the decode sequences enter piecewise,
 # because a decode-only step's cost is concave in its batch (the weights are read once; the first rows are cheap)
 BASE = ("step", "gemm_tokens", "decode_seqs", "decode_context_k", "prefill_attention_m")
@@ -425,11 +427,7 @@ def cmd_validate(args, log) -> dict:
                                                                          cost.threads):
             raise SystemExit("--measured-from holds another workload, rate or thread count")
         return _compare(pred, prev["measured"], cost, args, log, reused=args.measured_from)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, KVSERVE_NO_TQDM="1")
     server = subprocess.Popen([sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--num-threads",
                                str(cost.threads), "--dtype", args.dtype, "--log-level", "warning",
@@ -570,9 +568,7 @@ def main(argv: list[str] | None = None) -> int:
               "refit": cmd_refit}[args.command](args, log)
     result["command"] = "kvserve bench plan " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         log(f"wrote {args.out}")
     return 0
 

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,18 +23,14 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvserve.bench import free_port, write_json
+
 WORKLOAD_ARGS = {
     "shared-prefix": ["-W", "num_prefixes=8", "-W", "prefix_len=1024", "-W", "question_min=32",
                       "-W", "question_max=96", "-W", "output_min=16", "-W", "output_max=48"],
     "multi-turn": ["-W", "num_systems=8", "-W", "system_len=1024", "-W", "turns_min=2", "-W", "turns_max=6",
                    "-W", "user_min=32", "-W", "user_max=96", "-W", "output_min=16", "-W", "output_max=48"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ok(url: str, proc: subprocess.Popen, timeout: float, log: str) -> None:
@@ -164,9 +159,7 @@ def main(argv=None) -> int:
             log(f"{w}: kv vs round robin: hit rate x{result['ratios'][w]['hit_rate_x']:.2f}, TTFT p50 "
                 f"{result['ratios'][w]['ttft_p50_x_lower']:.2f}x lower, busiest instance "
                 f"{100 * kv['busiest_share']:.0f}%")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     log(f"wrote {args.out}")
     return 0
 
