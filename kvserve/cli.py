@@ -57,6 +57,15 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-store-load", choices=("auto", "always"), default="auto",
                         help="auto: load a stored chunk only when its measured load time beats recomputing it; "
                              "always: load every stored chunk")
+    parser.add_argument("--role", choices=("both", "prefill", "decode"), default="both",
+                        help="P/D disaggregation (docs/scaleout.md): prefill publishes every prompt's KV through "
+                             "--kv-store down to the block; decode continues prefills from it; both serves whole "
+                             "requests. kvserve router pairs them")
+    parser.add_argument("--kv-transfer-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="decode role: how long a request waits for prompt KV the prefill instance is still "
+                             "writing before it computes the prompt itself")
+    parser.add_argument("--kv-transfer-lossy", action="store_true",
+                        help="allow int8/int4 store codecs for P/D transfers (outputs then differ from colocated)")
     parser.add_argument("--kv-store-key-file", default=None, metavar="PATH",
                         help="authenticate stored KV entries (HMAC) with the key on this file's first line, and "
                              "reject entries without it; none: $KVSERVE_KV_STORE_KEY if set")
@@ -247,7 +256,8 @@ def _engine_args(args: argparse.Namespace, **extra):
                       speculative_config=_json_config(args.speculative_config, "--speculative-config",
                                                       SpeculativeConfig),
                       kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig),
-                      **_blend_args(args), **extra)
+                      role=args.role, kv_transfer_timeout_s=args.kv_transfer_timeout,
+                      kv_transfer_lossy=args.kv_transfer_lossy, **_blend_args(args), **extra)
 
 
 def _blend_args(args: argparse.Namespace) -> dict:

@@ -112,11 +112,13 @@ class SchedulerConfig:
     # pins up to this share of the pool hold against waiting requests (never against running ones' growth)
     kv_pin_reserved_fraction: float = 0.0
     kv_eviction_margin: int = 0  # KV eviction: tokens past its budget a decoding request may hold (lazy's batch)
+    kv_transfer_timeout_s: float = 5.0  # P/D decode: how long a transfer waits for KV the prefill is still writing
 
     def __post_init__(self) -> None:
         check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode,
                          self.kv_pin_max_fraction, self.kv_pin_reserved_fraction)
         _require(self.num_swap_blocks >= 0, "num_swap_blocks must be >= 0")
+        _require(self.kv_transfer_timeout_s >= 0, "kv_transfer_timeout_s must be >= 0")
         _require(all(isinstance(n, int) and n >= 0 for _, n in self.tenant_pin_max_tokens),
                  "tenant pin caps must be non-negative token counts")
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")

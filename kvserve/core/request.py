@@ -126,6 +126,11 @@ class Request:
         self.kv_store_checked = False
         self.fetched_kv = None
         self.num_loaded_tokens = 0
+        # P/D disaggregation (docs/scaleout.md): a prefill instance publishes the prompt's KV to the store down to
+        # the block; a decode instance's request waits (bounded) for that many published prompt tokens and loads them
+        self.publish_kv = False
+        self.kv_transfer_tokens = 0
+        self.sampler_draws = 0  # random draws its seeded generator made elsewhere (the prefill instance's)
         max_tokens = sampling_params.max_tokens
         limit = (max_model_len - self.num_prompt_tokens) if max_model_len is not None else None
         if max_tokens is None:

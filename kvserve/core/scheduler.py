@@ -57,7 +57,8 @@ class KVConnector(Protocol):
 
     chunk_size: int
 
-    def start_fetch(self, request_id: str, chunk_hashes: list[bytes], start_token: int) -> None: ...
+    def start_fetch(self, request_id: str, chunks: list[tuple[bytes, int]], start_token: int,
+                    wait_s: float = 0.0, force: bool = False) -> None: ...  # chunks: (hash, tokens), consecutive
 
     def poll_finished(self) -> dict[str, object]: ...  # request id -> fetched KV (.start, .end) or None
 
@@ -489,16 +490,24 @@ class Scheduler:
         """A stored chunk's key: the hash-chain value at the chunk's last block (covers every earlier token)."""
         return req.block_hashes[(k + 1) * (self.connector.chunk_size // self.block_size) - 1]
 
-    def _chunk_hashes(self, req: Request, start_token: int) -> list[bytes]:
-        """Hash-chain values closing each full prompt chunk from `start_token` on that could save compute (a chunk
-        must start before the last block boundary below the final token, whose logits are needed)."""
+    def _chunks(self, req: Request, start_token: int) -> list[tuple[bytes, int]]:
+        """(hash-chain value, tokens) of each full prompt chunk from `start_token` on that could save compute (a
+        chunk must start before the last block boundary below the final token, whose logits are needed). A P/D
+        transfer (req.kv_transfer_tokens) asks for its published prompt down to the block: full chunks, then the
+        tail of full blocks after the last one (published as an entry of its own)."""
         c, bs = self.connector.chunk_size, self.block_size
         usable_end = (req.num_tokens - 1) // bs * bs
         out = []
         k = start_token // c
         while k * c < usable_end and (k + 1) * c <= req.num_tokens:
-            out.append(self._chunk_hash(req, k))
+            out.append((self._chunk_hash(req, k), c))
             k += 1
+        if req.kv_transfer_tokens:
+            end = min(req.kv_transfer_tokens, usable_end)
+            out = [(h, n) for j, (h, n) in enumerate(out) if start_token // c * c + (j + 1) * c <= end]
+            tail_start = end // c * c
+            if end > tail_start >= start_token // c * c:
+                out.append((req.block_hashes[end // bs - 1], end - tail_start))
         return out
 
     def _start_fetch(self, req: Request) -> bool:
@@ -510,12 +519,15 @@ class Scheduler:
         if (req.num_tokens - 1) // self.block_size * self.block_size <= pooled:
             return False  # the pool already has everything a load could give
         start = pooled // self.connector.chunk_size * self.connector.chunk_size
-        hashes = self._chunk_hashes(req, start)
-        if not hashes:
+        chunks = self._chunks(req, start)
+        if not chunks:
             return False
         req.status = RequestStatus.FETCHING
         self.fetching[req.request_id] = req
-        self.connector.start_fetch(req.request_id, hashes, start)
+        if req.kv_transfer_tokens:  # the prefill instance may still be writing it; loaded whatever it costs
+            self.connector.start_fetch(req.request_id, chunks, start, self.config.kv_transfer_timeout_s, True)
+        else:
+            self.connector.start_fetch(req.request_id, chunks, start)
         return True
 
     def _collect_fetches(self) -> None:
@@ -543,14 +555,21 @@ class Scheduler:
     def _queue_saves(self, req: Request) -> None:
         if req.num_evicted_tokens:
             return  # its blocks no longer hold the chunks their hashes name (rule 1); the prompt's went when done
-        c = self.connector.chunk_size
-        per = c // self.block_size
+        c, bs = self.connector.chunk_size, self.block_size
+        per = c // bs
         block_ids = self.kv.get_block_ids(req.request_id)
         chunks = []
-        for k in range(min(req.num_computed_tokens, len(block_ids) * self.block_size) // c):
+        for k in range(min(req.num_computed_tokens, len(block_ids) * bs) // c):
             h = self._chunk_hash(req, k)
             if not self.connector.is_known(h):
                 chunks.append((h, block_ids[k * per:(k + 1) * per]))
+        if req.publish_kv and self._prompt_done(req):
+            # P/D prefill: the prompt's full blocks past its last full chunk too, so the decode instance loads the
+            # whole prompt down to the block (an entry keyed by the chain value at its last block)
+            end = req.num_prompt_tokens // bs
+            tail = end // per * per
+            if end > tail and not self.connector.is_known(req.block_hashes[end - 1]):
+                chunks.append((req.block_hashes[end - 1], block_ids[tail:end]))
         if chunks:
             self._kv_ops.append(KVSave(req.request_id, chunks))
 

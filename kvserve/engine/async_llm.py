@@ -27,10 +27,12 @@ from kvserve.engine.protocol import (
     KVSummary,
     PLAIN,
     EngineStats,
+    KVTransferParams,
     PromptSegments,
     RequestRouting,
     SessionKey,
     StepOutputs,
+    check_kv_transfer,
     check_new_id,
     check_segments,
     validate_request,
@@ -141,27 +143,29 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ API
     def validate(self, prompt_token_ids: list[int], params: SamplingParams, routing: RequestRouting = PLAIN,
-                 segments: PromptSegments | None = None) -> None:
+                 segments: PromptSegments | None = None, kv_transfer: KVTransferParams | None = None) -> None:
         info = self._info()
         validate_request(info, prompt_token_ids, params, routing)
         if segments is not None:
             check_segments(info, len(prompt_token_ids), segments, params, routing)
+        if kv_transfer is not None:
+            check_kv_transfer(info, len(prompt_token_ids), kv_transfer, params, segments is not None)
 
     async def generate(self, prompt: dict, params: SamplingParams, request_id: str,
                        routing: RequestRouting = PLAIN) -> AsyncIterator[RequestOutput]:
-        """`prompt` is {"prompt_token_ids": [...], "prompt": text or None, "segments": PromptSegments or None}.
-        Raises ParamError before anything is queued; EngineDeadError if the core dies after this request produced
-        output."""
+        """`prompt` is {"prompt_token_ids": [...], "prompt": text or None, "segments": PromptSegments or None,
+        "kv_transfer": KVTransferParams or None}. Raises ParamError before anything is queued; EngineDeadError if
+        the core dies after this request produced output."""
         if self.state == "dead":
             raise EngineDeadError(f"the engine core is dead: {self.error}")
         ids = list(prompt["prompt_token_ids"])
-        segments = prompt.get("segments")
-        self.validate(ids, params, routing, segments)
+        segments, transfer = prompt.get("segments"), prompt.get("kv_transfer")
+        self.validate(ids, params, routing, segments, transfer)
         check_new_id(request_id, self._streams)
-        request = EngineCoreRequest(request_id, ids, params, time.monotonic(), routing, segments)
+        request = EngineCoreRequest(request_id, ids, params, time.monotonic(), routing, segments, transfer)
         stream = OutputStream()
         self._streams[request_id] = stream
-        self.output_processor.add(request_id, prompt.get("prompt"), ids, params, request.arrival_time)
+        self.output_processor.add(request_id, prompt.get("prompt"), ids, params, request.arrival_time, transfer)
         self._requests[request_id] = request
         if self.state == "ready":
             self.client.add(request)  # otherwise sent when the restarted core is ready

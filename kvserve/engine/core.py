@@ -41,6 +41,7 @@ from kvserve.engine.protocol import (
     StepOutputs,
     TenantStats,
     TierStats,
+    check_kv_transfer,
     check_new_id,
     check_segments,
     group_id,
@@ -61,6 +62,7 @@ from kvserve.worker.eviction import KVEvictor
 from kvserve.worker.model_runner import ModelRunner
 
 BLEND_SEGMENT_CONTEXTS = ("prefix", "none")
+ROLES = ("both", "prefill", "decode")  # P/D disaggregation (docs/scaleout.md)
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
            "float": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
@@ -109,8 +111,28 @@ class EngineArgs:
     # what a cached segment's KV was computed after: "prefix" (a prompt's first segment, e.g. the system prompt;
     # APE's shared prefix) or "none" (alone from position 0, content-addressed wherever it sits)
     blend_segment_context: str = "prefix"
+    # P/D disaggregation (docs/scaleout.md): a prefill instance publishes every prompt's KV to the store down to the
+    # block; a decode instance continues prefills from it; both (the default) serves whole requests
+    role: str = "both"
+    kv_transfer_timeout_s: float = 5.0  # a decode instance waits this long for KV still being written, then computes
+    kv_transfer_lossy: bool = False  # allow a lossy store codec (int8/int4) for P/D transfers: outputs then differ
 
     def __post_init__(self):
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if not (isinstance(self.kv_transfer_timeout_s, (int, float)) and 0 <= self.kv_transfer_timeout_s < 3600):
+            raise ConfigError("kv_transfer_timeout_s must be a number of seconds in [0, 3600)")
+        if self.role != "both":
+            if not self.kv_store:
+                raise ConfigError(f"role {self.role} moves KV through the KV store: give --kv-store (e.g. a disk "
+                                  "tier on /dev/shm shared by the instances on one host, or Redis)")
+            from kvserve.kvstore.config import parse_kv_store
+
+            lossy = [t.label for t in parse_kv_store(self.kv_store).tiers if t.codec in ("int8", "int4")]
+            if lossy and not self.kv_transfer_lossy:
+                raise ConfigError(f"role {self.role}: tier(s) {', '.join(lossy)} use a lossy codec, so decoded "
+                                  "outputs would differ from colocated serving; use none or zstd, or allow it "
+                                  "with --kv-transfer-lossy")
         if isinstance(self.speculative_config, dict):
             object.__setattr__(self, "speculative_config", SpeculativeConfig.from_dict(self.speculative_config))
         if isinstance(self.kv_eviction, dict):
@@ -192,7 +214,8 @@ class EngineCore:
                                            args.kv_pin_max_fraction, args.tenant_pin_max_tokens,
                                            args.pinned_sessions_first, args.preemption_mode, num_swap_blocks,
                                            block_bytes, kv_pin_reserved_fraction=args.kv_pin_reserved_fraction,
-                                           kv_eviction_margin=args.kv_eviction.margin if args.kv_eviction else 0)
+                                           kv_eviction_margin=args.kv_eviction.margin if args.kv_eviction else 0,
+                                           kv_transfer_timeout_s=args.kv_transfer_timeout_s)
         self.kv_cache = KVCache(config, num_blocks, args.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size, cache_config.enable_prefix_caching)
         name = model_name or "model"
@@ -229,7 +252,7 @@ class EngineCore:
             enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
             kv_store=self.kv_store is not None, native_kernels=model.uses_native_kernels,
             quantization=model.quantization, scheduling_policy=args.scheduling_policy,
-            max_queue_wait_s=args.max_queue_wait_s,
+            max_queue_wait_s=args.max_queue_wait_s, role=args.role,
             speculative_method=args.speculative_config.method if args.speculative_config else None,
             num_speculative_tokens=args.speculative_config.num_speculative_tokens if args.speculative_config else 0,
             kv_eviction_policy=args.kv_eviction.policy if args.kv_eviction else None,
@@ -300,6 +323,9 @@ class EngineCore:
             ratio = self.info.blend_recompute_ratio if seg.blend_recompute_ratio is None else seg.blend_recompute_ratio
             ctx = seg.starts[0] if self.info.blend_segment_context == "prefix" and seg.starts else 0
             blend = BlendSpec(tuple(seg.starts), float(ratio), self.info.enable_segment_cache, seg.precompute, ctx)
+        transfer = request.kv_transfer
+        if transfer is not None:
+            check_kv_transfer(self.info, len(request.prompt_token_ids), transfer, params, blend is not None)
         seq_ids = sequence_ids(rid, params.n)
         for sid in seq_ids:
             check_new_id(sid, self.scheduler.requests)
@@ -314,6 +340,16 @@ class EngineCore:
                           r.cache_salt, arrival, r.priority, self.info.max_model_len, share_prompt_with=first,
                           tenant=r.tenant, session_id=r.session_id, kv_pin_seconds=r.kv_pin_seconds,
                           kv_budget=self.info.kv_budget(params), blend=blend)
+            continues = transfer is not None and transfer.output_token_ids is not None
+            req.publish_kv = (transfer is not None and transfer.publish) or (self.info.role == "prefill"
+                                                                             and not continues)
+            if continues:
+                # continues a prefill instance's sequence: its sampled tokens are outputs (penalties, stops and
+                # max_tokens count them) and a sampled sequence's seeded generator has made one draw for each
+                for tok in transfer.output_token_ids[i]:
+                    req.append_output_token(tok)
+                req.sampler_draws = 0 if sp.greedy else len(transfer.output_token_ids[i])
+                req.kv_transfer_tokens = transfer.num_published_tokens
             first = first or req
             requests.append(req)
         for req in requests:  # everything is validated above: nothing can fail half-way and leave state behind

@@ -19,6 +19,7 @@ from kvserve.engine.protocol import (
     EngineCoreRequest,
     EngineInfo,
     EngineStats,
+    KVTransferParams,
     PromptSegments,
     RequestRouting,
     check_new_id,
@@ -94,7 +95,8 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None,
                     cache_salt: str | None = None, arrival_time: float | None = None,
                     priority: int = 0, tenant: str = DEFAULT_TENANT, session_id: str | None = None,
-                    kv_pin_seconds: float = 0.0) -> str:
+                    kv_pin_seconds: float = 0.0, kv_transfer: KVTransferParams | None = None) -> str:
+        """`kv_transfer`: P/D disaggregation (docs/scaleout.md): publish the prompt's KV, or continue a prefill."""
         params = params or SamplingParams()
         if request_id is None:
             request_id = f"req-{next(self._counter)}"
@@ -102,8 +104,8 @@ class LLMEngine:
         text, ids, segments = prompt_segments(self.tokenizer, prompt)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         routing = RequestRouting(cache_salt, priority, tenant, session_id, kv_pin_seconds)
-        self.core.add_request(EngineCoreRequest(request_id, ids, params, arrival, routing, segments))
-        self.output_processor.add(request_id, text, ids, params, arrival)
+        self.core.add_request(EngineCoreRequest(request_id, ids, params, arrival, routing, segments, kv_transfer))
+        self.output_processor.add(request_id, text, ids, params, arrival, kv_transfer)
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from kvserve.core.outputs import RequestUpdate, TokenLogprobs
-from kvserve.engine.protocol import sequence_ids
+from kvserve.core.request import FinishReason
+from kvserve.engine.protocol import KVTransferParams, sequence_ids
 from kvserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from kvserve.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from kvserve.sampling import SamplingParams
@@ -27,6 +28,7 @@ class SeqState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_evicted_tokens: int = 0  # KV eviction: tokens whose KV this sequence dropped
+    continued: bool = False  # P/D prefill: if it ends at max_tokens, a decode instance continues it
 
     @property
     def holdback(self) -> int:
@@ -60,12 +62,23 @@ class OutputProcessor:
         self.seq_to_group: dict[str, tuple[GroupState, SeqState]] = {}
 
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-            arrival_time: float) -> None:
+            arrival_time: float, transfer: KVTransferParams | None = None) -> None:
+        """`transfer` (P/D): a prefill instance's sequences that end at max_tokens keep what would still be held
+        back (a partial character, a possible stop string's start) for the decode instance, which starts from that
+        same state: the client's text is the prefill's then the decode's, exactly the colocated text."""
         seqs = []
+        continues = transfer.output_token_ids if transfer is not None else None
         for i, sid in enumerate(sequence_ids(request_id, params.n)):
             st = SeqState(i, sid, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
                           params, logprobs=[] if params.logprobs is not None else None,
-                          cumulative_logprob=0.0 if params.logprobs is not None else None)
+                          cumulative_logprob=0.0 if params.logprobs is not None else None,
+                          continued=transfer is not None and transfer.publish)
+            if continues is not None:
+                # tokens the prefill instance sampled and streamed: counted (usage, stops) but not streamed again
+                st.token_ids = list(continues[i])
+                st.sent_ids = len(st.token_ids)
+                st.text = st.detok.add(st.token_ids)
+                st.emitted = max(0, len(st.text) - st.holdback)
             seqs.append(st)
         plp = None
         if params.prompt_logprobs is not None:
@@ -131,7 +144,10 @@ class OutputProcessor:
                             seq.logprobs.append(self._to_position(tl))
                             seq.cumulative_logprob += tl[1]
                     done += len(piece)
-                    seq.text += seq.detok.add(piece, final=final and done == len(new))
+                    last = final and done == len(new)
+                    if last and seq.continued and u.finish_reason == FinishReason.LENGTH:
+                        last = False  # the decode instance continues: nothing is flushed
+                    seq.text += seq.detok.add(piece, final=last)
                     if self._check_stop_strings(seq):
                         stopped.append(seq.seq_id)
                         break
@@ -167,7 +183,8 @@ class OutputProcessor:
     def _make_output(self, group: GroupState) -> RequestOutput:
         outs = []
         for seq in group.seqs:
-            limit = len(seq.text) if seq.finish_reason is not None else max(seq.emitted, len(seq.text) - seq.holdback)
+            done = seq.finish_reason is not None and not (seq.continued and seq.finish_reason == "length")
+            limit = len(seq.text) if done else max(seq.emitted, len(seq.text) - seq.holdback)
             delta_text = seq.text[seq.emitted:limit]
             seq.emitted = limit
             delta_ids = seq.token_ids[seq.sent_ids:]

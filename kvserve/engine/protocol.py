@@ -52,6 +52,7 @@ class EngineInfo(msgspec.Struct, frozen=True):
     blend_recompute_ratio: float = 0.15  # the default share of reused tokens recomputed
     blend_segment_context: str = "prefix"  # a cached segment's KV follows the first segment ("prefix") or none
     model_fingerprint: str = ""  # name@digest of the architecture, weights and their quantization (kvstore)
+    role: str = "both"  # P/D disaggregation: prefill | decode | both (docs/scaleout.md)
 
     @property
     def kv_identity(self) -> str:
@@ -122,6 +123,53 @@ def check_segments(info: EngineInfo, num_tokens: int, segments: PromptSegments, 
                          "kv_budget_tokens")
 
 
+class KVTransferParams(msgspec.Struct, frozen=True):
+    """Prefill/decode disaggregation (docs/scaleout.md). On a prefill instance, `publish`: the prompt's KV goes to
+    the KV store down to the block as soon as it is computed. On a decode instance, `output_token_ids`: the tokens
+    each sequence already sampled on the prefill instance (they continue from there, seeded draws included), and
+    `num_published_tokens`: the prompt tokens the prefill instance published, waited for (bounded) and loaded."""
+
+    publish: bool = False
+    output_token_ids: list[list[int]] | None = None  # one list per sequence (n), each non-empty
+    num_published_tokens: int = 0
+
+
+def check_kv_transfer(info: EngineInfo, num_tokens: int, transfer: KVTransferParams, params: SamplingParams,
+                      segmented: bool = False) -> None:
+    """Raises ParamError: the one check of a P/D transfer against the engine."""
+    if segmented:
+        raise ParamError("kv_transfer_params cannot be combined with prompt_segments", "kv_transfer_params")
+    if not info.kv_store:
+        raise ParamError("kv_transfer_params needs a KV store on this engine (start it with --kv-store)",
+                         "kv_transfer_params")
+    if params.prompt_logprobs is not None or params.max_tokens == 0:
+        raise ParamError("kv_transfer_params cannot be combined with prompt_logprobs or max_tokens=0",
+                         "kv_transfer_params")
+    if info.kv_budget(params):
+        raise ParamError("kv_transfer_params cannot be combined with KV eviction", "kv_transfer_params")
+    n = transfer.num_published_tokens
+    if type(n) is not int or not 0 <= n <= num_tokens:
+        raise ParamError("num_published_tokens must be an integer in [0, prompt tokens]", "kv_transfer_params")
+    outs = transfer.output_token_ids
+    if outs is None:
+        return
+    if transfer.publish:
+        raise ParamError("a request either publishes its prompt's KV (prefill) or continues sampled tokens "
+                         "(decode), not both", "kv_transfer_params")
+    if len(outs) != params.n or any(not o for o in outs):
+        raise ParamError(f"output_token_ids must hold one non-empty list per sequence ({params.n})",
+                         "kv_transfer_params")
+    if any(type(t) is not int or not 0 <= t < info.vocab_size for o in outs for t in o):
+        raise ParamError(f"output token ids must be integers in [0, {info.vocab_size})", "kv_transfer_params")
+    longest = max(len(o) for o in outs)
+    if params.max_tokens is not None and longest >= params.max_tokens:
+        raise ParamError("output_token_ids already reach max_tokens: nothing is left to decode",
+                         "kv_transfer_params")
+    if num_tokens + longest + 1 > min(info.max_model_len, info.kv_capacity_tokens):
+        raise ParamError("the prompt and output_token_ids leave no room to decode", "kv_transfer_params",
+                         "context_length_exceeded")
+
+
 class EngineCoreRequest(msgspec.Struct, frozen=True):
     """A tokenized, validated request; the core expands n > 1 into sequences `{request_id}#{i}`."""
 
@@ -131,6 +179,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True):
     arrival_time: float = 0.0  # time.monotonic() of the front end (CLOCK_MONOTONIC is machine-wide on Linux)
     routing: RequestRouting = PLAIN
     segments: PromptSegments | None = None  # the prompt as segments (CacheBlend); None: a plain prompt
+    kv_transfer: KVTransferParams | None = None  # P/D disaggregation: publish the prompt's KV, or continue a prefill
 
 
 class StepOutputs(msgspec.Struct, frozen=True):
@@ -170,7 +219,7 @@ class TierStats(msgspec.Struct, frozen=True):
 
 class KVStoreStats(msgspec.Struct, frozen=True):
     tiers: list[TierStats]
-    counters: dict[str, int]
+    counters: dict[str, float]  # event counts, and seconds spent encoding (encode_seconds_<codec>)
     rejected: dict[str, int]  # entries dropped at load, by reason
     prefill_tokens_per_s: float | None
     pending_saves: int

@@ -46,8 +46,10 @@ class FetchedKV:
 @dataclass
 class _FetchJob:
     request_id: str
-    chunk_hashes: list[bytes]
+    chunks: list[tuple[bytes, int]]  # (hash-chain value at the entry's last block, its tokens), consecutive
     start: int  # token index of the first chunk
+    deadline: float = 0.0  # time.monotonic() until which missing entries are waited for (a P/D transfer)
+    force: bool = False  # load whatever the cost model says (a P/D transfer: the decode instance must not prefill)
 
 
 class CostModel:
@@ -125,6 +127,7 @@ def model_fingerprint(name: str, config, weights: dict[str, torch.Tensor] | None
 
 class KVStore:
     MAX_KNOWN = 200_000
+    TRANSFER_POLL_S = 0.002  # how often a P/D transfer looks again for entries still being written
 
     def __init__(self, config: KVStoreConfig, model_id: str, dtype: torch.dtype, num_layers: int,
                  num_kv_heads: int, head_dim: int, block_size: int):
@@ -165,8 +168,13 @@ class KVStore:
     def key(self, chunk_hash: bytes) -> str:
         return f"kvserve:{self.namespace}:{chunk_hash.hex()}"
 
-    def identity(self, chunk_hash: bytes) -> EntryIdentity:
-        return EntryIdentity(self.model_id, self.dtype_name, self.chunk_shape, chunk_hash.hex())
+    def shape(self, num_tokens: int) -> tuple[int, ...]:
+        """An entry's KV shape: a full chunk, or a P/D transfer's tail (the prompt's last full blocks)."""
+        return (*self.chunk_shape[:2], num_tokens, *self.chunk_shape[3:])
+
+    def identity(self, chunk_hash: bytes, num_tokens: int | None = None) -> EntryIdentity:
+        return EntryIdentity(self.model_id, self.dtype_name, self.shape(num_tokens or self.chunk_size),
+                             chunk_hash.hex())
 
     def is_known(self, chunk_hash: bytes) -> bool:
         with self._lock:
@@ -184,9 +192,14 @@ class KVStore:
             self._known.pop(chunk_hash, None)
 
     # ------------------------------------------------------------------ scheduler side (never blocks)
-    def start_fetch(self, request_id: str, chunk_hashes: list[bytes], start_token: int) -> None:
+    def start_fetch(self, request_id: str, chunks: list[tuple[bytes, int]], start_token: int,
+                    wait_s: float = 0.0, force: bool = False) -> None:
+        """Fetch consecutive entries (hash, tokens) from `start_token`. `wait_s` > 0 (a P/D transfer): entries not
+        stored yet are waited for that long (the prefill instance may still be writing them); `force`: loaded
+        whatever the cost model would choose."""
         self.counters["fetches"] += 1
-        self._fetch_q.put(_FetchJob(request_id, list(chunk_hashes), start_token))
+        deadline = time.monotonic() + wait_s if wait_s > 0 else 0.0
+        self._fetch_q.put(_FetchJob(request_id, list(chunks), start_token, deadline, force))
 
     def poll_finished(self) -> dict[str, FetchedKV | None]:
         with self._lock:
@@ -208,7 +221,8 @@ class KVStore:
         self.cost.observe_prefill(tokens, seconds)
 
     def save(self, chunks: list[tuple[bytes, torch.Tensor]]) -> None:
-        """Queue (chunk hash, KV copy) pairs for writing; drops (and counts) what does not fit the queue."""
+        """Queue (chunk hash, KV copy) pairs for writing; drops (and counts) what does not fit the queue. A copy
+        is a full chunk or, for a P/D transfer, the prompt's tail of full blocks (its token count is in its shape)."""
         for chunk_hash, kv in chunks:
             if self.is_known(chunk_hash):
                 continue
@@ -264,7 +278,7 @@ class KVStore:
 
     def _write(self, chunk_hash: bytes, kv: torch.Tensor) -> None:
         key = self.key(chunk_hash)
-        ident = self.identity(chunk_hash)
+        ident = self.identity(chunk_hash, kv.shape[2])
         blobs: dict[str, bytes] = {}
         stored = False
         for tier in self.tiers:
@@ -322,12 +336,17 @@ class KVStore:
         return owners
 
     def _fetch(self, job: _FetchJob) -> FetchedKV | None:
-        keys = [self.key(h) for h in job.chunk_hashes]
+        keys = [self.key(h) for h, _ in job.chunks]
         owners = self._lookup(keys)
+        while owners and owners[-1] is None and time.monotonic() < job.deadline:
+            # a transfer whose entries are still being written by the prefill instance: look again shortly
+            self.counters["transfer_waits"] += 1
+            time.sleep(self.TRANSFER_POLL_S)
+            owners = self._lookup(keys)
         parts: list[torch.Tensor] = []
         sources: list[str] = []
-        for i, h in enumerate(job.chunk_hashes[: len(owners)]):
-            kv, source = self._load_chunk(h, keys[i], owners[i])
+        for i, (h, n) in enumerate(job.chunks[: len(owners)]):
+            kv, source = self._load_chunk(h, n, keys[i], owners[i], job.force)
             if kv is None:
                 break
             parts.append(kv)
@@ -336,18 +355,20 @@ class KVStore:
             return None
         self.counters["loaded_chunks"] += len(parts)
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        return FetchedKV(job.start, job.start + len(parts) * self.chunk_size, tensor, sources)
+        return FetchedKV(job.start, job.start + tensor.shape[2], tensor, sources)
 
-    def _load_chunk(self, chunk_hash: bytes, key: str, first: Tier | None) -> tuple[torch.Tensor | None, str]:
+    def _load_chunk(self, chunk_hash: bytes, num_tokens: int, key: str, first: Tier | None,
+                    force: bool = False) -> tuple[torch.Tensor | None, str]:
         """Try the tiers in order starting from the first that holds the key; a rejected entry is deleted there."""
         if first is None:
             return None, ""
-        ident = self.identity(chunk_hash)
+        ident = self.identity(chunk_hash, num_tokens)
+        raw_bytes = self.raw_chunk_bytes * num_tokens // self.chunk_size
         for tier in self.tiers[self.tiers.index(first):]:
             if not tier.available:
                 continue
-            if (self.config.load_policy == "auto"
-                    and not self.cost.decide(tier, self.chunk_size, self.raw_chunk_bytes)):
+            if (self.config.load_policy == "auto" and not force
+                    and not self.cost.decide(tier, num_tokens, raw_bytes)):
                 self.counters["decisions_recompute"] += 1
                 return None, ""
             t0 = time.perf_counter()
@@ -356,7 +377,7 @@ class KVStore:
                 continue
             try:
                 codec, payload = unpack(blob, ident, self.config.key)
-                kv = codecs.decode(payload, codec, self.chunk_shape, self.dtype,
+                kv = codecs.decode(payload, codec, ident.shape, self.dtype,
                                    self.config.int4_high_precision_layers)
             except (EntryError, codecs.CodecError) as e:
                 tier.stats.rejected += 1

@@ -211,6 +211,7 @@ class DiskTier(Tier):
 
     SUFFIX = ".kv"
     FULL_RETRY_S = 60.0
+    STALE_TMP_S = 300.0  # a temp file older than this is a crashed write's leftover
 
     def __init__(self, spec: TierSpec):
         super().__init__(spec)
@@ -236,7 +237,10 @@ class DiskTier(Tier):
             for f in os.scandir(sub.path):
                 if f.name.endswith(".tmp"):
                     try:
-                        os.unlink(f.path)  # a write interrupted by a crash
+                        # a write interrupted by a crash; a fresh one may be another instance's write in progress
+                        # (instances can share the directory)
+                        if time.time() - f.stat().st_mtime > self.STALE_TMP_S:
+                            os.unlink(f.path)
                     except OSError:
                         pass
                 elif f.name.endswith(self.SUFFIX):
@@ -274,8 +278,26 @@ class DiskTier(Tier):
         return blob
 
     def _contains(self, keys: list[str]) -> list[bool]:
-        with self._lock:
-            return [self._key_name(k) in self._index for k in keys]
+        """From the index, else from the directory: another instance sharing it (P/D prefill and decode on one
+        host, a /dev/shm tier) may have written the entry since this one scanned it."""
+        out = []
+        for k in keys:
+            name = self._key_name(k)
+            with self._lock:
+                known = name in self._index
+            if not known:
+                try:
+                    size = os.stat(self._path(k)).st_size
+                except OSError:
+                    size = None
+                if size is not None:
+                    with self._lock:
+                        if name not in self._index:
+                            self._index[name] = size
+                            self._bytes += size
+                    known = True
+            out.append(known)
+        return out
 
     def _put(self, key: str, blob: bytes) -> None:
         name = self._key_name(key)

@@ -23,11 +23,13 @@ from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvserve.router.config import RouterConfig
+from kvserve.router.pd import PrefillResult, decode_body, prefill_body, splittable
 from kvserve.router.policy import BackendState, Choice, NoBackend, choose
 from kvserve.router.prompt import CHAT_PATH, COMPLETIONS_PATH, PromptHasher
 from kvserve.server.errors import ApiError, error_response, install_handlers
 from kvserve.server.inputs import read_body
 from kvserve.server.protocol import KVSummaryResponse
+from kvserve.server.responses import SSE_DONE, sse
 
 log = logging.getLogger("kvserve.router")
 
@@ -54,6 +56,12 @@ class RouterMetrics:
                                ["backend"], registry=self.registry)
         self.blocks = Gauge(P + "backend_advertised_blocks", "Prefix blocks a backend's last summary listed.",
                             ["backend"], registry=self.registry)
+        self.pd = Counter(P + "pd_requests", "Requests with prefill and decode instances present: split, served "
+                          "whole (not splittable after the prefill, or no prefill answer) or answered by the "
+                          "prefill alone (every choice ended at its first token).", ["outcome"],
+                          registry=self.registry)
+        self.prefill_seconds = Histogram(P + "pd_prefill_seconds", "The prefill step of split requests.",
+                                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=self.registry)
 
 
 class Router:
@@ -133,6 +141,7 @@ class Router:
             b.hashes = frozenset(raw[k:k + n] for k in range(0, len(raw), n))
         b.version = s.version
         b.num_running, b.num_waiting, b.kv_usage = s.num_running, s.num_waiting, s.kv_usage
+        b.role = s.role
         if not b.healthy:
             log.info("backend %d (%s) is up: %d prefix blocks", i, b.url, len(b.hashes))
         b.healthy, b.error = True, None
@@ -149,13 +158,41 @@ class Router:
         body = await read_body(request, self.config.max_body_bytes)
         hashes, session = await self._hashes(path, body)
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARD_REQUEST_HEADERS}
-        tried: set[int] = set()
+        if self._has_role("prefill") and (self._has_role("decode") or self._has_role("both")):
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            if splittable(path, data):
+                return await self._route_pd(path, data, hashes, session, headers)
+        upstream, choice = await self._open(path, body, headers, hashes, session, self._whole_exclude())
+        return self._relay(upstream, choice, hashes)
+
+    def _has_role(self, role: str) -> bool:
+        return any(b.usable and b.role == role for b in self.backends)
+
+    def _role_exclude(self, *roles: str) -> frozenset[int]:
+        return frozenset(i for i, b in enumerate(self.backends) if b.role not in roles)
+
+    def _whole_exclude(self) -> frozenset[int]:
+        """A request served whole goes to a `both` instance, else a decode one; to a prefill one only if alone."""
+        for roles in (("both",), ("both", "decode")):
+            if any(self._has_role(r) for r in roles):
+                return self._role_exclude(*roles)
+        return frozenset()
+
+    async def _open(self, path: str, body: bytes, headers: dict, hashes: list[bytes], session: str | None,
+                    exclude: frozenset[int]) -> tuple[httpx.Response, Choice]:
+        """Send the request to the best backend not excluded; one that refuses the connection, or answers 503
+        before any byte, is left out and the next best tried. Raises ApiError 503 when none is left."""
+        tried: set[int] = set(exclude)
         while True:
             try:
                 choice = choose(self.backends, hashes, session, self.config, self.turn, frozenset(tried))
             except NoBackend:
                 self.metrics.failed.inc()
-                detail = "; ".join(f"{b.url}: {b.refused or b.error or 'down'}" for b in self.backends)
+                detail = "; ".join(f"{b.url}: {b.refused or b.error or 'down'}" for i, b in enumerate(self.backends)
+                                   if i not in exclude)
                 raise ApiError(503, f"no backend can take the request ({detail})", code="no_backend") from None
             self.turn += 1
             b = self.backends[choice.index]
@@ -171,7 +208,8 @@ class Router:
                 self.metrics.retries.labels(str(choice.index)).inc()
                 tried.add(choice.index)
                 continue
-            if upstream.status_code == 503 and len(tried) + 1 < len(self.backends):
+            if upstream.status_code == 503 and any(
+                    b.usable and i not in tried and i != choice.index for i, b in enumerate(self.backends)):
                 await upstream.aclose()  # draining, restarting or full: another backend may take it
                 self._end(choice.index, hashes)
                 self.metrics.retries.labels(str(choice.index)).inc()
@@ -179,7 +217,92 @@ class Router:
                 continue
             self.metrics.routed.labels(str(choice.index), choice.reason).inc()
             self.metrics.matched.observe(choice.matched_blocks)
+            return upstream, choice
+
+    async def _prefill(self, path: str, data: dict, hashes: list[bytes], session: str | None,
+                       headers: dict) -> PrefillResult | Response | None:
+        """The prefill step: its checked result, a client error to pass on, or None (no prefill instance
+        answered usefully: the request is then served whole, recomputed by a decode instance)."""
+        try:
+            upstream, choice = await self._open(path, prefill_body(path, data), headers, hashes, session,
+                                                self._role_exclude("prefill"))
+        except ApiError:
+            return None
+        try:
+            raw = await upstream.aread()
+        except httpx.HTTPError as e:
+            log.warning("prefill backend %d broke its answer: %s", choice.index, e)
+            return None
+        finally:
+            await upstream.aclose()
+            self._end(choice.index, hashes)
+        if 400 <= upstream.status_code < 500:  # the request itself is wrong: the decode instance would say so too
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
+            return Response(raw, status_code=upstream.status_code, headers=out)
+        if upstream.status_code != 200:
+            return None
+        try:
+            return PrefillResult(json.loads(raw), data.get("n", 1))
+        except ValueError as e:
+            log.warning("prefill backend %d: %s", choice.index, e)
+            return None
+
+    async def _route_pd(self, path: str, data: dict, hashes: list[bytes], session: str | None,
+                        headers: dict) -> Response:
+        t0 = time.monotonic()
+        result = await self._prefill(path, data, hashes, session, headers)
+        if isinstance(result, Response):
+            return result
+        stream = bool(data.get("stream"))
+        if result is not None and result.finished:  # every choice ended at its first token
+            self.metrics.pd.labels("prefill_only").inc()
+            if not stream:
+                return Response(result.final_body(), media_type="application/json")
+            usage = (data.get("stream_options") or {}).get("include_usage")
+            body = result.first_chunks(path, final=True) + (result.usage_chunk(path) if usage else b"") + SSE_DONE
+            return Response(body, media_type="text/event-stream")
+        if result is None or not result.continues:
+            # no prefill answer (or some choices ended, some not): served whole; the decode instance recomputes
+            self.metrics.pd.labels("whole").inc()
+            upstream, choice = await self._open(path, json.dumps(data).encode(), headers, hashes, session,
+                                                self._role_exclude("decode", "both"))
             return self._relay(upstream, choice, hashes)
+        self.metrics.pd.labels("split").inc()
+        self.metrics.prefill_seconds.observe(time.monotonic() - t0)
+        body = decode_body(data, result.transfer)
+        exclude = self._role_exclude("decode", "both")
+        if not stream:
+            upstream, choice = await self._open(path, body, headers, hashes, session, exclude)
+            return self._relay(upstream, choice, hashes)
+
+        async def chunks():
+            yield result.first_chunks(path, final=False)  # the first token, from the prefill instance
+            try:
+                upstream, choice = await self._open(path, body, headers, hashes, session, exclude)
+            except ApiError as e:
+                yield sse({"error": e.body()["error"]})
+                yield SSE_DONE
+                return
+            try:
+                if upstream.status_code != 200:
+                    raw = await upstream.aread()
+                    try:
+                        err = json.loads(raw).get("error")
+                    except (ValueError, AttributeError):
+                        err = None
+                    yield sse({"error": err or {"message": f"decode backend answered {upstream.status_code}",
+                                                "type": "server_error", "code": "backend_error"}})
+                    yield SSE_DONE
+                    return
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError as e:  # the decode backend died mid-stream
+                log.warning("decode backend %d broke a stream: %s", choice.index, e)
+            finally:
+                await upstream.aclose()
+                self._end(choice.index, hashes)
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
 
     async def _hashes(self, path: str, body: bytes) -> tuple[list[bytes], str | None]:
         if self.block_size is None or self.config.policy == "round_robin":
@@ -247,7 +370,7 @@ class Router:
 
     def status(self) -> dict:
         return {"policy": self.config.policy, "kv_identity": self.identity, "block_size": self.block_size,
-                "backends": [{"url": b.url, "healthy": b.healthy, "refused": b.refused, "error": b.error,
+                "backends": [{"url": b.url, "role": b.role, "healthy": b.healthy, "refused": b.refused, "error": b.error,
                               "advertised_blocks": len(b.hashes), "pending_blocks": len(b.pending),
                               "in_flight": b.in_flight, "num_running": b.num_running, "num_waiting": b.num_waiting,
                               "kv_usage": b.kv_usage} for b in self.backends]}

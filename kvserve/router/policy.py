@@ -32,6 +32,7 @@ class BackendState:
     num_waiting: int = 0
     kv_usage: float = 0.0
     error: str | None = None  # the last poll's or request's failure
+    role: str = "both"  # P/D disaggregation: prefill | decode | both (from its summary)
 
     @property
     def usable(self) -> bool:

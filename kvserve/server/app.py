@@ -125,7 +125,7 @@ async def kv_summary(request: Request, since: str | None = None) -> Response:
         hash_bytes=SUMMARY_HASH_BYTES, version=s.version,
         hashes=None if s.hashes is None else base64.b64encode(s.hashes).decode("ascii"),
         num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
-        max_num_seqs=info.max_num_seqs))
+        max_num_seqs=info.max_num_seqs, role=info.role))
 
 
 @router.post("/v1/sessions/release")

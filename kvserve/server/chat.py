@@ -14,7 +14,7 @@ from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server import protocol as p
 from kvserve.server.errors import ApiError
 from kvserve.server.inputs import EngineInput, parse_request, sampling_params
-from kvserve.server.responses import chat_logprobs, dump, json_response, sse, usage
+from kvserve.server.responses import chat_logprobs, dump, json_response, sse, transfer_out, usage
 from kvserve.server.session import Session, aborted, generate
 from kvserve.server.state import ServerState
 from kvserve.server.tenants import request_tenant
@@ -124,6 +124,7 @@ async def create_chat_completion(request: Request) -> Response:
                            "invalid_value")
         else:
             inp = await state.tokenize(apply_template, state.tokenizer, messages, req.add_generation_prompt)
+        inp = inp.with_transfer(req)
         state.validate_input(inp, params, req.cache_salt, names, session.scope)
         session.start(rid, [inp], params, req.cache_salt)
     except BaseException:
@@ -135,7 +136,8 @@ async def create_chat_completion(request: Request) -> Response:
         out = finals[0]
         return json_response(p.ChatCompletionResponse(
             id=rid, model=state.model_name, choices=[_chat_choice(req, o) for o in out.outputs], usage=usage(finals, streamer.report_cached),
-            prompt_token_ids=list(out.prompt_token_ids) if req.return_token_ids else None))
+            prompt_token_ids=list(out.prompt_token_ids) if req.return_token_ids else None,
+            kv_transfer_params=transfer_out(req, out, state.info.block_size, state.info.kv_store)))
 
     return await generate(request, session, bool(req.stream), lambda i, out: streamer.chunks(out),
                            streamer.usage_chunk if req.include_usage_in_stream else None, respond)

@@ -14,7 +14,7 @@ from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server import protocol as p
 from kvserve.server.errors import ApiError
 from kvserve.server.inputs import EngineInput, check_token_ids, parse_request, sampling_params
-from kvserve.server.responses import completion_logprobs, dump, json_response, sse, usage
+from kvserve.server.responses import completion_logprobs, dump, json_response, sse, transfer_out, usage
 from kvserve.server.session import Session, aborted, generate
 from kvserve.server.state import ServerState
 from kvserve.server.tenants import request_tenant
@@ -152,6 +152,11 @@ async def create_completion(request: Request) -> Response:
         else:
             inputs = await state.tokenize(_tokenize_prompts, state.tokenizer, prompts, req.add_special_tokens,
                                           req.echo)
+        if req.kv_transfer_params is not None:
+            if num_prompts != 1 or req.echo:
+                raise ApiError(400, "kv_transfer_params needs one prompt and no echo", "kv_transfer_params",
+                               "invalid_value")
+            inputs = [inputs[0].with_transfer(req)]
         for inp in inputs:
             state.validate_input(inp, params, req.cache_salt, {"prompt": field}, scope=session.scope)
         session.start(rid, inputs, params, req.cache_salt)
@@ -162,8 +167,9 @@ async def create_completion(request: Request) -> Response:
 
     def respond(finals: list[RequestOutput]) -> Response:
         choices = [_completion_choice(state, req, i, out, o) for i, out in enumerate(finals) for o in out.outputs]
-        return json_response(p.CompletionResponse(id=rid, model=state.model_name, choices=choices,
-                                                  usage=usage(finals, streamer.report_cached)))
+        return json_response(p.CompletionResponse(
+            id=rid, model=state.model_name, choices=choices, usage=usage(finals, streamer.report_cached),
+            kv_transfer_params=transfer_out(req, finals[0], state.info.block_size, state.info.kv_store)))
 
     return await generate(request, session, bool(req.stream), streamer.chunks,
                            streamer.usage_chunk if req.include_usage_in_stream else None, respond)

@@ -4,6 +4,7 @@ turned into ApiErrors that name the offending parameter. Large bodies are parsed
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from kvserve.engine.protocol import PromptSegments
+from kvserve.engine.protocol import KVTransferParams, PromptSegments
 from kvserve.sampling import ParamError, SamplingParams
 from kvserve.server.errors import ApiError
 
@@ -135,6 +136,13 @@ class EngineInput:
     text: str | None
     ids: list[int]
     segments: PromptSegments | None = None
+    kv_transfer: KVTransferParams | None = None  # P/D disaggregation (docs/scaleout.md)
 
     def engine_prompt(self) -> dict:
-        return {"prompt_token_ids": self.ids, "prompt": self.text, "segments": self.segments}
+        return {"prompt_token_ids": self.ids, "prompt": self.text, "segments": self.segments,
+                "kv_transfer": self.kv_transfer}
+
+    def with_transfer(self, req) -> "EngineInput":
+        """This input with the request's kv_transfer_params (if any)."""
+        t = req.kv_transfer_params
+        return self if t is None else dataclasses.replace(self, kv_transfer=t.params())

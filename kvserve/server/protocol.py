@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from kvserve.engine.protocol import KVTransferParams
 from kvserve.sampling import SamplingParams
 
 
@@ -74,6 +75,18 @@ class SpeculativeOverride(_Strict):
     num_speculative_tokens: int = Field(ge=0)
 
 
+class KVTransferIn(_Strict):
+    """P/D disaggregation (docs/scaleout.md), vLLM's field name: what a front end (kvserve router) tells a prefill
+    instance (do_remote_decode) and then a decode instance (the prefill response's kv_transfer_params)."""
+
+    do_remote_decode: bool = False  # prefill: publish the prompt's KV down to the block; answer with the token ids
+    output_token_ids: list[list[int]] | None = None  # decode: per choice, the tokens the prefill instance sampled
+    num_published_tokens: int = Field(0, ge=0)  # decode: the prompt tokens whose KV the prefill instance published
+
+    def params(self) -> KVTransferParams:
+        return KVTransferParams(self.do_remote_decode, self.output_token_ids, self.num_published_tokens)
+
+
 class _SamplingFields(_Strict):
     """Fields shared by completions and chat: the OpenAI sampling parameters plus vLLM's common extensions."""
 
@@ -108,6 +121,7 @@ class _SamplingFields(_Strict):
     kv_budget_tokens: int | None = Field(None, ge=0)
     # CacheBlend (docs/kvreuse.md): the share of reused segment tokens recomputed (absent: the server's default)
     blend_recompute_ratio: float | None = Field(None, ge=0, le=1)
+    kv_transfer_params: KVTransferIn | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -306,6 +320,7 @@ class KVSummaryResponse(BaseModel):
     num_waiting: int
     kv_usage: float
     max_num_seqs: int
+    role: Literal["both", "prefill", "decode"] = "both"  # P/D disaggregation: what the router sends it
 
 
 class TokenizeRequest(_Strict):
@@ -332,6 +347,13 @@ class DetokenizeRequest(_Strict):
 # ---------------------------------------------------------------------------------------------------------- responses
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class KVTransferOut(_Out):
+    """A prefill instance's answer to do_remote_decode: pass it as the decode request's kv_transfer_params."""
+
+    output_token_ids: list[list[int]]
+    num_published_tokens: int
 
 
 class PromptTokensDetails(_Out):
@@ -375,6 +397,7 @@ class CompletionResponse(_Out):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    kv_transfer_params: KVTransferOut | None = None  # P/D prefill (do_remote_decode)
 
 
 class TopLogprob(_Out):
@@ -415,6 +438,7 @@ class ChatCompletionResponse(_Out):
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    kv_transfer_params: KVTransferOut | None = None  # P/D prefill (do_remote_decode)
     prompt_token_ids: list[int] | None = None
 
 

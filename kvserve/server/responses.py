@@ -22,7 +22,7 @@ def sse(data: dict | BaseModel) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
-OPTIONAL_KEYS = ("token_ids", "prompt_token_ids")
+OPTIONAL_KEYS = ("token_ids", "prompt_token_ids", "kv_transfer_params")
 
 
 def dump(model: BaseModel, keep_usage: bool = True) -> dict:
@@ -111,3 +111,14 @@ def usage(finals: Iterable[RequestOutput], report_cached: bool) -> p.Usage:
 
 
 # ------------------------------------------------------------------------------------------------------- completions
+
+
+def transfer_out(req, out: RequestOutput, block_size: int, kv_store: bool) -> p.KVTransferOut | None:
+    """A prefill instance's kv_transfer_params for the decode request (docs/scaleout.md): each choice's token ids
+    and the prompt tokens its KV was published for (down to the block; none without a KV store)."""
+    t = req.kv_transfer_params
+    if t is None or not t.do_remote_decode:
+        return None
+    published = len(out.prompt_token_ids) // block_size * block_size if kv_store else 0
+    return p.KVTransferOut(output_token_ids=[list(o.token_ids) for o in out.outputs],
+                           num_published_tokens=published)

@@ -92,7 +92,7 @@ class ServerState:
     def validate_input(self, inp: EngineInput, params: SamplingParams, salt: str | None,
                        names: dict[str, str] | None = None, scope: RequestScope = RequestScope()) -> None:
         try:
-            self.engine.validate(inp.ids, params, scope.routing(salt), inp.segments)
+            self.engine.validate(inp.ids, params, scope.routing(salt), inp.segments, inp.kv_transfer)
         except ParamError as e:
             raise ApiError.from_param_error(e, names) from None
         except EngineDeadError as e:

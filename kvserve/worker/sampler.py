@@ -41,6 +41,8 @@ class Sampler:
             seed = req.sampling_params.seed
             g = torch.Generator()
             g.manual_seed((seed if seed is not None else random.getrandbits(63)) % (2**63))
+            for _ in range(req.sampler_draws):  # continues a P/D prefill's stream: the draws it made there
+                torch.rand(1, generator=g)
             self._generators[req.request_id] = g
         return g
 

@@ -103,6 +103,7 @@ def test_batch_reorder_bench_tiny(fp32_parts):
     assert "| grouped |" in markdown(r)
 
 
+@pytest.mark.bench
 def test_scheduling_bench_swap_scenario_tiny(tmp_path):
     """The scheduling benchmark's swap scenario end to end at a tiny scale (two real servers, a KV pool of ~870
     tokens): both modes run, requests succeed, and the auto run's preemptions are swapped, logged and counted."""

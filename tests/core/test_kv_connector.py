@@ -4,6 +4,7 @@ aborts while fetching leak nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from kvserve.core.request import RequestStatus
@@ -28,19 +29,22 @@ class DictConnector:
 
     def __init__(self):
         self.chunks: dict[bytes, list[tuple[int, int]]] = {}
-        self.jobs: dict[str, tuple[list[bytes], int]] = {}
+        self.jobs: dict[str, tuple[list[tuple[bytes, int]], int]] = {}
+        self.options: dict[str, tuple[float, bool]] = {}  # request id -> (wait_s, force) of its fetch
         self.ready: dict[str, Fetched | None] = {}
         self.cancelled: list[str] = []
 
-    def start_fetch(self, request_id, chunk_hashes, start_token):
-        self.jobs[request_id] = (chunk_hashes, start_token)
+    def start_fetch(self, request_id, chunks, start_token, wait_s=0.0, force=False):
+        self.jobs[request_id] = (chunks, start_token)
+        self.options[request_id] = (wait_s, force)
 
     def complete(self, request_id):
-        hashes, start = self.jobs.pop(request_id)
+        chunks, start = self.jobs.pop(request_id)
         kv = []
-        for h in hashes:
+        for h, n in chunks:
             if h not in self.chunks:
                 break
+            assert len(self.chunks[h]) == n
             kv.extend(self.chunks[h])
         self.ready[request_id] = Fetched(start, start + len(kv), kv) if kv else None
 
@@ -177,3 +181,40 @@ def test_a_miss_in_the_store_admits_the_request_normally():
     sched.add_request(req("m", 150, max_tokens=3))
     out = run_saving(sched, runner, conn)
     assert len(out["m"]) == 3 and sched.num_loaded_tokens == 0 and sched.num_computed_prompt_tokens == 150
+
+
+def test_pd_prefill_publishes_the_prompt_down_to_the_block_and_decode_loads_it_all():
+    """P/D (docs/scaleout.md): the prefill side stores the full chunks and, as an entry of its own, the prompt's full
+    blocks after them; the decode side (the prompt plus the prefill's first token) asks for exactly those entries,
+    waiting for them and loading whatever the cost model says, and computes only the partial block and the token."""
+    conn = DictConnector()
+    pre, runner = sched_with(conn), FakeRunner(BS, store=conn)
+    p = req("p", 150, max_tokens=1, seed_tokens=5)  # 2 full chunks of 64, then 22 tokens: one more full block
+    p.publish_kv = True
+    pre.add_request(p)
+    first = run_saving(pre, runner, conn)["p"]
+    chunk_keys = [p.block_hashes[3], p.block_hashes[7]]
+    tail_key = p.block_hashes[8]
+    assert set(conn.chunks) == {*chunk_keys, tail_key}
+    assert conn.chunks[tail_key] == [(p.token_ids[i], i) for i in range(128, 144)]
+
+    dec, runner = sched_with(conn), FakeRunner(BS, store=conn)
+    dec.config = dataclasses.replace(dec.config, kv_transfer_timeout_s=2.5)
+    d = req("d", 150, max_tokens=4, seed_tokens=5)
+    d.append_output_token(first[0])
+    d.kv_transfer_tokens = 144
+    dec.add_request(d)
+    so = dec.schedule()
+    assert so.is_empty and d.status == RequestStatus.FETCHING
+    assert conn.jobs["d"] == ([(chunk_keys[0], 64), (chunk_keys[1], 64), (tail_key, 16)], 0)
+    assert conn.options["d"] == (2.5, True)
+    conn.complete("d")
+    so = dec.schedule()
+    (load,) = so.kv_ops
+    assert (load.src_offset, load.num_tokens) == (0, 144)
+    (sr,) = so.scheduled
+    assert (sr.start, sr.num_new_tokens) == (144, 7)  # 6 prompt tokens of the partial block + the first output
+    dec.update(so, runner.execute(so))
+    run(dec, runner)
+    assert dec.num_computed_prompt_tokens == 6 and dec.num_loaded_tokens == 144
+    assert dec.kv.pool.num_free_blocks == dec.kv.pool.num_blocks

@@ -44,7 +44,7 @@ def make_store(spec: str, key: str | bytes | None = None) -> KVStore:
 
 def fetch(store: KVStore, chunk_hash: bytes):
     """The store's answer for one chunk (a FetchedKV or None), waited for."""
-    store.start_fetch("req", [chunk_hash], 0)
+    store.start_fetch("req", [(chunk_hash, store.chunk_size)], 0)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         done = store.poll_finished()

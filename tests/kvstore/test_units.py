@@ -141,8 +141,16 @@ def test_disk_tier_is_atomic_survives_restart_and_evicts(tmp_path):
     os.utime(tier.file_path("kvserve:ns:00"), (1, 1))  # oldest on disk, as after a long idle
     leftover = os.path.join(os.path.dirname(tier.file_path("kvserve:ns:01")), "crash.tmp")
     open(leftover, "wb").write(b"partial")
+    os.utime(leftover, (1, 1))  # a crashed write's leftover is old
+    in_progress = os.path.join(os.path.dirname(leftover), "writing.tmp")
+    open(in_progress, "wb").write(b"half")  # another instance sharing the directory is writing it now
     again = DiskTier(spec)  # a restart: the index comes back from the files
-    assert not os.path.exists(leftover)
+    assert not os.path.exists(leftover) and os.path.exists(in_progress)
+    os.unlink(in_progress)
+    # an entry another instance writes after this one scanned the directory is found (P/D on one host)
+    tier.put("kvserve:ns:04", b"new")
+    assert again.contains(["kvserve:ns:04", "kvserve:ns:05"]) == [True, False]
+    again.delete("kvserve:ns:04")
     assert again.used_bytes() == 900 and again.get("kvserve:ns:02") == bytes([2]) * 300
     assert again.put("kvserve:ns:03", bytes(300))  # over the cap: the oldest file goes
     assert not os.path.exists(again.file_path("kvserve:ns:00")) and again.stats.evictions == 1
