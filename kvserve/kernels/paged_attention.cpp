@@ -159,10 +159,10 @@ inline void prefetch_span(const void* p, int64_t bytes) {
 }
 
 // bfloat16 with AVX512-BF16: q.k as bf16 pair dot products (vdpbf16ps) accumulated in float32, p.v in float32.
-// A work item is one sequence and a range of its KV heads: all of them when there are enough sequences to keep
-// every thread busy, so each token's K and V rows are read as one contiguous span (whole cache lines, next block
-// prefetched) instead of one head's slice at a time. KV for a decode batch is read from DRAM (a layer's cache is
-// far larger than the caches), so the access pattern, not the arithmetic, sets the speed.
+// A work item is one sequence and one KV head (the loops allow a range of heads): reading all of a token's heads as
+// one contiguous span looked better for DRAM but measured 1.15-1.5x slower at 1 and 2 threads (docs/benchmarks.md,
+// "P/D"): the G query heads' scores and accumulators of one head stay in registers and L1, and the three heads'
+// items still read disjoint cache lines. KV for a decode batch is read from DRAM, next block prefetched.
 template <int D>
 void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
                                const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
@@ -174,7 +174,7 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;
   const int64_t blk = BS * row;
-  const int64_t per_item = B >= 2 * at::get_num_threads() ? Hkv : 1;  // kv heads per work item
+  const int64_t per_item = 1;  // kv heads per work item (see above)
   const int64_t groups = Hkv / per_item;
   at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;

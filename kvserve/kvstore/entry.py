@@ -3,11 +3,12 @@
     b"KVSV" | u16 version | u32 header length | header (UTF-8 JSON) | payload | [HMAC-SHA256 tag, 32 bytes]
 
 The header names everything a load must agree with: model identity, dtype, shape, codec, token count, the chunk's
-prefix hash (which covers every earlier token and the cache salt), the payload's length and BLAKE2b-256 digest, and
+prefix hash (which covers every earlier token and the cache salt), the payload's length and XXH3-128 digest, and
 whether a tag follows. `unpack` rejects an entry unless all of them match what the request expects, so a corrupt,
 truncated, foreign-model, wrong-salt or mislabelled entry is never decoded into the KV cache.
 
-The digest only catches accidents: whoever can write to a tier can compute it. With a key, every entry carries an
+The digest only catches accidents (whoever can write to a tier can compute any digest), so it is a fast one: XXH3
+verifies a 94 MB prompt in ~7 ms where BLAKE2b took ~250 ms of the loading instance's core (version 3). With a key, every entry carries an
 HMAC over everything before it, checked (in constant time) before the header is even parsed; an entry without one,
 or with another key's, is rejected as "unauthenticated". A store without a key still reads keyed entries (their
 digest holds), it just cannot tell who wrote them.
@@ -21,8 +22,10 @@ import json
 import struct
 from dataclasses import dataclass
 
+import xxhash
+
 MAGIC = b"KVSV"
-VERSION = 2  # 2: the "mac" header field and the optional tag
+VERSION = 3  # 2: the "mac" header field and the optional tag; 3: XXH3-128 instead of BLAKE2b-256
 _PREFIX = struct.Struct("<4sHI")
 MAX_HEADER = 16 * 1024
 MAC = "hmac-sha256"
@@ -48,7 +51,7 @@ class EntryIdentity:
 
 
 def digest(payload: bytes | memoryview) -> str:
-    return hashlib.blake2b(payload, digest_size=32).hexdigest()
+    return xxhash.xxh3_128_hexdigest(payload)
 
 
 def _tag(key: bytes, body: bytes | memoryview) -> bytes:
@@ -59,7 +62,7 @@ def pack(identity: EntryIdentity, codec: str, payload: bytes, key: bytes | None 
     header = json.dumps({
         "model": identity.model_id, "dtype": identity.dtype, "shape": list(identity.shape), "codec": codec,
         "tokens": identity.shape[2], "chunk": identity.chunk_hash, "payload_len": len(payload),
-        "payload_blake2b": digest(payload), "mac": MAC if key else None,
+        "payload_xxh3": digest(payload), "mac": MAC if key else None,
     }, separators=(",", ":"), sort_keys=True).encode()
     body = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
     return body + _tag(key, body) if key else body
@@ -106,7 +109,7 @@ def unpack(blob: bytes, expected: EntryIdentity, key: bytes | None = None) -> tu
     payload = view[_PREFIX.size + hlen:]
     if header.get("payload_len") != len(payload):
         raise EntryError("truncated", f"payload has {len(payload)} bytes, header says {header.get('payload_len')}")
-    if header.get("payload_blake2b") != digest(payload):
+    if header.get("payload_xxh3") != digest(payload):
         raise EntryError("corrupt", "payload digest mismatch")
     codec = header.get("codec")
     if not isinstance(codec, str):

@@ -39,8 +39,19 @@ class FetchedKV:
 
     start: int
     end: int
-    tensor: torch.Tensor  # (layers, 2, end - start, kv_heads, head_dim), engine dtype
+    parts: list[torch.Tensor]  # consecutive (layers, 2, tokens, kv_heads, head_dim) entries, engine dtype
     tiers: list[str] = field(default_factory=list)  # where each chunk came from
+
+    def pieces(self, offset: int, num_tokens: int):
+        """(destination token offset, KV view) pieces covering [offset, offset + num_tokens) of this range: the
+        entries are copied into the pool as they are, never concatenated first (a 4k prompt is ~94 MB)."""
+        base, end = 0, offset + num_tokens
+        for part in self.parts:
+            n = part.shape[2]
+            lo, hi = max(offset, base), min(end, base + n)
+            if lo < hi:
+                yield lo - offset, part[:, :, lo - base:hi - base]
+            base += n
 
 
 @dataclass
@@ -354,8 +365,7 @@ class KVStore:
         if not parts:
             return None
         self.counters["loaded_chunks"] += len(parts)
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        return FetchedKV(job.start, job.start + tensor.shape[2], tensor, sources)
+        return FetchedKV(job.start, job.start + sum(p.shape[2] for p in parts), parts, sources)
 
     def _load_chunk(self, chunk_hash: bytes, num_tokens: int, key: str, first: Tier | None,
                     force: bool = False) -> tuple[torch.Tensor | None, str]:

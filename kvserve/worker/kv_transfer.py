@@ -21,8 +21,9 @@ class KVTransfer:
                 # copied out now, before this step's forward pass can write into the freed blocks
                 self.store.save([(h, self.kv_cache.read_blocks(ids)) for h, ids in op.chunks])
             else:
-                kv = op.fetched.tensor[:, :, op.src_offset:op.src_offset + op.num_tokens]
-                self.kv_cache.write_blocks(op.block_ids, kv)
+                bs = self.kv_cache.block_size
+                for dst, kv in op.fetched.pieces(op.src_offset, op.num_tokens):  # block-aligned: chunks are
+                    self.kv_cache.write_blocks(op.block_ids[dst // bs:(dst + kv.shape[2]) // bs], kv)
 
 
 class NullKVTransfer:

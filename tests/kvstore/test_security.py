@@ -165,7 +165,7 @@ def test_a_store_with_a_key_rejects_deletes_and_recomputes_foreign_entries(tmp_p
         reader.save([(chunk_hash, kv_chunk(4))])  # what the engine does after recomputing it
         assert reader.flush(30)
         got = fetch(reader, chunk_hash)
-        assert got is not None and torch.equal(got.tensor, kv_chunk(4))
+        assert got is not None and torch.equal(got.parts[0], kv_chunk(4))
     finally:
         reader.close()
 
@@ -180,7 +180,7 @@ def test_the_same_key_loads(tmp_path):
     reader = make_store(spec, KEY.decode())  # the same key, given as text (as EngineArgs holds it)
     try:
         got = fetch(reader, chunk_hash)
-        assert got is not None and torch.equal(got.tensor, kv_chunk(5)) and not reader.rejected
+        assert got is not None and torch.equal(got.parts[0], kv_chunk(5)) and not reader.rejected
     finally:
         reader.close()
 
