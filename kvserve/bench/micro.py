@@ -1,6 +1,7 @@
 """Micro-benchmarks behind kvserve's kernel choices (docs/benchmarks.md, "Why the kernels").
 
     python -m kvserve.bench.micro [--threads 2]
+    python -m kvserve.bench.micro --threads 1 --decode-shapes 8x1024,2x4096,9x4096   # decode attention only
 
 1. decode attention over the paged KV cache: PyTorch gather + einsum vs the native in-place kernel;
 2. prefill attention of one fresh prompt and of a chunk over a cached prefix: SDPA (as kvserve calls it without
@@ -29,7 +30,8 @@ def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, f
 
     native = decode_attention_kernel()
     g = torch.Generator().manual_seed(0)
-    nb, bs, hkv, d, h = 2000, 16, 3, 64, 9
+    bs, hkv, d, h = 16, 3, 64, 9
+    nb = max(2000, batch * -(-ctx // bs) + 100)  # a pool larger than the caches: KV comes from DRAM, as served
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         kc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
@@ -122,11 +124,18 @@ def bench_linear() -> list[tuple[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--decode-shapes", default=None, metavar="BxCTX,...",
+                    help="only decode attention, at these batch x context shapes (e.g. 8x1024,2x4096)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("| what | median ms |\n| --- | --- |")
-    for name, ms in bench_decode_attention() + bench_prefill_attention() + bench_fused_ops() + \
-            bench_fused_ops(2048) + bench_linear():
+    if args.decode_shapes:
+        rows = [r for shape in args.decode_shapes.split(",")
+                for r in bench_decode_attention(*(int(x) for x in shape.lower().split("x")))]
+    else:
+        rows = bench_decode_attention() + bench_prefill_attention() + bench_fused_ops() + bench_fused_ops(2048) + \
+            bench_linear()
+    for name, ms in rows:
         print(f"| {name} | {ms:.3f} |")
 
 
