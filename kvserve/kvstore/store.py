@@ -54,6 +54,9 @@ class FetchedKV:
             base += n
 
 
+_POLL = object()  # the fetch queue had nothing for TRANSFER_POLL_S: look at the waiting transfers again
+
+
 @dataclass
 class _FetchJob:
     request_id: str
@@ -309,37 +312,56 @@ class KVStore:
 
     # ------------------------------------------------------------------ fetch thread
     def _fetch_loop(self) -> None:
+        """Jobs in arrival order; a P/D transfer whose entries are not all stored yet is set aside and looked at
+        again every TRANSFER_POLL_S until its deadline, so a transfer that never arrives (or a client naming KV that
+        does not exist) delays no other request's fetch."""
+        waiting: list[_FetchJob] = []
         while True:
-            job = self._fetch_q.get()
+            try:
+                job = self._fetch_q.get(timeout=self.TRANSFER_POLL_S if waiting else None)
+            except queue.Empty:
+                job = _POLL
             if job is None:
                 return
-            result = None
-            try:
-                with self._lock:
-                    cancelled = job.request_id in self._cancelled
-                    self._cancelled.discard(job.request_id)
-                if not cancelled:
-                    result = self._fetch(job)
-            except Exception:  # noqa: BLE001
-                log.exception("kv store: fetch failed; the request recomputes")
-                self.counters["fetch_errors"] += 1
-                result = None
-            with self._lock:
-                if job.request_id in self._cancelled:
-                    self._cancelled.discard(job.request_id)
-                    continue
-                if not cancelled:
-                    self._done[job.request_id] = result
-                    self._fetch_event.set()
+            jobs, waiting = ([job] if job is not _POLL else []) + waiting, []
+            for j in jobs:
+                self._run(j, waiting)
 
-    def _lookup(self, keys: list[str]) -> list[Tier | None]:
-        """For each key, the first tier holding it, up to the first key no tier holds."""
+    def _run(self, job: _FetchJob, waiting: list[_FetchJob]) -> None:
+        result = None
+        try:
+            with self._lock:
+                cancelled = job.request_id in self._cancelled
+                self._cancelled.discard(job.request_id)
+            if cancelled:
+                return
+            if job.deadline and time.monotonic() < job.deadline:
+                owners = self._lookup([self.key(h) for h, _ in job.chunks], count=False)
+                if owners and owners[-1] is None:  # the prefill instance may still be writing it
+                    self.counters["transfer_waits"] += 1
+                    waiting.append(job)
+                    return
+            result = self._fetch(job)
+        except Exception:  # noqa: BLE001
+            log.exception("kv store: fetch failed; the request recomputes")
+            self.counters["fetch_errors"] += 1
+            result = None
+        with self._lock:
+            if job.request_id in self._cancelled:
+                self._cancelled.discard(job.request_id)
+                return
+            self._done[job.request_id] = result
+            self._fetch_event.set()
+
+    def _lookup(self, keys: list[str], count: bool = True) -> list[Tier | None]:
+        """For each key, the first tier holding it, up to the first key no tier holds. `count`: a miss counts in
+        the tiers' stats (not while a transfer polls for entries being written)."""
         found: list[list[bool]] = [t.contains(keys) for t in self.tiers]  # an unavailable tier answers all False
         owners: list[Tier | None] = []
         for i in range(len(keys)):
             owner = next((t for t, f in zip(self.tiers, found) if f[i]), None)
             for t, f in zip(self.tiers, found):
-                if not f[i]:
+                if count and not f[i]:
                     t.stats.misses += 1
             owners.append(owner)
             if owner is None:
@@ -349,11 +371,6 @@ class KVStore:
     def _fetch(self, job: _FetchJob) -> FetchedKV | None:
         keys = [self.key(h) for h, _ in job.chunks]
         owners = self._lookup(keys)
-        while owners and owners[-1] is None and time.monotonic() < job.deadline:
-            # a transfer whose entries are still being written by the prefill instance: look again shortly
-            self.counters["transfer_waits"] += 1
-            time.sleep(self.TRANSFER_POLL_S)
-            owners = self._lookup(keys)
         parts: list[torch.Tensor] = []
         sources: list[str] = []
         for i, (h, n) in enumerate(job.chunks[: len(owners)]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 import torch
@@ -215,3 +216,45 @@ def test_cost_model_loads_when_cheaper_and_reprobes_a_declined_tier():
     assert all(cost.decide(tier, 256, raw) for _ in range(3))
     cost.rates["prefill"] = 1e9  # a prefill far faster than any load: recompute
     assert not cost.decide(tier, 256, raw)
+
+
+def test_a_waiting_transfer_delays_no_other_fetch_and_loads_once_written(tmp_path):
+    """A P/D transfer (wait_s > 0) whose entry is not written yet is set aside: a plain fetch queued behind it is
+    answered at once; the transfer loads its entry (a tail of 16 tokens, its own shape) once another writer stores
+    it, and one that never arrives answers None at its deadline."""
+    from tests.kvstore.test_security import kv_chunk, make_store  # entries of 32 tokens
+
+    store = make_store(f"disk:{tmp_path}:64MB")
+    writer = make_store(f"disk:{tmp_path}:64MB")  # another instance sharing the directory (the prefill side)
+    try:
+        full, tail, never = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+        writer.save([(full, kv_chunk(1))])
+        assert writer.flush(10)
+        store.start_fetch("transfer", [(full, 32), (tail, 16)], 0, wait_s=20.0, force=True)
+        store.start_fetch("gone", [(never, 32)], 0, wait_s=0.3, force=True)
+        store.start_fetch("plain", [(full, 32)], 0)
+        done: dict = {}
+        deadline = time.monotonic() + 10
+        while "plain" not in done and time.monotonic() < deadline:
+            store.wait_for_fetch(0.05)
+            done.update(store.poll_finished())
+        assert "plain" in done and "transfer" not in done
+        assert torch.equal(done["plain"].parts[0], kv_chunk(1))
+        t0 = time.monotonic()
+        while "gone" not in done and time.monotonic() < deadline:
+            store.wait_for_fetch(0.05)
+            done.update(store.poll_finished())
+        assert done["gone"] is None and "transfer" not in done
+        half = kv_chunk(2)[:, :, :16]
+        writer.save([(tail, half)])
+        assert writer.flush(10)
+        while "transfer" not in done and time.monotonic() < deadline:
+            store.wait_for_fetch(0.05)
+            done.update(store.poll_finished())
+        got = done["transfer"]
+        assert (got.start, got.end) == (0, 48) and [p.shape[2] for p in got.parts] == [32, 16]
+        assert torch.equal(got.parts[1], half) and store.counters["transfer_waits"] > 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        store.close()
+        writer.close()
