@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -105,14 +106,21 @@ def test_split_requests_match_colocated_and_load_the_prompt(pd):
 
 
 def test_killed_prefill_then_killed_decode(pd):
-    router = _client(pd["url"])
-    case = dict(prompt=DOC[:500] + "Continue the ledger:", max_tokens=8, temperature=0.0)
-    ref = _client(pd["decode"][1]).completions.create(model=MODEL, **case, extra_body={"cache_salt": "kill"})
-    pd["prefill"][0].kill()
+    router, direct = _client(pd["url"]), _client(pd["decode"][1])
+    cases = [dict(prompt=f"Ledger {k}. " + DOC[:400] + "Continue the ledger:", max_tokens=8, temperature=0.0)
+             for k in range(4)]
+    refs = [direct.completions.create(model=MODEL, **c, extra_body={"cache_salt": "kill"}).choices[0].text
+            for c in cases]
+    # the prefill instance dies while requests are in flight: each is split, or served whole by the decode
+    # instance (which computes the prompt), and every answer is the colocated one
+    with ThreadPoolExecutor(len(cases)) as pool:
+        futures = [pool.submit(router.completions.create, model=MODEL, **c) for c in cases]
+        time.sleep(0.3)
+        pd["prefill"][0].kill()
+        got = [f.result().choices[0].text for f in futures]
     pd["prefill"][0].wait(10)
-    # no prefill instance: the request is served whole by the decode instance, which computes the prompt
-    got = router.completions.create(model=MODEL, **case)
-    assert got.choices[0].text == ref.choices[0].text
+    assert got == refs
+    assert router.completions.create(model=MODEL, **cases[0]).choices[0].text == refs[0]
     # the decode instance dies mid-stream: the stream ends (with an error) instead of hanging
     stream = router.completions.create(model=MODEL, prompt=DOC, max_tokens=400, stream=True,
                                        extra_body={"ignore_eos": True})
@@ -124,7 +132,7 @@ def test_killed_prefill_then_killed_decode(pd):
     assert time.monotonic() - t0 < 60
     _wait_status(pd["url"], pd["tmp"] / "router.log", lambda b: not b[0]["healthy"] and not b[1]["healthy"])
     with pytest.raises(openai.APIStatusError) as e:
-        router.completions.create(model=MODEL, **case)
+        router.completions.create(model=MODEL, **cases[0])
     assert e.value.status_code == 503
 
 
