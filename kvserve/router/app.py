@@ -259,7 +259,8 @@ class Router:
             if not stream:
                 return Response(result.final_body(), media_type="application/json")
             usage = (data.get("stream_options") or {}).get("include_usage")
-            body = result.first_chunks(path, final=True) + (result.usage_chunk(path) if usage else b"") + SSE_DONE
+            body = result.first_chunks(path, True, bool(data.get("return_token_ids"))) + (
+                result.usage_chunk(path) if usage else b"") + SSE_DONE
             return Response(body, media_type="text/event-stream")
         if result is None or not result.continues:
             # no prefill answer (or some choices ended, some not): served whole; the decode instance recomputes
@@ -276,7 +277,8 @@ class Router:
             return self._relay(upstream, choice, hashes)
 
         async def chunks():
-            yield result.first_chunks(path, final=False)  # the first token, from the prefill instance
+            # the first token, from the prefill instance
+            yield result.first_chunks(path, False, bool(data.get("return_token_ids")))
             try:
                 upstream, choice = await self._open(path, body, headers, hashes, session, exclude)
             except ApiError as e:

@@ -45,9 +45,13 @@ def splittable(path: str, data: object) -> bool:
     return max_tokens is None or (type(max_tokens) is int and max_tokens > 1)
 
 
+PREFILL_DROPS = ("stream", "stream_options", "max_completion_tokens", "kv_pin_seconds")
+
+
 def prefill_body(path: str, data: dict) -> bytes:
-    """The prefill instance's request: one token per choice, not streamed, KV published."""
-    body = {k: v for k, v in data.items() if k not in ("stream", "stream_options", "max_completion_tokens")}
+    """The prefill instance's request: one token per choice, not streamed, KV published. A session's KV pin is
+    left to the decode instance, which holds the whole turn."""
+    body = {k: v for k, v in data.items() if k not in PREFILL_DROPS}
     body["max_tokens"] = 1
     body["kv_transfer_params"] = {"do_remote_decode": True}
     return json.dumps(body).encode()
@@ -88,12 +92,13 @@ class PrefillResult:
         out = {k: v for k, v in self.response.items() if k != "kv_transfer_params"}
         return json.dumps(out).encode()
 
-    def first_chunks(self, path: str, final: bool) -> bytes:
-        """SSE chunks carrying each choice's first text (with its finish_reason when `final`)."""
+    def first_chunks(self, path: str, final: bool, token_ids: bool = False) -> bytes:
+        """SSE chunks carrying each choice's first text (with its finish_reason when `final`, and its token ids
+        when the client asked for return_token_ids)."""
         r = self.response
         created = r.get("created", int(time.time()))
         out = []
-        for c in self.choices:
+        for c, ids in zip(self.choices, self.transfer["output_token_ids"]):
             reason = c.get("finish_reason") if final else None
             if path == CHAT_PATH:
                 text = (c.get("message") or {}).get("content") or ""
@@ -106,6 +111,8 @@ class PrefillResult:
                 obj = "text_completion"
             if final and c.get("stop_reason") is not None:
                 choice["stop_reason"] = c["stop_reason"]
+            if token_ids:
+                choice["token_ids"] = ids
             out.append(sse({"id": r.get("id"), "object": obj, "created": created, "model": r.get("model"),
                             "choices": [choice]}))
         return b"".join(out)
