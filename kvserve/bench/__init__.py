@@ -33,3 +33,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def elapsed_log():
+    """A benchmark's progress logger: each line prefixed with the seconds since this call."""
+    import time
+
+    started = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)
+
+    return log
+
+
+def stop_processes(procs, timeout: float = 30.0) -> None:
+    """Terminate the servers a benchmark started, then kill any that do not exit within `timeout`."""
+    import subprocess
+
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()

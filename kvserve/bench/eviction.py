@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -31,7 +30,7 @@ import time
 
 import torch
 
-from kvserve.bench import write_json
+from kvserve.bench import elapsed_log, write_json
 from kvserve.config import EVICTION_POLICIES
 from kvserve.sampling import SamplingParams
 from kvserve.worker.sampler import Sampler
@@ -302,7 +301,7 @@ def decode_rate(engine, contexts, budget: int, new_tokens: int, tag: str) -> dic
     times, tokens = [], []
     while engine.has_unfinished_requests():
         started = time.perf_counter()
-        outs = engine.step()
+        engine.step()
         elapsed = time.perf_counter() - started
         sched = engine.core.scheduler
         if sched.num_running == n and all(not r.in_prefill for r in sched.running):  # every one decoding
@@ -623,9 +622,7 @@ def main(argv=None) -> int:
     policies = [p for p in args.policies.split(",") if p]
     budgets = [int(b) for b in args.budgets.split(",")]
     started = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)
+    log = elapsed_log()
 
     from kvserve.bench.workloads import load_tokenizer
 

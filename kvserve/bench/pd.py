@@ -20,10 +20,9 @@ import sys
 import tempfile
 import time
 
-import httpx
 
-from kvserve.bench import free_port, write_json
-from kvserve.bench.router import metrics, wait_ok
+from kvserve.bench import elapsed_log, free_port, stop_processes, write_json
+from kvserve.bench.router import metrics, start_router, wait_ok
 
 KEYS = ("p50_itl_ms", "p99_itl_ms", "max_itl_ms", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "completed", "failed")
 
@@ -57,15 +56,7 @@ def run_one(mode: str, args, workdir: str, log) -> dict:
         for u, p in zip(urls, procs):
             wait_ok(f"{u}/health", p, 600, workdir)
         if mode == "pd":
-            port = free_port()
-            cmd = [sys.executable, "-m", "kvserve.cli", "router", "--port", str(port), "--log-level", "warning",
-                   *[x for u in urls for x in ("--backend", u)]]
-            path = os.path.join(workdir, "router.log")
-            procs.append(subprocess.Popen(cmd, stdout=open(path, "ab"), stderr=subprocess.STDOUT, env=env))
-            base = f"http://127.0.0.1:{port}"
-            wait_ok(f"{base}/health", procs[-1], 120, path)
-            while not all(b["healthy"] for b in httpx.get(f"{base}/router/status").json()["backends"]):
-                time.sleep(0.2)
+            base = start_router(urls, [], os.path.join(workdir, "router.log"), env, procs)
         out = os.path.join(workdir, f"{mode}.json")
         cmd = [sys.executable, "-m", "kvserve.bench", "serve", "--base-url", base, "--endpoint", "chat",
                "--label", f"stall-{mode}", "--workload", "stall", *args.workload_args, "--seed", str(args.seed),
@@ -88,13 +79,7 @@ def run_one(mode: str, args, workdir: str, log) -> dict:
             f"{s['failed'] + lp['failed']} failed")
         return res
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         shutil.rmtree(shm, ignore_errors=True)
 
 
@@ -112,9 +97,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.workload_args = [x for kv in args.workload_kv for x in ("-W", kv)]
     started = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)
+    log = elapsed_log()
 
     workdir = args.keep_dir or tempfile.mkdtemp(prefix="kvserve-pd-bench-")
     os.makedirs(workdir, exist_ok=True)

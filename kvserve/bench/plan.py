@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from kvserve.bench import free_port, write_json
+from kvserve.bench import elapsed_log, free_port, write_json
 
 # what a step is measured by (step_features), and the model's terms (expand): the decode sequences enter piecewise,
 # because a decode-only step's cost is concave in its batch (the weights are read once; the first rows are cheap)
@@ -577,10 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    started = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)
+    log = elapsed_log()
 
     result = {"measure": cmd_measure, "validate": cmd_validate, "recommend": cmd_recommend,
               "refit": cmd_refit}[args.command](args, log)

@@ -23,7 +23,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvserve.bench import free_port, write_json
+from kvserve.bench import elapsed_log, free_port, stop_processes, write_json
 
 WORKLOAD_ARGS = {
     "shared-prefix": ["-W", "num_prefixes=8", "-W", "prefix_len=1024", "-W", "question_min=32",
@@ -46,6 +46,20 @@ def wait_ok(url: str, proc: subprocess.Popen, timeout: float, log: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} not up in {timeout:.0f}s; see {log}")
         time.sleep(0.5)
+
+
+def start_router(urls: list[str], extra: list[str], log_path: str, env: dict, procs: list) -> str:
+    """`kvserve router` over `urls` (its process appended to `procs`); returns its URL once every backend is
+    healthy."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "kvserve.cli", "router", "--port", str(port), "--log-level", "warning", *extra,
+           *[x for u in urls for x in ("--backend", u)]]
+    procs.append(subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env))
+    url = f"http://127.0.0.1:{port}"
+    wait_ok(f"{url}/health", procs[-1], 120, log_path)
+    while not all(b["healthy"] for b in httpx.get(f"{url}/router/status").json()["backends"]):
+        time.sleep(0.2)
+    return url
 
 
 def metrics(url: str, drop: tuple[str, ...] = ("model_name",)) -> dict[str, float]:
@@ -75,15 +89,8 @@ def run_one(policy: str, workload: str, args, workdir: str, log) -> dict:
             urls.append(f"http://127.0.0.1:{port}")
         for u, p in zip(urls, procs):
             wait_ok(f"{u}/health", p, 600, workdir)
-        port = free_port()
-        cmd = [sys.executable, "-m", "kvserve.cli", "router", "--port", str(port), "--policy", policy,
-               "--log-level", "warning"] + [x for u in urls for x in ("--backend", u)]
-        path = os.path.join(workdir, f"{policy}-{workload}-router.log")
-        procs.append(subprocess.Popen(cmd, stdout=open(path, "ab"), stderr=subprocess.STDOUT, env=env))
-        router = f"http://127.0.0.1:{port}"
-        wait_ok(f"{router}/health", procs[-1], 120, path)
-        while not all(b["healthy"] for b in httpx.get(f"{router}/router/status").json()["backends"]):
-            time.sleep(0.2)
+        router = start_router(urls, ["--policy", policy], os.path.join(workdir, f"{policy}-{workload}-router.log"),
+                              env, procs)
         out = os.path.join(workdir, f"{policy}-{workload}.json")
         cmd = [sys.executable, "-m", "kvserve.bench", "serve", "--base-url", router, "--endpoint", "chat",
                "--label", f"router-{policy}", "--workload", workload, *WORKLOAD_ARGS[workload],
@@ -115,13 +122,7 @@ def run_one(policy: str, workload: str, args, workdir: str, log) -> dict:
             f"{res['output_throughput']:.1f} tok/s, {res['completed']} ok / {res['failed']} failed")
         return res
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
 
 
 def main(argv=None) -> int:
@@ -138,9 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-dir", default=None, help="keep logs and per-run JSON here (default: a temporary dir)")
     args = ap.parse_args(argv)
     started = time.time()
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)
+    log = elapsed_log()
 
     workdir = args.keep_dir or tempfile.mkdtemp(prefix="kvserve-router-bench-")
     os.makedirs(workdir, exist_ok=True)

@@ -18,7 +18,6 @@ from kvserve.core.kv_pins import PinKey, PinTable
 from kvserve.core.outputs import (
     KVLoad,
     KVOp,
-    KVRerotate,
     KVSave,
     KVSwapIn,
     KVSwapOut,
