@@ -2,6 +2,7 @@
 
     python -m kvserve.bench.micro [--threads 2]
     python -m kvserve.bench.micro --threads 1 --decode-shapes 8x1024,2x4096,9x4096   # decode attention only
+    python -m kvserve.bench.micro --digests                                           # KV store entry digests
 
 1. decode attention over the paged KV cache: PyTorch gather + einsum vs the native in-place kernel;
 2. prefill attention of one fresh prompt and of a chunk over a cached prefix: SDPA (as kvserve calls it without
@@ -47,6 +48,21 @@ def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, f
             rows.append((f"decode attention, native in-place kernel, {name}, B={batch} ctx={ctx}",
                          timeit(lambda: native(q, kc, vc, tables, lens, 0.125))))
     return rows
+
+
+def bench_digests(tokens: int = 256) -> list[tuple[str, float]]:
+    """The KV store's integrity digest over one stored chunk of the embedded model (30 layers, K and V, 3 heads of 64,
+    bf16): what a loading instance pays per chunk before it may use the entry (docs/kvstore.md)."""
+    import hashlib
+    import os
+
+    import xxhash
+
+    payload = os.urandom(30 * 2 * tokens * 3 * 64 * 2)
+    return [(f"digest of a {tokens}-token chunk ({len(payload) >> 20} MiB), {name}", timeit(fn, 10, 2))
+            for name, fn in (("BLAKE2b-256", lambda: hashlib.blake2b(payload, digest_size=32).digest()),
+                             ("SHA-256", lambda: hashlib.sha256(payload).digest()),
+                             ("XXH3-128 (entry v3)", lambda: xxhash.xxh3_128_digest(payload)))]
 
 
 def bench_prefill_attention() -> list[tuple[str, float]]:
@@ -126,10 +142,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-shapes", default=None, metavar="BxCTX,...",
                     help="only decode attention, at these batch x context shapes (e.g. 8x1024,2x4096)")
+    ap.add_argument("--digests", action="store_true", help="only the KV store's entry digests")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("| what | median ms |\n| --- | --- |")
-    if args.decode_shapes:
+    if args.digests:
+        rows = bench_digests()
+    elif args.decode_shapes:
         rows = [r for shape in args.decode_shapes.split(",")
                 for r in bench_decode_attention(*(int(x) for x in shape.lower().split("x")))]
     else:
