@@ -71,13 +71,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                              "reject entries without it; none: $KVSERVE_KV_STORE_KEY if set")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvserve", description="KV-cache-centric LLM serving on CPUs")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _engine_flags(serve)
+def _server_flags(serve: argparse.ArgumentParser) -> None:
+    """`kvserve serve`'s HTTP and scheduling flags (also `kvserve ray-serve`'s: each replica runs the same server)."""
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     keys = serve.add_mutually_exclusive_group()
@@ -134,13 +129,58 @@ def build_parser() -> argparse.ArgumentParser:
                             "dropped and recomputed: auto picks per sequence by measured copy vs prefill speed")
     serve.add_argument("--swap-space-gb", type=float, default=1.0,
                        help="host memory for swapped-out KV (allocated on the first swap)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
+
+
+def _routing_flags(parser: argparse.ArgumentParser) -> None:
+    """How a request's backend or replica is chosen (kvserve.router.policy): `kvserve router` and `ray-serve`."""
+    parser.add_argument("--policy", choices=("kv", "round_robin"), default="kv",
+                        help="kv: the backend holding most of the prompt's prefix, weighed against load")
+    parser.add_argument("--prefix-weight", type=float, default=1.0)
+    parser.add_argument("--load-weight", type=float, default=0.5)
+    parser.add_argument("--balance-abs-threshold", type=int, default=8,
+                        help="route to the idlest backend while the busiest has this many more requests ...")
+    parser.add_argument("--balance-rel-threshold", type=float, default=1.5, help="... and this many times as many")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description="KV-cache-centric LLM serving on CPUs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _engine_flags(serve)
+    _server_flags(serve)
     serve.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
                        help="run the engine core in its own process (off: in a thread of the API server)")
     serve.add_argument("--max-engine-restarts", type=int, default=3,
                        help="times a dead engine-core process is started again before the server reports it dead")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
     serve.set_defaults(func=serve_command)
+
+    ray = sub.add_parser("ray-serve", help="the same engine and server as Ray Serve deployments, KV-aware routing as "
+                                           "Ray Serve's request router (docs/scaleout.md)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _engine_flags(ray)
+    _server_flags(ray)
+    _routing_flags(ray)
+    ray.add_argument("--replicas", type=int, default=2, help="engine replicas serving whole requests")
+    ray.add_argument("--prefill", type=int, default=0, help="prefill-role replicas (with --decode and --kv-store)")
+    ray.add_argument("--decode", type=int, default=0, help="decode-role replicas")
+    ray.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs each engine replica reserves")
+    ray.add_argument("--max-replicas", type=int, default=None,
+                     help="autoscale the --replicas deployment between --replicas and this many (Ray Serve)")
+    ray.add_argument("--target-ongoing-requests", type=float, default=8.0,
+                     help="autoscaling: requests per replica Ray Serve aims for")
+    ray.add_argument("--address", default=None,
+                     help="a running Ray cluster (ray start --head prints it); none: start a local one")
+    ray.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local cluster started; none: all")
+    ray.add_argument("--routing-stats-period", type=float, default=0.5,
+                     help="seconds between each replica's prefix-cache summary reaching the router")
+    ray.add_argument("--health-check-period", type=float, default=5.0, help="Ray's replica health checks")
+    ray.add_argument("--max-engine-restarts", type=int, default=3,
+                     help="times a replica restarts its dead engine core before Ray replaces the replica")
+    ray.set_defaults(func=ray_serve_command)
 
     rt = sub.add_parser("router", help="a KV-aware router in front of several kvserve instances (docs/scaleout.md)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -148,16 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a kvserve instance, http://host:port (repeat the flag for each)")
     rt.add_argument("--host", default="127.0.0.1")
     rt.add_argument("--port", type=int, default=8080)
-    rt.add_argument("--policy", choices=("kv", "round_robin"), default="kv",
-                    help="kv: the backend holding most of the prompt's prefix, weighed against load")
     rt.add_argument("--model", default=None,
                     help="the backends' model (GGUF file or HF directory) whose tokenizer hashes the prompts; "
                          "none: the embedded default")
-    rt.add_argument("--prefix-weight", type=float, default=1.0)
-    rt.add_argument("--load-weight", type=float, default=0.5)
-    rt.add_argument("--balance-abs-threshold", type=int, default=8,
-                    help="route to the idlest backend while the busiest has this many more requests ...")
-    rt.add_argument("--balance-rel-threshold", type=float, default=1.5, help="... and this many times as many")
+    _routing_flags(rt)
     rt.add_argument("--poll-interval", type=float, default=0.25, help="seconds between /kv/summary reads")
     rt.add_argument("--backend-api-key-file", default=None,
                     help="the key the router reads /kv/summary with (clients' own keys pass through)")
@@ -265,6 +299,14 @@ def _blend_args(args: argparse.Namespace) -> dict:
             "blend_check_layer": args.blend_check_layer, "blend_segment_context": args.blend_segment_context}
 
 
+def _routing_policy(args: argparse.Namespace):
+    from kvserve.router.config import RoutingPolicy
+
+    return RoutingPolicy(policy=args.policy, prefix_weight=args.prefix_weight, load_weight=args.load_weight,
+                         balance_abs_threshold=args.balance_abs_threshold,
+                         balance_rel_threshold=args.balance_rel_threshold)
+
+
 def router_command(args: argparse.Namespace) -> int:
     from kvserve.model.loader import tokenizer_source
     from kvserve.model.tokenizer import Tokenizer
@@ -275,13 +317,58 @@ def router_command(args: argparse.Namespace) -> int:
 
     key = read_api_key_file(args.backend_api_key_file) if args.backend_api_key_file else \
         os.environ.get("KVSERVE_BACKEND_API_KEY") or None
-    config = RouterConfig(tuple(args.backend), policy=args.policy, prefix_weight=args.prefix_weight,
-                          load_weight=args.load_weight, balance_abs_threshold=args.balance_abs_threshold,
-                          balance_rel_threshold=args.balance_rel_threshold, poll_interval_s=args.poll_interval,
+    config = RouterConfig(tuple(args.backend), routing=_routing_policy(args), poll_interval_s=args.poll_interval,
                           backend_api_key=key, kv_identity=args.kv_identity)
     source, template = tokenizer_source(args.model)
     app = build_router_app(config, PromptHasher(Tokenizer(source, template)))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def _served(args: argparse.Namespace):
+    """(ServerConfig, EngineArgs) of a served instance, every flag checked before seconds go into the model."""
+    config = _server_config(args)
+    engine_args = _serve_engine_args(args, config)
+    engine_args.torch_dtype()
+    if args.kv_store:
+        from kvserve.kvstore import parse_kv_store
+
+        parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size, load_policy=args.kv_store_load)
+    if args.max_engine_restarts < 0:
+        raise ConfigError("--max-engine-restarts must be >= 0")
+    if not config.is_loopback and config.api_key is None and config.tenants is None:
+        log.warning("listening on %s without an API key: anyone who can reach it can use it", config.host)
+    return config, engine_args
+
+
+def _serve_engine_args(args: argparse.Namespace, config):
+    """The engine of a served instance: the engine flags plus the server's scheduling flags."""
+    return _engine_args(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        enable_prefix_caching=args.enable_prefix_caching,
+                        enable_chunked_prefill=args.enable_chunked_prefill,
+                        scheduling_policy=args.scheduling_policy, max_queue_wait_s=args.max_queue_wait_s,
+                        tenant_weights=config.tenants.weights() if config.tenants else (),
+                        tenant_pin_max_tokens=config.tenants.pin_caps() if config.tenants else (),
+                        kv_pin_max_fraction=args.kv_pin_max_fraction,
+                        kv_pin_reserved_fraction=args.kv_pin_reserved_fraction,
+                        preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb)
+
+
+def ray_serve_command(args: argparse.Namespace) -> int:
+    try:
+        from kvserve.rayserve.launch import RayServeConfig, build_application, run_forever
+    except ImportError as e:
+        raise ConfigError(f"kvserve ray-serve needs Ray Serve: pip install 'ray[serve]' ({e})") from None
+
+    config, engine_args = _served(args)
+    ray_config = RayServeConfig(replicas=args.replicas, prefill=args.prefill, decode=args.decode,
+                                cpus_per_replica=args.cpus_per_replica, max_replicas=args.max_replicas,
+                                target_ongoing_requests=args.target_ongoing_requests, address=args.address,
+                                num_cpus=args.num_cpus, host=config.host, port=config.port,
+                                routing=_routing_policy(args), stats_period_s=args.routing_stats_period,
+                                health_check_period_s=args.health_check_period, model=args.model)
+    run_forever(ray_config, build_application(ray_config, engine_args, config, args.max_engine_restarts,
+                                              args.log_level))
     return 0
 
 
@@ -292,27 +379,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from kvserve.server.app import build_app
     from kvserve.server.http import protocol_with_header_timeout
 
-    config = _server_config(args)  # validate every flag before spending seconds on the model
-    engine_args = _engine_args(args, max_num_seqs=args.max_num_seqs,
-                               max_num_batched_tokens=args.max_num_batched_tokens,
-                               enable_prefix_caching=args.enable_prefix_caching,
-                               enable_chunked_prefill=args.enable_chunked_prefill,
-                               scheduling_policy=args.scheduling_policy, max_queue_wait_s=args.max_queue_wait_s,
-                               tenant_weights=config.tenants.weights() if config.tenants else (),
-                               tenant_pin_max_tokens=config.tenants.pin_caps() if config.tenants else (),
-                               kv_pin_max_fraction=args.kv_pin_max_fraction,
-                               kv_pin_reserved_fraction=args.kv_pin_reserved_fraction,
-                               preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb)
-    engine_args.torch_dtype()
-    if args.kv_store:
-        from kvserve.kvstore import parse_kv_store
-
-        # a bad spec fails before the model loads
-        parse_kv_store(args.kv_store, chunk_size=args.kv_store_chunk_size, load_policy=args.kv_store_load)
-    if args.max_engine_restarts < 0:
-        raise ConfigError("--max-engine-restarts must be >= 0")
-    if not config.is_loopback and config.api_key is None and config.tenants is None:
-        log.warning("listening on %s without an API key: anyone who can reach it can use it", config.host)
+    config, engine_args = _served(args)
     if args.engine_process:
         client = MPCoreClient(engine_args, max_restarts=args.max_engine_restarts, log_level=args.log_level)
     else:

@@ -20,11 +20,11 @@ def free_port() -> int:
 
 
 def start_kvserve(args: list[str], log_path: Path, timeout: float = 300.0,
-                  drop_env: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """`kvserve serve --host 127.0.0.1 --port <free> ARGS`, waited for until /health answers 200; (process, url).
-    Raises with the server's log if it exits or is not healthy within `timeout` seconds."""
+                  drop_env: tuple[str, ...] = (), command: str = "serve") -> tuple[subprocess.Popen, str]:
+    """`kvserve serve --host 127.0.0.1 --port <free> ARGS` (or `ray-serve`), waited for until /health answers 200;
+    (process, url). Raises with the server's log if it exits or is not healthy within `timeout` seconds."""
     port = free_port()
-    cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "kvserve.cli", command, "--host", "127.0.0.1", "--port", str(port), *args]
     env = dict(os.environ, KVSERVE_NO_TQDM="1", TOKENIZERS_PARALLELISM="false")
     for key in drop_env:
         env.pop(key, None)

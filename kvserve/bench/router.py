@@ -6,7 +6,13 @@ thrashes), a `kvserve router` in front, and `kvserve bench serve` through it. Re
 cache hit rate (hit / looked-up prompt tokens, from their /metrics), TTFT percentiles, and the share of requests the
 busiest instance served (from the router's /metrics).
 
+Policy `ray`: the same two engines (one thread, one Ray CPU each) as `kvserve ray-serve` replicas on a local Ray
+cluster of the 2 CPUs, the same KV-aware routing as Ray Serve's request router (issue 15's Ray Serve bar: its
+throughput against the standalone router's). Hit rates come from the responses' cached_tokens for every policy
+(Ray's replicas have no /metrics of their own); the instances' counters are reported beside them where they exist.
+
     python -m kvserve.bench.router --out docs/results/router/router.json
+    python -m kvserve.bench.router --policies kv,ray --out docs/results/router/ray.json
 """
 
 from __future__ import annotations
@@ -73,26 +79,43 @@ def metrics(url: str, drop: tuple[str, ...] = ("model_name",)) -> dict[str, floa
     return out
 
 
+def _instances(policy: str, workload: str, args, workdir: str, env: dict, procs: list) -> tuple[str, list[str]]:
+    """Start the two engines and what routes to them; returns (the URL clients use, the instances' URLs)."""
+    common = ["--num-threads", "1", "--num-kv-blocks", str(args.pool_blocks), "--log-level", "warning",
+              "--no-access-log", "--enable-prompt-tokens-details"]
+    if policy == "ray":
+        port = free_port()
+        path = os.path.join(workdir, f"{policy}-{workload}-ray.log")
+        cmd = [sys.executable, "-m", "kvserve.cli", "ray-serve", "--port", str(port), "--replicas", "2",
+               "--num-cpus", "2", "--cpus-per-replica", "1", *common]
+        procs.append(subprocess.Popen(cmd, stdout=open(path, "ab"), stderr=subprocess.STDOUT, env=env))
+        url = f"http://127.0.0.1:{port}"
+        wait_ok(f"{url}/health", procs[-1], 600, path)
+        return url, []
+    pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    urls = []
+    for i in range(2):
+        port = free_port()
+        cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), *common]
+        if pin:
+            cmd = ["taskset", "-c", str(i)] + cmd
+        path = os.path.join(workdir, f"{policy}-{workload}-instance{i}.log")
+        procs.append(subprocess.Popen(cmd, stdout=open(path, "ab"), stderr=subprocess.STDOUT, env=env))
+        urls.append(f"http://127.0.0.1:{port}")
+    for u, p in zip(urls, procs):
+        wait_ok(f"{u}/health", p, 600, workdir)
+    router = start_router(urls, ["--policy", policy], os.path.join(workdir, f"{policy}-{workload}-router.log"),
+                          env, procs)
+    return router, urls
+
+
 def run_one(policy: str, workload: str, args, workdir: str, log) -> dict:
     env = dict(os.environ, KVSERVE_NO_TQDM="1", TOKENIZERS_PARALLELISM="false")
-    procs, urls = [], []
-    pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    procs = []
     try:
-        for i in range(2):
-            port = free_port()
-            cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--num-threads", "1",
-                   "--num-kv-blocks", str(args.pool_blocks), "--log-level", "warning", "--no-access-log"]
-            if pin:
-                cmd = ["taskset", "-c", str(i)] + cmd
-            path = os.path.join(workdir, f"{policy}-{workload}-instance{i}.log")
-            procs.append(subprocess.Popen(cmd, stdout=open(path, "ab"), stderr=subprocess.STDOUT, env=env))
-            urls.append(f"http://127.0.0.1:{port}")
-        for u, p in zip(urls, procs):
-            wait_ok(f"{u}/health", p, 600, workdir)
-        router = start_router(urls, ["--policy", policy], os.path.join(workdir, f"{policy}-{workload}-router.log"),
-                              env, procs)
+        front, urls = _instances(policy, workload, args, workdir, env, procs)
         out = os.path.join(workdir, f"{policy}-{workload}.json")
-        cmd = [sys.executable, "-m", "kvserve.bench", "serve", "--base-url", router, "--endpoint", "chat",
+        cmd = [sys.executable, "-m", "kvserve.bench", "serve", "--base-url", front, "--endpoint", "chat",
                "--label", f"router-{policy}", "--workload", workload, *WORKLOAD_ARGS[workload],
                "--num-requests", str(args.num_requests), "--request-rate", str(args.request_rate),
                "--max-concurrency", str(args.max_concurrency), "--seed", str(args.seed), "--no-progress",
@@ -100,25 +123,29 @@ def run_one(policy: str, workload: str, args, workdir: str, log) -> dict:
         log(f"{policy} {workload}: {' '.join(cmd[2:])}")
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         summary = json.load(open(out))["summary"]
-        inst = [metrics(u) for u in urls]
-        hits = sum(m.get("kvserve:prefix_cache_hits_total{}", 0) for m in inst)
-        queried = sum(m.get("kvserve:prefix_cache_queries_total{}", 0) for m in inst)
-        rm = metrics(router)
-        routed = [sum(v for k, v in rm.items() if k.startswith("kvserve_router:requests_routed_total{")
-                      and f"backend={i}," in k) for i in range(2)]
-        reasons = {}
-        for k, v in rm.items():
-            if k.startswith("kvserve_router:requests_routed_total{"):
-                r = k.split("reason=")[1].rstrip("}")
-                reasons[r] = reasons.get(r, 0) + v
-        res = {"policy": policy, "workload": workload, "prefix_cache_hit_rate": hits / queried if queried else 0.0,
-               "hit_tokens": hits, "queried_tokens": queried, "routed_per_instance": routed,
-               "busiest_share": max(routed) / sum(routed) if sum(routed) else None, "reasons": reasons,
-               "preemptions": sum(m.get("kvserve:num_preemptions_total{}", 0) for m in inst),
+        res = {"policy": policy, "workload": workload,
+               "cached_token_rate": summary["total_cached_tokens"] / summary["total_input_tokens"]
+               if summary.get("total_cached_tokens") is not None and summary["total_input_tokens"] else None,
                **{k: summary[k] for k in ("completed", "failed", "duration", "p50_ttft_ms", "p90_ttft_ms",
                                           "p99_ttft_ms", "mean_ttft_ms", "p50_tpot_ms", "output_throughput")}}
-        log(f"{policy:11s} {workload:13s}: hit rate {res['prefix_cache_hit_rate']:.3f}, TTFT p50 "
-            f"{res['p50_ttft_ms']:.0f} ms p99 {res['p99_ttft_ms']:.0f} ms, routed {routed}, "
+        if urls:  # the standalone router: the instances' own counters and the router's per-backend counts
+            inst = [metrics(u) for u in urls]
+            hits = sum(m.get("kvserve:prefix_cache_hits_total{}", 0) for m in inst)
+            queried = sum(m.get("kvserve:prefix_cache_queries_total{}", 0) for m in inst)
+            rm = metrics(front)
+            routed = [sum(v for k, v in rm.items() if k.startswith("kvserve_router:requests_routed_total{")
+                          and f"backend={i}," in k) for i in range(2)]
+            reasons = {}
+            for k, v in rm.items():
+                if k.startswith("kvserve_router:requests_routed_total{"):
+                    r = k.split("reason=")[1].rstrip("}")
+                    reasons[r] = reasons.get(r, 0) + v
+            res.update({"prefix_cache_hit_rate": hits / queried if queried else 0.0, "hit_tokens": hits,
+                        "queried_tokens": queried, "routed_per_instance": routed,
+                        "busiest_share": max(routed) / sum(routed) if sum(routed) else None, "reasons": reasons,
+                        "preemptions": sum(m.get("kvserve:num_preemptions_total{}", 0) for m in inst)})
+        log(f"{policy:11s} {workload:13s}: cached-token rate {res['cached_token_rate']:.3f}, TTFT p50 "
+            f"{res['p50_ttft_ms']:.0f} ms p99 {res['p99_ttft_ms']:.0f} ms, routed {res.get('routed_per_instance')}, "
             f"{res['output_throughput']:.1f} tok/s, {res['completed']} ok / {res['failed']} failed")
         return res
     finally:
@@ -148,16 +175,26 @@ def main(argv=None) -> int:
               "cpus": os.cpu_count(), "runs": runs, "seconds": time.time() - started}
     for w in args.workloads.split(","):
         by = {r["policy"]: r for r in runs if r["workload"] == w}
+        ratios = result.setdefault("ratios", {}).setdefault(w, {})
         if "kv" in by and "round_robin" in by:
             kv, rr = by["kv"], by["round_robin"]
-            result.setdefault("ratios", {})[w] = {
+            ratios.update({
                 "hit_rate_x": kv["prefix_cache_hit_rate"] / rr["prefix_cache_hit_rate"]
                 if rr["prefix_cache_hit_rate"] else None,
                 "ttft_p50_x_lower": rr["p50_ttft_ms"] / kv["p50_ttft_ms"] if kv["p50_ttft_ms"] else None,
-                "kv_busiest_share": kv["busiest_share"]}
-            log(f"{w}: kv vs round robin: hit rate x{result['ratios'][w]['hit_rate_x']:.2f}, TTFT p50 "
-                f"{result['ratios'][w]['ttft_p50_x_lower']:.2f}x lower, busiest instance "
-                f"{100 * kv['busiest_share']:.0f}%")
+                "kv_busiest_share": kv["busiest_share"]})
+            log(f"{w}: kv vs round robin: hit rate x{ratios['hit_rate_x']:.2f}, TTFT p50 "
+                f"{ratios['ttft_p50_x_lower']:.2f}x lower, busiest instance {100 * kv['busiest_share']:.0f}%")
+        if "kv" in by and "ray" in by:
+            kv, ray = by["kv"], by["ray"]
+            ratios.update({"ray_throughput_cost": 1 - ray["output_throughput"] / kv["output_throughput"],
+                           "ray_ttft_p50_x": ray["p50_ttft_ms"] / kv["p50_ttft_ms"],
+                           "ray_cached_token_rate_x": ray["cached_token_rate"] / kv["cached_token_rate"]
+                           if kv["cached_token_rate"] else None})
+            log(f"{w}: Ray Serve vs the standalone router: throughput {ray['output_throughput']:.1f} vs "
+                f"{kv['output_throughput']:.1f} tok/s (cost {100 * ratios['ray_throughput_cost']:.1f}%), TTFT p50 "
+                f"x{ratios['ray_ttft_p50_x']:.2f}, cached-token rate {ray['cached_token_rate']:.3f} vs "
+                f"{kv['cached_token_rate']:.3f}")
     write_json(args.out, result)
     log(f"wrote {args.out}")
     return 0

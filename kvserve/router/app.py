@@ -188,7 +188,7 @@ class Router:
         tried: set[int] = set(exclude)
         while True:
             try:
-                choice = choose(self.backends, hashes, session, self.config, self.turn, frozenset(tried))
+                choice = choose(self.backends, hashes, session, self.config.routing, self.turn, frozenset(tried))
             except NoBackend:
                 self.metrics.failed.inc()
                 detail = "; ".join(f"{b.url}: {b.refused or b.error or 'down'}" for i, b in enumerate(self.backends)
@@ -307,7 +307,7 @@ class Router:
         return StreamingResponse(chunks(), media_type="text/event-stream")
 
     async def _hashes(self, path: str, body: bytes) -> tuple[list[bytes], str | None]:
-        if self.block_size is None or self.config.policy == "round_robin":
+        if self.block_size is None or self.config.routing.policy == "round_robin":
             return [], None
         try:
             data = json.loads(body)
@@ -319,18 +319,11 @@ class Router:
             None, self.hasher.block_hashes, path, data, self.block_size, self.hash_bytes)
 
     def _begin(self, i: int, hashes: list[bytes]) -> None:
-        b = self.backends[i]
-        b.in_flight += 1
-        b.pending.update(hashes)
+        self.backends[i].begin(hashes)
         self._gauges(i)
 
     def _end(self, i: int, hashes: list[bytes]) -> None:
-        b = self.backends[i]
-        b.in_flight -= 1
-        b.pending.subtract(hashes)
-        for h in hashes:
-            if b.pending[h] <= 0:
-                del b.pending[h]
+        self.backends[i].end(hashes)
         self._gauges(i)
 
     def _relay(self, upstream: httpx.Response, choice: Choice, hashes: list[bytes]) -> Response:
@@ -371,7 +364,7 @@ class Router:
         raise ApiError(503, "no healthy backend", code="no_backend")
 
     def status(self) -> dict:
-        return {"policy": self.config.policy, "kv_identity": self.identity, "block_size": self.block_size,
+        return {"policy": self.config.routing.policy, "kv_identity": self.identity, "block_size": self.block_size,
                 "backends": [{"url": b.url, "role": b.role, "healthy": b.healthy, "refused": b.refused, "error": b.error,
                               "advertised_blocks": len(b.hashes), "pending_blocks": len(b.pending),
                               "in_flight": b.in_flight, "num_running": b.num_running, "num_waiting": b.num_waiting,

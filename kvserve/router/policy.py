@@ -13,7 +13,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kvserve.router.config import RouterConfig
+from kvserve.router.config import RoutingPolicy
 
 
 @dataclass
@@ -43,6 +43,19 @@ class BackendState:
         """Requests on it: the router's own live count, or the backend's if other clients add more."""
         return max(self.in_flight, self.num_running + self.num_waiting)
 
+    def begin(self, hashes: list[bytes]) -> None:
+        """A request with these prompt hashes was sent here."""
+        self.in_flight += 1
+        self.pending.update(hashes)
+
+    def end(self, hashes: list[bytes]) -> None:
+        """... and has finished (its blocks are in the summary from now on, if they stayed cached)."""
+        self.in_flight = max(self.in_flight - 1, 0)
+        self.pending.subtract(hashes)
+        for h in hashes:
+            if self.pending[h] <= 0:
+                del self.pending[h]
+
     def matched_blocks(self, hashes: list[bytes]) -> int:
         """How many leading blocks of the request's chain it holds (or will, once the requests sent there run)."""
         n = 0
@@ -68,7 +81,7 @@ def session_slot(session_id: str, n: int) -> int:
     return int.from_bytes(hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).digest()[:8], "little") % n
 
 
-def choose(backends: list[BackendState], hashes: list[bytes], session_id: str | None, config: RouterConfig,
+def choose(backends: list[BackendState], hashes: list[bytes], session_id: str | None, config: RoutingPolicy,
            turn: int, exclude: frozenset[int] = frozenset()) -> Choice:
     """The backend for a request whose prompt has the (truncated) block `hashes`; `turn` counts requests routed
     (round robin's position); `exclude`: backends that already failed this request."""

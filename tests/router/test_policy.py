@@ -5,10 +5,10 @@ from collections import Counter
 import pytest
 
 from kvserve.config import ConfigError
-from kvserve.router.config import RouterConfig
+from kvserve.router.config import RouterConfig, RoutingPolicy
 from kvserve.router.policy import BackendState, NoBackend, choose, session_slot
 
-CFG = RouterConfig(("http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"), balance_abs_threshold=4)
+CFG = RoutingPolicy(balance_abs_threshold=4)
 H = [bytes([i]) * 8 for i in range(10)]  # a request's chain of 10 blocks
 
 
@@ -65,7 +65,7 @@ def test_unhealthy_refused_and_excluded_backends_are_never_chosen():
 
 
 def test_round_robin_ignores_prefixes():
-    cfg = RouterConfig(CFG.backends, policy="round_robin")
+    cfg = RoutingPolicy(policy="round_robin")
     bs = backends((True, H, 0), (True, [], 0), (True, [], 0))
     assert [choose(bs, H, None, cfg, turn=t).index for t in range(4)] == [0, 1, 2, 0]
 
@@ -75,12 +75,14 @@ def test_round_robin_ignores_prefixes():
     ({"backends": ("http://a:1", "http://a:1")}, "listed twice"),
     ({"backends": ("a:1",)}, "expected http(s)://host:port"),
     ({"backends": ("http://a:1/v1",)}, "no path"),
-    ({"policy": "random"}, "--policy must be one of kv, round_robin"),
-    ({"load_weight": -1}, "--load-weight must be a non-negative number"),
-    ({"balance_rel_threshold": 0.5}, "--balance-rel-threshold must be >= 1"),
+    ({"routing": {"policy": "random"}}, "--policy must be one of kv, round_robin"),
+    ({"routing": {"load_weight": -1}}, "--load-weight must be a non-negative number"),
+    ({"routing": {"balance_rel_threshold": 0.5}}, "--balance-rel-threshold must be >= 1"),
     ({"poll_interval_s": 0}, "--poll-interval must be a positive number"),
 ])
 def test_bad_configs_fail_clearly(kw, message):
     args = {"backends": ("http://127.0.0.1:1",), **kw}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        if "routing" in args:
+            args["routing"] = RoutingPolicy(**args["routing"])
         RouterConfig(**args)
