@@ -25,11 +25,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from kvserve.rayserve.asgi import ResponseHead, call_app
 from kvserve.rayserve.request_router import AVOID_KWARG, HASHES_KWARG, SESSION_KWARG
 from kvserve.rayserve.stats import ReplicaSummary
-from kvserve.router.pd import PrefillResult, decode_body, prefill_body, splittable
+from kvserve.router.pd import (PrefillResult, UpstreamBroken, broken_stream_event, decode_body, prefill_body,
+                               prefill_only, split_stream, splittable)
 from kvserve.router.prompt import CHAT_PATH, COMPLETIONS_PATH, PromptHasher
 from kvserve.server.errors import ApiError, error_response, install_handlers
 from kvserve.server.inputs import read_body
-from kvserve.server.responses import SSE_DONE, sse
 
 log = logging.getLogger("kvserve.rayserve")
 
@@ -90,20 +90,23 @@ class EngineReplica:
         await self._lifespan.__aexit__(None, None, None)
 
 
-class Upstream:
-    """One engine deployment call, opened: its head, then its body chunks."""
+class RayUpstream:
+    """One engine deployment call, opened: its head, then its body chunks (kvserve.router.pd.Upstream)."""
 
     def __init__(self, head: ResponseHead, stream):
-        self.head, self._stream = head, stream
+        self.head, self.status, self._stream = head, head.status, stream
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._stream:
-            yield chunk
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except RayActorError as e:
+            raise UpstreamBroken(f"{type(e).__name__}: {e}") from e
 
     async def read(self) -> bytes:
         return b"".join([c async for c in self.chunks()])
 
-    def cancel(self) -> None:
+    async def close(self) -> None:
         self._stream.cancel()
 
     def headers(self) -> dict[str, str]:
@@ -153,7 +156,7 @@ class Ingress:
             None, self.hasher.block_hashes, path, data, block_size, SUMMARY_HASH_BYTES)
 
     async def _open(self, handle, path: str, body: bytes, headers: list[tuple[str, str]], client,
-                    hashes: list[bytes], session: str | None) -> Upstream:
+                    hashes: list[bytes], session: str | None) -> RayUpstream:
         """Call the deployment; a replica that dies or answers 503 before its first byte is avoided next try."""
         avoid: list[str] = []
         last = "no replica answered"
@@ -176,24 +179,22 @@ class Ingress:
                 avoid.append(head.replica)
                 last = f"replica {head.replica} answered 503"
                 continue
-            return Upstream(head, stream)
+            return RayUpstream(head, stream)
         raise ApiError(503, f"no engine replica could take the request ({last})", code="no_backend")
 
-    def _relay(self, upstream: Upstream) -> Response:
+    def _relay(self, upstream: RayUpstream) -> Response:
         async def body():
             try:
                 async for chunk in upstream.chunks():
                     yield chunk
-            except RayActorError as e:  # the replica died mid-stream: the client sees an error event
+            except UpstreamBroken as e:  # the replica died mid-stream: an event stream ends with an error event
                 log.warning("an engine replica broke a stream: %s", e)
-                if upstream.head.status == 200 and upstream.head.is_event_stream:
-                    yield sse({"error": {"message": "the engine replica serving this stream died",
-                                         "type": "server_error", "param": None, "code": "backend_error"}})
-                    yield SSE_DONE
+                if upstream.status == 200 and upstream.head.is_event_stream:
+                    yield broken_stream_event("the engine replica serving this stream died")
             finally:
-                upstream.cancel()
+                await upstream.close()
 
-        return StreamingResponse(body(), status_code=upstream.head.status, headers=upstream.headers())
+        return StreamingResponse(body(), status_code=upstream.status, headers=upstream.headers())
 
     async def _route(self, request: Request, path: str) -> Response:
         body = await read_body(request, self.max_body_bytes)
@@ -216,56 +217,23 @@ class Ingress:
         try:
             up = await self._open(self.prefill, path, prefill_body(path, data), headers, client, hashes, session)
             raw = await up.read()
-            if up.head.status != 200:
-                return Response(raw, status_code=up.head.status, headers=up.headers())
-            result = PrefillResult(json.loads(raw), data.get("n", 1))
-        except (ApiError, RayActorError, ValueError) as e:
-            log.warning("prefill failed (%s); the request is served whole", e)
-        stream = bool(data.get("stream"))
+            if 400 <= up.status < 500:  # the request itself is wrong: the decode replica would say so too
+                return Response(raw, status_code=up.status, headers=up.headers())
+            if up.status == 200:
+                result = PrefillResult(json.loads(raw), data.get("n", 1))
+        except (ApiError, UpstreamBroken, ValueError) as e:
+            log.warning("prefill failed (%s); the request is served whole, recomputed by a decode replica", e)
         if result is not None and result.finished:
-            if not stream:
-                return Response(result.final_body(), media_type="application/json")
-            usage = (data.get("stream_options") or {}).get("include_usage")
-            return Response(result.first_chunks(path, True, bool(data.get("return_token_ids")))
-                            + (result.usage_chunk(path) if usage else b"") + SSE_DONE,
-                            media_type="text/event-stream")
+            body, media_type = prefill_only(result, path, data)
+            return Response(body, media_type=media_type)
         if result is None or not result.continues:
             return self._relay(await self._open(self.decode, path, json.dumps(data).encode(), headers, client,
                                                 hashes, session))
         body = decode_body(data, result.transfer)
-        if not stream:
+        if not data.get("stream"):
             return self._relay(await self._open(self.decode, path, body, headers, client, hashes, session))
-
-        async def chunks():
-            yield result.first_chunks(path, False, bool(data.get("return_token_ids")))  # from the prefill
-            try:
-                up = await self._open(self.decode, path, body, headers, client, hashes, session)
-            except ApiError as e:
-                yield sse({"error": e.body()["error"]})
-                yield SSE_DONE
-                return
-            try:
-                if up.head.status != 200:
-                    raw = await up.read()
-                    try:
-                        err = json.loads(raw).get("error")
-                    except (ValueError, AttributeError):
-                        err = None
-                    yield sse({"error": err or {"message": f"decode replica answered {up.head.status}",
-                                                "type": "server_error", "code": "backend_error"}})
-                    yield SSE_DONE
-                    return
-                async for chunk in up.chunks():
-                    yield chunk
-            except RayActorError as e:
-                log.warning("a decode replica broke a stream: %s", e)
-                yield sse({"error": {"message": "the decode replica serving this stream died",
-                                     "type": "server_error", "param": None, "code": "backend_error"}})
-                yield SSE_DONE
-            finally:
-                up.cancel()
-
-        return StreamingResponse(chunks(), media_type="text/event-stream")
+        return StreamingResponse(split_stream(result, path, data, lambda: self._open(
+            self.decode, path, body, headers, client, hashes, session)), media_type="text/event-stream")
 
     @ingress_app.post(COMPLETIONS_PATH)
     async def completions(self, request: Request) -> Response:
@@ -285,8 +253,7 @@ class Ingress:
             raw = b"".join([c async for c in stream])
         except (RayActorError, BackPressureError, StopAsyncIteration) as e:
             raise ApiError(503, f"no engine replica answered: {e}", code="no_backend") from None
-        up = Upstream(head, stream)
-        return Response(raw, status_code=head.status, headers=up.headers())
+        return Response(raw, status_code=head.status, headers=RayUpstream(head, stream).headers())
 
     @ingress_app.get("/health")
     async def health(self) -> Response:

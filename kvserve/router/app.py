@@ -23,19 +23,42 @@ from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kvserve.router.config import RouterConfig
-from kvserve.router.pd import PrefillResult, decode_body, prefill_body, splittable
+from kvserve.router.pd import (PrefillResult, UpstreamBroken, decode_body, prefill_body, prefill_only, splittable,
+                               split_stream)
 from kvserve.router.policy import BackendState, Choice, NoBackend, choose
 from kvserve.router.prompt import CHAT_PATH, COMPLETIONS_PATH, PromptHasher
 from kvserve.server.errors import ApiError, error_response, install_handlers
 from kvserve.server.inputs import read_body
 from kvserve.server.protocol import KVSummaryResponse
-from kvserve.server.responses import SSE_DONE, sse
 
 log = logging.getLogger("kvserve.router")
 
 FORWARD_REQUEST_HEADERS = ("authorization", "content-type", "accept", "x-request-id", "user-agent")
 DROP_RESPONSE_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 BACKEND_HEADER = "x-kvserve-backend"  # which backend (its index in --backend order) served the response
+
+
+class _HttpUpstream:
+    """A decode instance's streamed HTTP response, as kvserve.router.pd.split_stream reads it."""
+
+    def __init__(self, response: httpx.Response, on_close):
+        self.response, self.status, self._on_close, self._closed = response, response.status_code, on_close, False
+
+    async def read(self) -> bytes:
+        return await self.response.aread()
+
+    async def chunks(self):
+        try:
+            async for chunk in self.response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as e:
+            raise UpstreamBroken(str(e)) from e
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self.response.aclose()
+            self._on_close()
 
 
 class RouterMetrics:
@@ -253,15 +276,10 @@ class Router:
         result = await self._prefill(path, data, hashes, session, headers)
         if isinstance(result, Response):
             return result
-        stream = bool(data.get("stream"))
         if result is not None and result.finished:  # every choice ended at its first token
             self.metrics.pd.labels("prefill_only").inc()
-            if not stream:
-                return Response(result.final_body(), media_type="application/json")
-            usage = (data.get("stream_options") or {}).get("include_usage")
-            body = result.first_chunks(path, True, bool(data.get("return_token_ids"))) + (
-                result.usage_chunk(path) if usage else b"") + SSE_DONE
-            return Response(body, media_type="text/event-stream")
+            body, media_type = prefill_only(result, path, data)
+            return Response(body, media_type=media_type)
         if result is None or not result.continues:
             # no prefill answer (or some choices ended, some not): served whole; the decode instance recomputes
             self.metrics.pd.labels("whole").inc()
@@ -272,39 +290,15 @@ class Router:
         self.metrics.prefill_seconds.observe(time.monotonic() - t0)
         body = decode_body(data, result.transfer)
         exclude = self._role_exclude("decode", "both")
-        if not stream:
+        if not data.get("stream"):
             upstream, choice = await self._open(path, body, headers, hashes, session, exclude)
             return self._relay(upstream, choice, hashes)
 
-        async def chunks():
-            # the first token, from the prefill instance
-            yield result.first_chunks(path, False, bool(data.get("return_token_ids")))
-            try:
-                upstream, choice = await self._open(path, body, headers, hashes, session, exclude)
-            except ApiError as e:
-                yield sse({"error": e.body()["error"]})
-                yield SSE_DONE
-                return
-            try:
-                if upstream.status_code != 200:
-                    raw = await upstream.aread()
-                    try:
-                        err = json.loads(raw).get("error")
-                    except (ValueError, AttributeError):
-                        err = None
-                    yield sse({"error": err or {"message": f"decode backend answered {upstream.status_code}",
-                                                "type": "server_error", "code": "backend_error"}})
-                    yield SSE_DONE
-                    return
-                async for chunk in upstream.aiter_raw():
-                    yield chunk
-            except httpx.HTTPError as e:  # the decode backend died mid-stream
-                log.warning("decode backend %d broke a stream: %s", choice.index, e)
-            finally:
-                await upstream.aclose()
-                self._end(choice.index, hashes)
+        async def open_decode() -> _HttpUpstream:
+            upstream, choice = await self._open(path, body, headers, hashes, session, exclude)
+            return _HttpUpstream(upstream, lambda: self._end(choice.index, hashes))
 
-        return StreamingResponse(chunks(), media_type="text/event-stream")
+        return StreamingResponse(split_stream(result, path, data, open_decode), media_type="text/event-stream")
 
     async def _hashes(self, path: str, body: bytes) -> tuple[list[bytes], str | None]:
         if self.block_size is None or self.config.routing.policy == "round_robin":

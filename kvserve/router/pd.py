@@ -6,15 +6,25 @@ prompt's KV through the shared KV store and answers with each choice's first tok
 client's request plus those ids (`kv_transfer_params`); it loads the published KV, continues every choice from its
 first token (seeded draws included) and streams the rest. The client first sees the prefill's text, then the
 decode's: the same text, token ids and usage as colocated serving.
+
+The request rewriting is pure; `split_stream` and `prefill_only` assemble the client's response from whatever
+transport the caller uses (`kvserve router`: HTTP to instances; `kvserve ray-serve`: Ray Serve handles), through the
+small `Upstream` interface.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 from kvserve.router.prompt import CHAT_PATH, COMPLETIONS_PATH
-from kvserve.server.responses import sse
+from kvserve.server.errors import ApiError
+from kvserve.server.responses import SSE_DONE, sse
+
+log = logging.getLogger("kvserve.router")
 
 ROLES = ("both", "prefill", "decode")
 
@@ -122,3 +132,64 @@ class PrefillResult:
         obj = "chat.completion.chunk" if path == CHAT_PATH else "text_completion"
         return sse({"id": r.get("id"), "object": obj, "created": r.get("created", int(time.time())),
                     "model": r.get("model"), "choices": [], "usage": r.get("usage")})
+
+
+class UpstreamBroken(Exception):
+    """The instance serving a response died after its first byte."""
+
+
+class Upstream(Protocol):
+    """A response being received from an instance (an HTTP response, a Ray Serve call)."""
+
+    status: int
+
+    async def read(self) -> bytes: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...  # raises UpstreamBroken
+
+    async def close(self) -> None: ...
+
+
+def broken_stream_event(message: str) -> bytes:
+    """What a client's stream ends with when the instance serving it died (instead of a cut connection)."""
+    return sse({"error": {"message": message, "type": "server_error", "param": None, "code": "backend_error"}}) \
+        + SSE_DONE
+
+
+def prefill_only(result: PrefillResult, path: str, data: dict) -> tuple[bytes, str]:
+    """(body, media type) when every choice ended at its first token: the prefill's answer is the whole answer."""
+    if not data.get("stream"):
+        return result.final_body(), "application/json"
+    usage = (data.get("stream_options") or {}).get("include_usage")
+    return (result.first_chunks(path, True, bool(data.get("return_token_ids")))
+            + (result.usage_chunk(path) if usage else b"") + SSE_DONE), "text/event-stream"
+
+
+async def split_stream(result: PrefillResult, path: str, data: dict,
+                       open_decode: Callable[[], Awaitable[Upstream]]) -> AsyncIterator[bytes]:
+    """A split, streamed request's SSE: the prefill's first token, then the decode instance's stream relayed. A
+    decode instance that cannot be reached, answers an error, or dies mid-stream ends the stream with an error
+    event."""
+    yield result.first_chunks(path, False, bool(data.get("return_token_ids")))
+    try:
+        up = await open_decode()
+    except ApiError as e:
+        yield sse({"error": e.body()["error"]}) + SSE_DONE
+        return
+    try:
+        if up.status != 200:
+            raw = await up.read()
+            try:
+                err = json.loads(raw).get("error")
+            except (ValueError, AttributeError):
+                err = None
+            yield sse({"error": err or {"message": f"the decode instance answered {up.status}",
+                                        "type": "server_error", "param": None, "code": "backend_error"}}) + SSE_DONE
+            return
+        async for chunk in up.chunks():
+            yield chunk
+    except UpstreamBroken as e:
+        log.warning("a decode instance broke a stream: %s", e)
+        yield broken_stream_event("the decode instance serving this stream died")
+    finally:
+        await up.close()
