@@ -129,6 +129,9 @@ def _server_flags(serve: argparse.ArgumentParser) -> None:
                             "dropped and recomputed: auto picks per sequence by measured copy vs prefill speed")
     serve.add_argument("--swap-space-gb", type=float, default=1.0,
                        help="host memory for swapped-out KV (allocated on the first swap)")
+    serve.add_argument("--step-trace", default=None, metavar="PATH",
+                       help="append each busy engine step's cost features and cycle time to this JSONL file (what "
+                            "`kvserve bench plan measure --served` fits its step-cost model to)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log each request")
 
@@ -351,7 +354,8 @@ def _serve_engine_args(args: argparse.Namespace, config):
                         tenant_pin_max_tokens=config.tenants.pin_caps() if config.tenants else (),
                         kv_pin_max_fraction=args.kv_pin_max_fraction,
                         kv_pin_reserved_fraction=args.kv_pin_reserved_fraction,
-                        preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb)
+                        preemption_mode=args.preemption_mode, swap_space_gb=args.swap_space_gb,
+                        step_trace=args.step_trace)
 
 
 def ray_serve_command(args: argparse.Namespace) -> int:

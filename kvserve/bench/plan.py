@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass, field
 
 from kvserve.bench import elapsed_log, free_port, write_json
+from kvserve.core.step_trace import BASE, step_features
 
 # what a step is measured by (step_features), and the model's terms (expand): the decode sequences enter piecewise,
 # because a decode-only step's cost is concave in its batch (the weights are read once; the first rows are cheap)
-BASE = ("step", "gemm_tokens", "decode_seqs", "decode_context_k", "prefill_attention_m")
 FEATURES = ("step", "gemm_tokens", "decode_seqs_first8", "decode_seqs_beyond8", "decode_context_k",
             "prefill_attention_m")
 
@@ -45,36 +45,6 @@ KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # SmolLM2-135M in bf16: layers x (K, V
 
 
 # ---------------------------------------------------------------------------------------------------- cost model
-def step_features(so, loaded: frozenset[str] = frozenset()) -> tuple[list[float], int]:
-    """(features, prompt tokens whose KV is loaded rather than computed) of one SchedulerOutput. A request in
-    `loaded` (a decode instance of a P/D pair) costs its prompt as a transfer, not as compute."""
-    prefill = decode = rows = 0
-    ctx = att = 0.0
-    moved = 0
-    for s in so.scheduled:
-        n = s.num_new_tokens
-        if s.request.request_id in loaded and s.start < s.request.num_prompt_tokens:
-            prompt_part = min(n, s.request.num_prompt_tokens - s.start)
-            moved += prompt_part
-            n -= prompt_part
-            if n <= 0:
-                if s.sample:  # the loaded prompt's last position still samples: a decode row's work
-                    decode += 1
-                    ctx += s.start + prompt_part
-                continue
-        if n <= 1 + len(s.spec_token_ids):
-            decode += 1
-            ctx += s.start + n
-            rows += n
-        else:
-            prefill += n
-            att += n * (s.start + n / 2)
-    # a step with a prefill chunk runs every token through the GEMMs; a decode-only step uses the small-batch kernels
-    # (weights read once: the constant), so its rows cost only their per-sequence term
-    gemm = prefill + rows if prefill else 0
-    return [1.0, float(gemm), float(decode), ctx / 1e3, att / 1e6], moved
-
-
 @dataclass(frozen=True)
 class CostModel:
     threads: int
@@ -405,10 +375,35 @@ def sim_requests(workload: str, params: list[str], num_requests: int, seed: int,
 
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_measure(args, log) -> dict:
-    model = measure(args.threads, args.dtype, args.num_requests, args.seed, log)
-    rows = model.fit.pop("rows")
+    if args.served is None:
+        model = measure(args.threads, args.dtype, args.num_requests, args.seed, log)
+        rows = model.fit.pop("rows")
+        return {"threads": model.threads, "coef": list(model.coef), "features": list(FEATURES), "fit": model.fit,
+                "dtype": args.dtype, "source": "offline", "steps": rows}
+    return measure_served(args, log)
+
+
+def measure_served(args, log) -> dict:
+    """The step-cost model fitted to a served engine's own steps (`kvserve serve --step-trace`) under a workload at
+    `--served RATE`: the cycle of the engine loop as it runs beside the API server, its messaging included. Use
+    another seed than the validation's, so the model is not fitted to the run it predicts."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        trace = os.path.join(d, "steps.jsonl")
+        t = time.perf_counter()
+        summary = served_run(args.threads, args.dtype, args.workload, args.workload_arg, args.num_requests,
+                             args.seed, args.served, args.slo_ttft_ms, args.slo_tpot_ms, step_trace=trace)
+        with open(trace) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    rows = [(x["base"], x["cycle_s"]) for x in lines]
+    model = fit_cost(rows, args.threads)
+    log(f"served {summary['completed']} requests at {args.served} req/s, {len(rows)} busy steps traced in "
+        f"{time.perf_counter() - t:.0f}s: coef {dict(zip(FEATURES, (round(c, 6) for c in model.coef)))}, "
+        f"fit {model.fit}")
     return {"threads": model.threads, "coef": list(model.coef), "features": list(FEATURES), "fit": model.fit,
-            "dtype": args.dtype, "steps": rows}
+            "dtype": args.dtype, "source": f"served: {args.workload} at {args.served} req/s, seed {args.seed}",
+            "steps": [[round(v, 6) for v in f] + [round(c, 6)] for f, c in rows]}
 
 
 def cmd_refit(args, log) -> dict:
@@ -421,35 +416,23 @@ def cmd_refit(args, log) -> dict:
     return {**d, "coef": list(model.coef), "features": list(FEATURES), "fit": model.fit}
 
 
-def cmd_validate(args, log) -> dict:
-    """The same workload through a real `kvserve serve --num-threads T` and through the simulator."""
+def served_run(threads: int, dtype: str, workload: str, workload_args: list[str], num_requests: int, seed: int,
+               rate: float, slo_ttft_ms: float, slo_tpot_ms: float, step_trace: str | None = None) -> dict:
+    """`kvserve bench serve` against a fresh `kvserve serve --num-threads T` (a short warm-up run first, for the
+    kernels' shapes); its summary. With `step_trace`, the server traces its steps there, from after the warm-up."""
     import subprocess
     import tempfile
 
     import httpx
 
-    from kvserve.bench.workloads import load_tokenizer
-
-    cost = CostModel.load(args.cost)
-    tok = load_tokenizer()
-    wargs = [x for p in args.workload_arg for x in ("-W", p)]
-    reqs = sim_requests(args.workload, args.workload_arg, args.num_requests, args.seed, args.request_rate,
-                        1.0, tok)
-    t = time.perf_counter()
-    pred = summarize(simulate(reqs, [SimInstance(cost, InstanceConfig())]), args.slo_ttft_ms, args.slo_tpot_ms)
-    log(f"simulated {len(reqs)} requests in {time.perf_counter() - t:.1f}s: TTFT {pred['ttft_ms']}, "
-        f"TPOT {pred['tpot_ms']}")
-    if args.measured_from:  # the real run of an earlier validation with the same workload, seed and rate
-        prev = json.load(open(args.measured_from))
-        if (prev["workload"], prev["request_rate"], prev["threads"]) != (args.workload, args.request_rate,
-                                                                         cost.threads):
-            raise SystemExit("--measured-from holds another workload, rate or thread count")
-        return _compare(pred, prev["measured"], cost, args, log, reused=args.measured_from)
+    wargs = [x for p in workload_args for x in ("-W", p)]
     port = free_port()
     env = dict(os.environ, KVSERVE_NO_TQDM="1")
-    server = subprocess.Popen([sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--num-threads",
-                               str(cost.threads), "--dtype", args.dtype, "--log-level", "warning",
-                               "--no-access-log"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), "--num-threads", str(threads),
+           "--dtype", dtype, "--log-level", "warning", "--no-access-log"]
+    if step_trace is not None:
+        cmd += ["--step-trace", step_trace]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -464,20 +447,44 @@ def cmd_validate(args, log) -> dict:
             time.sleep(0.5)
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "real.json")
-            # a short warm-up run first (the kernels' shapes), then the measured one
             subprocess.run([sys.executable, "-m", "kvserve.bench", "serve", "--base-url", url, "--workload",
-                            args.workload, *wargs, "--num-requests", "8", "--seed", str(args.seed + 99),
+                            workload, *wargs, "--num-requests", "8", "--seed", str(seed + 99),
                             "--request-rate", "inf", "--no-progress"], check=True, env=env,
                            stdout=subprocess.DEVNULL)
+            if step_trace is not None:
+                time.sleep(1.0)  # the warm-up's last steps are written ...
+                open(step_trace, "w").close()  # ... and dropped (the core appends)
             subprocess.run([sys.executable, "-m", "kvserve.bench", "serve", "--base-url", url, "--workload",
-                            args.workload, *wargs, "--num-requests", str(args.num_requests), "--seed",
-                            str(args.seed), "--request-rate", str(args.request_rate), "--no-progress",
-                            "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms),
-                            "--out", out], check=True, env=env, stdout=subprocess.DEVNULL)
-            real = json.load(open(out))["summary"]
+                            workload, *wargs, "--num-requests", str(num_requests), "--seed", str(seed),
+                            "--request-rate", str(rate), "--no-progress", "--slo-ttft-ms", str(slo_ttft_ms),
+                            "--slo-tpot-ms", str(slo_tpot_ms), "--out", out], check=True, env=env,
+                           stdout=subprocess.DEVNULL)
+            return json.load(open(out))["summary"]
     finally:
         server.terminate()
         server.wait(60)
+
+
+def cmd_validate(args, log) -> dict:
+    """The same workload through a real `kvserve serve --num-threads T` and through the simulator."""
+    from kvserve.bench.workloads import load_tokenizer
+
+    cost = CostModel.load(args.cost)
+    tok = load_tokenizer()
+    reqs = sim_requests(args.workload, args.workload_arg, args.num_requests, args.seed, args.request_rate,
+                        1.0, tok)
+    t = time.perf_counter()
+    pred = summarize(simulate(reqs, [SimInstance(cost, InstanceConfig())]), args.slo_ttft_ms, args.slo_tpot_ms)
+    log(f"simulated {len(reqs)} requests in {time.perf_counter() - t:.1f}s: TTFT {pred['ttft_ms']}, "
+        f"TPOT {pred['tpot_ms']}")
+    if args.measured_from:  # the real run of an earlier validation with the same workload, seed and rate
+        prev = json.load(open(args.measured_from))
+        if (prev["workload"], prev["request_rate"], prev["threads"]) != (args.workload, args.request_rate,
+                                                                         cost.threads):
+            raise SystemExit("--measured-from holds another workload, rate or thread count")
+        return _compare(pred, prev["measured"], cost, args, log, reused=args.measured_from)
+    real = served_run(cost.threads, args.dtype, args.workload, args.workload_arg, args.num_requests, args.seed,
+                      args.request_rate, args.slo_ttft_ms, args.slo_tpot_ms)
     measured = {"ttft_ms": {q: real[f"{q}_ttft_ms"] for q in ("p50", "p90", "p99")},
                 "tpot_ms": {q: real[f"{q}_tpot_ms"] for q in ("p50", "p90", "p99")},
                 "slo_attainment": real["good_requests"] / real["completed"] if real["completed"] else 0.0}
@@ -550,13 +557,16 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure")
     m.add_argument("--threads", type=int, default=1)
     m.add_argument("--num-requests", type=int, default=160)
+    m.add_argument("--served", type=float, default=None, metavar="RATE",
+                   help="fit to a served engine's traced steps under the workload at RATE requests/s (instead of "
+                        "the in-process engine's)")
     for p in (m,):
         p.add_argument("--dtype", default="bfloat16")
     f = sub.add_parser("refit")
     f.add_argument("steps", help="a measure run's JSON (its saved steps)")
     v = sub.add_parser("validate")
     r = sub.add_parser("recommend")
-    for p in (v, r):
+    for p in (m, v, r):
         p.add_argument("--workload", default="sharegpt-like")
         p.add_argument("-W", "--workload-arg", action="append", default=[], metavar="KEY=VALUE")
         p.add_argument("--slo-ttft-ms", type=float, default=2000.0)

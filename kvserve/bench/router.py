@@ -12,7 +12,7 @@ throughput against the standalone router's). Hit rates come from the responses' 
 (Ray's replicas have no /metrics of their own); the instances' counters are reported beside them where they exist.
 
     python -m kvserve.bench.router --out docs/results/router/router.json
-    python -m kvserve.bench.router --policies kv,ray --out docs/results/router/ray.json
+    python -m kvserve.bench.router --policies kv,ray --request-rate inf --repeats 3 --out docs/results/router/ray.json
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,13 +80,13 @@ def metrics(url: str, drop: tuple[str, ...] = ("model_name",)) -> dict[str, floa
     return out
 
 
-def _instances(policy: str, workload: str, args, workdir: str, env: dict, procs: list) -> tuple[str, list[str]]:
+def _instances(policy: str, name: str, args, workdir: str, env: dict, procs: list) -> tuple[str, list[str]]:
     """Start the two engines and what routes to them; returns (the URL clients use, the instances' URLs)."""
     common = ["--num-threads", "1", "--num-kv-blocks", str(args.pool_blocks), "--log-level", "warning",
               "--no-access-log", "--enable-prompt-tokens-details"]
     if policy == "ray":
         port = free_port()
-        path = os.path.join(workdir, f"{policy}-{workload}-ray.log")
+        path = os.path.join(workdir, f"{name}-ray.log")
         cmd = [sys.executable, "-m", "kvserve.cli", "ray-serve", "--port", str(port), "--replicas", "2",
                "--num-cpus", "2", "--cpus-per-replica", "1", *common]
         procs.append(subprocess.Popen(cmd, stdout=open(path, "ab"), stderr=subprocess.STDOUT, env=env))
@@ -99,22 +100,39 @@ def _instances(policy: str, workload: str, args, workdir: str, env: dict, procs:
         cmd = [sys.executable, "-m", "kvserve.cli", "serve", "--port", str(port), *common]
         if pin:
             cmd = ["taskset", "-c", str(i)] + cmd
-        path = os.path.join(workdir, f"{policy}-{workload}-instance{i}.log")
+        path = os.path.join(workdir, f"{name}-instance{i}.log")
         procs.append(subprocess.Popen(cmd, stdout=open(path, "ab"), stderr=subprocess.STDOUT, env=env))
         urls.append(f"http://127.0.0.1:{port}")
     for u, p in zip(urls, procs):
         wait_ok(f"{u}/health", p, 600, workdir)
-    router = start_router(urls, ["--policy", policy], os.path.join(workdir, f"{policy}-{workload}-router.log"),
+    router = start_router(urls, ["--policy", policy], os.path.join(workdir, f"{name}-router.log"),
                           env, procs)
     return router, urls
 
 
-def run_one(policy: str, workload: str, args, workdir: str, log) -> dict:
+def _probe_ms(url: str, n: int = 30) -> float:
+    """Median latency of a one-token request with a 4-token prompt on the idle system: the front end's own cost
+    per request (proxy hops, hashing) beside one engine step."""
+    times = []
+    with httpx.Client(timeout=60) as client:
+        model = client.get(f"{url}/v1/models").json()["data"][0]["id"]
+        for i in range(n + 3):
+            t0 = time.perf_counter()
+            r = client.post(f"{url}/v1/completions", json={"model": model, "prompt": f"Hello {i}", "max_tokens": 1})
+            r.raise_for_status()
+            if i >= 3:  # warm-up
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run_one(policy: str, workload: str, args, workdir: str, log, repeat: int = 0) -> dict:
     env = dict(os.environ, KVSERVE_NO_TQDM="1", TOKENIZERS_PARALLELISM="false")
     procs = []
     try:
-        front, urls = _instances(policy, workload, args, workdir, env, procs)
-        out = os.path.join(workdir, f"{policy}-{workload}.json")
+        name = f"{policy}-{workload}-r{repeat}"
+        front, urls = _instances(policy, name, args, workdir, env, procs)
+        probe = _probe_ms(front)
+        out = os.path.join(workdir, f"{name}.json")
         cmd = [sys.executable, "-m", "kvserve.bench", "serve", "--base-url", front, "--endpoint", "chat",
                "--label", f"router-{policy}", "--workload", workload, *WORKLOAD_ARGS[workload],
                "--num-requests", str(args.num_requests), "--request-rate", str(args.request_rate),
@@ -123,7 +141,7 @@ def run_one(policy: str, workload: str, args, workdir: str, log) -> dict:
         log(f"{policy} {workload}: {' '.join(cmd[2:])}")
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         summary = json.load(open(out))["summary"]
-        res = {"policy": policy, "workload": workload,
+        res = {"policy": policy, "workload": workload, "repeat": repeat, "probe_latency_ms_p50": probe,
                "cached_token_rate": summary["total_cached_tokens"] / summary["total_input_tokens"]
                if summary.get("total_cached_tokens") is not None and summary["total_input_tokens"] else None,
                **{k: summary[k] for k in ("completed", "failed", "duration", "p50_ttft_ms", "p90_ttft_ms",
@@ -146,7 +164,8 @@ def run_one(policy: str, workload: str, args, workdir: str, log) -> dict:
                         "preemptions": sum(m.get("kvserve:num_preemptions_total{}", 0) for m in inst)})
         log(f"{policy:11s} {workload:13s}: cached-token rate {res['cached_token_rate']:.3f}, TTFT p50 "
             f"{res['p50_ttft_ms']:.0f} ms p99 {res['p99_ttft_ms']:.0f} ms, routed {res.get('routed_per_instance')}, "
-            f"{res['output_throughput']:.1f} tok/s, {res['completed']} ok / {res['failed']} failed")
+            f"{res['output_throughput']:.1f} tok/s, {res['completed']} ok / {res['failed']} failed, idle one-token "
+            f"request {probe:.1f} ms")
         return res
     finally:
         stop_processes(procs)
@@ -163,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every (workload, policy) this many times, interleaved; ratios are medians over repeats")
     ap.add_argument("--keep-dir", default=None, help="keep logs and per-run JSON here (default: a temporary dir)")
     args = ap.parse_args(argv)
     started = time.time()
@@ -170,31 +191,42 @@ def main(argv=None) -> int:
 
     workdir = args.keep_dir or tempfile.mkdtemp(prefix="kvserve-router-bench-")
     os.makedirs(workdir, exist_ok=True)
-    runs = [run_one(p, w, args, workdir, log) for w in args.workloads.split(",") for p in args.policies.split(",")]
+    runs = [run_one(p, w, args, workdir, log, r) for r in range(args.repeats) for w in args.workloads.split(",")
+            for p in args.policies.split(",")]
     result = {"command": "python -m kvserve.bench.router " + " ".join(argv if argv is not None else sys.argv[1:]),
               "cpus": os.cpu_count(), "runs": runs, "seconds": time.time() - started}
     for w in args.workloads.split(","):
-        by = {r["policy"]: r for r in runs if r["workload"] == w}
+        reps = [{r["policy"]: r for r in runs if r["workload"] == w and r["repeat"] == k} for k in range(args.repeats)]
         ratios = result.setdefault("ratios", {}).setdefault(w, {})
-        if "kv" in by and "round_robin" in by:
-            kv, rr = by["kv"], by["round_robin"]
+
+        def med(fn, a: str, b: str) -> float | None:
+            """The median over repeats of fn(run of policy a, run of policy b) from the same repeat."""
+            vals = [fn(rep[a], rep[b]) for rep in reps if a in rep and b in rep]
+            vals = [v for v in vals if v is not None]
+            return statistics.median(vals) if vals else None
+
+        if reps and "kv" in reps[0] and "round_robin" in reps[0]:
             ratios.update({
-                "hit_rate_x": kv["prefix_cache_hit_rate"] / rr["prefix_cache_hit_rate"]
-                if rr["prefix_cache_hit_rate"] else None,
-                "ttft_p50_x_lower": rr["p50_ttft_ms"] / kv["p50_ttft_ms"] if kv["p50_ttft_ms"] else None,
-                "kv_busiest_share": kv["busiest_share"]})
-            log(f"{w}: kv vs round robin: hit rate x{ratios['hit_rate_x']:.2f}, TTFT p50 "
-                f"{ratios['ttft_p50_x_lower']:.2f}x lower, busiest instance {100 * kv['busiest_share']:.0f}%")
-        if "kv" in by and "ray" in by:
-            kv, ray = by["kv"], by["ray"]
-            ratios.update({"ray_throughput_cost": 1 - ray["output_throughput"] / kv["output_throughput"],
-                           "ray_ttft_p50_x": ray["p50_ttft_ms"] / kv["p50_ttft_ms"],
-                           "ray_cached_token_rate_x": ray["cached_token_rate"] / kv["cached_token_rate"]
-                           if kv["cached_token_rate"] else None})
-            log(f"{w}: Ray Serve vs the standalone router: throughput {ray['output_throughput']:.1f} vs "
-                f"{kv['output_throughput']:.1f} tok/s (cost {100 * ratios['ray_throughput_cost']:.1f}%), TTFT p50 "
-                f"x{ratios['ray_ttft_p50_x']:.2f}, cached-token rate {ray['cached_token_rate']:.3f} vs "
-                f"{kv['cached_token_rate']:.3f}")
+                "hit_rate_x": med(lambda kv, rr: kv["prefix_cache_hit_rate"] / rr["prefix_cache_hit_rate"]
+                                  if rr["prefix_cache_hit_rate"] else None, "kv", "round_robin"),
+                "ttft_p50_x_lower": med(lambda kv, rr: rr["p50_ttft_ms"] / kv["p50_ttft_ms"], "kv", "round_robin"),
+                "kv_busiest_share": med(lambda kv, rr: kv["busiest_share"], "kv", "round_robin")})
+            log(f"{w}: kv vs round robin (median of {args.repeats}): hit rate x{ratios['hit_rate_x']:.2f}, TTFT p50 "
+                f"{ratios['ttft_p50_x_lower']:.2f}x lower, busiest instance {100 * ratios['kv_busiest_share']:.0f}%")
+        if reps and "kv" in reps[0] and "ray" in reps[0]:
+            costs = [1 - rep["ray"]["output_throughput"] / rep["kv"]["output_throughput"] for rep in reps]
+            ratios.update({
+                "ray_throughput_cost_per_repeat": costs,
+                "ray_throughput_cost": statistics.median(costs),
+                "ray_probe_extra_ms": med(lambda kv, ray: ray["probe_latency_ms_p50"] - kv["probe_latency_ms_p50"],
+                                          "kv", "ray"),
+                "ray_ttft_p50_x": med(lambda kv, ray: ray["p50_ttft_ms"] / kv["p50_ttft_ms"], "kv", "ray"),
+                "ray_cached_token_rate_x": med(lambda kv, ray: ray["cached_token_rate"] / kv["cached_token_rate"]
+                                               if kv["cached_token_rate"] else None, "kv", "ray")})
+            log(f"{w}: Ray Serve vs the standalone router (median of {args.repeats}): throughput cost "
+                f"{100 * ratios['ray_throughput_cost']:.1f}% (per repeat {[round(100 * c, 1) for c in costs]}), "
+                f"TTFT p50 x{ratios['ray_ttft_p50_x']:.2f}, idle one-token request "
+                f"+{ratios['ray_probe_extra_ms']:.1f} ms, cached-token rate x{ratios['ray_cached_token_rate_x']:.2f}")
     write_json(args.out, result)
     log(f"wrote {args.out}")
     return 0

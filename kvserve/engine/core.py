@@ -25,6 +25,7 @@ from kvserve.config import (
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import BlendSpec, Request, RequestStatus
 from kvserve.core.scheduler import Scheduler
+from kvserve.core.step_trace import StepTrace
 from kvserve.engine.protocol import (
     BlendStats,
     EngineCoreRequest,
@@ -116,6 +117,7 @@ class EngineArgs:
     role: str = "both"
     kv_transfer_timeout_s: float = 5.0  # a decode instance waits this long for KV still being written, then computes
     kv_transfer_lossy: bool = False  # allow a lossy store codec (int8/int4) for P/D transfers: outputs then differ
+    step_trace: str | None = None  # kvserve bench plan: append each busy step's features and cycle time here (JSONL)
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -174,6 +176,7 @@ class EngineCore:
                  chat_template: str | None = None):
         """`model`/`tokenizer` let several engines (tests, benchmarks) share one set of loaded weights."""
         self.args = args
+        self.step_trace = StepTrace(args.step_trace) if args.step_trace else None
         dtype = args.torch_dtype()
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
@@ -305,6 +308,8 @@ class EngineCore:
 
     def close(self) -> None:
         """Stop the KV store's threads (after its queued saves are written)."""
+        if self.step_trace is not None:
+            self.step_trace.close()
         if self.kv_store is not None:
             self.runner.apply_kv_ops(self.scheduler.take_kv_ops())
             self.kv_store.flush(timeout=30.0)
@@ -374,6 +379,9 @@ class EngineCore:
 
     # ------------------------------------------------------------------ step
     def step(self) -> StepOutputs:
+        step_started = time.perf_counter()
+        if self.step_trace is not None:
+            self.step_trace.step_started(step_started)
         sched = self.scheduler.schedule()
         now = time.monotonic()
         first_scheduled = {}
@@ -398,6 +406,8 @@ class EngineCore:
         for u in updates:
             if u.finish_reason is not None:
                 self._forget_seq(u.request_id)
+        if self.step_trace is not None:
+            self.step_trace.step_done(sched, step_started, self.scheduler.has_unfinished_requests())
         return StepOutputs(updates, first_scheduled)
 
     def _speculate(self, sched, out, updates, elapsed: float) -> None:

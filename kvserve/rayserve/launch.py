@@ -98,9 +98,8 @@ def build_application(config: RayServeConfig, engine_args, server_config, max_re
     return ingress.bind(whole, prefill, decode, config.model, server_config.max_body_bytes)
 
 
-def start(config: RayServeConfig, application) -> None:
-    """Connect to (or start) the cluster and deploy; re-deploying changed settings onto a running app is Ray
-    Serve's rolling update (new replicas start before old ones stop)."""
+def connect(config: RayServeConfig) -> None:
+    """Join the cluster at --address, or start a local one, and start Ray Serve's HTTP proxy there."""
     import ray
     from ray import serve
 
@@ -110,24 +109,45 @@ def start(config: RayServeConfig, application) -> None:
         else:
             ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": config.host, "port": config.port})
+
+
+def deploy(application) -> None:
+    """Deploy (blocks until every replica is up); deploying changed settings onto a running app is Ray Serve's
+    rolling update (new replicas start before old ones stop)."""
+    from ray import serve
+
     serve.run(application, name=APP_NAME, route_prefix="/")
 
 
+class _Stop(Exception):
+    """SIGTERM/SIGINT: raised in the main thread, so it also interrupts a deployment still starting."""
+
+
+def _stop(*_) -> None:
+    raise _Stop
+
+
 def run_forever(config: RayServeConfig, application) -> None:
-    """`kvserve ray-serve`: deploy, then hold until SIGTERM/SIGINT; a local cluster this started goes down with it,
-    an app on a cluster at --address is deleted (the cluster stays)."""
+    """`kvserve ray-serve`: deploy, then hold until SIGTERM/SIGINT (also while still deploying); a local cluster
+    this started goes down with it, an app on a cluster at --address is deleted (the cluster stays)."""
     import ray
     from ray import serve
 
-    start(config, application)
-    log.info("kvserve is serving on http://%s:%d through Ray Serve", config.host, config.port)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("stopping the Ray Serve application")
-    if config.address is not None:
-        serve.delete(APP_NAME)
-    else:
-        serve.shutdown()
-        ray.shutdown()
+    try:
+        connect(config)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
+            signal.signal(sig, _stop)
+        deploy(application)
+        log.info("kvserve is serving on http://%s:%d through Ray Serve", config.host, config.port)
+        threading.Event().wait()
+    except _Stop:
+        log.info("stopping the Ray Serve application")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the teardown short
+        if ray.is_initialized():
+            if config.address is not None:
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
+                ray.shutdown()

@@ -128,3 +128,53 @@ def test_request_router_ranks_the_prefix_holder_first_and_counts_in_flight_reque
         assert len(picks) == 1
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"replicas": 0}, "give --replicas N, or --prefill N --decode N"),
+    ({"prefill": 1}, "--prefill and --decode go together"),
+    ({"replicas": -1}, "--replicas must be a non-negative integer"),
+    ({"max_replicas": 1, "replicas": 2}, "--max-replicas (1) must be >= --replicas (2)"),
+    ({"max_replicas": 4, "prefill": 1, "decode": 1}, "--max-replicas (autoscaling) is for --replicas deployments"),
+    ({"address": "10.0.0.1:6379", "num_cpus": 2}, "--num-cpus sizes a local cluster"),
+    ({"cpus_per_replica": 0}, "--cpus-per-replica must be positive"),
+    ({"port": 0}, "--port must be in 1..65535"),
+])
+def test_ray_serve_config_fails_clearly(kw, message):
+    from kvserve.config import ConfigError
+    from kvserve.rayserve.launch import RayServeConfig
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        RayServeConfig(**kw)
+
+
+def test_application_wires_the_router_health_checks_and_autoscaling_bounds():
+    """The deployments as Ray Serve will run them, read back from the application (no cluster needed)."""
+    from kvserve.engine.core import EngineArgs
+    from kvserve.rayserve.launch import ROUTER_CLASS, RayServeConfig, build_application
+    from kvserve.server.config import ServerConfig
+
+    config = RayServeConfig(replicas=2, max_replicas=5, target_ongoing_requests=6, cpus_per_replica=2,
+                            routing=RoutingPolicy(load_weight=0.25), stats_period_s=0.3, health_check_period_s=2)
+    app = build_application(config, EngineArgs(num_threads=2), ServerConfig(), max_restarts=1, log_level="info")
+    ingress = app._bound_deployment
+    assert ingress.name == "ingress" and ingress.ray_actor_options["num_cpus"] == 0
+    engine_app = ingress.init_args[0]
+    assert ingress.init_args[1] is None and ingress.init_args[2] is None  # no prefill/decode deployments
+    engine = engine_app._bound_deployment
+    cfg = engine._deployment_config
+    assert engine.name == "engine" and engine.ray_actor_options["num_cpus"] == 2
+    assert (cfg.autoscaling_config.min_replicas, cfg.autoscaling_config.max_replicas,
+            cfg.autoscaling_config.target_ongoing_requests) == (2, 5, 6)
+    assert cfg.health_check_period_s == 2
+    router = cfg.request_router_config
+    assert router.request_router_class == ROUTER_CLASS and router.request_routing_stats_period_s == 0.3
+    assert router.request_router_kwargs == asdict(RoutingPolicy(load_weight=0.25))
+    assert engine.init_args[0].role == "both" and engine.init_args[0].num_threads == 2
+
+    pd = build_application(RayServeConfig(replicas=0, prefill=1, decode=2), EngineArgs(kv_store="memory:1GB"),
+                           ServerConfig(), max_restarts=1, log_level="info")._bound_deployment
+    assert pd.init_args[0] is None
+    prefill, decode = (a._bound_deployment for a in pd.init_args[1:3])
+    assert (prefill.name, prefill.init_args[0].role, prefill._deployment_config.num_replicas) == ("prefill", "prefill", 1)
+    assert (decode.name, decode.init_args[0].role, decode._deployment_config.num_replicas) == ("decode", "decode", 2)
