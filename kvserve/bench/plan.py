@@ -6,6 +6,7 @@ measured step times. It predicts TTFT / TPOT percentiles and SLO goodput of a wo
 replicas, or prefill and decode instances (DistServe's split) joined by a KV transfer of known bandwidth.
 
     kvserve bench plan measure --threads 1 --out cost-1.json        # fit the step-cost model (alone on the machine)
+    kvserve bench plan measure --threads 1 --served 0.3 --seed 1 --out cost-1.json   # ... to a served engine's steps
     kvserve bench plan validate --cost cost-1.json --request-rate 0.6 --out val-1.json   # real server vs prediction
     kvserve bench plan recommend --cost cost-1.json --cost cost-2.json --cores 8,32,128 --out plan.json
 
