@@ -9,7 +9,8 @@ class ConfigError(ValueError):
     pass
 
 
-def _require(cond: bool, msg: str) -> None:
+def require(cond: bool, msg: str) -> None:
+    """The one config check: raise ConfigError(msg) unless cond."""
     if not cond:
         raise ConfigError(msg)
 
@@ -17,10 +18,10 @@ def _require(cond: bool, msg: str) -> None:
 def _from_json_object(cls, d, name: str, keys: tuple[str, ...], required: str, choices: tuple[str, ...]):
     """A frozen config from a JSON object (a CLI flag or a dict in Python): unknown keys and a missing required one
     are errors naming them."""
-    _require(isinstance(d, dict), f"{name} must be a JSON object")
+    require(isinstance(d, dict), f"{name} must be a JSON object")
     unknown = sorted(set(d) - set(keys))
-    _require(not unknown, f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(keys)}")
-    _require(required in d, f"{name} needs a {required}: " + " | ".join(choices))
+    require(not unknown, f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(keys)}")
+    require(required in d, f"{name} needs a {required}: " + " | ".join(choices))
     return cls(**d)
 
 
@@ -46,10 +47,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(self.num_heads % self.num_kv_heads == 0,
+        require(self.num_heads % self.num_kv_heads == 0,
                  f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        _require(self.head_dim % 2 == 0, "head_dim must be even for rotary embeddings")
-        _require(self.num_layers > 0 and self.hidden_size > 0 and self.vocab_size > 0, "model sizes must be positive")
+        require(self.head_dim % 2 == 0, "head_dim must be even for rotary embeddings")
+        require(self.num_layers > 0 and self.hidden_size > 0 and self.vocab_size > 0, "model sizes must be positive")
 
     @property
     def rope_scaling_dict(self) -> dict | None:
@@ -64,10 +65,10 @@ class CacheConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.block_size, int) and self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
+        require(isinstance(self.block_size, int) and self.block_size in (1, 2, 4, 8, 16, 32, 64, 128, 256),
                  f"block_size must be a power of two in [1, 256], got {self.block_size!r}")
-        _require(self.num_blocks is None or self.num_blocks >= 2, "num_blocks must be at least 2")
-        _require(self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be positive")
+        require(self.num_blocks is None or self.num_blocks >= 2, "num_blocks must be at least 2")
+        require(self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be positive")
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority", "vtc")  # kvserve.core.policy
@@ -79,17 +80,17 @@ def check_scheduling(policy: str, tenant_weights: tuple, max_queue_wait_s: float
                      preemption_mode: str = "recompute", kv_pin_max_fraction: float = 0.5,
                      kv_pin_reserved_fraction: float = 0.0) -> None:
     """The scheduling options' rules (EngineArgs checks them before the model loads, SchedulerConfig again)."""
-    _require(0 <= kv_pin_max_fraction <= 1, "kv_pin_max_fraction must be in [0, 1]")
-    _require(0 <= kv_pin_reserved_fraction <= kv_pin_max_fraction,
+    require(0 <= kv_pin_max_fraction <= 1, "kv_pin_max_fraction must be in [0, 1]")
+    require(0 <= kv_pin_reserved_fraction <= kv_pin_max_fraction,
              "kv_pin_reserved_fraction must be in [0, kv_pin_max_fraction]")
-    _require(preemption_mode in PREEMPTION_MODES,
+    require(preemption_mode in PREEMPTION_MODES,
              f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {preemption_mode!r}")
-    _require(policy in SCHEDULING_POLICIES,
+    require(policy in SCHEDULING_POLICIES,
              f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
-    _require(all(isinstance(t, str) and isinstance(w, (int, float)) and not isinstance(w, bool)
+    require(all(isinstance(t, str) and isinstance(w, (int, float)) and not isinstance(w, bool)
                  and 0 < w < float("inf") for t, w in tenant_weights),
              "tenant weights must be (tenant name, positive number) pairs")
-    _require(max_queue_wait_s is None or (isinstance(max_queue_wait_s, (int, float))
+    require(max_queue_wait_s is None or (isinstance(max_queue_wait_s, (int, float))
                                           and 0 < max_queue_wait_s < float("inf")),
              "max_queue_wait_s must be a positive number of seconds")
 
@@ -117,14 +118,14 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode,
                          self.kv_pin_max_fraction, self.kv_pin_reserved_fraction)
-        _require(self.num_swap_blocks >= 0, "num_swap_blocks must be >= 0")
-        _require(self.kv_transfer_timeout_s >= 0, "kv_transfer_timeout_s must be >= 0")
-        _require(all(isinstance(n, int) and n >= 0 for _, n in self.tenant_pin_max_tokens),
+        require(self.num_swap_blocks >= 0, "num_swap_blocks must be >= 0")
+        require(self.kv_transfer_timeout_s >= 0, "kv_transfer_timeout_s must be >= 0")
+        require(all(isinstance(n, int) and n >= 0 for _, n in self.tenant_pin_max_tokens),
                  "tenant pin caps must be non-negative token counts")
-        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
-        _require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
-        _require(self.max_model_len >= 2, "max_model_len must be >= 2")
-        _require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
+        require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
+        require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
+        require(self.max_model_len >= 2, "max_model_len must be >= 2")
+        require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
                  "with chunked prefill off, max_num_batched_tokens must be >= max_model_len "
                  f"({self.max_num_batched_tokens} < {self.max_model_len})")
 
@@ -164,38 +165,38 @@ class SpeculativeConfig:
         def is_int(x) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        _require(self.method in SPEC_METHODS,
+        require(self.method in SPEC_METHODS,
                  f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}")
         n = self.draft_layers
         if self.method == "layer_skip":
-            _require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+            require(isinstance(n, int) and not isinstance(n, bool) and n >= 1,
                      "layer_skip needs draft_layers: the number of first layers that draft (an integer >= 1)")
         else:
-            _require(n is None, "draft_layers is a layer_skip key")
+            require(n is None, "draft_layers is a layer_skip key")
         if self.method == "draft_model":
-            _require(isinstance(self.model, str) and bool(self.model),
+            require(isinstance(self.model, str) and bool(self.model),
                      "draft_model needs model: a GGUF file or HF directory with the target's tokenizer")
         else:
-            _require(self.model is None, "model is a draft_model key")
-        _require(self.quantization in QUANTIZATIONS,
+            require(self.model is None, "model is a draft_model key")
+        require(self.quantization in QUANTIZATIONS,
                  f"speculative_config.quantization must be one of {', '.join(QUANTIZATIONS)}")
         k = self.num_speculative_tokens
-        _require(k is None or (is_int(k) and 1 <= k <= MAX_SPEC_TOKENS),
+        require(k is None or (is_int(k) and 1 <= k <= MAX_SPEC_TOKENS),
                  f"num_speculative_tokens must be an integer in [1, {MAX_SPEC_TOKENS}], got {k!r}")
-        _require(is_int(self.prompt_lookup_min) and is_int(self.prompt_lookup_max)
+        require(is_int(self.prompt_lookup_min) and is_int(self.prompt_lookup_max)
                  and 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 64,
                  "prompt_lookup_min/max must be integers with 1 <= min <= max <= 64")
-        _require(is_int(self.suffix_decoding_max_tree_depth) and 2 <= self.suffix_decoding_max_tree_depth <= 256,
+        require(is_int(self.suffix_decoding_max_tree_depth) and 2 <= self.suffix_decoding_max_tree_depth <= 256,
                  "suffix_decoding_max_tree_depth must be an integer in [2, 256]")
-        _require(is_int(self.suffix_decoding_max_cached_requests) and self.suffix_decoding_max_cached_requests >= 0,
+        require(is_int(self.suffix_decoding_max_cached_requests) and self.suffix_decoding_max_cached_requests >= 0,
                  "suffix_decoding_max_cached_requests must be a non-negative integer")
         f = self.suffix_decoding_max_spec_factor
-        _require(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < float("inf"),
+        require(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f < float("inf"),
                  "suffix_decoding_max_spec_factor must be a positive number")
         p = self.suffix_decoding_min_token_prob
-        _require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1,
+        require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1,
                  "suffix_decoding_min_token_prob must be in [0, 1]")
-        _require(isinstance(self.adaptive, bool), "adaptive must be true or false")
+        require(isinstance(self.adaptive, bool), "adaptive must be true or false")
         if k is None:
             object.__setattr__(self, "num_speculative_tokens",
                                min(self.suffix_decoding_max_tree_depth, MAX_SPEC_TOKENS)
@@ -245,23 +246,23 @@ class KVEvictionConfig:
         def is_int(x) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        _require(self.policy in EVICTION_POLICIES,
+        require(self.policy in EVICTION_POLICIES,
                  f"kv_eviction.policy must be one of {', '.join(EVICTION_POLICIES)}, got {self.policy!r}")
         for name in ("sink_tokens", "window_tokens", "lazy_margin_tokens"):
             v = getattr(self, name)
-            _require(is_int(v) and v >= 0, f"kv_eviction.{name} must be a non-negative integer, got {v!r}")
-        _require(is_int(self.observation_window) and self.observation_window >= 1,
+            require(is_int(v) and v >= 0, f"kv_eviction.{name} must be a non-negative integer, got {v!r}")
+        require(is_int(self.observation_window) and self.observation_window >= 1,
                  f"kv_eviction.observation_window must be a positive integer, got {self.observation_window!r}")
-        _require(is_int(self.pooling_kernel) and self.pooling_kernel >= 1 and self.pooling_kernel % 2 == 1,
+        require(is_int(self.pooling_kernel) and self.pooling_kernel >= 1 and self.pooling_kernel % 2 == 1,
                  f"kv_eviction.pooling_kernel must be a positive odd integer, got {self.pooling_kernel!r}")
-        _require(is_int(self.episodes) and self.episodes >= 1,
+        require(is_int(self.episodes) and self.episodes >= 1,
                  f"kv_eviction.episodes must be a positive integer, got {self.episodes!r}")
-        _require(is_int(self.episode_segment_tokens) and self.episode_segment_tokens >= 1,
+        require(is_int(self.episode_segment_tokens) and self.episode_segment_tokens >= 1,
                  f"kv_eviction.episode_segment_tokens must be a positive integer, got {self.episode_segment_tokens!r}")
-        _require(is_int(self.episode_layer) and self.episode_layer >= -1,
+        require(is_int(self.episode_layer) and self.episode_layer >= -1,
                  f"kv_eviction.episode_layer must be a layer index or -1 (the middle layer), got {self.episode_layer!r}")
         w = self.lazy_recurrence_weight
-        _require(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf"),
+        require(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf"),
                  f"kv_eviction.lazy_recurrence_weight must be a non-negative number, got {w!r}")
         self.check_budget(self.budget_tokens, "kv_eviction.budget_tokens")
 
@@ -271,7 +272,7 @@ class KVEvictionConfig:
         return self.sink_tokens + self.window_tokens + 1
 
     def check_budget(self, budget, name: str) -> None:
-        _require(isinstance(budget, int) and not isinstance(budget, bool) and budget >= self.min_budget,
+        require(isinstance(budget, int) and not isinstance(budget, bool) and budget >= self.min_budget,
                  f"{name} must be an integer >= {self.min_budget} (sink_tokens + window_tokens + 1), got {budget!r}")
 
     @property

@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from kvserve.engine.protocol import SUMMARY_HASH_BYTES
 from kvserve.rayserve.asgi import ResponseHead, call_app
 from kvserve.rayserve.request_router import AVOID_KWARG, HASHES_KWARG, SESSION_KWARG
 from kvserve.rayserve.stats import ReplicaSummary
@@ -143,8 +144,6 @@ class Ingress:
         return self._info["block_size"]
 
     async def _hashes(self, path: str, body: bytes) -> tuple[list[bytes], str | None]:
-        from kvserve.engine.protocol import SUMMARY_HASH_BYTES
-
         block_size = await self._block_size()
         try:
             data = json.loads(body)

@@ -8,7 +8,7 @@ import signal
 import threading
 from dataclasses import asdict, dataclass
 
-from kvserve.config import ConfigError
+from kvserve.config import require
 from kvserve.router.config import RoutingPolicy
 
 log = logging.getLogger("kvserve.rayserve")
@@ -16,10 +16,6 @@ log = logging.getLogger("kvserve.rayserve")
 APP_NAME = "kvserve"
 ROUTER_CLASS = "kvserve.rayserve.request_router.KVRequestRouter"
 
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -46,21 +42,21 @@ class RayServeConfig:
     def __post_init__(self) -> None:
         for name in ("replicas", "prefill", "decode"):
             v = getattr(self, name)
-            _require(isinstance(v, int) and v >= 0, f"--{name} must be a non-negative integer, got {v!r}")
-        _require((self.prefill == 0) == (self.decode == 0), "--prefill and --decode go together (both >= 1)")
-        _require(self.replicas + self.decode >= 1, "give --replicas N, or --prefill N --decode N")
-        _require(self.cpus_per_replica > 0, f"--cpus-per-replica must be positive, got {self.cpus_per_replica!r}")
+            require(isinstance(v, int) and v >= 0, f"--{name} must be a non-negative integer, got {v!r}")
+        require((self.prefill == 0) == (self.decode == 0), "--prefill and --decode go together (both >= 1)")
+        require(self.replicas + self.decode >= 1, "give --replicas N, or --prefill N --decode N")
+        require(self.cpus_per_replica > 0, f"--cpus-per-replica must be positive, got {self.cpus_per_replica!r}")
         if self.max_replicas is not None:
-            _require(self.prefill == 0, "--max-replicas (autoscaling) is for --replicas deployments only")
-            _require(self.max_replicas >= max(self.replicas, 1),
+            require(self.prefill == 0, "--max-replicas (autoscaling) is for --replicas deployments only")
+            require(self.max_replicas >= max(self.replicas, 1),
                      f"--max-replicas ({self.max_replicas}) must be >= --replicas ({self.replicas}) and >= 1")
-        _require(self.target_ongoing_requests > 0, "--target-ongoing-requests must be positive")
-        _require(self.num_cpus is None or self.num_cpus >= 1, "--num-cpus must be >= 1")
-        _require(self.address is None or self.num_cpus is None,
+        require(self.target_ongoing_requests > 0, "--target-ongoing-requests must be positive")
+        require(self.num_cpus is None or self.num_cpus >= 1, "--num-cpus must be >= 1")
+        require(self.address is None or self.num_cpus is None,
                  "--num-cpus sizes a local cluster; a cluster at --address has its own")
         for name in ("stats_period_s", "health_check_period_s", "health_check_timeout_s"):
-            _require(getattr(self, name) > 0, f"--{name[:-2].replace('_', '-')} must be positive")
-        _require(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port!r}")
+            require(getattr(self, name) > 0, f"--{name[:-2].replace('_', '-')} must be positive")
+        require(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port!r}")
 
 
 def build_application(config: RayServeConfig, engine_args, server_config, max_restarts: int, log_level: str):

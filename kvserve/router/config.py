@@ -5,14 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from kvserve.config import ConfigError
+from kvserve.config import require
 
 ROUTING_POLICIES = ("kv", "round_robin")
 
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -28,15 +24,15 @@ class RoutingPolicy:
     balance_rel_threshold: float = 1.5  # ... and this many times as many as the idlest: route to the idlest
 
     def __post_init__(self) -> None:
-        _require(self.policy in ROUTING_POLICIES,
+        require(self.policy in ROUTING_POLICIES,
                  f"--policy must be one of {', '.join(ROUTING_POLICIES)}, got {self.policy!r}")
         for name in ("prefix_weight", "load_weight"):
             v = getattr(self, name)
-            _require(isinstance(v, (int, float)) and 0 <= v < float("inf"), f"--{name.replace('_', '-')} must be "
+            require(isinstance(v, (int, float)) and 0 <= v < float("inf"), f"--{name.replace('_', '-')} must be "
                      f"a non-negative number, got {v!r}")
-        _require(isinstance(self.balance_abs_threshold, int) and self.balance_abs_threshold >= 0,
+        require(isinstance(self.balance_abs_threshold, int) and self.balance_abs_threshold >= 0,
                  f"--balance-abs-threshold must be a non-negative integer, got {self.balance_abs_threshold!r}")
-        _require(self.balance_rel_threshold >= 1.0,
+        require(self.balance_rel_threshold >= 1.0,
                  f"--balance-rel-threshold must be >= 1, got {self.balance_rel_threshold!r}")
 
 
@@ -55,17 +51,17 @@ class RouterConfig:
     kv_identity: str | None = None  # None: the first backend that answers sets it; others must match
 
     def __post_init__(self) -> None:
-        _require(len(self.backends) >= 1, "give at least one --backend URL")
-        _require(len(set(self.backends)) == len(self.backends), "a --backend URL is listed twice")
+        require(len(self.backends) >= 1, "give at least one --backend URL")
+        require(len(set(self.backends)) == len(self.backends), "a --backend URL is listed twice")
         for url in self.backends:
             parts = urlsplit(url)
-            _require(parts.scheme in ("http", "https") and bool(parts.hostname) and parts.path in ("", "/"),
+            require(parts.scheme in ("http", "https") and bool(parts.hostname) and parts.path in ("", "/"),
                      f"--backend {url!r}: expected http(s)://host:port (no path)")
         for name in ("poll_interval_s", "poll_timeout_s", "connect_timeout_s", "request_timeout_s"):
             v = getattr(self, name)
-            _require(0 < v < float("inf"), f"--{name[:-2].replace('_', '-')} must be a positive number of "
+            require(0 < v < float("inf"), f"--{name[:-2].replace('_', '-')} must be a positive number of "
                      f"seconds, got {v!r}")
-        _require(self.max_body_bytes >= 1024, f"--max-body-bytes must be >= 1024, got {self.max_body_bytes!r}")
+        require(self.max_body_bytes >= 1024, f"--max-body-bytes must be >= 1024, got {self.max_body_bytes!r}")
 
     @property
     def urls(self) -> tuple[str, ...]:

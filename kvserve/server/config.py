@@ -6,13 +6,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from kvserve.config import ConfigError
+from kvserve.config import ConfigError, require
 from kvserve.server.tenants import TenantsConfig
 
-
-def _require(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
 
 
 @dataclass(frozen=True)
@@ -40,32 +36,32 @@ class ServerConfig:
     max_kv_pin_seconds: float = 300.0  # requests asking for a longer kv_pin_seconds get 400
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.port, int) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
-        _require(bool(self.host), "host must not be empty")
-        _require(self.api_key is None or (isinstance(self.api_key, str) and self.api_key.strip() == self.api_key
+        require(isinstance(self.port, int) and 0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
+        require(bool(self.host), "host must not be empty")
+        require(self.api_key is None or (isinstance(self.api_key, str) and self.api_key.strip() == self.api_key
                                           and len(self.api_key) > 0 and self.api_key.isprintable()),
                  "api key must be a non-empty printable string without surrounding whitespace")
-        _require(self.served_model_name is None or (self.served_model_name.strip() != ""
+        require(self.served_model_name is None or (self.served_model_name.strip() != ""
                                                      and len(self.served_model_name) <= 256),
                  "served model name must be a non-empty string of at most 256 characters")
-        _require(isinstance(self.max_queued_requests, int) and self.max_queued_requests >= 0,
+        require(isinstance(self.max_queued_requests, int) and self.max_queued_requests >= 0,
                  "max queued requests must be a non-negative integer")
-        _require(self.request_timeout is None or (math.isfinite(self.request_timeout) and self.request_timeout > 0),
+        require(self.request_timeout is None or (math.isfinite(self.request_timeout) and self.request_timeout > 0),
                  "request timeout must be a positive number of seconds")
-        _require(isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 1024,
+        require(isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 1024,
                  "max body bytes must be at least 1024")
-        _require(math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0,
+        require(math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0,
                  "shutdown timeout must be a non-negative number of seconds")
-        _require(isinstance(self.retry_after_s, int) and self.retry_after_s >= 1, "retry-after must be >= 1 second")
-        _require(math.isfinite(self.write_timeout) and self.write_timeout > 0,
+        require(isinstance(self.retry_after_s, int) and self.retry_after_s >= 1, "retry-after must be >= 1 second")
+        require(math.isfinite(self.write_timeout) and self.write_timeout > 0,
                  "stream write timeout must be a positive number of seconds")
-        _require(self.max_connections is None or (isinstance(self.max_connections, int) and self.max_connections >= 1),
+        require(self.max_connections is None or (isinstance(self.max_connections, int) and self.max_connections >= 1),
                  "max connections must be a positive integer")
-        _require(math.isfinite(self.max_kv_pin_seconds) and self.max_kv_pin_seconds >= 0,
+        require(math.isfinite(self.max_kv_pin_seconds) and self.max_kv_pin_seconds >= 0,
                  "max kv pin seconds must be a non-negative number of seconds")
         for name in ("keep_alive_timeout", "header_timeout"):
             value = getattr(self, name)
-            _require(math.isfinite(value) and value > 0, f"{name.replace('_', ' ')} must be a positive number of seconds")
+            require(math.isfinite(value) and value > 0, f"{name.replace('_', ' ')} must be a positive number of seconds")
 
     @property
     def is_loopback(self) -> bool:
@@ -79,5 +75,5 @@ def read_api_key_file(path: str) -> str:
             key = f.readline().strip()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read api key file {path!r}: {e}") from e
-    _require(bool(key), f"api key file {path!r} is empty")
+    require(bool(key), f"api key file {path!r} is empty")
     return key

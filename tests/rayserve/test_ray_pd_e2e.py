@@ -5,17 +5,13 @@ it."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
 
 import openai
 import pytest
 
 from kvserve.engine.llm_engine import LLM
 from kvserve.sampling import SamplingParams
-from tests.serving import start_kvserve
-
-ray = pytest.importorskip("ray", reason="Ray Serve is not installed (make install installs ray[serve])")
+from tests.rayserve.conftest import ray_serve
 
 MODEL = "SmolLM2-135M-Instruct"
 DOC = ("The lighthouse keeper wrote down every ship that passed, its flag, its cargo and the weather, in a ledger "
@@ -25,28 +21,10 @@ DOC = ("The lighthouse keeper wrote down every ship that passed, its flag, its c
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("raypd")
-    log = tmp / "ray-serve.log"
-    try:
-        proc, url = start_kvserve(["--replicas", "0", "--prefill", "1", "--decode", "1", "--num-cpus", "2",
-                                   "--cpus-per-replica", "1", "--dtype", "float32", "--num-threads", "1",
-                                   "--kv-cache-memory-gb", "0.05", "--kv-store", f"disk:{tmp / 'kv'}:256MB",
-                                   "--kv-store-load", "always", "--enable-prompt-tokens-details",
-                                   "--log-level", "warning", "--no-access-log"],
-                                  log, timeout=420, drop_env=("KVSERVE_API_KEY",), command="ray-serve")
-    except RuntimeError as e:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        if "Started a local Ray instance" not in text:
-            pytest.skip(f"Ray could not start a local cluster here: {str(e)[-600:]}")
-        raise
-    try:
+    with ray_serve(["--replicas", "0", "--prefill", "1", "--decode", "1", "--cpus-per-replica", "1",
+                    "--kv-store", f"disk:{tmp / 'kv'}:256MB", "--kv-store-load", "always",
+                    "--enable-prompt-tokens-details"], tmp / "ray-serve.log") as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_split_requests_are_the_engines_own_answers_from_loaded_kv(app, make_engine):

@@ -79,9 +79,6 @@ def test_replica_summary_round_trips_and_rejects_malformed_stats():
     assert ReplicaSummary.from_stats({"version": "x"}) is None
 
 
-ray = pytest.importorskip("ray", reason="Ray Serve is not installed (make install installs ray[serve])")
-
-
 def _replica(uid: str, hashes: list[bytes], running: int = 0):
     stats = ReplicaSummary(f"v-{uid}", b"".join(hashes), running, 0, 0.0).to_stats()
     return SimpleNamespace(replica_id=SimpleNamespace(unique_id=uid), routing_stats=stats)
