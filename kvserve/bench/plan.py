@@ -408,13 +408,21 @@ def measure_served(args, log) -> dict:
 
 
 def cmd_refit(args, log) -> dict:
-    """The model fitted again to the steps a `measure` run saved (after a change of the model's terms)."""
-    d = json.load(open(args.steps))
-    rows = [(r[:len(BASE)], r[len(BASE)]) for r in d["steps"]]
-    model = fit_cost(rows[20:], d["threads"])
-    log(f"refit {len(rows)} steps at {d['threads']} thread(s): coef "
+    """The model fitted again to the steps that one or more `measure` runs saved: after a change of the model's terms,
+    or to join traces that cover different batch ranges (a served run at a low rate and one at a high rate). Each
+    file's first 20 steps are left out (warm-up)."""
+    files = [json.load(open(p)) for p in args.steps]
+    threads = {d["threads"] for d in files}
+    if len(threads) != 1:
+        raise SystemExit(f"refit joins steps at one thread count only, got {sorted(threads)}")
+    rows = [(r[:len(BASE)], r[len(BASE)]) for d in files for r in d["steps"][20:]]
+    model = fit_cost(rows, files[0]["threads"])
+    log(f"refit {len(rows)} steps from {len(files)} file(s) at {model.threads} thread(s): coef "
         f"{dict(zip(FEATURES, (round(c, 6) for c in model.coef)))}, fit {model.fit}")
-    return {**d, "coef": list(model.coef), "features": list(FEATURES), "fit": model.fit}
+    source = files[0].get("source", "offline") if len(files) == 1 else \
+        " + ".join(f"{d.get('source', 'offline')}" for d in files)
+    return {**files[0], "coef": list(model.coef), "features": list(FEATURES), "fit": model.fit, "source": source,
+            "steps": [r for d in files for r in d["steps"]]}
 
 
 def served_run(threads: int, dtype: str, workload: str, workload_args: list[str], num_requests: int, seed: int,
@@ -564,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in (m,):
         p.add_argument("--dtype", default="bfloat16")
     f = sub.add_parser("refit")
-    f.add_argument("steps", help="a measure run's JSON (its saved steps)")
+    f.add_argument("steps", nargs="+", help="measure runs' JSON files (their saved steps), at one thread count")
     v = sub.add_parser("validate")
     r = sub.add_parser("recommend")
     for p in (m, v, r):

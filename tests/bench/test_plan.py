@@ -68,3 +68,32 @@ def test_amdahl_extrapolation():
     four = one.at_threads(two, 4)
     # serial 0.010 / parallel 0; the token term 0.0004 serial + 0.0016 parallel
     assert four.coef == pytest.approx((0.010, 0.0004 + 0.0016 / 4))
+
+
+def test_refit_joins_traces_that_cover_different_batch_ranges(tmp_path):
+    """A low-rate trace never decodes more than 8 sequences, so alone it cannot fit the beyond-8 term; joined with a
+    high-rate trace the fit recovers every coefficient. Traces at two thread counts are refused."""
+    import json
+
+    from kvserve.bench.plan import BASE, main
+
+    rng = random.Random(1)
+    true = (0.004, 0.0002, 0.001, 0.0005, 0.0003, 0.02)
+
+    def trace(path, max_decode, threads=2):
+        steps = []
+        for _ in range(220):
+            f = [1.0, rng.randint(1, 512), rng.randint(0, max_decode), rng.uniform(0, 100), rng.uniform(0, 0.3)]
+            steps.append(f + [sum(c * x for c, x in zip(true, expand(f))) * rng.uniform(0.99, 1.01)])
+        assert len(steps[0]) == len(BASE) + 1
+        path.write_text(json.dumps({"threads": threads, "coef": [], "steps": steps, "source": path.stem}))
+        return str(path)
+
+    low, high = trace(tmp_path / "low.json", 8), trace(tmp_path / "high.json", 48)
+    main(["refit", low, high, "--out", str(tmp_path / "joined.json")])
+    joined = json.loads((tmp_path / "joined.json").read_text())
+    assert joined["coef"] == pytest.approx(true, rel=0.05)
+    assert joined["fit"]["steps"] == 400 and len(joined["steps"]) == 440  # 20 warm-up steps left out of each fit
+    assert joined["source"] == "low + high" and joined["threads"] == 2
+    with pytest.raises(SystemExit, match="one thread count"):
+        main(["refit", low, trace(tmp_path / "one.json", 48, threads=1)])
