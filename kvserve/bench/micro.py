@@ -3,6 +3,7 @@
     python -m kvserve.bench.micro [--threads 2]
     python -m kvserve.bench.micro --threads 1 --decode-shapes 8x1024,2x4096,9x4096   # decode attention only
     python -m kvserve.bench.micro --digests                                           # KV store entry digests
+    python -m kvserve.bench.micro --verify-shapes 4x512,8x2048   # one sequence's speculative verification rows
 
 1. decode attention over the paged KV cache: PyTorch gather + einsum vs the native in-place kernel;
 2. prefill attention of one fresh prompt and of a chunk over a cached prefix: SDPA (as kvserve calls it without
@@ -48,6 +49,35 @@ def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, f
             rows.append((f"decode attention, native in-place kernel, {name}, B={batch} ctx={ctx}",
                          timeit(lambda: native(q, kc, vc, tables, lens, 0.125))))
     return rows
+
+
+def bench_verify_rows(n: int, ctx: int, layers: int = 30) -> list[tuple[str, float]]:
+    """One sequence's n verification rows (lengths ctx + 1 .. ctx + n, one block table) through the native decode
+    kernel, against the same rows each with its own table (read once per row), for all layers of a step."""
+    from kvserve.kernels import decode_attention_kernel
+
+    native = decode_attention_kernel()
+    if native is None:
+        return []
+    g = torch.Generator().manual_seed(0)
+    bs, hkv, d, h = 16, 3, 64, 9
+    mb = -(-(ctx + n) // bs)
+    nb = max(2000, (n + 1) * mb * layers // 4)
+    kc = torch.randn(nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+    vc = torch.randn(nb, bs, hkv, d, generator=g).to(torch.bfloat16)
+    lens = torch.arange(ctx + 1, ctx + n + 1, dtype=torch.int32)
+    q = torch.randn(n, h, d, generator=g).to(torch.bfloat16)
+    # a table per layer, so the step reads 30 layers' worth of KV as a real one does
+    one = [torch.randperm(nb, generator=g)[:mb].repeat(n, 1) for _ in range(layers)]
+    apart = [torch.randperm(nb, generator=g)[: n * mb].view(n, mb) for _ in range(layers)]
+
+    def step(tables):
+        for t in tables:
+            native(q, kc, vc, t, lens, 0.125)
+
+    return [(f"verification attention, {layers} layers, {n} rows at ctx {ctx}, one table", timeit(lambda: step(one))),
+            (f"verification attention, {layers} layers, {n} rows at ctx {ctx}, a table per row",
+             timeit(lambda: step(apart)))]
 
 
 def bench_digests(tokens: int = 256) -> list[tuple[str, float]]:
@@ -143,11 +173,16 @@ def main() -> None:
     ap.add_argument("--decode-shapes", default=None, metavar="BxCTX,...",
                     help="only decode attention, at these batch x context shapes (e.g. 8x1024,2x4096)")
     ap.add_argument("--digests", action="store_true", help="only the KV store's entry digests")
+    ap.add_argument("--verify-shapes", default=None, metavar="NxCTX,...",
+                    help="only one sequence's N speculative verification rows at context CTX (e.g. 4x512,8x2048)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("| what | median ms |\n| --- | --- |")
     if args.digests:
         rows = bench_digests()
+    elif args.verify_shapes:
+        rows = [r for shape in args.verify_shapes.split(",")
+                for r in bench_verify_rows(*(int(x) for x in shape.lower().split("x")))]
     elif args.decode_shapes:
         rows = [r for shape in args.decode_shapes.split(",")
                 for r in bench_decode_attention(*(int(x) for x in shape.lower().split("x")))]

@@ -1,4 +1,5 @@
-// Decode attention straight over the paged KV cache: no gather copy, one pass per (sequence, kv head).
+// Decode attention straight over the paged KV cache: no gather copy, one pass per (sequence, kv head) (bf16: per
+// run of a sequence's verification rows and kv head).
 //
 // q:            (B, H, D)            float32 or bfloat16
 // k/v_cache:    (NB, BS, Hkv, D)     same dtype as q
@@ -18,7 +19,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <array>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -158,10 +161,85 @@ inline void prefetch_span(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
 }
 
+// Consecutive rows that verify speculative drafts of one sequence: row b + 1 continues row b's run when it is one
+// token longer and its block table agrees over row b's blocks (the runner gives a request's k + 1 rows one table).
+// Returns the runs' first rows, and B at the end. A run's rows read exactly the keys and values they would read
+// alone (row j: positions < lens[j], through the last row's table, equal to its own there), so grouping changes
+// only how often the cache is read: once per run instead of once per row. Below GROUP_MIN_CONTEXT the rows stay
+// apart: their KV is still in cache for the next row, and more, smaller work items balance the threads better
+// (`python -m kvserve.bench.micro --verify-shapes`: grouping 7-10% slower at 256-512 tokens, 1.3-1.5x faster at
+// 2048 for 4-8 rows).
+constexpr int32_t GROUP_MIN_CONTEXT = 1024;
+
+inline std::vector<int64_t> row_runs(const int64_t* tables, const int32_t* lens, int64_t B, int64_t MB, int64_t BS) {
+  std::vector<int64_t> starts;
+  starts.reserve(B + 1);
+  for (int64_t b = 0; b < B; ++b) {
+    bool cont = b > 0 && lens[b - 1] >= GROUP_MIN_CONTEXT && lens[b] == lens[b - 1] + 1;
+    if (cont) {
+      const int64_t nb = std::min<int64_t>((lens[b - 1] + BS - 1) / BS, MB);
+      cont = std::memcmp(tables + (b - 1) * MB, tables + b * MB, nb * sizeof(int64_t)) == 0;
+    }
+    if (!cont) starts.push_back(b);
+  }
+  starts.push_back(B);
+  return starts;
+}
+
+// The value pass for M queries of one KV head: out[j] = sum_t p[j][t] v[t], the M x D / 16 float32 accumulators in
+// registers (M is a template argument, so they are not spilled to memory between tokens) and each value row
+// converted once for all M. p: M rows of L probabilities (0 past a row's own context).
+template <int D, int M>
+void value_pass(const float* __restrict p, int64_t L, const c10::BFloat16* __restrict v_cache,
+                const int64_t* __restrict table, int64_t blk, int64_t row, int64_t BS, int64_t h, __m512* out) {
+  constexpr int NV = D / 16;
+  __m512 acc[M][NV];
+  for (int j = 0; j < M; ++j)
+    for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_setzero_ps();
+  const int64_t nblocks = (L + BS - 1) / BS;
+  for (int64_t bi = 0; bi < nblocks; ++bi) {
+    const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, L - t0);
+    const c10::BFloat16* vb = v_cache + table[bi] * blk + h * D;
+    for (int64_t r = 0; r < tn; ++r) {
+      const c10::BFloat16* vrow = vb + r * row;
+      __m512 vf[NV];
+      for (int i = 0; i < NV; ++i) {
+        __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + i * 16));
+        vf[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < M; ++j) {
+        const __m512 pj = _mm512_set1_ps(p[j * L + t0 + r]);
+#pragma GCC unroll 8
+        for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_fmadd_ps(pj, vf[i], acc[j][i]);
+      }
+    }
+  }
+  for (int j = 0; j < M; ++j)
+    for (int i = 0; i < NV; ++i) out[j * NV + i] = acc[j][i];
+}
+
+// Queries per value-pass tile: M x D / 16 accumulators + D / 16 value vectors within the 32 zmm registers.
+template <int D>
+constexpr int VT = D / 16 <= 4 ? 6 : (D / 16 <= 8 ? 3 : 1);
+
+template <int D>
+using ValuePassFn = void (*)(const float*, int64_t, const c10::BFloat16*, const int64_t*, int64_t, int64_t, int64_t,
+                             int64_t, __m512*);
+
+template <int D, int... Ms>
+constexpr std::array<ValuePassFn<D>, sizeof...(Ms) + 1> value_table(std::integer_sequence<int, Ms...>) {
+  return {nullptr, &value_pass<D, Ms + 1>...};
+}
+
+template <int D>
+constexpr auto v_tables = value_table<D>(std::make_integer_sequence<int, VT<D>>{});
+
 // bfloat16 with AVX512-BF16: q.k as bf16 pair dot products (vdpbf16ps) accumulated in float32, p.v in float32.
-// A work item is one sequence and one KV head (the loops allow a range of heads): reading all of a token's heads as
-// one contiguous span looked better for DRAM but measured 1.15-1.5x slower at 1 and 2 threads (docs/benchmarks.md,
-// "P/D"): the G query heads' scores and accumulators of one head stay in registers and L1, and the three heads'
+// A work item is one run of rows (above: one row, or a sequence's k + 1 verification rows) and one KV head: the
+// G query heads of each of its rows share every key and value row read. Reading all of a token's heads as one
+// contiguous span looked better for DRAM but measured 1.15-1.5x slower at 1 and 2 threads (docs/benchmarks.md,
+// "P/D"): the query heads' scores and accumulators of one head stay in registers and L1, and the three heads'
 // items still read disjoint cache lines. KV for a decode batch is read from DRAM, next block prefetched.
 template <int D>
 void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
@@ -174,95 +252,83 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;
   const int64_t blk = BS * row;
-  const int64_t per_item = 1;  // kv heads per work item (see above)
-  const int64_t groups = Hkv / per_item;
-  at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
+  const std::vector<int64_t> runs = row_runs(tables, lens, B, MB, BS);
+  const int64_t R = static_cast<int64_t>(runs.size()) - 1;
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<__m512bh> qv(per_item * G * NQ);
-    std::vector<__m512> acc(per_item * G * NV);
-    const int64_t nq = per_item * G;  // query heads of this item
+    std::vector<__m512bh> qv;
+    std::vector<__m512> acc;
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / groups, h0 = (idx % groups) * per_item;
-      const int64_t L = lens[b];
+      const int64_t ri = idx / Hkv, h = idx % Hkv;
+      const int64_t b0 = runs[ri], n = runs[ri + 1] - b0;
+      const int64_t L = lens[b0 + n - 1];  // the run's longest row: its last
       if (L <= 0) continue;
+      const int64_t nq = n * G;  // query j = (row j / G of the run, head h * G + j % G)
       scores.resize(nq * L);
-      for (int64_t j = 0; j < nq; ++j)  // query heads h0 * G ... are contiguous in q
+      qv.resize(nq * NQ);
+      acc.resize(nq * NV);
+      for (int64_t j = 0; j < nq; ++j)
         for (int i = 0; i < NQ; ++i)
-          qv[j * NQ + i] = (__m512bh)_mm512_loadu_si512(q + (b * H + h0 * G + j) * D + i * 32);
-      const int64_t* table = tables + b * MB;
-      const int64_t span = per_item * D * 2;  // bytes of this item's heads in one token row
+          qv[j * NQ + i] =
+              (__m512bh)_mm512_loadu_si512(q + ((b0 + j / G) * H + h * G + j % G) * D + i * 32);
+      const int64_t* table = tables + (b0 + n - 1) * MB;
+      const int64_t span = D * 2;  // bytes of this head in one token row
       const int64_t nblocks = (L + BS - 1) / BS;
       for (int64_t bi = 0; bi < nblocks; ++bi) {
         const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, L - t0);
         if (bi + 1 < nblocks) {  // the next K block, and this block's V for the second pass
-          const c10::BFloat16* nxt = k_cache + table[bi + 1] * blk + h0 * D;
+          const c10::BFloat16* nxt = k_cache + table[bi + 1] * blk + h * D;
           for (int64_t r = 0; r < BS; ++r) prefetch_span(nxt + r * row, span);
         }
-        const c10::BFloat16* vb = v_cache + table[bi] * blk + h0 * D;
+        const c10::BFloat16* vb = v_cache + table[bi] * blk + h * D;
         for (int64_t r = 0; r < tn; ++r) prefetch_span(vb + r * row, span);
-        const c10::BFloat16* kb = k_cache + table[bi] * blk + h0 * D;
-        if (tn == 16) {  // a full block: 16 dot products per query, summed across lanes in one transpose tree
-          for (int64_t hh = 0; hh < per_item; ++hh)
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t j = hh * G + g;
-              __m512 part[16];
-              for (int r = 0; r < 16; ++r) {
-                const c10::BFloat16* krow = kb + r * row + hh * D;
-                __m512 acc_r = _mm512_setzero_ps();
-                for (int i = 0; i < NQ; ++i)
-                  acc_r = _mm512_dpbf16_ps(acc_r, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
-                part[r] = acc_r;
-              }
-              _mm512_storeu_ps(scores.data() + j * L + t0, _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale)));
+        const c10::BFloat16* kb = k_cache + table[bi] * blk + h * D;
+        for (int64_t j = 0; j < nq; ++j) {
+          // a block full for this row: 16 dot products summed across lanes in one transpose tree; a row's last,
+          // partial block one dot product at a time (the same sums as the row alone would get)
+          const int64_t tj = std::min<int64_t>(tn, lens[b0 + j / G] - t0);
+          if (tj == 16) {
+            __m512 part[16];
+            for (int r = 0; r < 16; ++r) {
+              const c10::BFloat16* krow = kb + r * row;
+              __m512 acc_r = _mm512_setzero_ps();
+              for (int i = 0; i < NQ; ++i)
+                acc_r = _mm512_dpbf16_ps(acc_r, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
+              part[r] = acc_r;
             }
-          continue;
-        }
-        for (int64_t r = 0; r < tn; ++r) {
-          const c10::BFloat16* krow = kb + r * row;
-          for (int64_t hh = 0; hh < per_item; ++hh) {
-            __m512bh kr[NQ];
-            for (int i = 0; i < NQ; ++i) kr[i] = (__m512bh)_mm512_loadu_si512(krow + hh * D + i * 32);
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t j = hh * G + g;
-              __m512 s = _mm512_setzero_ps();
-              for (int i = 0; i < NQ; ++i) s = _mm512_dpbf16_ps(s, qv[j * NQ + i], kr[i]);
-              scores[j * L + t0 + r] = hsum512(s) * scale;
-            }
+            _mm512_storeu_ps(scores.data() + j * L + t0, _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale)));
+            continue;
+          }
+          for (int64_t r = 0; r < tj; ++r) {
+            const c10::BFloat16* krow = kb + r * row;
+            __m512 s = _mm512_setzero_ps();
+            for (int i = 0; i < NQ; ++i)
+              s = _mm512_dpbf16_ps(s, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
+            scores[j * L + t0 + r] = hsum512(s) * scale;
           }
         }
       }
-      for (int64_t j = 0; j < nq; ++j) softmax_row(scores.data() + j * L, L);
-      if (sc != nullptr) {  // the item's kv heads of this row are its own: no race
-        for (int64_t hh = 0; hh < per_item; ++hh) {
-          float* dst = sc + (b * Hkv + h0 + hh) * SL;
-          for (int64_t g = 0; g < G; ++g) {
-            const float* p = scores.data() + (hh * G + g) * L;
-            for (int64_t t = 0; t < L; ++t) dst[t] += p[t];
-          }
+      // each row's softmax over its own context; the run's later positions get probability 0 for it, so the value
+      // pass below adds exactly nothing for them (p x v = 0: the sums equal a pass over the row's own context)
+      for (int64_t j = 0; j < nq; ++j) {
+        const int64_t Lj = lens[b0 + j / G];
+        softmax_row(scores.data() + j * L, Lj);
+        std::fill(scores.begin() + j * L + Lj, scores.begin() + (j + 1) * L, 0.f);
+      }
+      if (sc != nullptr) {  // the (row, kv head) pairs of this item are its own: no race
+        for (int64_t j = 0; j < nq; ++j) {
+          const int64_t b = b0 + j / G, Lj = lens[b];
+          float* dst = sc + (b * Hkv + h) * SL;
+          const float* p = scores.data() + j * L;
+          for (int64_t t = 0; t < Lj; ++t) dst[t] += p[t];
         }
       }
-      for (auto& a : acc) a = _mm512_setzero_ps();
-      for (int64_t bi = 0; bi < nblocks; ++bi) {
-        const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, L - t0);
-        const c10::BFloat16* vb = v_cache + table[bi] * blk + h0 * D;
-        for (int64_t r = 0; r < tn; ++r) {
-          const c10::BFloat16* vrow = vb + r * row;
-          for (int64_t hh = 0; hh < per_item; ++hh) {
-            __m512 vf[NV];
-            for (int i = 0; i < NV; ++i) {
-              __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + hh * D + i * 16));
-              vf[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-            }
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t j = hh * G + g;
-              const __m512 p = _mm512_set1_ps(scores[j * L + t0 + r]);
-              for (int i = 0; i < NV; ++i) acc[j * NV + i] = _mm512_fmadd_ps(p, vf[i], acc[j * NV + i]);
-            }
-          }
-        }
+      for (int64_t j0 = 0; j0 < nq; j0 += VT<D>) {
+        const int64_t m = std::min<int64_t>(VT<D>, nq - j0);
+        v_tables<D>[m](scores.data() + j0 * L, L, v_cache, table, blk, row, BS, h, acc.data() + j0 * NV);
       }
       for (int64_t j = 0; j < nq; ++j) {
-        c10::BFloat16* o = out + (b * H + h0 * G + j) * D;
+        c10::BFloat16* o = out + ((b0 + j / G) * H + h * G + j % G) * D;
         for (int i = 0; i < NV; ++i) {
           __m256bh r = _mm512_cvtneps_pbh(acc[j * NV + i]);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i * 16), (__m256i)r);

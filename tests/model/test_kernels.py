@@ -41,6 +41,44 @@ def test_native_decode_attention_matches_reference(dtype, tol, head_dim, heads, 
     assert added.masked_select(past[:, None, :].expand_as(added)).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verification_rows_share_one_read_and_equal_each_row_alone(dtype):
+    """A sequence's k + 1 verification rows (one table, lengths L..L+k) are one work item of the bf16 kernel; each row
+    must come out bit for bit as it does alone, its attention mass too. Rows that share only full prefix blocks
+    (another request on the same cached system prompt), or whose lengths do not follow on, stay apart."""
+    fn = decode_attention_kernel()
+    g = torch.Generator().manual_seed(3)
+    nb, bs, heads, kv_heads, d = 200, 16, 9, 3, 64
+    kc = torch.randn(nb, bs, kv_heads, d, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, kv_heads, d, generator=g).to(dtype)
+    own = list(range(10, 90))  # 1,280 tokens: runs are grouped from 1,024 tokens of context
+    other = own[:68] + [150, 151, 152]  # shares 68 full blocks with `own`, then its own
+    rows = [(own, 1118), (own, 1119), (own, 1120), (own, 1121), (own, 1122),  # crosses a block end inside the run
+            (other, 1123), (other, 1124),  # one token on from the last row but another table: a new run
+            (own, 1100), (own, 1102),  # not consecutive: apart
+            *[(own, n) for n in range(1200, 1209)],  # nine rows: more queries than a value-pass tile
+            (own, 500), (own, 501), (own, 502)]  # a short context: rows apart
+    mb = max(-(-n // bs) for _, n in rows)
+    tables = torch.zeros(len(rows), mb, dtype=torch.long)
+    for i, (t, n) in enumerate(rows):
+        nbk = -(-n // bs)
+        tables[i, :nbk] = torch.tensor(t[:nbk])
+    lens = torch.tensor([n for _, n in rows], dtype=torch.int32)
+    q = torch.randn(len(rows), heads, d, generator=g).to(dtype)
+    scale = d ** -0.5
+    together = fn(q, kc, vc, tables, lens, scale)
+    width = mb * bs
+    mass = torch.zeros(len(rows), kv_heads, width)
+    fn(q, kc, vc, tables, lens, scale, mass)
+    for i in range(len(rows)):
+        alone_mass = torch.zeros(1, kv_heads, width)
+        alone = fn(q[i:i + 1], kc, vc, tables[i:i + 1], lens[i:i + 1], scale, alone_mass)
+        assert torch.equal(together[i], alone[0]), f"row {i}"
+        assert torch.equal(mass[i], alone_mass[0]), f"row {i}"
+    ref = decode_attention_torch(q, kc, vc, tables, lens, scale).float()
+    assert (together.float() - ref).abs().max().item() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 def test_packed_bf16_linear_is_bit_identical():
     """oneDNN on the pre-packed weight: the same bits as F.linear (small batches, which go to the gemv kernel, are
     tested in test_gemv.py)."""
