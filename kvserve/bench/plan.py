@@ -419,8 +419,7 @@ def cmd_refit(args, log) -> dict:
     model = fit_cost(rows, files[0]["threads"])
     log(f"refit {len(rows)} steps from {len(files)} file(s) at {model.threads} thread(s): coef "
         f"{dict(zip(FEATURES, (round(c, 6) for c in model.coef)))}, fit {model.fit}")
-    source = files[0].get("source", "offline") if len(files) == 1 else \
-        " + ".join(f"{d.get('source', 'offline')}" for d in files)
+    source = " + ".join(d.get("source", "offline") for d in files)
     return {**files[0], "coef": list(model.coef), "features": list(FEATURES), "fit": model.fit, "source": source,
             "steps": [r for d in files for r in d["steps"]]}
 

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                          draft_tokens=s.num_draft_tokens, accepted_tokens=s.num_accepted_tokens,
                          verifications=s.num_drafts, backed_off=s.num_backed_off,
                          acceptance_lengths=s.acceptance_lengths,
-                         learned_step_cost_ms={n: round(1e3 * v, 2) for n, v in llm.engine.core.spec.cost.curve().items()})
+                         learned_step_cost_ms={n: round(1e3 * v, 2) for n, v in s.step_cost_s.items()})
         report["configs"][c] = entry
         print(f"{c:28s} {rate:8.2f} tok/s  x{entry['ratio']:.2f}  identical {entry['identical_to_first']}/{len(reqs)}"
               + (f"  mean accepted {entry['mean_accepted']}" if s is not None else ""), flush=True)

@@ -263,6 +263,7 @@ class SpeculativeStats(msgspec.Struct, frozen=True):
     num_backed_off: int  # drafted tokens the step-cost rule did not verify
     suffix_cached_requests: int = 0
     suffix_tree_nodes: int = 0
+    step_cost_s: dict[int, float] = {}  # the back-off's learned seconds per forward pass, by token-count bucket
 
 
 class EvictionStats(msgspec.Struct, frozen=True):

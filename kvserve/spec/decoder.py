@@ -41,6 +41,7 @@ class SpecStats:
     num_backed_off: int = 0  # draft tokens proposed but dropped by the step-cost rule
     suffix_cached_requests: int = 0
     suffix_tree_nodes: int = 0
+    step_cost_s: dict[int, float] = field(default_factory=dict)  # StepCostModel.curve() at the snapshot
 
 
 class StepCostModel:
@@ -272,4 +273,5 @@ class SpecDecoder:
         if self.suffix_cache is not None:
             s.suffix_cached_requests = self.suffix_cache.num_requests
             s.suffix_tree_nodes = self.suffix_cache.num_nodes
-        return SpecStats(**{**s.__dict__, "acceptance_lengths": list(s.acceptance_lengths)})
+        return SpecStats(**{**s.__dict__, "acceptance_lengths": list(s.acceptance_lengths),
+                            "step_cost_s": self.cost.curve()})
