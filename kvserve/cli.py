@@ -45,6 +45,12 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blend-segment-context", choices=("prefix", "none"), default="prefix",
                         help="what a cached segment's KV is computed after: the prompt's first segment (the system "
                              "prompt; default) or nothing (reusable under any first segment, lower quality)")
+    parser.add_argument("--ape-temperature", type=float, default=1.0,
+                        help='kv_reuse "parallel" (APE): attention temperature of later tokens over the segments '
+                             "(below 1 sharpens); requests may set ape_temperature")
+    parser.add_argument("--ape-scale", type=float, default=1.0,
+                        help='kv_reuse "parallel" (APE): scale of the segments\' total attention weight; requests '
+                             "may set ape_scale")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--num-kv-blocks", type=int, default=None,
                         help="KV blocks in the pool (overrides --kv-cache-memory-gb; benchmarks size pools exactly)")
@@ -299,7 +305,8 @@ def _engine_args(args: argparse.Namespace, **extra):
 
 def _blend_args(args: argparse.Namespace) -> dict:
     return {"enable_segment_cache": args.enable_segment_cache, "blend_recompute_ratio": args.blend_recompute_ratio,
-            "blend_check_layer": args.blend_check_layer, "blend_segment_context": args.blend_segment_context}
+            "blend_check_layer": args.blend_check_layer, "blend_segment_context": args.blend_segment_context,
+            "ape_temperature": args.ape_temperature, "ape_scale": args.ape_scale}
 
 
 def _routing_policy(args: argparse.Namespace):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -289,3 +290,18 @@ class KVEvictionConfig:
     def scores_decode(self) -> bool:
         """Whether decode queries keep adding to the scores (h2o, lazy) or only the prompt's window does (snapkv)."""
         return self.policy in ("h2o", "lazy")
+
+
+@dataclass(frozen=True)
+class KeySpan:
+    """APE (docs/kvreuse.md): a query at KV index >= hi scores the keys in [lo, hi), the parallel segments, as
+    logit * inv_temperature + log_scale: their softmax temperature, and their total weight times the scale."""
+
+    lo: int
+    hi: int
+    inv_temperature: float
+    log_scale: float
+
+    @classmethod
+    def ape(cls, lo: int, hi: int, temperature: float, scale: float) -> "KeySpan":
+        return cls(lo, hi, 1.0 / temperature, math.log(scale))

@@ -5,8 +5,9 @@ invented person (colour, city, profession, pet, instrument, spread through fille
 attribute of one person, whose document sits among distractors in a random order. Every prompt is [system, 4 documents, question] as segments.
 
 - ttft: one request at a time, the time to the first token of the plain prefill of the same token ids (nothing
-  cached but the system prompt: no two prompts start with the same document) against blending at each ratio with
-  all documents cached (LLM.precompute_segments); medians.
+  cached but the system prompt: no two prompts start with the same document) against blending at each ratio (or
+  APE's parallel mode at a temperature and scale: "ape:T:S") with all documents cached (LLM.precompute_segments);
+  medians.
 - quality: the same questions at each ratio and as the plain prefill (the reference): answer accuracy (the value in
   the answer), paired differences with 95% bootstrap intervals, agreement of the first 32 greedy tokens with the
   plain prefill's (all 32 equal; the common prefix's length), and the KL of the first token's distribution from the
@@ -37,6 +38,22 @@ ATTRIBUTES = {
     "instrument": ["cello", "oboe", "banjo", "harp", "trumpet", "accordion", "flute", "sitar", "drums", "viola"],
 }
 RATIOS = (0.0, 0.05, 0.15, 0.3, 1.0)
+
+
+def setting_label(text: str) -> str:
+    """A setting of --ratios: a CacheBlend ratio ("0.15") or APE's parallel mode ("ape:T:S")."""
+    if text.startswith("ape:"):
+        _, t, s = text.split(":")
+        return f"ape:{float(t)}:{float(s)}"
+    return str(float(text))
+
+
+def reuse_fields(label: str) -> dict:
+    """The prompt fields of a setting."""
+    if label.startswith("ape:"):
+        _, t, s = label.split(":")
+        return {"kv_reuse": "parallel", "ape_temperature": float(t), "ape_scale": float(s)}
+    return {"blend_recompute_ratio": float(label)}
 
 
 def _name(rng: random.Random, used: set) -> str:
@@ -147,15 +164,15 @@ def run_ttft(llm, docs, questions, ratios, log) -> dict:
                 ids, _ = engine.tokenizer.encode_segments(segs)
                 prompts.append({"prompt_token_ids": ids})
             else:
-                prompts.append({"prompt_segments": segs, "blend_recompute_ratio": label})
+                prompts.append({"prompt_segments": segs, **reuse_fields(label)})
         one({"prompt_token_ids": engine.tokenizer.encode_segments(segments(docs, warm))[0]} if label == "full"
-            else {"prompt_segments": segments(docs, warm), "blend_recompute_ratio": label})  # shapes warm
+            else {"prompt_segments": segments(docs, warm), **reuse_fields(label)})  # shapes warm
         times = [one(p) for p in prompts]
-        results[str(label)] = {"ttft_median_s": statistics.median(times), "ttft_s": times}
-        log(f"ttft {label!s:>5}: median {1e3 * statistics.median(times):.0f} ms over {len(times)}")
+        results[label] = {"ttft_median_s": statistics.median(times), "ttft_s": times}
+        log(f"ttft {label:>5}: median {1e3 * statistics.median(times):.0f} ms over {len(times)}")
     full = results["full"]["ttft_median_s"]
     for r in ratios:
-        results[str(r)]["speedup_vs_full"] = full / results[str(r)]["ttft_median_s"]
+        results[r]["speedup_vs_full"] = full / results[r]["ttft_median_s"]
     return results
 
 
@@ -175,7 +192,7 @@ def run_quality(llm, docs, questions, ratios, max_tokens: int, log, save=lambda 
         assert engine.reset_prefix_cache()
         started = time.perf_counter()
         precompute(llm, docs)
-        outs = llm.generate([{"prompt_segments": segments(docs, q), "blend_recompute_ratio": r} for q in questions],
+        outs = llm.generate([{"prompt_segments": segments(docs, q), **reuse_fields(r)} for q in questions],
                             sp, use_tqdm=False)
         correct = [int(q["answer"].lower() in o.outputs[0].text.lower()) for q, o in zip(questions, outs)]
         agree_all, prefix, kls = [], [], []
@@ -187,7 +204,7 @@ def run_quality(llm, docs, questions, ratios, max_tokens: int, log, save=lambda 
             kls.append(first_token_kl(a, b))
         diffs = [c - f for c, f in zip(correct, correct_full)]
         blended = sum(o.num_blended_tokens for o in outs)
-        results[str(r)] = {
+        results[r] = {
             "accuracy": sum(correct) / len(questions), "correct": correct,
             "accuracy_minus_full": sum(diffs) / len(diffs), "accuracy_minus_full_ci95": bootstrap_ci(diffs),
             "greedy32_all_equal": sum(agree_all) / len(agree_all), "greedy32_common_prefix_mean": statistics.mean(prefix),
@@ -195,15 +212,15 @@ def run_quality(llm, docs, questions, ratios, max_tokens: int, log, save=lambda 
             "blended_tokens": blended, "recomputed_tokens": sum(o.num_recomputed_tokens for o in outs),
             "seconds": time.perf_counter() - started}
         save(results)
-        log(f"quality {r:>5}: acc {results[str(r)]['accuracy']:.3f} (full {results['full']['accuracy']:.3f}), "
-            f"32 equal {results[str(r)]['greedy32_all_equal']:.3f}, KL {results[str(r)]['first_token_kl_mean']:.4f}, "
-            f"recomputed {results[str(r)]['recomputed_tokens']}/{blended}")
+        log(f"quality {r:>5}: acc {results[r]['accuracy']:.3f} (full {results['full']['accuracy']:.3f}), "
+            f"32 equal {results[r]['greedy32_all_equal']:.3f}, KL {results[r]['first_token_kl_mean']:.4f}, "
+            f"recomputed {results[r]['recomputed_tokens']}/{blended}")
     zero = results.get("0.0")
     if zero is not None:
         for r in ratios:
-            d = [a - b for a, b in zip(results[str(r)]["correct"], zero["correct"])]
-            results[str(r)]["accuracy_minus_ratio0"] = sum(d) / len(d)
-            results[str(r)]["accuracy_minus_ratio0_ci95"] = bootstrap_ci(d)
+            d = [a - b for a, b in zip(results[r]["correct"], zero["correct"])]
+            results[r]["accuracy_minus_ratio0"] = sum(d) / len(d)
+            results[r]["accuracy_minus_ratio0_ci95"] = bootstrap_ci(d)
     return results
 
 
@@ -238,7 +255,8 @@ def report(paths: list[str]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default="ttft,quality")
-    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)),
+                    help='CacheBlend ratios and APE settings ("ape:TEMPERATURE:SCALE", kv_reuse parallel)')
     ap.add_argument("--num-docs", type=int, default=100)
     ap.add_argument("--doc-tokens", type=int, default=512)
     ap.add_argument("--docs-per-prompt", type=int, default=4)
@@ -270,7 +288,7 @@ def main(argv=None) -> int:
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               batch_reorder=False, blend_segment_context=args.segment_context)
     docs = make_documents(llm.engine.tokenizer, args.num_docs, args.doc_tokens, args.seed)
-    ratios = [float(r) for r in args.ratios.split(",")]
+    ratios = [setting_label(r) for r in args.ratios.split(",")]
     tasks = args.tasks.split(",")
     result = {"args": vars(args)}
     lengths = [len(llm.engine.tokenizer.encode(d, add_special_tokens=False)) for d, _ in docs]

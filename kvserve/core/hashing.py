@@ -51,6 +51,10 @@ def segment_key(cache_salt: str | None) -> str:
     return f"\x00segment:v{SEGMENT_KEY_VERSION}:ctx=none:ctxhash=:base=0\x00{cache_salt or ''}"
 
 
-def blend_key(cache_salt: str | None) -> str:
-    """Extra key of a blended request's blocks from the first one that may hold reused (approximate) KV on."""
+def blend_key(cache_salt: str | None, ape: tuple[float, float] | None = None) -> str:
+    """Extra key of a blended request's blocks from the first one that may hold reused (approximate) KV on. APE's
+    parallel mode attends with its temperature and scale, so its KV is keyed by them too: a blend request, or one
+    with other APE values, never finds it."""
+    if ape is not None:
+        return f"\x00ape\x00t={ape[0]!r}:s={ape[1]!r}\x00{cache_salt or ''}"
     return f"\x00blend\x00{cache_salt or ''}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kvserve.config import KeySpan
 from kvserve.core.request import FinishReason
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class ScheduledRequest:
     # most, plus every other token of the chunk (docs/kvreuse.md)
     blend_reused: list[tuple[int, int]] = field(default_factory=list)
     blend_ratio: float = 1.0
+    # APE's parallel encoding (kv_reuse "parallel"): queries after the span attend to its keys tempered and scaled
+    key_span: KeySpan | None = None
 
     def __post_init__(self) -> None:
         if self.kv_start < 0:

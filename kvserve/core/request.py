@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from dataclasses import dataclass
 
+from kvserve.config import KeySpan
 from kvserve.core.hashing import BlockHash, blend_key, hash_block_chain, segment_key
 
 if TYPE_CHECKING:
@@ -61,6 +62,26 @@ class BlendSpec:
     use_segment_cache: bool = True  # False: segments are only hashed apart (no reuse, no fills)
     precompute: bool = False  # only fill the segment cache with every segment (LLM.precompute_segments); no output
     context_len: int = 0  # prompt tokens (segment 0 or none) each segment's cached KV was computed after
+    # APE's parallel encoding (kv_reuse "parallel", ratio 0): (attention temperature, scale) with which the tokens
+    # after the middle segments attend to them; None: CacheBlend
+    ape: tuple[float, float] | None = None
+
+    def key_span(self) -> KeySpan | None:
+        """The middle segments as APE's parallel contexts: from the end of segment 0 to the last segment's start."""
+        if self.ape is None or len(self.segment_starts) < 2:
+            return None
+        return KeySpan.ape(self.segment_starts[0], self.segment_starts[-1], *self.ape)
+
+    def approximate_from(self, num_prompt_tokens: int) -> int | None:
+        """The first prompt position whose KV may differ from the plain prefill's (rule 1 hashes its block and all
+        later ones in a blend namespace): the first reused segment's start; in APE mode at the latest the last
+        segment's, whose tokens attend tempered. None: all exact."""
+        reusable = self.reusable(num_prompt_tokens)
+        first = reusable[0][0] if reusable else None
+        span = self.key_span()
+        if span is not None and (first is None or span.hi < first):
+            first = span.hi
+        return first
 
     def reusable(self, num_prompt_tokens: int) -> list[tuple[int, int]]:
         """[start, end) of the segments whose KV may come from the segment cache: not the first (the context, or a
@@ -150,8 +171,8 @@ class Request:
         # the hash chain: plain (salt), a segment's own namespace, or plain up to the block holding the first reusable
         # segment's first token and a blend namespace from there on (rule 1: approximate KV never under a plain key)
         self._hash_key = segment_key(cache_salt) if segment_fill and not fill_in_context else cache_salt
-        reusable = blend.reusable(self.num_prompt_tokens) if blend is not None else []
-        self._hash_switch = (reusable[0][0] // block_size, blend_key(cache_salt)) if reusable else None
+        first = blend.approximate_from(self.num_prompt_tokens) if blend is not None else None
+        self._hash_switch = None if first is None else (first // block_size, blend_key(cache_salt, blend.ape))
         self.block_hashes: list[BlockHash] = hash_block_chain(self.token_ids, block_size, self._hash_key,
                                                               switch=self._hash_switch)
 

@@ -344,6 +344,7 @@ class Scheduler:
                 prompt_logprobs=req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens,
                 spec_token_ids=drafts, kv_start=req.num_kv_tokens, kv_budget=req.kv_budget,
                 blend_reused=reused, blend_ratio=req.blend.ratio if reused else 1.0,
+                key_span=req.blend.key_span() if req.blend is not None else None,
             ))
         for sr in scheduled:
             if sr.start < sr.request.num_prompt_tokens:

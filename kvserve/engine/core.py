@@ -42,6 +42,7 @@ from kvserve.engine.protocol import (
     StepOutputs,
     TenantStats,
     TierStats,
+    ape_value_error,
     check_kv_transfer,
     check_new_id,
     check_segments,
@@ -112,6 +113,10 @@ class EngineArgs:
     # what a cached segment's KV was computed after: "prefix" (a prompt's first segment, e.g. the system prompt;
     # APE's shared prefix) or "none" (alone from position 0, content-addressed wherever it sits)
     blend_segment_context: str = "prefix"
+    # APE's parallel encoding (kv_reuse "parallel"): the default attention temperature over the middle segments and
+    # scale of their attention weight, for the tokens after them (a request may override them)
+    ape_temperature: float = 1.0
+    ape_scale: float = 1.0
     # P/D disaggregation (docs/scaleout.md): a prefill instance publishes every prompt's KV to the store down to the
     # block; a decode instance continues prefills from it; both (the default) serves whole requests
     role: str = "both"
@@ -154,6 +159,9 @@ class EngineArgs:
         if self.blend_segment_context not in BLEND_SEGMENT_CONTEXTS:
             raise ConfigError(f"blend_segment_context must be one of {', '.join(BLEND_SEGMENT_CONTEXTS)}, "
                               f"got {self.blend_segment_context!r}")
+        for name in ("ape_temperature", "ape_scale"):
+            if (msg := ape_value_error(name, getattr(self, name))) is not None:
+                raise ConfigError(msg)
         if not 0 <= self.swap_space_gb < float("inf"):
             raise ConfigError("swap_space_gb must be a non-negative number of GiB")
         if self.quantization not in QUANTIZATIONS:
@@ -263,6 +271,7 @@ class EngineCore:
             kv_min_budget_tokens=args.kv_eviction.min_budget if args.kv_eviction else 0,
             enable_segment_cache=args.enable_segment_cache and args.enable_prefix_caching,
             blend_recompute_ratio=float(args.blend_recompute_ratio), blend_segment_context=args.blend_segment_context,
+            ape_temperature=float(args.ape_temperature), ape_scale=float(args.ape_scale),
             model_fingerprint=fingerprint)
         self._summary_epoch = uuid.uuid4().hex[:12]  # a restarted core's versions never match an old one's
         self._group_seqs: dict[str, list[str]] = {}
@@ -326,8 +335,14 @@ class EngineCore:
             seg = request.segments
             check_segments(self.info, len(request.prompt_token_ids), seg, params, request.routing)
             ratio = self.info.blend_recompute_ratio if seg.blend_recompute_ratio is None else seg.blend_recompute_ratio
+            ape = None
+            if seg.kv_reuse == "parallel":  # APE: the cached segments stand as they are, read tempered
+                ratio = 0.0
+                ape = (float(self.info.ape_temperature if seg.ape_temperature is None else seg.ape_temperature),
+                       float(self.info.ape_scale if seg.ape_scale is None else seg.ape_scale))
             ctx = seg.starts[0] if self.info.blend_segment_context == "prefix" and seg.starts else 0
-            blend = BlendSpec(tuple(seg.starts), float(ratio), self.info.enable_segment_cache, seg.precompute, ctx)
+            blend = BlendSpec(tuple(seg.starts), float(ratio), self.info.enable_segment_cache, seg.precompute, ctx,
+                              ape)
         transfer = request.kv_transfer
         if transfer is not None:
             check_kv_transfer(self.info, len(request.prompt_token_ids), transfer, params, blend is not None)

@@ -37,7 +37,8 @@ Prompt = str | dict | Sequence[int]
 def prompt_segments(tokenizer: Tokenizer, prompt: Prompt, default_ratio: float | None = None
                     ) -> tuple[str | None, list[int], PromptSegments | None]:
     """(text, token ids, segments or None) of any prompt form; a dict with `prompt_segments` is segmented, with an
-    optional `blend_recompute_ratio` and `kv_reuse`."""
+    optional `blend_recompute_ratio`, `kv_reuse` ("blend" or "parallel") and, for parallel, `ape_temperature` and
+    `ape_scale`."""
     if isinstance(prompt, dict) and "prompt_segments" in prompt:
         if "prompt" in prompt or "prompt_token_ids" in prompt:
             raise ParamError("give either prompt_segments or prompt / prompt_token_ids, not both", "prompt_segments")
@@ -49,7 +50,8 @@ def prompt_segments(tokenizer: Tokenizer, prompt: Prompt, default_ratio: float |
         text = "".join(segs) if all(isinstance(x, str) for x in segs) else None
         ratio = prompt.get("blend_recompute_ratio", default_ratio)
         return text, ids, PromptSegments(starts, ratio, prompt.get("kv_reuse", "blend"),
-                                         bool(prompt.get("precompute", False)))
+                                         bool(prompt.get("precompute", False)), prompt.get("ape_temperature"),
+                                         prompt.get("ape_scale"))
     text, ids = tokenize_prompt(tokenizer, prompt)
     return text, ids, None
 

@@ -51,6 +51,8 @@ class EngineInfo(msgspec.Struct, frozen=True):
     enable_segment_cache: bool = True  # CacheBlend (docs/kvreuse.md): segments' KV is reused across prompts
     blend_recompute_ratio: float = 0.15  # the default share of reused tokens recomputed
     blend_segment_context: str = "prefix"  # a cached segment's KV follows the first segment ("prefix") or none
+    ape_temperature: float = 1.0  # kv_reuse "parallel": the default attention temperature over the segments
+    ape_scale: float = 1.0  # and the default scale of their attention weight
     model_fingerprint: str = ""  # name@digest of the architecture, weights and their quantization (kvstore)
     role: str = "both"  # P/D disaggregation: prefill | decode | both (docs/scaleout.md)
 
@@ -89,7 +91,15 @@ class RequestRouting(msgspec.Struct, frozen=True):
 
 PLAIN = RequestRouting()
 
-KV_REUSE_MODES = ("blend",)
+KV_REUSE_MODES = ("blend", "parallel")
+APE_MAX = 10.0  # APE's attention temperature and scale: numbers in (0, APE_MAX]
+
+
+def ape_value_error(name: str, value) -> str | None:
+    """The one rule for an APE temperature or scale (engine default or request): a message, or None if valid."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= APE_MAX:
+        return f"{name} must be a number in (0, {APE_MAX:g}], got {value!r}"
+    return None
 
 
 class PromptSegments(msgspec.Struct, frozen=True):
@@ -98,8 +108,10 @@ class PromptSegments(msgspec.Struct, frozen=True):
 
     starts: list[int]  # prompt positions of the first token of every segment after the first, ascending
     blend_recompute_ratio: float | None = None  # None: the engine's default
-    kv_reuse: str = "blend"
+    kv_reuse: str = "blend"  # or "parallel": APE, no recompute, the later tokens attend to the segments tempered
     precompute: bool = False  # only compute each segment alone into the segment cache (no output)
+    ape_temperature: float | None = None  # kv_reuse "parallel" only; None: the engine's default
+    ape_scale: float | None = None
 
 
 def check_segments(info: EngineInfo, num_tokens: int, segments: PromptSegments, params: SamplingParams,
@@ -115,6 +127,17 @@ def check_segments(info: EngineInfo, num_tokens: int, segments: PromptSegments, 
         raise ParamError("blend_recompute_ratio must be a number in [0, 1]", "blend_recompute_ratio")
     if segments.kv_reuse not in KV_REUSE_MODES:
         raise ParamError(f"kv_reuse must be one of {', '.join(KV_REUSE_MODES)}", "kv_reuse")
+    if segments.kv_reuse == "parallel" and r is not None:
+        raise ParamError('blend_recompute_ratio applies to kv_reuse "blend" only (parallel recomputes nothing)',
+                         "blend_recompute_ratio")
+    for name in ("ape_temperature", "ape_scale"):
+        value = getattr(segments, name)
+        if value is None:
+            continue
+        if segments.kv_reuse != "parallel":
+            raise ParamError(f'{name} applies to kv_reuse "parallel" only', name)
+        if (msg := ape_value_error(name, value)) is not None:
+            raise ParamError(msg, name)
     if params.prompt_logprobs is not None:
         raise ParamError("prompt_logprobs cannot be combined with prompt_segments: blended KV is approximate, so "
                          "the prompt's logprobs would be too", "prompt_logprobs")

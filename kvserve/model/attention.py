@@ -13,15 +13,23 @@ import torch
 import torch.nn.functional as F
 
 from kvserve import kernels
+from kvserve.config import KeySpan
 from kvserve.model.batch import ForwardBatch, PrefillSeq
 from kvserve.model.layers import NativeOps, RotaryEmbedding, TorchOps, native_ops
 
 
+def temper_(scores: torch.Tensor, span: KeySpan) -> None:
+    """APE: scores (..., L) of queries past the span; its keys' logits become logit / T + log S, in place."""
+    part = scores[..., span.lo:span.hi]
+    part.mul_(span.inv_temperature).add_(span.log_scale)
+
+
 def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, scores_out: torch.Tensor | None = None
-                           ) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float, scores_out: torch.Tensor | None = None,
+                           key_spans: list[KeySpan | None] | None = None) -> torch.Tensor:
     """Single-token queries of many requests at once: gather their blocks, mask past each length. `scores_out`
-    (B, Hkv, S) float32, if given, gets the probabilities summed over each KV head's query heads added to it."""
+    (B, Hkv, S) float32, if given, gets the probabilities summed over each KV head's query heads added to it.
+    `key_spans`: per row, APE's tempered keys (for a query past them) or None."""
     nd = q.shape[0]
     num_heads, d = q.shape[1:]
     num_kv = k_cache.shape[2]
@@ -31,6 +39,9 @@ def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     values = v_cache[tables].view(nd, max_len, num_kv, d)
     qg = q.view(nd, num_kv, group, d)  # (B, Hkv, G, D)
     scores = torch.einsum("bkgd,blkd->bkgl", qg.float(), keys.float()) * scale  # (B, Hkv, G, L)
+    for b, span in enumerate(key_spans or ()):
+        if span is not None and int(seq_lens[b]) > span.hi:  # the query (at seq_len - 1) is past the span
+            temper_(scores[b], span)
     pos = torch.arange(max_len)
     mask = pos[None, :] >= seq_lens[:, None].long()  # (B, L)
     scores.masked_fill_(mask[:, None, None, :], float("-inf"))
@@ -70,6 +81,33 @@ def _slots(block_ids: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
     return (block_ids[:, None] * block_size + torch.arange(block_size)).flatten()[:n]
 
 
+def tempered_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor,
+                       q_index: torch.Tensor, scale: float, span: KeySpan) -> torch.Tensor:
+    """APE's attention for queries of one request past its span: q (m, H, D) at ascending KV indices q_index (m,),
+    each over the keys up to its own index, the span's keys tempered and scaled. Returns (m, H, D). PyTorch only:
+    the native kernels have no per-key temperature."""
+    m, num_heads, d = q.shape
+    num_kv = k_cache.shape[2]
+    ctx = int(q_index[-1]) + 1
+    slots = _slots(block_ids, k_cache.shape[1], ctx)
+    keys = k_cache.view(-1, num_kv, d).index_select(0, slots).float()  # (ctx, Hkv, D)
+    values = v_cache.view(-1, num_kv, d).index_select(0, slots).float()
+    qg = q.view(m, num_kv, num_heads // num_kv, d).float()  # (m, Hkv, G, D)
+    scores = torch.einsum("mkgd,lkd->mkgl", qg, keys) * scale  # (m, Hkv, G, ctx)
+    temper_(scores, span)
+    mask = torch.arange(ctx)[None, :] > q_index[:, None]  # (m, ctx) True = masked
+    scores.masked_fill_(mask[:, None, None, :], float("-inf"))
+    out = torch.einsum("mkgl,lkd->mkgd", torch.softmax(scores, dim=-1), values)
+    return out.reshape(m, num_heads, d).to(q.dtype)
+
+
+def _past_span(q_index: torch.Tensor, span: KeySpan | None) -> int:
+    """The first of ascending query KV indices past the span (len when none is; every one is when no span)."""
+    if span is None:
+        return q_index.numel()
+    return int(torch.searchsorted(q_index, span.hi))
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
     """How a model attends over the paged KV cache and runs a layer's elementwise ops."""
@@ -93,30 +131,53 @@ class AttentionBackend:
                 or isinstance(self.ops, NativeOps))
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-               seq_lens: torch.Tensor, scale: float, scores_out: torch.Tensor | None = None) -> torch.Tensor:
+               seq_lens: torch.Tensor, scale: float, scores_out: torch.Tensor | None = None,
+               key_spans: list[KeySpan | None] | None = None) -> torch.Tensor:
         """q: (B, H, D), one query per row over its block table. Returns (B, H, D); adds attention mass into
-        scores_out (B, Hkv, S) when given."""
+        scores_out (B, Hkv, S) when given. Rows with a key span (APE) are attended again in PyTorch, tempered."""
+        out = None
         if self.decode_kernel is not None:
             out = self.decode_kernel(q, k_cache, v_cache, tables, seq_lens, scale, scores_out)
-            if out is not None:
-                return out
-        return decode_attention_torch(q, k_cache, v_cache, tables, seq_lens, scale, scores_out)
+        if out is None:
+            return decode_attention_torch(q, k_cache, v_cache, tables, seq_lens, scale, scores_out, key_spans)
+        rows = [i for i, span in enumerate(key_spans or ()) if span is not None]
+        if rows:
+            r = torch.tensor(rows)
+            out[r] = decode_attention_torch(q[r], k_cache, v_cache, tables[r], seq_lens[r], scale,
+                                            key_spans=[key_spans[i] for i in rows])
+        return out
 
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, batch: ForwardBatch, out: torch.Tensor, scale: float) -> None:
         """Writes the rows of every prefill chunk into out (T, H, D): in one kernel call, else chunk by chunk."""
-        if self.prefill_kernel is not None and self.prefill_kernel(
+        if not (self.prefill_kernel is not None and self.prefill_kernel(
                 q, k_cache, v_cache, batch.prefill_token_starts, batch.prefill_num_tokens, batch.prefill_ctx_starts,
-                batch.prefill_block_tables, out, scale):
-            return
-        for seq in batch.prefills:
-            s, e = seq.token_start, seq.token_start + seq.num_tokens
-            out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, seq, scale)
+                batch.prefill_block_tables, out, scale)):
+            for seq in batch.prefills:
+                s, e = seq.token_start, seq.token_start + seq.num_tokens
+                out[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], k_cache, v_cache, seq, scale)
+        for seq in batch.prefills:  # APE: the rows past a span again, tempered
+            if seq.key_span is None:
+                continue
+            q_index = torch.arange(seq.ctx_start, seq.ctx_len)
+            first = _past_span(q_index, seq.key_span)
+            if first < seq.num_tokens:
+                s, e = seq.token_start + first, seq.token_start + seq.num_tokens
+                out[s:e] = tempered_attention(q[s:e], k_cache, v_cache, seq.block_ids, q_index[first:], scale,
+                                              seq.key_span)
 
     def scattered(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor,
-                  kv_index: torch.Tensor, scale: float) -> torch.Tensor:
+                  kv_index: torch.Tensor, scale: float, key_span: KeySpan | None = None) -> torch.Tensor:
         """Queries at scattered, ascending KV indices of one request (CacheBlend's recomputed tokens), each over the
-        keys up to its own index. q: (m, H, D); returns (m, H, D)."""
+        keys up to its own index; those past `key_span` (APE) tempered. q: (m, H, D); returns (m, H, D)."""
+        first = _past_span(kv_index, key_span)
+        out = self._scattered(q, k_cache, v_cache, block_ids, kv_index, scale)
+        if first < kv_index.numel():
+            out[first:] = tempered_attention(q[first:], k_cache, v_cache, block_ids, kv_index[first:], scale, key_span)
+        return out
+
+    def _scattered(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor,
+                   kv_index: torch.Tensor, scale: float) -> torch.Tensor:
         m = q.shape[0]
         ctx_end = int(kv_index[-1]) + 1
         if self.prefill_kernel is not None:
@@ -145,11 +206,11 @@ class AttentionBackend:
                         batch.score_out)
         if not batch.prefills and nd == q.shape[0]:
             return self.decode(q, k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale,
-                               batch.decode_scores)
+                               batch.decode_scores, batch.decode_key_spans)
         out = torch.zeros_like(q)  # rows of padding tokens stay zero
         if nd:
             out[:nd] = self.decode(q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_seq_lens, scale,
-                                   batch.decode_scores)
+                                   batch.decode_scores, batch.decode_key_spans)
         if batch.prefills:
             self.prefill(q, k, v, k_cache, v_cache, batch, out, scale)
         return out

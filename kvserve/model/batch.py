@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvserve.config import KeySpan
+
 
 @dataclass
 class PrefillSeq:
@@ -16,6 +18,7 @@ class PrefillSeq:
     num_tokens: int
     ctx_start: int  # tokens of this request already in the KV cache before this chunk
     block_ids: torch.Tensor  # (num_blocks,) int64
+    key_span: KeySpan | None = None  # APE: queries past the span attend to its keys tempered (PyTorch path)
 
     @property
     def ctx_len(self) -> int:
@@ -31,6 +34,7 @@ class ForwardBatch:
     num_decodes: int = 0
     decode_block_tables: torch.Tensor | None = None  # (num_decodes, max_blocks) int64, padded with block 0
     decode_seq_lens: torch.Tensor | None = None  # (num_decodes,) int32: context length including the new token
+    decode_key_spans: list[KeySpan | None] | None = None  # per decode row (APE); None: no row has one
     prefills: list[PrefillSeq] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # (R,) rows whose logits are needed
     # The prefill chunks again as flat tensors for a native kernel that attends to all of them in one call:

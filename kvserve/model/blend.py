@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvserve.config import KeySpan
 from kvserve.model.batch import ForwardBatch, PrefillSeq
 
 
@@ -27,6 +28,7 @@ class BlendChunk:
     ctx_start: int  # the request's KV tokens before the chunk
     reused: torch.Tensor  # (n,) bool: the token's KV came from the segment cache
     ratio: float
+    key_span: KeySpan | None = None  # APE (ratio 0): the tokens after the segments attend to them tempered
 
 
 def num_to_recompute(num_reused: int, ratio: float) -> int:
@@ -44,7 +46,7 @@ def select_recompute(deviation: torch.Tensor, ratio: float) -> torch.Tensor:
 def _chunk_batch(ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, chunk: BlendChunk) -> ForwardBatch:
     """All of the chunk's rows as one prefill sequence (the native prefill kernel's layout)."""
     n = ids.numel()
-    seq = PrefillSeq(0, n, chunk.ctx_start, chunk.block_ids)
+    seq = PrefillSeq(0, n, chunk.ctx_start, chunk.block_ids, chunk.key_span)
     return ForwardBatch(ids, positions, slots, prefills=[seq],
                         prefill_token_starts=torch.tensor([0]), prefill_num_tokens=torch.tensor([n]),
                         prefill_ctx_starts=torch.tensor([chunk.ctx_start]), prefill_block_tables=chunk.block_ids[None])
@@ -96,7 +98,8 @@ def forward_blend(model, chunk: BlendChunk, kv_caches: list[tuple[torch.Tensor, 
             attn = model.attention(q, k.view(m, c.num_kv_heads, c.head_dim), v.view(m, c.num_kv_heads, c.head_dim),
                                    k_cache, v_cache, batch, model.scale)
         else:
-            attn = model.attention.scattered(q, k_cache, v_cache, chunk.block_ids, kv_index[rows], model.scale)
+            attn = model.attention.scattered(q, k_cache, v_cache, chunk.block_ids, kv_index[rows], model.scale,
+                                             chunk.key_span)
         x = ops.add_rms_norm_(h, lw.o(attn.reshape(m, q_size)), lw.post_norm, c.rms_norm_eps)
         mlp = lw.down(ops.silu_mul(lw.gate_up(x)))
         if i + 1 < len(model.layers):

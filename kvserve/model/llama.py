@@ -161,7 +161,7 @@ class LlamaModel:
         # eviction scores come from the per-layer attention calls below
         if (self.decode_plan is not None and not batch.prefills and batch.num_decodes and t <= GEMV_MAX_TOKENS
                 and h.dtype == torch.bfloat16 and len(kv_caches) == len(self.layers)
-                and batch.decode_scores is None):  # one native call
+                and batch.decode_scores is None and batch.decode_key_spans is None):  # one native call
             h = self.decode_plan.run(h, x, [k for k, _ in kv_caches], [v for _, v in kv_caches], batch.positions,
                                      batch.slot_mapping, batch.decode_block_tables, batch.decode_seq_lens,
                                      batch.num_decodes, self.rotary.cos, self.rotary.sin)

@@ -9,7 +9,6 @@ import uuid
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from kvserve.engine.protocol import PromptSegments
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server import protocol as p
 from kvserve.server.errors import ApiError
@@ -36,14 +35,13 @@ def apply_template(tok, messages: list[dict], add_generation_prompt: bool,
                        "invalid_value") from None
 
 
-def apply_template_segments(tok, messages: list[dict], parts: list[list[str]], add_generation_prompt: bool,
-                            ratio: float | None) -> EngineInput:
+def apply_template_segments(tok, messages: list[dict], req: p.ChatCompletionRequest) -> EngineInput:
     try:
-        ids, starts = tok.chat_segments(messages, parts, add_generation_prompt)
+        ids, starts = tok.chat_segments(messages, req.content_parts(), req.add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - template errors are the caller's input problem
         raise ApiError(400, f"messages: the chat template could not be applied as segments: {e}", "messages",
                        "invalid_value") from None
-    return EngineInput(None, ids, PromptSegments(starts, ratio, "blend"))
+    return EngineInput(None, ids, req.segments(starts, req.kv_reuse))
 
 
 def _chat_choice(req: p.ChatCompletionRequest, o: CompletionOutput) -> p.ChatChoice:
@@ -117,11 +115,9 @@ async def create_chat_completion(request: Request) -> Response:
     log.debug("%s: %d message(s), user=%r", rid, len(messages), req.user)
     try:
         if req.kv_reuse is not None:
-            inp = await state.tokenize(apply_template_segments, state.tokenizer, messages, req.content_parts(),
-                                       req.add_generation_prompt, req.blend_recompute_ratio)
-        elif req.blend_recompute_ratio is not None:
-            raise ApiError(400, 'blend_recompute_ratio needs "kv_reuse": "blend"', "blend_recompute_ratio",
-                           "invalid_value")
+            inp = await state.tokenize(apply_template_segments, state.tokenizer, messages, req)
+        elif (name := req.reuse_field_without_segments()) is not None:
+            raise ApiError(400, f'{name} needs "kv_reuse": "blend" or "parallel"', name, "invalid_value")
         else:
             inp = await state.tokenize(apply_template, state.tokenizer, messages, req.add_generation_prompt)
         inp = inp.with_transfer(req)

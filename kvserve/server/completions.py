@@ -9,7 +9,6 @@ import uuid
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from kvserve.engine.protocol import PromptSegments
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server import protocol as p
 from kvserve.server.errors import ApiError
@@ -34,14 +33,13 @@ def _tokenize_prompts(tok, prompts: list, add_special_tokens: bool, echo: bool) 
     return inputs
 
 
-def _tokenize_segments(tok, segments: list, add_special_tokens: bool, ratio: float | None,
-                       kv_reuse: str | None) -> list[EngineInput]:
+def _tokenize_segments(tok, segments: list, add_special_tokens: bool, req: p.CompletionRequest) -> list[EngineInput]:
     try:
         ids, starts = tok.encode_segments(segments, add_special_tokens)
     except ValueError as e:
         raise ApiError(400, str(e), "prompt_segments", "invalid_value") from None
     text = "".join(segments) if all(isinstance(x, str) for x in segments) else None
-    return [EngineInput(text, ids, PromptSegments(starts, ratio, kv_reuse or "blend"))]
+    return [EngineInput(text, ids, req.segments(starts, req.kv_reuse))]
 
 
 def _completion_choice(state: ServerState, req: p.CompletionRequest, i: int, out: RequestOutput,
@@ -130,8 +128,7 @@ async def create_completion(request: Request) -> Response:
     prompts = req.prompts()
     field = "prompt_segments" if req.prompt_segments is not None else "prompt"
     num_prompts = 1 if req.prompt_segments is not None else len(prompts)
-    if req.prompt_segments is None and (req.blend_recompute_ratio is not None or req.kv_reuse is not None):
-        name = "blend_recompute_ratio" if req.blend_recompute_ratio is not None else "kv_reuse"
+    if req.prompt_segments is None and (name := req.reuse_field_without_segments()) is not None:
         raise ApiError(400, f"{name} applies to prompt_segments only", name, "invalid_value")
     if req.prompt_segments is not None:
         state.check_text_length(sum(len(x) for x in prompts if isinstance(x, str)), field)
@@ -147,8 +144,7 @@ async def create_completion(request: Request) -> Response:
     log.debug("%s: %d prompt(s), user=%r", rid, num_prompts, req.user)
     try:
         if req.prompt_segments is not None:
-            inputs = await state.tokenize(_tokenize_segments, state.tokenizer, prompts, req.add_special_tokens,
-                                          req.blend_recompute_ratio, req.kv_reuse)
+            inputs = await state.tokenize(_tokenize_segments, state.tokenizer, prompts, req.add_special_tokens, req)
         else:
             inputs = await state.tokenize(_tokenize_prompts, state.tokenizer, prompts, req.add_special_tokens,
                                           req.echo)

@@ -82,6 +82,7 @@ class ModelRunner:
         slots: list[int] = []
         decode_lens: list[int] = []
         decode_tables: list[list[int]] = []
+        decode_spans: list = []
         # a token's position feeds RoPE; its KV index (kv_start + j: the same until the request's first eviction)
         # picks its slot and the context it attends to
         for s in decodes:
@@ -93,11 +94,13 @@ class ModelRunner:
                 slots.append(s.block_ids[i // bs] * bs + i % bs)
                 decode_lens.append(i + 1)
                 decode_tables.append(s.block_ids)
+                decode_spans.append(s.key_span)
         num_decode_rows = len(ids)
         seqs = []
         for s in prefills:
             seqs.append(PrefillSeq(len(ids), s.num_new_tokens, s.kv_start,
-                                   torch.tensor(s.block_ids[: -(-(s.kv_start + s.num_new_tokens) // bs)])))
+                                   torch.tensor(s.block_ids[: -(-(s.kv_start + s.num_new_tokens) // bs)]),
+                                   s.key_span))
             ids.extend(s.token_ids)
             positions.extend(range(s.start, s.start + s.num_new_tokens))
             kv = range(s.kv_start, s.kv_start + s.num_new_tokens)
@@ -156,6 +159,8 @@ class ModelRunner:
             batch.num_decodes = num_decode_rows
             batch.decode_block_tables = table
             batch.decode_seq_lens = torch.tensor(decode_lens, dtype=torch.int32)
+            if any(span is not None for span in decode_spans):
+                batch.decode_key_spans = decode_spans
         if self.evictor is not None:
             self.evictor.prepare(batch, decodes, prefills, row_of)
         return batch, ordered, (sample_rows, prompt_rows)
@@ -247,7 +252,7 @@ class ModelRunner:
             positions=torch.arange(s.start, s.start + n),
             slots=torch.tensor([s.block_ids[i // bs] * bs + i % bs for i in kv], dtype=torch.long),
             block_ids=torch.tensor(s.block_ids[: -(-(s.kv_start + n) // bs)], dtype=torch.long),
-            ctx_start=s.kv_start, reused=reused, ratio=s.blend_ratio)
+            ctx_start=s.kv_start, reused=reused, ratio=s.blend_ratio, key_span=s.key_span)
 
     def _evict(self, batch: ForwardBatch, sched: SchedulerOutput, out: ModelOutput) -> None:
         if self.evictor is not None:

@@ -3,9 +3,10 @@ segment cache first, re-rotation ops to the exact slot, what plain and other-sal
 before use, and a randomized run whose fake runner reads every context back (a re-rotated copy that lands on the
 wrong slot or position shows up as a wrong context)."""
 
+import math
 import random
 
-from kvserve.config import SchedulerConfig
+from kvserve.config import KeySpan, SchedulerConfig
 from kvserve.core.hashing import blend_key, hash_block_chain, segment_key
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.outputs import KVRerotate
@@ -26,10 +27,12 @@ def make_sched(num_blocks=64, budget=64, max_seqs=8):
     return Scheduler(SchedulerConfig(budget, max_seqs, 4096, True), KVCacheManager(num_blocks, BS, True))
 
 
-def blend_req(rid, tokens=TOKENS, starts=STARTS, ratio=0.5, salt=None, max_tokens=3, prefix_mode=False):
-    """prefix_mode: segments are cached after segment 0 (context_len = its length) instead of alone."""
+def blend_req(rid, tokens=TOKENS, starts=STARTS, ratio=0.5, salt=None, max_tokens=3, prefix_mode=False, ape=None):
+    """prefix_mode: segments are cached after segment 0 (context_len = its length) instead of alone. ape:
+    (temperature, scale) of kv_reuse "parallel" (ratio 0)."""
     return Request(rid, tokens, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), BS,
-                   cache_salt=salt, blend=BlendSpec(starts, ratio, context_len=starts[0] if prefix_mode else 0))
+                   cache_salt=salt, blend=BlendSpec(starts, 0.0 if ape else ratio,
+                                                    context_len=starts[0] if prefix_mode else 0, ape=ape))
 
 
 def plain_req(rid, tokens=TOKENS, salt=None, max_tokens=3):
@@ -194,3 +197,44 @@ def test_randomized_blend_runs_read_back_the_same_context_as_plain_runs():
         assert run(sched, runner) == expected
         assert sched.num_blended_tokens > 0
         assert sched.kv.num_used_blocks == 0
+
+
+def test_parallel_mode_spans_the_middle_segments_and_keys_its_blocks_by_temperature_and_scale():
+    a = blend_req("a", prefix_mode=True, ape=(0.5, 0.8))
+    assert a.blend.key_span() == KeySpan(6, 24, 2.0, math.log(0.8))  # from segment 0's end to the question
+    assert blend_req("n", prefix_mode=True).blend.key_span() is None  # CacheBlend: no span
+    # namespaced from the block holding the first reused token (D2 at 14: block 3), as blend, under the APE key
+    plain = hash_block_chain(TOKENS, BS, None)
+    assert a.block_hashes[:3] == plain[:3]
+    assert a.block_hashes[3:] == hash_block_chain(TOKENS, BS, None, switch=(3, blend_key(None, (0.5, 0.8))))[3:]
+    blend = blend_req("b", prefix_mode=True, ratio=0.0)
+    other = blend_req("o", prefix_mode=True, ape=(0.5, 0.9))
+    assert all(len({x, y, z}) == 3 for x, y, z in zip(a.block_hashes[3:], blend.block_hashes[3:], other.block_hashes[3:]))
+    # nothing reused (one document, a plain prefix hit in prefix mode): the question still attends tempered, so
+    # its block (24 // 4 = 6) starts the namespace
+    one = blend_req("1", PREFIX + D1 + Q, (6, 14), prefix_mode=True, ape=(0.5, 0.8))
+    assert one.blend.reusable(one.num_prompt_tokens) == [] and one.blend.key_span() == KeySpan(6, 14, 2.0,
+                                                                                              math.log(0.8))
+    assert one.block_hashes[:3] == hash_block_chain(PREFIX + D1 + Q, BS, None)[:3]
+    assert one.block_hashes[3:] != hash_block_chain(PREFIX + D1 + Q, BS, None)[3:]
+    assert blend_req("1b", PREFIX + D1 + Q, (6, 14), prefix_mode=True).block_hashes == \
+        hash_block_chain(PREFIX + D1 + Q, BS, None)  # ... while CacheBlend's is all plain (all exact)
+
+
+def test_parallel_mode_schedules_every_chunk_with_its_span_and_shares_blocks_only_with_the_same_values():
+    sched, runner = make_sched(), FakeRunner(BS)
+    a = blend_req("a", prefix_mode=True, ape=(0.5, 0.8))
+    sched.add_request(a)
+    so = sched.schedule()  # the fill of PREFIX + D2: exact, no span
+    assert [(s.request_id, s.key_span) for s in so.scheduled] == [("a\x00segment0", None)]
+    sched.update(so, runner.execute(so))
+    spans = []
+    out = run(sched, runner, on_step=lambda i, so: spans.extend((s.request_id, s.key_span) for s in so.scheduled))
+    assert spans and all(span == ("a", KeySpan(6, 24, 2.0, math.log(0.8))) for span in spans)
+    assert a.num_blended_tokens == 10 and len(out["a"]) == 3
+    # a plain or CacheBlend request finds only the exact blocks; the same APE values find everything
+    assert sched.kv.match_prefix(plain_req("p")).num_blocks == 3
+    assert sched.kv.match_prefix(blend_req("b", prefix_mode=True, ratio=0.0)).num_blocks == 3
+    assert sched.kv.match_prefix(blend_req("o", prefix_mode=True, ape=(0.5, 0.9))).num_blocks == 3
+    assert sched.kv.match_prefix(blend_req("c", prefix_mode=True, ape=(0.5, 0.8))).num_blocks == 6
+    sched.check_invariants()

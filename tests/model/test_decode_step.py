@@ -51,3 +51,34 @@ def test_no_plan_where_a_piece_is_not_native(loaded):
 
     assert LlamaModel(loaded.config, loaded.weights, torch.float32).decode_plan is None  # gemv is bf16-only
     assert LlamaModel(loaded.config, loaded.weights, torch.bfloat16, native_kernels=False).decode_plan is None
+
+
+def test_apes_tempered_decode_rows_take_the_layer_loop(loaded, fp32_parts):
+    """The plan has no per-key temperature: a decode batch with an APE row (kv_reuse "parallel") must go through the
+    layer loop, so the outputs with and without the plan are the same (with the plan taken they differ)."""
+    from kvserve.engine.llm_engine import LLM, EngineArgs, LLMEngine
+    from kvserve.model.llama import LlamaModel
+    from kvserve.sampling import SamplingParams
+
+    from tests.blend.test_blend_model import SEGMENTS
+
+    _, tok, name = fp32_parts
+    model = LlamaModel(loaded.config, loaded.weights, torch.bfloat16)
+    llm = LLM.from_engine(LLMEngine(EngineArgs(kv_cache_memory_gb=0.1), model=model, tokenizer=tok,
+                                    model_name=name))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+
+    def run():
+        llm.engine.reset_prefix_cache()
+        out, = llm.generate({"prompt_segments": SEGMENTS, "kv_reuse": "parallel", "ape_temperature": 0.5,
+                             "ape_scale": 0.5}, params, use_tqdm=False)
+        return out.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs,
+                                                                         out.outputs[0].token_ids)]
+
+    with_plan = run()
+    plan, model.decode_plan = model.decode_plan, None
+    try:
+        without = run()
+    finally:
+        model.decode_plan = plan
+    assert with_plan == without

@@ -4,6 +4,8 @@ client), reused and recomputed counts in usage, the 400s naming the field, and t
 from __future__ import annotations
 
 import httpx
+import openai
+import pytest
 
 from kvserve.server.app import build_app
 from kvserve.server.config import ServerConfig
@@ -36,6 +38,10 @@ async def test_completions_with_segments_usage_errors_and_metrics(make_async_llm
             r = await c.post("/v1/completions", json={**body, "blend_recompute_ratio": 1.0, "cache_salt": "s2"})
             d = r.json()["usage"]["prompt_tokens_details"]
             assert d["recomputed_tokens"] == d["blended_tokens"] > 0
+            # APE's parallel mode: the same cached documents, nothing recomputed
+            r = await c.post("/v1/completions", json={**body, "kv_reuse": "parallel", "ape_temperature": 0.9})
+            d = r.json()["usage"]["prompt_tokens_details"]
+            assert r.status_code == 200 and d["blended_tokens"] > 0 and d["recomputed_tokens"] == 0, r.text
             r = await c.post("/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2,
                                                       "cache_salt": "s1"})
             assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
@@ -49,12 +55,18 @@ async def test_completions_with_segments_usage_errors_and_metrics(make_async_llm
                 ({"prompt_segments": ["word " * 9000, "b"]}, "prompt_segments"),  # over the context
                 ({"prompt_segments": ["a", "b"], "echo": True, "logprobs": 1}, "prompt_logprobs"),
                 ({"prompt_segments": ["a", "b"], "cache_salt": "bad\x00salt"}, "cache_salt"),
+                ({"prompt_segments": ["a", "b"], "kv_reuse": "parallel", "blend_recompute_ratio": 0.5},
+                 "blend_recompute_ratio"),
+                ({"prompt_segments": ["a", "b"], "ape_scale": 0.5}, "ape_scale"),  # blend has no scale
+                ({"prompt_segments": ["a", "b"], "kv_reuse": "parallel", "ape_temperature": 0}, "ape_temperature"),
+                ({"prompt_segments": ["a", "b"], "kv_reuse": "copy"}, "kv_reuse"),
             ]
             for extra, param in bad:
                 r = await c.post("/v1/completions", json={**body, **extra})
                 assert r.status_code == 400 and r.json()["error"]["param"].split(".")[0] == param, (extra, r.text)
-            r = await c.post("/v1/completions", json={"model": "m", "prompt": "a", "blend_recompute_ratio": 0.5})
-            assert r.status_code == 400 and r.json()["error"]["param"] == "blend_recompute_ratio", r.text
+            for name in ("blend_recompute_ratio", "ape_temperature"):
+                r = await c.post("/v1/completions", json={"model": "m", "prompt": "a", name: 0.5})
+                assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
             m = (await c.get("/metrics")).text
         await idle_stats(engine)
     # at arrival, under 2 salts: documents 1 and 2 (document 0 follows segment 0 as in its cache entry: a plain prefix)
@@ -74,3 +86,9 @@ def test_chat_kv_reuse_with_the_official_client(client, server):
     plain = client.chat.completions.create(**kw, extra_body={"cache_salt": "chat3"})
     assert exact.choices[0].message.content == plain.choices[0].message.content
     assert getattr(plain.usage.prompt_tokens_details, "blended_tokens", None) is None
+    ape = client.chat.completions.create(**kw, extra_body={"kv_reuse": "parallel", "cache_salt": "chat",
+                                                           "ape_temperature": 0.9, "ape_scale": 0.8})
+    assert ape.usage.prompt_tokens_details.blended_tokens > 0 and ape.usage.prompt_tokens_details.recomputed_tokens == 0
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**kw, extra_body={"ape_scale": 0.8})
+    assert e.value.body["param"] == "ape_scale"
