@@ -125,18 +125,18 @@ def test_decode_rows_and_prefill_chunks_carry_the_span_into_the_batch(fp32_parts
 @pytest.fixture(scope="module")
 def naive_reuse(make_engine):
     engine = make_engine()
-    params = SamplingParams(temperature=0, max_tokens=12, logprobs=5)
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=5)
     return run(engine, [{"prompt_segments": SEGMENTS, "blend_recompute_ratio": 0.0}], params)[0]
 
 
 def test_temperature_and_scale_one_are_naive_reuse(make_engine, naive_reuse):
     engine = make_engine()
-    params = SamplingParams(temperature=0, max_tokens=12, logprobs=5)
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=5)
     out, = run(engine, [{"prompt_segments": SEGMENTS, "kv_reuse": "parallel", "ape_temperature": 1.0,
                          "ape_scale": 1.0}], params)
     assert out.num_blended_tokens == naive_reuse.num_blended_tokens > 0 and out.num_recomputed_tokens == 0
     assert out.outputs[0].token_ids == naive_reuse.outputs[0].token_ids
-    for step in range(12):
+    for step in range(8):
         got, want = out.outputs[0].logprobs[step], naive_reuse.outputs[0].logprobs[step]
         for t in want.keys() & got.keys():
             assert abs(got[t].logprob - want[t].logprob) < 1e-3
@@ -145,7 +145,7 @@ def test_temperature_and_scale_one_are_naive_reuse(make_engine, naive_reuse):
 
 def test_other_values_change_the_output_and_keep_the_blocks_apart(make_engine, naive_reuse):
     engine = make_engine()
-    params = SamplingParams(temperature=0, max_tokens=12, logprobs=5)
+    params = SamplingParams(temperature=0, max_tokens=8, logprobs=5)
     out, = run(engine, [{"prompt_segments": SEGMENTS, "kv_reuse": "parallel", "ape_temperature": 0.8,
                          "ape_scale": 0.5}], params)
     assert out.num_recomputed_tokens == 0 and out.num_blended_tokens == naive_reuse.num_blended_tokens
