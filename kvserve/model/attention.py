@@ -102,7 +102,7 @@ def tempered_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 
 def _past_span(q_index: torch.Tensor, span: KeySpan | None) -> int:
-    """The first of ascending query KV indices past the span (len when none is; every one is when no span)."""
+    """Where the queries past the span start among ascending KV indices: len(q_index) when none is or no span."""
     if span is None:
         return q_index.numel()
     return int(torch.searchsorted(q_index, span.hi))
