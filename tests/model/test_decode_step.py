@@ -17,6 +17,16 @@ def loaded():
     return load_model(None)
 
 
+def with_and_without_plan(model, run):
+    """run()'s result with the model's decode plan, then with the plan taken away (the layer loop)."""
+    with_plan = run()
+    plan, model.decode_plan = model.decode_plan, None
+    try:
+        return with_plan, run()
+    finally:
+        model.decode_plan = plan
+
+
 @pytest.mark.parametrize("quantization", ["none", "q8_0", "q4_1"])
 def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quantization):
     from kvserve.engine.llm_engine import LLM, EngineArgs, LLMEngine
@@ -37,12 +47,7 @@ def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quan
         return [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
                                                                       o.outputs[0].token_ids)]) for o in outs]
 
-    with_plan = run()
-    plan, model.decode_plan = model.decode_plan, None
-    try:
-        without = run()
-    finally:
-        model.decode_plan = plan
+    with_plan, without = with_and_without_plan(model, run)
     assert with_plan == without  # same kernels, same order, same roundings: same tokens and logprobs
 
 
@@ -75,10 +80,5 @@ def test_apes_tempered_decode_rows_take_the_layer_loop(loaded, fp32_parts):
         return out.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs,
                                                                          out.outputs[0].token_ids)]
 
-    with_plan = run()
-    plan, model.decode_plan = model.decode_plan, None
-    try:
-        without = run()
-    finally:
-        model.decode_plan = plan
+    with_plan, without = with_and_without_plan(model, run)
     assert with_plan == without
