@@ -41,7 +41,7 @@ def apply_template_segments(tok, messages: list[dict], req: p.ChatCompletionRequ
     except Exception as e:  # noqa: BLE001 - template errors are the caller's input problem
         raise ApiError(400, f"messages: the chat template could not be applied as segments: {e}", "messages",
                        "invalid_value") from None
-    return EngineInput(None, ids, req.segments(starts, req.kv_reuse))
+    return EngineInput(None, ids, req.segments(starts))
 
 
 def _chat_choice(req: p.ChatCompletionRequest, o: CompletionOutput) -> p.ChatChoice:

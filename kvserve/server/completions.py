@@ -39,7 +39,7 @@ def _tokenize_segments(tok, segments: list, add_special_tokens: bool, req: p.Com
     except ValueError as e:
         raise ApiError(400, str(e), "prompt_segments", "invalid_value") from None
     text = "".join(segments) if all(isinstance(x, str) for x in segments) else None
-    return [EngineInput(text, ids, req.segments(starts, req.kv_reuse))]
+    return [EngineInput(text, ids, req.segments(starts))]
 
 
 def _completion_choice(state: ServerState, req: p.CompletionRequest, i: int, out: RequestOutput,

@@ -119,7 +119,10 @@ class _SamplingFields(_Strict):
     # KV eviction: keep at most this many tokens' KV once the prompt is computed (0: none; absent: the server's
     # --kv-eviction budget)
     kv_budget_tokens: int | None = Field(None, ge=0)
-    # CacheBlend (docs/kvreuse.md): the share of reused segment tokens recomputed (absent: the server's default)
+    # KV reuse of segments (docs/kvreuse.md): completions' prompt_segments, or (chat) each text part of a message's
+    # content; "blend" (the default with segments) or "parallel" (APE)
+    kv_reuse: Literal["blend", "parallel"] | None = None
+    # CacheBlend: the share of reused segment tokens recomputed (absent: the server's default)
     blend_recompute_ratio: float | None = Field(None, ge=0, le=1)
     # APE (kv_reuse "parallel"): attention temperature over the segments and scale of their weight (absent: the
     # server's --ape-temperature / --ape-scale); the engine checks their range
@@ -148,15 +151,15 @@ class _SamplingFields(_Strict):
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def segments(self, starts: list[int], kv_reuse: str | None) -> PromptSegments:
+    def segments(self, starts: list[int]) -> PromptSegments:
         """How this request's segments (starting at `starts`) reuse KV; the engine checks the combination."""
-        return PromptSegments(starts, self.blend_recompute_ratio, kv_reuse or "blend",
+        return PromptSegments(starts, self.blend_recompute_ratio, self.kv_reuse or "blend",
                               ape_temperature=self.ape_temperature, ape_scale=self.ape_scale)
 
     def reuse_field_without_segments(self) -> str | None:
         """The first KV-reuse field set on a request that has no segments (each is refused there)."""
         names = ("blend_recompute_ratio", "ape_temperature", "ape_scale", "kv_reuse")
-        return next((n for n in names if getattr(self, n, None) is not None), None)
+        return next((n for n in names if getattr(self, n) is not None), None)
 
     def _sampling_kwargs(self) -> dict:
         kw: dict[str, Any] = {"n": self.n}
@@ -187,7 +190,6 @@ class CompletionRequest(_SamplingFields):
     prompt: PromptInput | None = None
     # instead of prompt: one prompt as segments whose KV may be reused wherever they appear (docs/kvreuse.md)
     prompt_segments: list[Text | TokenIds] | None = None
-    kv_reuse: Literal["blend", "parallel"] | None = None
     max_tokens: int | None = DEFAULT_COMPLETION_MAX_TOKENS  # null means the default, as in OpenAI's API
     echo: bool = False
     logprobs: int | None = None
@@ -267,9 +269,6 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    # "blend" or "parallel": each text part of a message's content is a segment whose KV may be reused
-    # (docs/kvreuse.md)
-    kv_reuse: Literal["blend", "parallel"] | None = None
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
         "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
         "parallel_tool_calls": (), "response_format": ({"type": "text"},), "logit_bias": ({},),
