@@ -121,6 +121,8 @@ def test_fused_norms_and_silu_match_eager(op_pair):
     _same(out_nat, out_ref, dtype)
     gu = (torch.randn(37, 2 * 1536, generator=g) * 6).to(dtype)  # covers exp's range well past |x| = 10
     _same(nat.silu_mul(gu), ref.silu_mul(gu), dtype)
+    gu = (torch.randn(5, 2 * 40, generator=g) * 6).to(dtype)  # 40 = two 16-lane vectors and a scalar tail
+    _same(nat.silu_mul(gu), ref.silu_mul(gu), dtype)
 
 
 def test_fused_rope_writes_the_same_kv(op_pair):
