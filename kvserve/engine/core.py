@@ -55,7 +55,7 @@ from kvserve.model.loader import load_model
 from kvserve.model.quant import QUANTIZATIONS, resolve_quantization
 from kvserve.model.smoothquant import CALIBRATION_TEXT, smooth_for_w8a8
 from kvserve.model.tokenizer import Tokenizer
-from kvserve.spec.decoder import SpecDecoder
+from kvserve.spec.decoder import SpecDecoder, attended_kv
 from kvserve.worker.kv_cache import KVCache, bytes_per_block, num_blocks_for_budget
 from kvserve.worker.kv_swap import SwapBuffer
 from kvserve.worker.kv_transfer import KVTransfer, NullKVTransfer
@@ -429,7 +429,8 @@ class EngineCore:
         """Learn from this step (cost, acceptance), then propose the drafts the next schedule() will verify."""
         spec = self.spec
         spec.observe_draft(out.draft_iterations, out.draft_seconds)
-        spec.observe_step(sched.num_batched_tokens, elapsed - out.draft_total_seconds)
+        spec.observe_step(sched.num_batched_tokens, elapsed - out.draft_total_seconds,
+                          sum(attended_kv(sr.kv_start, sr.num_new_tokens) for sr in sched.scheduled))
         by_id = {}
         for sr in sched.scheduled:
             by_id[sr.request_id] = sr.request
@@ -439,14 +440,16 @@ class EngineCore:
             if u.finish_reason is not None:
                 req = by_id.get(u.request_id)
                 spec.finish(u.request_id, req.output_token_ids if req is not None else [])
-        decoding, other = [], 0
-        for r in self.scheduler.running:
-            if r.num_tokens - r.num_computed_tokens == 1:
-                decoding.append(r)
-            else:
-                other += r.num_tokens - r.num_computed_tokens
-        budget = self.info.max_num_batched_tokens
-        spec.propose(decoding, min(other, max(budget - len(decoding), 0)))
+        running = self.scheduler.running
+        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
+        other, other_attended = 0, 0
+        budget = max(self.info.max_num_batched_tokens - len(decoding), 0)
+        for r in running:  # prefill chunks in the next step, within the token budget
+            if r.num_tokens - r.num_computed_tokens > 1 and other < budget:
+                chunk = min(r.num_tokens - r.num_computed_tokens, budget - other)
+                other += chunk
+                other_attended += attended_kv(r.num_kv_tokens, chunk)
+        spec.propose(decoding, other, other_attended)
 
     def _forget_seq(self, seq_id: str) -> None:
         group = group_id(seq_id)

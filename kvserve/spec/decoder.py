@@ -15,6 +15,8 @@ Adaptivity has two levels.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from kvserve.config import SpeculativeConfig
@@ -45,34 +47,72 @@ class SpecStats:
 
 
 class StepCostModel:
-    """Seconds per forward pass by token count (power-of-two buckets, EWMA), learnt from the engine's steps."""
+    """Seconds per forward pass, learnt from the engine's steps: base(tokens) + per_kv x attended, where `tokens` is
+    bucketed by powers of two and `attended` is the KV the step's rows read (the sum over rows of the tokens each
+    attends to). Without the attention term one bucket's price would be the context of whichever requests happened
+    to run at that size: on SmolLM2 a verification row at 2k tokens of context costs about as much attention as a
+    third of the one-token step's matmuls, so a bucket measured at long contexts looked too dear to draft into at
+    short ones, and was then never measured again to correct it.
 
-    def __init__(self, alpha: float = 0.2):
-        self.alpha = alpha
-        self.seconds: dict[int, float] = {}
+    Both parts are medians over each bucket's last `window` observations (per_kv: of the slopes between pairs of
+    observations in one bucket, Theil-Sen), so one slow step (a page fault, another process on the core) does not
+    move a price."""
+
+    def __init__(self, window: int = 15, refit_every: int = 16):
+        self.window = window
+        self.refit_every = refit_every
+        self.per_kv = 0.0  # seconds per attended KV token
+        self.base: dict[int, float] = {}  # bucket -> seconds at no attended KV
+        self._recent: dict[int, deque[tuple[int, float]]] = {}  # bucket -> (attended, seconds)
+        self._observed = 0
 
     @staticmethod
     def bucket(n: int) -> int:
         return 1 << max(n - 1, 0).bit_length()
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
+    def observe(self, num_tokens: int, seconds: float, attended: int = 0) -> None:
         if num_tokens <= 0 or seconds <= 0:
             return
         b = self.bucket(num_tokens)
-        old = self.seconds.get(b)
-        self.seconds[b] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        self._recent.setdefault(b, deque(maxlen=self.window)).append((attended, seconds))
+        self._observed += 1
+        if self._observed % self.refit_every == 1:  # the slope moves slowly: refit it now and then, every base too
+            self._fit_slope()
+            for k in self._recent:
+                self._fit_base(k)
+        else:
+            self._fit_base(b)
 
-    def cost(self, num_tokens: int) -> float | None:
-        """Measured cost of the bucket, else of the largest measured bucket below it (optimistic, so an unmeasured
-        size gets tried once and measured), else None."""
+    def _fit_slope(self) -> None:
+        slopes = []
+        for recent in self._recent.values():
+            pts = list(recent)
+            for i, (a0, s0) in enumerate(pts):
+                for a1, s1 in pts[i + 1:]:
+                    if abs(a1 - a0) * 5 >= max(a0, a1) > 0:  # contexts at least 20% apart: a slope worth reading
+                        slopes.append((s1 - s0) / (a1 - a0))
+        if slopes:
+            self.per_kv = max(statistics.median(slopes), 0.0)
+
+    def _fit_base(self, b: int) -> None:
+        self.base[b] = max(statistics.median(s - self.per_kv * a for a, s in self._recent[b]), 0.0)
+
+    def cost(self, num_tokens: int, attended: int = 0) -> float | None:
+        """Predicted seconds of a step of `num_tokens` reading `attended` KV tokens: the bucket's base, else the
+        largest measured bucket's below it (optimistic, so an unmeasured size gets tried once and measured), plus
+        the attention; None before any step."""
         b = self.bucket(num_tokens)
-        if b in self.seconds:
-            return self.seconds[b]
-        below = [k for k in self.seconds if k < b]
-        return self.seconds[max(below)] if below else None
+        base = self.base.get(b)
+        if base is None:
+            below = [k for k in self.base if k < b]
+            if not below:
+                return None
+            base = self.base[max(below)]
+        return base + self.per_kv * attended
 
     def curve(self) -> dict[int, float]:
-        return dict(sorted(self.seconds.items()))
+        """The median measured seconds per bucket (at whatever contexts ran), for stats and benchmarks."""
+        return {b: statistics.median(s for _, s in self._recent[b]) for b in sorted(self._recent)}
 
 
 class _RequestState:
@@ -92,6 +132,20 @@ class _RequestState:
 
     def acceptance(self, prior: float) -> float:
         return smoothed_rate(self.acc, self.rej, prior)
+
+
+def _context(req) -> int:
+    """KV tokens a decode or draft row of `req` attends to."""
+    return req.num_kv_tokens + 1
+
+
+def _attended(decoding: list) -> int:
+    return sum(_context(r) for r in decoding)
+
+
+def attended_kv(start: int, num_tokens: int) -> int:
+    """KV tokens read by a chunk of `num_tokens` rows over `start` tokens of KV (row j attends start + j + 1)."""
+    return num_tokens * start + num_tokens * (num_tokens + 1) // 2
 
 
 def smoothed_rate(accepted: float, rejected: float, prior: float) -> float:
@@ -126,8 +180,8 @@ class SpecDecoder:
             self.suffix_cache.add(request_id, st.scope, output_token_ids)
 
     # ------------------------------------------------------------------ after each step
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        self.cost.observe(num_tokens, seconds)
+    def observe_step(self, num_tokens: int, seconds: float, attended: int = 0) -> None:
+        self.cost.observe(num_tokens, seconds, attended)
 
     def observe_draft(self, iterations: int, seconds: float) -> None:
         if iterations <= 0:
@@ -162,9 +216,10 @@ class SpecDecoder:
                 pause = min(2 ** (st.misses - MISSES_BEFORE_PAUSE + 1), MAX_PAUSE_STEPS)
                 st.paused_until = self._step + pause
 
-    def propose(self, decoding: list, other_tokens: int) -> None:
+    def propose(self, decoding: list, other_tokens: int, other_attended: int = 0) -> None:
         """Set `spec_token_ids` of each request in `decoding` (running, one token to compute). `other_tokens`:
-        prefill tokens expected in the next step beside the decodes (the step-cost rule counts them)."""
+        prefill tokens expected in the next step beside the decodes, `other_attended` the KV they will read (the
+        step-cost rule counts both)."""
         self._step += 1
         candidates: list[tuple[object, list[int], float]] = []
         method_prior = smoothed_rate(self._method_acc, self._method_rej, PRIOR_ACCEPTANCE)
@@ -185,9 +240,9 @@ class SpecDecoder:
         if not candidates:
             return
         if self.config.adaptive and self.config.drafts_with_model:
-            keep = self._budget_uniform(len(decoding), other_tokens, candidates)
+            keep = self._budget_uniform(decoding, other_tokens, other_attended, candidates)
         elif self.config.adaptive:
-            keep = self._budget(len(decoding), other_tokens, candidates)
+            keep = self._budget(decoding, other_tokens, other_attended, candidates)
         else:
             keep = [len(d) for _, d, _ in candidates]
         for (req, draft, _), n in zip(candidates, keep):
@@ -225,45 +280,49 @@ class SpecDecoder:
                 draft = other
         return draft
 
-    def _budget(self, num_decodes: int, other_tokens: int, candidates) -> list[int]:
+    def _budget(self, decoding: list, other_tokens: int, other_attended: int, candidates) -> list[int]:
         """Draft tokens to keep per candidate: the prefix of the marginal gains (sorted) maximising expected tokens
         per second under the measured step cost."""
-        base = num_decodes + other_tokens
-        if self.cost.cost(base) is None:
+        n, tokens, attended = len(decoding), len(decoding) + other_tokens, _attended(decoding) + other_attended
+        cost = self.cost.cost(tokens, attended)
+        if cost is None:
             return [len(d) for _, d, _ in candidates]  # nothing measured yet: draft, and learn the cost
         gains = []
-        for i, (_, draft, a) in enumerate(candidates):
+        for i, (req, draft, a) in enumerate(candidates):
             g = 1.0
             for _ in draft:
                 g *= a
-                gains.append((g, i))
+                gains.append((g, i, _context(req)))  # a draft row reads about the request's context
         gains.sort(key=lambda x: -x[0])
-        best_rate, best_d, total = num_decodes / self.cost.cost(base), 0, 0.0
-        for d, (g, _) in enumerate(gains, start=1):
+        best_rate, best_d, total = n / cost, 0, 0.0
+        for d, (g, _, ctx) in enumerate(gains, start=1):
             total += g
-            rate = (num_decodes + total) / self.cost.cost(base + d)
+            attended += ctx
+            rate = (n + total) / self.cost.cost(tokens + d, attended)
             if rate > best_rate * 1.001:
                 best_rate, best_d = rate, d
         keep = [0] * len(candidates)
-        for g, i in gains[:best_d]:
+        for _, i, _ in gains[:best_d]:
             keep[i] += 1
         return keep
 
-    def _budget_uniform(self, num_decodes: int, other_tokens: int, candidates) -> list[int]:
+    def _budget_uniform(self, decoding: list, other_tokens: int, other_attended: int, candidates) -> list[int]:
         """Model drafting runs k forward passes for the longest draft, so one k serves the whole step: the k
         maximising (decodes + expected accepted) / (T(tokens verified) + k x a draft pass's measured cost)."""
-        base = num_decodes + other_tokens
-        if self.cost.cost(base) is None:
+        n, base, attended = len(decoding), len(decoding) + other_tokens, _attended(decoding) + other_attended
+        cost = self.cost.cost(base, attended)
+        if cost is None:
             return [len(d) for _, d, _ in candidates]
         per_pass = self.draft_seconds_per_iteration or 0.0  # unmeasured: free, so it is tried and measured
-        best_rate, best_k = num_decodes / self.cost.cost(base), 0
+        best_rate, best_k = n / cost, 0
         for k in range(1, max(len(d) for _, d, _ in candidates) + 1):
-            gain, tokens = 0.0, 0
-            for _, d, a in candidates:
-                n = min(k, len(d))
-                tokens += n
-                gain += a * (1 - a ** n) / (1 - a) if a < 1 else n
-            rate = (num_decodes + gain) / (self.cost.cost(base + tokens) + k * per_pass)
+            gain, tokens, extra = 0.0, 0, 0
+            for req, d, a in candidates:
+                m = min(k, len(d))
+                tokens += m
+                extra += m * _context(req)
+                gain += a * (1 - a ** m) / (1 - a) if a < 1 else m
+            rate = (n + gain) / (self.cost.cost(base + tokens, attended + extra) + k * per_pass)
             if rate > best_rate * 1.001:
                 best_rate, best_k = rate, k
         return [min(best_k, len(d)) for _, d, _ in candidates]

@@ -47,10 +47,12 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.sampler = sampler or Sampler()
         self.pad_shapes = pad_shapes
-        # speculative verification runs as decode rows (below) only in a step of at most this many tokens, for
-        # contexts up to decode_rows_max_context; elsewhere as a prefill chunk, which measured cheaper there
+        # speculative verification runs as decode rows (below) only in a step of at most this many tokens, and
+        # only for contexts up to decode_rows_max_context (None: any); elsewhere as a prefill chunk. Since the decode
+        # kernel reads a sequence's KV once for all its rows (from 1,024 tokens on), rows measure cheaper at every
+        # context (docs/benchmarks.md, the step-cost curve), so no context limit by default
         self.max_decode_rows = GEMV_MAX_TOKENS
-        self.decode_rows_max_context = 1024
+        self.decode_rows_max_context: int | None = None
         self.drafter = drafter  # kvserve.worker.drafter.ModelDrafter for layer_skip / draft_model; else None
         self.evictor = evictor  # KV eviction's scores and policies; None: no request evicts
         self.blend_check_layer = blend_check_layer  # CacheBlend: where reused tokens' KV deviation is measured
@@ -65,15 +67,15 @@ class ModelRunner:
         # A request verifying k speculative drafts runs either as a prefill chunk of 1 + k tokens or as k + 1
         # decode rows over its one block table, row j attending to positions < start + j + 1 (each layer writes
         # every row's K/V before any row attends, so row j sees the drafts before it). Rows keep a small step on the
-        # one-call decode path (`DecodePlan`), cheaper at short contexts; with more tokens in the step, or a long
-        # context, the prefill kernel (which reads the context once for the chunk) costs less (docs/benchmarks.md,
-        # the step-cost curve).
+        # one-call decode path (`DecodePlan`); with more tokens in the step the prefill kernel costs less
+        # (docs/benchmarks.md, the step-cost curve).
         rows_ok = sum(s.num_new_tokens for s in scheduled) <= self.max_decode_rows
 
         def as_decode(s: ScheduledRequest) -> bool:
             if s.start == 0 or s.num_new_tokens != 1 + len(s.spec_token_ids):
                 return False
-            return s.num_new_tokens == 1 or (rows_ok and s.kv_start + s.num_new_tokens <= self.decode_rows_max_context)
+            limit = self.decode_rows_max_context
+            return s.num_new_tokens == 1 or (rows_ok and (limit is None or s.kv_start + s.num_new_tokens <= limit))
 
         decodes = [s for s in scheduled if as_decode(s)]
         prefills = [s for s in scheduled if not as_decode(s)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from kvserve.config import SpeculativeConfig
 from kvserve.core.request import Request
 from kvserve.sampling import SamplingParams
@@ -148,3 +150,40 @@ def test_step_cost_backs_off_when_compute_bound():
     model = StepCostModel()
     model.observe(3, 1.0)
     assert model.cost(3) == model.cost(4) == 1.0 and model.cost(7) == 1.0 and model.cost(1) is None
+    for _ in range(5):
+        model.observe(4, 0.01)
+    model.observe(4, 0.5)  # one slow step among fast ones does not move the price of the bucket
+    assert model.cost(4) == 0.01
+    for _ in range(model.window):  # a lasting change does, once it is most of the window
+        model.observe(4, 0.02)
+    assert model.cost(4) == 0.02
+
+
+def test_step_cost_counts_the_context_each_row_reads():
+    """Steps priced by tokens and by the KV their rows read: a verification row is cheap at a short context and
+    dear at a long one, and the rule drafts accordingly; the fit ignores a slow outlier."""
+    per_kv = 2e-6  # seconds per attended KV token: 2 ms for a row at 1,000 tokens
+    base = {1: 0.008, 2: 0.0085, 4: 0.009, 8: 0.012}
+
+    def observed(model_or_dec, observe):
+        for ctx in (300, 700, 1100, 1500, 1900, 2300):
+            for n, b in base.items():
+                observe(n, b + per_kv * n * ctx, n * ctx)
+        observe(1, 0.5, 1000)  # one slow step
+
+    model = StepCostModel()
+    observed(model, model.observe)
+    assert model.per_kv == pytest.approx(per_kv)
+    assert model.cost(3, 3 * 500) == pytest.approx(base[4] + per_kv * 1500)
+    assert model.cost(1, 1000) == pytest.approx(base[1] + per_kv * 1000)
+
+    dec = SpecDecoder(SpeculativeConfig("ngram", num_speculative_tokens=4))
+    observed(dec, dec.observe_step)
+    short, long = _req("short", list(range(10)) * 4), _req("long", list(range(10)) * 4)
+    long.num_computed_tokens = 6000  # as if its KV held 6,000 tokens: a draft row costs 12 ms, more than a step
+    for r in (short, long):
+        dec.add(r.request_id, None, "default", None)
+    dec.propose([short], 0)
+    assert len(short.spec_token_ids) == 3  # 4 tokens cost 9 ms, a fifth moves the step into the 12 ms bucket
+    dec.propose([long], 0)
+    assert long.spec_token_ids == []
