@@ -4,6 +4,7 @@
     python -m kvserve.bench.micro --threads 1 --decode-shapes 8x1024,2x4096,9x4096   # decode attention only
     python -m kvserve.bench.micro --digests                                           # KV store entry digests
     python -m kvserve.bench.micro --verify-shapes 4x512,8x2048   # one sequence's speculative verification rows
+    python -m kvserve.bench.micro --fused-tokens 1,4,64,2048     # one layer's elementwise ops only
 
 1. decode attention over the paged KV cache: PyTorch gather + einsum vs the native in-place kernel;
 2. prefill attention of one fresh prompt and of a chunk over a cached prefix: SDPA (as kvserve calls it without
@@ -148,6 +149,7 @@ def bench_fused_ops(tokens: int = 64) -> list[tuple[str, float]]:
             ops.silu_mul(gu)
 
         rows.append((f"a layer's elementwise ops, {tokens} tokens: {name}", timeit(layer)))
+        rows.append((f"SiLU * up alone, {tokens} tokens: {name}", timeit(lambda: ops.silu_mul(gu))))
     return rows
 
 
@@ -175,6 +177,8 @@ def main() -> None:
     ap.add_argument("--digests", action="store_true", help="only the KV store's entry digests")
     ap.add_argument("--verify-shapes", default=None, metavar="NxCTX,...",
                     help="only one sequence's N speculative verification rows at context CTX (e.g. 4x512,8x2048)")
+    ap.add_argument("--fused-tokens", default=None, metavar="T,...",
+                    help="only one layer's elementwise ops, at these token counts (e.g. 1,4,64)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print("| what | median ms |\n| --- | --- |")
@@ -183,6 +187,8 @@ def main() -> None:
     elif args.verify_shapes:
         rows = [r for shape in args.verify_shapes.split(",")
                 for r in bench_verify_rows(*(int(x) for x in shape.lower().split("x")))]
+    elif args.fused_tokens:
+        rows = [r for t in args.fused_tokens.split(",") for r in bench_fused_ops(int(t))]
     elif args.decode_shapes:
         rows = [r for shape in args.decode_shapes.split(",")
                 for r in bench_decode_attention(*(int(x) for x in shape.lower().split("x")))]
