@@ -22,7 +22,14 @@ inline float to_float(c10::BFloat16 x) {
 }
 
 #ifdef KVSERVE_AVX512_BF16
-// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), |rel err| < 2e-7.
+// 16 bfloat16 values widened to float32 (exact).
+inline __m512 bf16x16_to_float(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// exp(x) for x >= -87 (softmax after subtracting the max; SiLU's exp(-x)): 2^n * p(r), |rel err| < 2e-7, inf past
+// the float range.
 inline __m512 exp512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),

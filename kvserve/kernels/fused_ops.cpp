@@ -92,30 +92,9 @@ void rms_norm_rows(T* h, const T* delta, const T* w, T* out, int64_t rows, int64
   });
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-// exp_approx on 16 lanes: the same steps (clamp, n = floor(x log2 e + 1/2), two-part reduction, degree-6 polynomial,
-// 2^n through the exponent bits).
-inline __m512 exp_approx16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504089f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
-inline __m512 bf16x16_to_float(const c10::BFloat16* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+#ifdef KVSERVE_AVX512_BF16
+using kvserve::bf16x16_to_float;
+using kvserve::exp512;
 
 // The value after rounding to bfloat16 (round to nearest even, as PyTorch's conversion), back in float32.
 inline __m512 round_bf16(__m512 v) {
@@ -128,7 +107,7 @@ inline int64_t silu_mul_row16(const c10::BFloat16* g, const c10::BFloat16* u, c1
   int64_t i = 0;
   for (; i + 16 <= inter; i += 16) {
     const __m512 x = bf16x16_to_float(g + i);
-    const __m512 s = round_bf16(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp_approx16(_mm512_sub_ps(
+    const __m512 s = round_bf16(_mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(
         _mm512_setzero_ps(), x)))));
     const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(s, bf16x16_to_float(u + i)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), (__m256i)y);
@@ -146,7 +125,7 @@ void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t inter) {
       const T* u = g + inter;
       T* o = out + r * inter;
       int64_t start = 0;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#ifdef KVSERVE_AVX512_BF16
       if constexpr (std::is_same_v<T, c10::BFloat16>) start = silu_mul_row16(g, u, o, inter);
 #endif
 #pragma omp simd
