@@ -11,6 +11,15 @@
 #define KVSERVE_AVX512_BF16 1
 #endif
 
+#if defined(KVSERVE_AVX512_BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#define KVSERVE_AMX 1
+#endif
+
 namespace kvserve {
 
 inline float to_float(float x) { return x; }
@@ -45,6 +54,52 @@ inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
 }
+#endif
+
+#ifdef KVSERVE_AMX
+// Linux hands the 8 KB AMX tile state only to a process that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM, once per
+// process); a kernel or CPU without AMX refuses, and the callers keep their AVX-512 paths. KVSERVE_AMX=0 turns the
+// AMX kernels off for the process; tests switch them per module with set_amx.
+inline bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+inline std::atomic<bool>& amx_switch() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("KVSERVE_AMX");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }()};
+  return on;
+}
+
+inline bool amx_enabled() { return amx_switch().load(std::memory_order_relaxed) && amx_permitted(); }
+
+// Every tile 16 rows x 64 bytes (palette 1). Tile configuration is per thread: each worker loads it and releases the
+// tiles when done, so no tile state outlives a kernel call.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int i = 0; i < 8; ++i) {
+      colsb[i] = 64;
+      rows[i] = 16;
+    }
+  }
+};
+static_assert(sizeof(TileConfig) == 64, "the AMX tile configuration is 64 bytes");
+
+struct TileScope {
+  TileScope() {
+    static const TileConfig cfg;
+    _tile_loadconfig(&cfg);
+  }
+  ~TileScope() { _tile_release(); }
+};
 #endif
 
 }  // namespace kvserve

@@ -130,4 +130,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           const std::vector<torch::Tensor>&, const std::vector<torch::Tensor>&, int64_t, int64_t,
                           double, double>())
       .def("run", &DecodePlan::run, "every layer of a small decode batch; returns the residual stream");
+  m.def("set_amx", &kv_attn::set_amx, "turn the AMX attention path on or off in this module");
 }

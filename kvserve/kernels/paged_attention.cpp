@@ -169,13 +169,15 @@ inline void prefetch_span(const void* p, int64_t bytes) {
 // apart: their KV is still in cache for the next row, and more, smaller work items balance the threads better
 // (`python -m kvserve.bench.micro --verify-shapes`: grouping 7-10% slower at 256-512 tokens, 1.3-1.5x faster at
 // 2048 for 4-8 rows).
+// The AMX kernel below groups at every context (its tiles take a run's queries together).
 constexpr int32_t GROUP_MIN_CONTEXT = 1024;
 
-inline std::vector<int64_t> row_runs(const int64_t* tables, const int32_t* lens, int64_t B, int64_t MB, int64_t BS) {
+inline std::vector<int64_t> row_runs(const int64_t* tables, const int32_t* lens, int64_t B, int64_t MB, int64_t BS,
+                                     int32_t min_context = GROUP_MIN_CONTEXT) {
   std::vector<int64_t> starts;
   starts.reserve(B + 1);
   for (int64_t b = 0; b < B; ++b) {
-    bool cont = b > 0 && lens[b - 1] >= GROUP_MIN_CONTEXT && lens[b] == lens[b - 1] + 1;
+    bool cont = b > 0 && lens[b - 1] >= min_context && lens[b] == lens[b - 1] + 1;
     if (cont) {
       const int64_t nb = std::min<int64_t>((lens[b - 1] + BS - 1) / BS, MB);
       cont = std::memcmp(tables + (b - 1) * MB, tables + b * MB, nb * sizeof(int64_t)) == 0;
@@ -339,6 +341,181 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
 }
 #endif
 
+#ifdef KVSERVE_AMX
+// bfloat16 with AMX (Intel Sapphire Rapids and later; Linux grants the tiles, see common.h): q.k and p.v as tile
+// products, so the queries of a run of verification rows (and the G query heads of each) cost one tile operation
+// together rather than one pass each. A work item is one run of rows and one KV head, its queries 16 at a time:
+//   scores[t][j] = K[t] . Q[j]: A = 16 key rows of one 32-wide chunk of the head (read in place, stride = token row),
+//                   B = the chunk of Q transposed into bf16 pairs (built once per item), C = 16 tokens x 16 queries;
+//   out[j][d]    = sum_t p[j][t] V[t][d]: A = the probabilities as bf16 (16 queries x 32 tokens), B = 32 value rows
+//                   interleaved in token pairs (vpermt2w), four C tiles for 64 dims.
+// The probabilities are rounded to bf16 for p.v (as flash attention does on GPUs); scores, softmax and sums stay
+// float32. Every output element is its own chain of tile sums over absolute token positions, and tokens past a
+// row's context add exactly zero, so a row gives the same bits in a run as alone. Needs BS % 16 == 0, D % 64 == 0.
+template <int D>
+void decode_kernel_bf16_amx(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
+                            const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
+                            const int32_t* __restrict lens, c10::BFloat16* __restrict out, int64_t B, int64_t H,
+                            int64_t Hkv, int64_t BS, int64_t MB, float scale, float* __restrict sc, int64_t SL) {
+  static_assert(D % 64 == 0, "the AMX kernel takes 64 dims per group of output tiles");
+  constexpr int NC = D / 32;  // 32-wide chunks of a head for q.k
+  const int64_t G = H / Hkv;
+  const int64_t row = Hkv * D;
+  const int64_t blk = BS * row;
+  const std::vector<int64_t> runs = row_runs(tables, lens, B, MB, BS, 0);
+  const int64_t R = static_cast<int64_t>(runs.size()) - 1;
+  __m512i lo_idx, hi_idx;  // word indices interleaving two value rows (a: 0..31, b: 32..63) for dims 0-15 / 16-31
+  {
+    alignas(64) int16_t lo[32], hi[32];
+    for (int i = 0; i < 16; ++i) {
+      lo[2 * i] = static_cast<int16_t>(i), lo[2 * i + 1] = static_cast<int16_t>(32 + i);
+      hi[2 * i] = static_cast<int16_t>(16 + i), hi[2 * i + 1] = static_cast<int16_t>(48 + i);
+    }
+    lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
+  }
+  const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(16));  // a C tile's column as a gather index
+  at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
+    kvserve::TileScope tiles;
+    alignas(64) uint32_t qt[NC][16][16];  // Q chunk c transposed: [pair k][query j] = dims 32c + 2k, 32c + 2k + 1
+    alignas(64) float ct[16][16];        // a q.k tile: [token][query]
+    alignas(64) float ot[4][16][16];     // the p.v tiles of 64 dims: [dims / 16][query][dim % 16]
+    alignas(64) __m512i vt[4][16];       // value rows of 32 tokens interleaved in pairs, per 16 dims
+    std::vector<float> scores;
+    std::vector<c10::BFloat16> pb;
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t ri = idx / Hkv, h = idx % Hkv;
+      const int64_t b0 = runs[ri], n = runs[ri + 1] - b0;
+      const int64_t* table = tables + (b0 + n - 1) * MB;  // the run's last table covers every row's blocks
+      for (int64_t j0 = 0; j0 < n * G; j0 += 16) {
+        const int64_t nq = std::min<int64_t>(16, n * G - j0);
+        const int64_t L = lens[b0 + (j0 + nq - 1) / G];  // the chunk's longest row: its last
+        if (L <= 0) continue;
+        const int64_t Lp = (L + 31) / 32 * 32;
+        std::memset(qt, 0, sizeof(qt));
+        for (int64_t j = 0; j < nq; ++j) {
+          const int64_t qj = j0 + j;
+          const uint32_t* qrow = reinterpret_cast<const uint32_t*>(q + ((b0 + qj / G) * H + h * G + qj % G) * D);
+          for (int c = 0; c < NC; ++c)
+            for (int k = 0; k < 16; ++k) qt[c][k][j] = qrow[c * 16 + k];
+        }
+        scores.resize(nq * L);
+        // 16 tokens per step; D = 64 keeps both halves of Q in tiles 5 and 6 for the whole item, and the steps
+        // alternate between C tiles 0 and 1 so one step's sums need not wait for the last one's store
+        if constexpr (NC == 2) {
+          _tile_loadd(5, qt[0], 64);
+          _tile_loadd(6, qt[1], 64);
+        }
+        const int64_t steps = (L + 15) / 16;
+        for (int64_t si = 0; si < steps; ++si) {
+          const int64_t t0 = si * 16;
+          const c10::BFloat16* kb = k_cache + table[t0 / BS] * blk + (t0 % BS) * row + h * D;
+          if (si + 1 < steps) {  // the next step's keys, and this step's values for the p.v pass
+            const int64_t t1 = t0 + 16;
+            const c10::BFloat16* nk = k_cache + table[t1 / BS] * blk + (t1 % BS) * row + h * D;
+            for (int r = 0; r < 16; ++r) prefetch_span(nk + r * row, D * 2);
+          }
+          const c10::BFloat16* vb = v_cache + table[t0 / BS] * blk + (t0 % BS) * row + h * D;
+          for (int r = 0; r < 16; ++r) prefetch_span(vb + r * row, D * 2);
+          if constexpr (NC == 2) {
+            _tile_loadd(4, kb, row * 2);
+            _tile_loadd(7, kb + 32, row * 2);
+            if (si % 2 == 0) {
+              _tile_zero(0);
+              _tile_dpbf16ps(0, 4, 5);
+              _tile_dpbf16ps(0, 7, 6);
+              _tile_stored(0, ct, 64);
+            } else {
+              _tile_zero(1);
+              _tile_dpbf16ps(1, 4, 5);
+              _tile_dpbf16ps(1, 7, 6);
+              _tile_stored(1, ct, 64);
+            }
+          } else {
+            _tile_zero(0);
+            for (int c = 0; c < NC; ++c) {
+              _tile_loadd(4, kb + c * 32, row * 2);
+              _tile_loadd(5, qt[c], 64);
+              _tile_dpbf16ps(0, 4, 5);
+            }
+            _tile_stored(0, ct, 64);
+          }
+          const int64_t tn = std::min<int64_t>(16, L - t0);
+          const __mmask16 m = tn == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tn) - 1);
+          for (int64_t j = 0; j < nq; ++j)
+            _mm512_mask_storeu_ps(scores.data() + j * L + t0, m,
+                                  _mm512_mul_ps(_mm512_i32gather_ps(col, &ct[0][j], 4), _mm512_set1_ps(scale)));
+        }
+        pb.assign(16 * Lp, c10::BFloat16(0.f));
+        for (int64_t j = 0; j < nq; ++j) {
+          const int64_t b = b0 + (j0 + j) / G, Lj = lens[b];
+          float* s = scores.data() + j * L;
+          softmax_row(s, Lj);
+          if (sc != nullptr) {  // this run's rows and this KV head are this item's alone: no race
+            float* dst = sc + (b * Hkv + h) * SL;
+            for (int64_t t = 0; t < Lj; ++t) dst[t] += s[t];
+          }
+          c10::BFloat16* pj = pb.data() + j * Lp;
+          int64_t t = 0;
+          for (; t + 16 <= Lj; t += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pj + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t)));
+          if (t < Lj) {
+            const __mmask16 m = static_cast<__mmask16>((1u << (Lj - t)) - 1);
+            _mm256_mask_storeu_epi16(pj + t, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + t)));
+          }
+        }
+        for (int64_t dg = 0; dg < D; dg += 64) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t t0 = 0; t0 < L; t0 += 32) {
+            for (int k = 0; k < 16; ++k) {
+              __m512i a[2], b[2];
+              for (int e = 0; e < 2; ++e) {  // tokens t0 + 2k (a) and t0 + 2k + 1 (b): zeros past the context
+                const int64_t t = t0 + 2 * k + e;
+                __m512i* dst = e == 0 ? a : b;
+                if (t < L) {
+                  const c10::BFloat16* v = v_cache + table[t / BS] * blk + (t % BS) * row + h * D + dg;
+                  dst[0] = _mm512_loadu_si512(v);
+                  dst[1] = _mm512_loadu_si512(v + 32);
+                } else {
+                  dst[0] = dst[1] = _mm512_setzero_si512();
+                }
+              }
+              vt[0][k] = _mm512_permutex2var_epi16(a[0], lo_idx, b[0]);
+              vt[1][k] = _mm512_permutex2var_epi16(a[0], hi_idx, b[0]);
+              vt[2][k] = _mm512_permutex2var_epi16(a[1], lo_idx, b[1]);
+              vt[3][k] = _mm512_permutex2var_epi16(a[1], hi_idx, b[1]);
+            }
+            _tile_loadd(4, pb.data() + t0, Lp * 2);
+            _tile_loadd(5, vt[0], 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(5, vt[1], 64);
+            _tile_dpbf16ps(1, 4, 5);
+            _tile_loadd(5, vt[2], 64);
+            _tile_dpbf16ps(2, 4, 5);
+            _tile_loadd(5, vt[3], 64);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+          _tile_stored(0, ot[0], 64);
+          _tile_stored(1, ot[1], 64);
+          _tile_stored(2, ot[2], 64);
+          _tile_stored(3, ot[3], 64);
+          for (int64_t j = 0; j < nq; ++j) {
+            const int64_t qj = j0 + j;
+            c10::BFloat16* o = out + ((b0 + qj / G) * H + h * G + qj % G) * D + dg;
+            for (int e = 0; e < 4; ++e)
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + e * 16),
+                                  (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(ot[e][j])));
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 void dispatch_d(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc, const torch::Tensor& bt,
                 const torch::Tensor& sl, torch::Tensor& out, double scale, float* sc, int64_t SL) {
@@ -353,6 +530,12 @@ void dispatch_d(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
 #ifdef KVSERVE_AVX512_BF16
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const float sf = (float)scale;
+#ifdef KVSERVE_AMX
+    if (BS % 16 == 0 && kvserve::amx_enabled()) {
+      if (D == 64) return decode_kernel_bf16_amx<64>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, sf, sc, SL);
+      if (D == 128) return decode_kernel_bf16_amx<128>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, sf, sc, SL);
+    }
+#endif
     if (D == 64) return decode_kernel_bf16_avx512<64>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, sf, sc, SL);
     if (D == 128) return decode_kernel_bf16_avx512<128>(qp, kp, vp, tp, lp, op, B, H, Hkv, BS, MB, sf, sc, SL);
   }
@@ -403,8 +586,26 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+bool amx_available() {
+#ifdef KVSERVE_AMX
+  return kvserve::amx_permitted();
+#else
+  return false;
+#endif
+}
+
+void set_amx(bool on) {
+#ifdef KVSERVE_AMX
+  kvserve::amx_switch().store(on);
+#else
+  (void)on;
+#endif
+}
+
 #ifndef KVSERVE_NO_PYBIND  // decode_step.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("amx_available", &amx_available, "whether the AMX path is compiled in and the OS grants the tiles");
+  m.def("set_amx", &set_amx, "turn the AMX path on or off in this module (tests compare it with AVX-512)");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
         pybind11::arg("seq_lens"), pybind11::arg("scale"), pybind11::arg("scores") = pybind11::none());

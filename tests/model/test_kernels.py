@@ -10,11 +10,23 @@ from kvserve.model.batch import ForwardBatch, PrefillSeq
 from kvserve.model.layers import Linear, RotaryEmbedding, TorchOps, native_ops
 
 
+@pytest.fixture(params=["avx512", "amx"])
+def decode_path(request):
+    """The bf16 decode kernel's two paths: AVX-512 everywhere, AMX tiles where the CPU and OS have them (float32
+    always takes the AVX-512 path, so fp32 cases run once per path alike)."""
+    mod = load("paged_attention")
+    assert mod is not None, "the C++ kernel should build on this machine (g++ + ninja)"
+    if request.param == "amx" and not mod.amx_available():
+        pytest.skip("this CPU or kernel has no AMX tiles (the AVX-512 case covers the kernel)")
+    mod.set_amx(request.param == "amx")
+    yield request.param
+    mod.set_amx(True)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 8, 8)])
 @pytest.mark.parametrize("b", [3, 14])  # one KV head per work item (few sequences), all heads per item (many)
-def test_native_decode_attention_matches_reference(dtype, tol, head_dim, heads, kv_heads, b):
-    assert load("paged_attention") is not None, "the C++ kernel should build on this machine (g++ + ninja)"
+def test_native_decode_attention_matches_reference(dtype, tol, head_dim, heads, kv_heads, b, decode_path):
     fn = decode_attention_kernel()
     g = torch.Generator().manual_seed(0)
     nb, bs = 200, 16
@@ -27,6 +39,10 @@ def test_native_decode_attention_matches_reference(dtype, tol, head_dim, heads, 
     ours = fn(q, kc, vc, tables, lens, head_dim ** -0.5).float()
     ref = decode_attention_torch(q, kc, vc, tables, lens, head_dim ** -0.5).float()
     assert (ours - ref).abs().max().item() < tol
+    if decode_path == "amx" and dtype == torch.bfloat16:  # the switch took: AMX rounds p to bf16 for p.v
+        load("paged_attention").set_amx(False)
+        assert not torch.equal(ours, fn(q, kc, vc, tables, lens, head_dim ** -0.5).float())
+        load("paged_attention").set_amx(True)
     # KV eviction's attention mass: added (not written) per (row, kv head), zero past each length, the same as the
     # PyTorch reference's; each (row, kv head) sums to its G query heads' probabilities, i.e. to G
     width = mb * bs + 5
@@ -42,7 +58,7 @@ def test_native_decode_attention_matches_reference(dtype, tol, head_dim, heads, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_verification_rows_share_one_read_and_equal_each_row_alone(dtype):
+def test_verification_rows_share_one_read_and_equal_each_row_alone(dtype, decode_path):
     """A sequence's k + 1 verification rows (one table, lengths L..L+k) are one work item of the bf16 kernel; each row
     must come out bit for bit as it does alone, its attention mass too. Rows that share only full prefix blocks
     (another request on the same cached system prompt), or whose lengths do not follow on, stay apart."""
@@ -57,7 +73,7 @@ def test_verification_rows_share_one_read_and_equal_each_row_alone(dtype):
             (other, 1123), (other, 1124),  # one token on from the last row but another table: a new run
             (own, 1100), (own, 1102),  # not consecutive: apart
             *[(own, n) for n in range(1200, 1209)],  # nine rows: more queries than a value-pass tile
-            (own, 500), (own, 501), (own, 502)]  # a short context: rows apart
+            (own, 500), (own, 501), (own, 502)]  # a short context: apart on AVX-512, one run on AMX
     mb = max(-(-n // bs) for _, n in rows)
     tables = torch.zeros(len(rows), mb, dtype=torch.long)
     for i, (t, n) in enumerate(rows):
