@@ -7,7 +7,9 @@ so the weights do not fit in cache, as in a real step; each layer's four matmuls
 activations of T tokens. Formats: bf16 through oneDNN with a pre-packed weight, bf16 through kvserve's Linear (the
 gemv kernel up to 8 tokens, oneDNN above), q8_0, w8a8, q4_1. Prints the median of 15 sweeps in ms, the weight read
 rate in GB/s and the speed-up over oneDNN bf16. `--paths best,avx2,portable` adds the quantized formats run by the
-kernel's AVX2 path (what CPUs without AVX-512 run) and its portable C++ path, each forced on this CPU.
+kernel's AVX2 path (what CPUs without AVX-512 run) and its portable C++ path, each forced on this CPU. Where AMX
+runs, q8_0 and q4_1 take bf16 tiles from 128 tokens on (kvserve.model.quant.PREFILL_BF16_MIN_TOKENS), and `q8_0 int8
+kernel` / `q4_1 int8 kernel` show the int8 kernel at every size beside them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def build(layers: int, paths: list[str]) -> dict[str, list]:
             for lin in (x for row in lins for x in row):
                 lin.path = KERNEL_PATHS[path]
             out[fmt if path == "best" else f"{fmt} {path}"] = lins
+            if fmt != "w8a8" and path == "best" and lins[0][0].prefill_bf16:  # AMX: the int8 kernel at every size
+                kernel_only = [[make(w, fmt) for w in ws] for ws in weights]
+                for lin in (x for row in kernel_only for x in row):
+                    lin.prefill_bf16 = False
+                out[f"{fmt} int8 kernel"] = kernel_only
     return out
 
 

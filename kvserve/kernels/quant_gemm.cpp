@@ -671,6 +671,91 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, con
   return y;
 }
 
+// 4-bit (Q4_0 / Q4_1) or q8_0 weights as a bfloat16 (K, N) matrix, W^T: for a prefill chunk on a CPU with AMX,
+// whose bf16 tile matmuls (oneDNN) outrun the int8 dot products above by far once a step has more than ~100 tokens.
+// Built per call, one layer at a time, so no second copy of the model stays in memory. Q4: w = d q + m in float32
+// (one fma); q8_0: w = d (c - 128); then rounded to bf16 (relative error <= 2^-9, the size of the int8 activation
+// rounding it replaces). Both layouts hold operand vectors j (k = 4j .. 4j + 3 of a block) of 16 rows x 4 bytes.
+torch::Tensor dequantize_t(const torch::Tensor& packed, const torch::Tensor& scales) {
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 4 && packed.size(3) == 64 && packed.is_contiguous(),
+              "packed weights must be contiguous uint8 (N/16, K/32, 4 or 8, 64)");
+  const bool q4 = packed.size(2) == 4;
+  TORCH_CHECK(q4 || packed.size(2) == 8, "packed weights must be (N/16, K/32, 4, 64) (4-bit) or (.., 8, 64) (q8_0)");
+  TORCH_CHECK(scales.dtype() == torch::kFloat16 && scales.is_contiguous() && scales.size(0) == packed.size(0) &&
+                  scales.size(1) == packed.size(1) && scales.size(-1) == NR &&
+                  (q4 ? scales.dim() == 4 && scales.size(2) == 2 : scales.dim() == 3),
+              "scales must be contiguous float16: dm (N/16, K/32, 2, 16) for 4-bit, (N/16, K/32, 16) for q8_0");
+  const int64_t G = packed.size(0), KB = packed.size(1), N = G * NR, K = KB * QK;
+  const int64_t wbytes = q4 ? QK * NR / 2 : QK * NR;  // per (row group, block)
+  const int64_t sstride = q4 ? 2 * NR : NR;
+  auto wt = torch::empty({K, N}, packed.options().dtype(torch::kBFloat16));
+  c10::BFloat16* dst = wt.data_ptr<c10::BFloat16>();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const c10::Half* dp = scales.data_ptr<c10::Half>();
+  // one (row group, block) per index: 16 output columns x 32 k
+  at::parallel_for(0, G * KB, 64, [&](int64_t i0, int64_t i1) {
+#if defined(KVSERVE_VNNI) && defined(__AVX512VBMI__)
+    __m512i idx[4];  // operand vector bytes 4r + t (rows r = 0..15) for each t: one k, all 16 columns
+    for (int t = 0; t < 4; ++t) {
+      alignas(64) uint8_t b[64] = {};
+      for (int r = 0; r < NR; ++r) b[r] = static_cast<uint8_t>(4 * r + t);
+      idx[t] = _mm512_load_si512(b);
+    }
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = i / KB, b = i % KB;
+      const uint8_t* wb = wp + i * wbytes;
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dp + i * sstride)));
+      const __m512 m = q4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dp + i * sstride + NR)))
+                          : _mm512_mul_ps(d, _mm512_set1_ps(-128.f));  // q8_0: d (c - 128) = d c - 128 d, exact
+      for (int j = 0; j < 8; ++j) {
+        __m512i vec;
+        if (q4) {
+          const __m512i raw = _mm512_loadu_si512(wb + (j % 4) * 64);
+          vec = j < 4 ? _mm512_and_si512(raw, low) : _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        } else {
+          vec = _mm512_loadu_si512(wb + j * 64);
+        }
+        for (int t = 0; t < 4; ++t) {
+          const __m128i codes = _mm512_castsi512_si128(_mm512_permutexvar_epi8(idx[t], vec));
+          const __m512 w = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), d, m);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (b * QK + 4 * j + t) * N + g * NR),
+                              (__m256i)_mm512_cvtneps_pbh(w));
+        }
+      }
+    }
+#else
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = i / KB, b = i % KB;
+      const uint8_t* wb = wp + i * wbytes;
+      for (int j = 0; j < 8; ++j)
+        for (int r = 0; r < NR; ++r)
+          for (int t = 0; t < 4; ++t) {
+            const float d = static_cast<float>(dp[i * sstride + r]);
+            float w;
+            if (q4) {
+              const uint8_t byte = wb[(j % 4) * 64 + 4 * r + t];
+              const int q = j < 4 ? (byte & 0x0F) : (byte >> 4);
+              w = std::fma(static_cast<float>(q), d, static_cast<float>(dp[i * sstride + NR + r]));
+            } else {
+              w = std::fma(static_cast<float>(wb[j * 64 + 4 * r + t]), d, d * -128.f);
+            }
+            dst[(b * QK + 4 * j + t) * N + g * NR + r] = c10::BFloat16(w);
+          }
+    }
+#endif
+  });
+  return wt;
+}
+
+bool has_amx() {
+#ifdef KVSERVE_AMX
+  return kvserve::amx_enabled();  // KVSERVE_AMX=0 turns the bf16 prefill route off too
+#else
+  return false;
+#endif
+}
+
 // The activation quantization alone (blocks of bs values): (codes int8, scales, -128 * code sums), for tests.
 std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t bs) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && bs > 0 && x.size(1) % bs == 0,
@@ -694,6 +779,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx2", &has_avx2, "whether the AVX2 path was compiled in");
   m.def("int8_linear", &int8_linear, "y = x W^T over int8 weights (q8_0 or w8a8) with activations quantized on the fly");
   m.def("q4_linear", &q4_linear, "y = x W^T over Q4_0 / Q4_1 weights with activations quantized to blocks of 32");
+  m.def("dequantize_t", &dequantize_t, "4-bit or q8_0 weights as a bfloat16 (K, N) matrix W^T (prefill on AMX)");
+  m.def("has_amx", &has_amx, "whether this CPU and OS run AMX tiles (oneDNN's bf16 matmuls use them)");
   m.def("quantize_activations", &quantize_activations, "x -> (int8 codes, per-block scales, -128 * per-block sums)");
 }
 #endif

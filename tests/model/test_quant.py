@@ -325,3 +325,76 @@ def test_q4_model_quality_against_bf16(loaded, text_ids):
     c = compare(ref, prompt_logprobs(q4, text_ids))
     # the embedded file is Q4_1 (its token_embd Q8_0): its own codes come back, so the error is the activations'
     assert c["top1_agreement"] >= 0.95 and c["mean_kl"] < 0.01, c  # 1,024 tokens: 0.981, 0.0028
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+def test_bf16_copy_of_the_weights_is_exact(fmt):
+    """dequantize_t (prefill on AMX) widens the stored codes to W^T in bfloat16: d q + m (4-bit) or d c (q8_0) in
+    float32, rounded once, so it equals the reference dequantization rounded to bf16, bit for bit."""
+    from kvserve.model.quant import pack_q4, quantize_q4, unpack_q4
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    if fmt == "q8_0":
+        q, d = quantize_blocks(w, 32)
+        packed, scales = pack_int8(q, d)
+        q, d = unpack_int8(packed, scales)
+        ref = q.float() * d.repeat_interleave(32, 1)
+    else:
+        packed, scales = pack_q4(*quantize_q4(w, fmt))
+        q, d, m = unpack_q4(packed, scales)
+        ref = q.float() * d.repeat_interleave(32, 1) + m.repeat_interleave(32, 1)
+    wt = mod.dequantize_t(packed, scales)
+    assert wt.dtype == torch.bfloat16 and wt.shape == (96, 48)
+    assert torch.equal(wt, ref.t().bfloat16())
+    with pytest.raises(RuntimeError, match="scales"):
+        mod.dequantize_t(packed, scales.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_prefill_sized_calls_take_bf16_tiles_where_amx_runs(fmt):
+    """From PREFILL_BF16_MIN_TOKENS bf16 tokens on, an AMX machine multiplies by the bf16 copy through oneDNN (the
+    same bits as F.linear on it); below, and with the route switched off, the int8 kernel runs as before."""
+    from kvserve.model.quant import PREFILL_BF16_MIN_TOKENS, Q4Linear
+
+    if not mod.has_amx():
+        pytest.skip("no AMX tiles on this CPU or OS: prefill stays on the int8 kernel (covered above)")
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    bias = torch.randn(64, generator=g).bfloat16()
+    lin = Q4Linear(w, fmt, bias) if fmt.startswith("q4") else Int8Linear(w, fmt, bias)
+    assert lin.prefill_bf16
+    kernel = (lambda x: mod.q4_linear(x, lin.packed, lin.scales, 0)) if fmt.startswith("q4") else \
+        (lambda x: mod.int8_linear(x, lin.packed, lin.scales, 0))
+    x = torch.randn(PREFILL_BF16_MIN_TOKENS, 128, generator=g).bfloat16()
+    y = lin(x)
+    assert torch.equal(y, torch.nn.functional.linear(x, mod.dequantize_t(lin.packed, lin.scales).t(), bias))
+    assert not torch.equal(y, kernel(x) + bias)  # int8 activations round otherwise: the route did change
+    torch.testing.assert_close(y.float(), (kernel(x) + bias).float(), rtol=2 ** -6, atol=2e-2)
+    short = x[:-1]
+    assert torch.equal(lin(short), kernel(short) + bias)
+    lin.prefill_bf16 = False
+    assert torch.equal(lin(x), kernel(x) + bias)
+
+
+def test_q4_prefill_on_bf16_tiles_keeps_quality(loaded, fp32_parts):
+    """A 4-bit model's prompt through the bf16 route (chunks of >= 128 tokens on AMX) against bfloat16 weights: at
+    least as close as the int8 route (no activation rounding; the same 4-bit weights)."""
+    from kvserve.bench.quant_quality import compare, prompt_logprobs
+    from kvserve.model.llama import LlamaModel
+    from kvserve.model.quant import Q4Linear
+
+    _, tok, _ = fp32_parts
+    ids = tok.encode("Movable type changed how books were made, sold and read across Europe. " * 20)[:320]
+    ref = prompt_logprobs(LlamaModel(loaded.config, loaded.weights, torch.bfloat16), ids)
+    q4 = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization="q4_1")
+    layers = [lin for lw in q4.layers for lin in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+    assert all(isinstance(lin, Q4Linear) for lin in layers)
+    route = compare(ref, prompt_logprobs(q4, ids))
+    for lin in layers:
+        lin.prefill_bf16 = False
+    kernel = compare(ref, prompt_logprobs(q4, ids))
+    assert route["top1_agreement"] >= 0.95 and route["mean_kl"] < 0.01, route
+    assert route["mean_kl"] <= kernel["mean_kl"] * 1.25, (route, kernel)
