@@ -7,7 +7,7 @@
 // four kernel files are included below inside their own namespaces, their pybind modules switched off).
 //
 // Linear layers come as (kind, a, b): kind 0 = bfloat16 gemv (a: gemv.cpp's packed weight), kind 1 = int8 (a: packed
-// codes, b: scales), kind 2 = Q4_0/Q4_1 (a: packed nibbles, b: d and m; both quant_gemm.cpp). Only decode batches (one new token per sequence, <= 8 rows with padding) of a
+// codes, b: scales), kind 2 = Q4_0/Q4_1 (a: packed nibbles, b: d and m; both quant_gemm.cpp). Only decode batches (one new token per sequence or verification rows, <= 8 rows) of a
 // bfloat16 model without biases come here; the model checks that before calling.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -79,7 +79,7 @@ class DecodePlan {
   }
 
   // h: (T, hidden) residual stream after the embedding (updated in place); x: layer 0's normed input. Returns h after
-  // the last layer's residual add. The first `num_decodes` rows are real; padding rows attend to nothing (zeros).
+  // the last layer's residual add. Every row is a decode row (the runner pads no decode-only step of <= 8 rows).
   torch::Tensor run(torch::Tensor h, torch::Tensor x, const std::vector<torch::Tensor>& k_caches,
                     const std::vector<torch::Tensor>& v_caches, torch::Tensor positions, torch::Tensor slots,
                     torch::Tensor block_tables, torch::Tensor seq_lens, int64_t num_decodes, torch::Tensor cos,
@@ -89,7 +89,7 @@ class DecodePlan {
                 "one K and one V cache per layer");
     TORCH_CHECK(h.scalar_type() == torch::kBFloat16 && h.is_contiguous() && h.dim() == 2, "h must be bf16 (T, hidden)");
     const int64_t T = h.size(0);
-    TORCH_CHECK(num_decodes >= 1 && num_decodes <= T && T <= kv_gemv::MAX_M, "1..8 decode rows");
+    TORCH_CHECK(num_decodes == T && T >= 1 && T <= kv_gemv::MAX_M, "1..8 decode rows, unpadded");
     const int64_t D = cos.size(1);
     const int64_t qw = H_ * D;
     for (int64_t i = 0; i < L; ++i) {
@@ -97,15 +97,7 @@ class DecodePlan {
       torch::Tensor qkv = apply(lw.qkv, x);  // (T, (H + 2 Hkv) D)
       kv_fused::rope_qkv_write_(qkv, positions, cos, sin, k_caches[i], v_caches[i], slots, H_, Hkv_);
       torch::Tensor q = qkv.narrow(1, 0, qw).view({T, H_, D});
-      torch::Tensor attn;
-      if (num_decodes == T) {
-        attn = kv_attn::paged_decode_attention(q, k_caches[i], v_caches[i], block_tables, seq_lens, scale_);
-      } else {  // padding rows stay zero, as the PyTorch path leaves them
-        attn = torch::zeros({T, H_, D}, h.options());
-        attn.narrow(0, 0, num_decodes)
-            .copy_(kv_attn::paged_decode_attention(q.narrow(0, 0, num_decodes), k_caches[i], v_caches[i],
-                                                   block_tables, seq_lens, scale_));
-      }
+      torch::Tensor attn = kv_attn::paged_decode_attention(q, k_caches[i], v_caches[i], block_tables, seq_lens, scale_);
       torch::Tensor o = apply(lw.o, attn.view({T, qw}));
       x = kv_fused::add_rms_norm_(h, o, lw.post_norm, eps_);
       torch::Tensor mlp = apply(lw.down, kv_fused::silu_mul(apply(lw.gate_up, x)));

@@ -344,7 +344,8 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
 #ifdef KVSERVE_AMX
 // bfloat16 with AMX (Intel Sapphire Rapids and later; Linux grants the tiles, see common.h): q.k and p.v as tile
 // products, so the queries of a run of verification rows (and the G query heads of each) cost one tile operation
-// together rather than one pass each. A work item is one run of rows and one KV head, its queries 16 at a time:
+// together rather than one pass each. A work item is one run of rows and one KV head, its queries 32 at a time
+// (D = 64; 16 for wider heads):
 //   scores[t][j] = K[t] . Q[j]: A = 16 key rows of one 32-wide chunk of the head (read in place, stride = token row),
 //                   B = the chunk of Q transposed into bf16 pairs (built once per item), C = 16 tokens x 16 queries;
 //   out[j][d]    = sum_t p[j][t] V[t][d]: A = the probabilities as bf16 (16 queries x 32 tokens), B = 32 value rows
@@ -359,6 +360,7 @@ void decode_kernel_bf16_amx(const c10::BFloat16* __restrict q, const c10::BFloat
                             int64_t Hkv, int64_t BS, int64_t MB, float scale, float* __restrict sc, int64_t SL) {
   static_assert(D % 64 == 0, "the AMX kernel takes 64 dims per group of output tiles");
   constexpr int NC = D / 32;  // 32-wide chunks of a head for q.k
+  constexpr int QMAX = NC == 2 ? 32 : 16;  // queries per pass: D = 64 leaves tiles for two sets of 16
   const int64_t G = H / Hkv;
   const int64_t row = Hkv * D;
   const int64_t blk = BS * row;
@@ -377,18 +379,19 @@ void decode_kernel_bf16_amx(const c10::BFloat16* __restrict q, const c10::BFloat
                                          _mm512_set1_epi32(16));  // a C tile's column as a gather index
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     kvserve::TileScope tiles;
-    alignas(64) uint32_t qt[NC][16][16];  // Q chunk c transposed: [pair k][query j] = dims 32c + 2k, 32c + 2k + 1
-    alignas(64) float ct[16][16];        // a q.k tile: [token][query]
-    alignas(64) float ot[4][16][16];     // the p.v tiles of 64 dims: [dims / 16][query][dim % 16]
-    alignas(64) __m512i vt[4][16];       // value rows of 32 tokens interleaved in pairs, per 16 dims
+    alignas(64) uint32_t qt[2][NC][16][16];  // Q transposed, per 16 queries and 32-wide chunk c: [pair k][query]
+    alignas(64) float ct[2][16][16];         // q.k tiles: [token][query], per 16 queries
+    alignas(64) float ot[4][16][16];         // the p.v tiles of 64 dims: [dims / 16][query][dim % 16]
+    std::vector<__m512i> vt;                 // value rows interleaved in token pairs: [32 tokens][16 dims][pair]
     std::vector<float> scores;
     std::vector<c10::BFloat16> pb;
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t ri = idx / Hkv, h = idx % Hkv;
       const int64_t b0 = runs[ri], n = runs[ri + 1] - b0;
       const int64_t* table = tables + (b0 + n - 1) * MB;  // the run's last table covers every row's blocks
-      for (int64_t j0 = 0; j0 < n * G; j0 += 16) {
-        const int64_t nq = std::min<int64_t>(16, n * G - j0);
+      for (int64_t j0 = 0; j0 < n * G; j0 += QMAX) {
+        const int64_t nq = std::min<int64_t>(QMAX, n * G - j0);
+        const int halves = static_cast<int>((nq + 15) / 16);
         const int64_t L = lens[b0 + (j0 + nq - 1) / G];  // the chunk's longest row: its last
         if (L <= 0) continue;
         const int64_t Lp = (L + 31) / 32 * 32;
@@ -397,14 +400,18 @@ void decode_kernel_bf16_amx(const c10::BFloat16* __restrict q, const c10::BFloat
           const int64_t qj = j0 + j;
           const uint32_t* qrow = reinterpret_cast<const uint32_t*>(q + ((b0 + qj / G) * H + h * G + qj % G) * D);
           for (int c = 0; c < NC; ++c)
-            for (int k = 0; k < 16; ++k) qt[c][k][j] = qrow[c * 16 + k];
+            for (int k = 0; k < 16; ++k) qt[j / 16][c][k][j % 16] = qrow[c * 16 + k];
         }
         scores.resize(nq * L);
-        // 16 tokens per step; D = 64 keeps both halves of Q in tiles 5 and 6 for the whole item, and the steps
-        // alternate between C tiles 0 and 1 so one step's sums need not wait for the last one's store
+        // 16 tokens per step. D = 64 keeps Q in tiles (2, 3: queries 0-15; 5, 6: 16-31) for the whole chunk; with
+        // one half, steps alternate between C tiles 0 and 1 so one step's sums need not wait for the last store
         if constexpr (NC == 2) {
-          _tile_loadd(5, qt[0], 64);
-          _tile_loadd(6, qt[1], 64);
+          _tile_loadd(2, qt[0][0], 64);
+          _tile_loadd(3, qt[0][1], 64);
+          if (halves == 2) {
+            _tile_loadd(5, qt[1][0], 64);
+            _tile_loadd(6, qt[1][1], 64);
+          }
         }
         const int64_t steps = (L + 15) / 16;
         for (int64_t si = 0; si < steps; ++si) {
@@ -420,33 +427,43 @@ void decode_kernel_bf16_amx(const c10::BFloat16* __restrict q, const c10::BFloat
           if constexpr (NC == 2) {
             _tile_loadd(4, kb, row * 2);
             _tile_loadd(7, kb + 32, row * 2);
-            if (si % 2 == 0) {
+            if (halves == 2) {
               _tile_zero(0);
-              _tile_dpbf16ps(0, 4, 5);
-              _tile_dpbf16ps(0, 7, 6);
-              _tile_stored(0, ct, 64);
-            } else {
               _tile_zero(1);
+              _tile_dpbf16ps(0, 4, 2);
+              _tile_dpbf16ps(0, 7, 3);
               _tile_dpbf16ps(1, 4, 5);
               _tile_dpbf16ps(1, 7, 6);
-              _tile_stored(1, ct, 64);
+              _tile_stored(0, ct[0], 64);
+              _tile_stored(1, ct[1], 64);
+            } else if (si % 2 == 0) {
+              _tile_zero(0);
+              _tile_dpbf16ps(0, 4, 2);
+              _tile_dpbf16ps(0, 7, 3);
+              _tile_stored(0, ct[0], 64);
+            } else {
+              _tile_zero(1);
+              _tile_dpbf16ps(1, 4, 2);
+              _tile_dpbf16ps(1, 7, 3);
+              _tile_stored(1, ct[0], 64);
             }
           } else {
             _tile_zero(0);
             for (int c = 0; c < NC; ++c) {
               _tile_loadd(4, kb + c * 32, row * 2);
-              _tile_loadd(5, qt[c], 64);
+              _tile_loadd(5, qt[0][c], 64);
               _tile_dpbf16ps(0, 4, 5);
             }
-            _tile_stored(0, ct, 64);
+            _tile_stored(0, ct[0], 64);
           }
           const int64_t tn = std::min<int64_t>(16, L - t0);
           const __mmask16 m = tn == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tn) - 1);
           for (int64_t j = 0; j < nq; ++j)
             _mm512_mask_storeu_ps(scores.data() + j * L + t0, m,
-                                  _mm512_mul_ps(_mm512_i32gather_ps(col, &ct[0][j], 4), _mm512_set1_ps(scale)));
+                                  _mm512_mul_ps(_mm512_i32gather_ps(col, &ct[j / 16][0][j % 16], 4),
+                                                _mm512_set1_ps(scale)));
         }
-        pb.assign(16 * Lp, c10::BFloat16(0.f));
+        pb.assign(16 * halves * Lp, c10::BFloat16(0.f));
         for (int64_t j = 0; j < nq; ++j) {
           const int64_t b = b0 + (j0 + j) / G, Lj = lens[b];
           float* s = scores.data() + j * L;
@@ -464,50 +481,56 @@ void decode_kernel_bf16_amx(const c10::BFloat16* __restrict q, const c10::BFloat
             _mm256_mask_storeu_epi16(pj + t, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + t)));
           }
         }
+        vt.resize(Lp / 2 * 4);  // Lp / 32 steps x 4 tiles x 16 rows
         for (int64_t dg = 0; dg < D; dg += 64) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-          for (int64_t t0 = 0; t0 < L; t0 += 32) {
-            for (int k = 0; k < 16; ++k) {
-              __m512i a[2], b[2];
-              for (int e = 0; e < 2; ++e) {  // tokens t0 + 2k (a) and t0 + 2k + 1 (b): zeros past the context
-                const int64_t t = t0 + 2 * k + e;
-                __m512i* dst = e == 0 ? a : b;
-                if (t < L) {
-                  const c10::BFloat16* v = v_cache + table[t / BS] * blk + (t % BS) * row + h * D + dg;
-                  dst[0] = _mm512_loadu_si512(v);
-                  dst[1] = _mm512_loadu_si512(v + 32);
-                } else {
-                  dst[0] = dst[1] = _mm512_setzero_si512();
+          for (int half = 0; half < halves; ++half) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t t0 = 0; t0 < L; t0 += 32) {
+              __m512i* vs = vt.data() + t0 / 32 * 64;  // this step's four B tiles
+              if (half == 0) {  // built once, reused by the second half's queries
+                for (int k = 0; k < 16; ++k) {
+                  __m512i a[2], b[2];
+                  for (int e = 0; e < 2; ++e) {  // tokens t0 + 2k (a) and t0 + 2k + 1 (b): zeros past the context
+                    const int64_t t = t0 + 2 * k + e;
+                    __m512i* dst = e == 0 ? a : b;
+                    if (t < L) {
+                      const c10::BFloat16* v = v_cache + table[t / BS] * blk + (t % BS) * row + h * D + dg;
+                      dst[0] = _mm512_loadu_si512(v);
+                      dst[1] = _mm512_loadu_si512(v + 32);
+                    } else {
+                      dst[0] = dst[1] = _mm512_setzero_si512();
+                    }
+                  }
+                  vs[k] = _mm512_permutex2var_epi16(a[0], lo_idx, b[0]);
+                  vs[16 + k] = _mm512_permutex2var_epi16(a[0], hi_idx, b[0]);
+                  vs[32 + k] = _mm512_permutex2var_epi16(a[1], lo_idx, b[1]);
+                  vs[48 + k] = _mm512_permutex2var_epi16(a[1], hi_idx, b[1]);
                 }
               }
-              vt[0][k] = _mm512_permutex2var_epi16(a[0], lo_idx, b[0]);
-              vt[1][k] = _mm512_permutex2var_epi16(a[0], hi_idx, b[0]);
-              vt[2][k] = _mm512_permutex2var_epi16(a[1], lo_idx, b[1]);
-              vt[3][k] = _mm512_permutex2var_epi16(a[1], hi_idx, b[1]);
+              _tile_loadd(4, pb.data() + half * 16 * Lp + t0, Lp * 2);
+              _tile_loadd(5, vs, 64);
+              _tile_dpbf16ps(0, 4, 5);
+              _tile_loadd(5, vs + 16, 64);
+              _tile_dpbf16ps(1, 4, 5);
+              _tile_loadd(5, vs + 32, 64);
+              _tile_dpbf16ps(2, 4, 5);
+              _tile_loadd(5, vs + 48, 64);
+              _tile_dpbf16ps(3, 4, 5);
             }
-            _tile_loadd(4, pb.data() + t0, Lp * 2);
-            _tile_loadd(5, vt[0], 64);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(5, vt[1], 64);
-            _tile_dpbf16ps(1, 4, 5);
-            _tile_loadd(5, vt[2], 64);
-            _tile_dpbf16ps(2, 4, 5);
-            _tile_loadd(5, vt[3], 64);
-            _tile_dpbf16ps(3, 4, 5);
-          }
-          _tile_stored(0, ot[0], 64);
-          _tile_stored(1, ot[1], 64);
-          _tile_stored(2, ot[2], 64);
-          _tile_stored(3, ot[3], 64);
-          for (int64_t j = 0; j < nq; ++j) {
-            const int64_t qj = j0 + j;
-            c10::BFloat16* o = out + ((b0 + qj / G) * H + h * G + qj % G) * D + dg;
-            for (int e = 0; e < 4; ++e)
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + e * 16),
-                                  (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(ot[e][j])));
+            _tile_stored(0, ot[0], 64);
+            _tile_stored(1, ot[1], 64);
+            _tile_stored(2, ot[2], 64);
+            _tile_stored(3, ot[3], 64);
+            for (int64_t j = half * 16; j < std::min<int64_t>(nq, half * 16 + 16); ++j) {
+              const int64_t qj = j0 + j;
+              c10::BFloat16* o = out + ((b0 + qj / G) * H + h * G + qj % G) * D + dg;
+              for (int e = 0; e < 4; ++e)
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + e * 16),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(ot[e][j % 16])));
+            }
           }
         }
       }

@@ -159,7 +159,7 @@ class LlamaModel:
         x = ops.rms_norm(h, self.layers[0].input_norm, c.rms_norm_eps)
         # fewer KV caches than layers: an early exit through the first layers (layer-skip drafting), then the norm;
         # eviction scores come from the per-layer attention calls below
-        if (self.decode_plan is not None and not batch.prefills and batch.num_decodes and t <= GEMV_MAX_TOKENS
+        if (self.decode_plan is not None and not batch.prefills and batch.num_decodes == t <= GEMV_MAX_TOKENS
                 and h.dtype == torch.bfloat16 and len(kv_caches) == len(self.layers)
                 and batch.decode_scores is None and batch.decode_key_spans is None):  # one native call
             h = self.decode_plan.run(h, x, [k for k, _ in kv_caches], [v for _, v in kv_caches], batch.positions,

@@ -48,7 +48,8 @@ class SpecStats:
 
 class StepCostModel:
     """Seconds per forward pass, learnt from the engine's steps: base(tokens) + per_kv x attended, where `tokens` is
-    bucketed by powers of two and `attended` is the KV the step's rows read (the sum over rows of the tokens each
+    bucketed (each size up to EXACT_TOKENS, where the runner pads nothing, then powers of two, as it pads) and
+    `attended` is the KV the step's rows read (the sum over rows of the tokens each
     attends to). Without the attention term one bucket's price would be the context of whichever requests happened
     to run at that size: on SmolLM2 a verification row at 2k tokens of context costs about as much attention as a
     third of the one-token step's matmuls, so a bucket measured at long contexts looked too dear to draft into at
@@ -66,9 +67,11 @@ class StepCostModel:
         self._recent: dict[int, deque[tuple[int, float]]] = {}  # bucket -> (attended, seconds)
         self._observed = 0
 
+    EXACT_TOKENS = 8  # decode rows alone up to GEMV_MAX_TOKENS run unpadded (ModelRunner.build_batch)
+
     @staticmethod
     def bucket(n: int) -> int:
-        return 1 << max(n - 1, 0).bit_length()
+        return max(n, 1) if n <= StepCostModel.EXACT_TOKENS else 1 << (n - 1).bit_length()
 
     def observe(self, num_tokens: int, seconds: float, attended: int = 0) -> None:
         if num_tokens <= 0 or seconds <= 0:
@@ -98,16 +101,22 @@ class StepCostModel:
         self.base[b] = max(statistics.median(s - self.per_kv * a for a, s in self._recent[b]), 0.0)
 
     def cost(self, num_tokens: int, attended: int = 0) -> float | None:
-        """Predicted seconds of a step of `num_tokens` reading `attended` KV tokens: the bucket's base, else the
-        largest measured bucket's below it (optimistic, so an unmeasured size gets tried once and measured), plus
-        the attention; None before any step."""
+        """Predicted seconds of a step of `num_tokens` reading `attended` KV tokens: the bucket's base; else, between
+        two measured buckets, the straight line through them; else the largest measured bucket's below it
+        (optimistic, so an unmeasured size gets tried once and measured); plus the attention. None before any
+        step."""
         b = self.bucket(num_tokens)
         base = self.base.get(b)
         if base is None:
             below = [k for k in self.base if k < b]
             if not below:
                 return None
-            base = self.base[max(below)]
+            lo = max(below)
+            above = [k for k in self.base if k > b]
+            base = self.base[lo]
+            if above:
+                hi = min(above)
+                base += (self.base[hi] - base) * (b - lo) / (hi - lo)
         return base + self.per_kv * attended
 
     def curve(self) -> dict[int, float]:

@@ -108,7 +108,9 @@ class ModelRunner:
             kv = range(s.kv_start, s.kv_start + s.num_new_tokens)
             slots.extend(s.block_ids[i // bs] * bs + i % bs for i in kv)
         num_real = len(ids)
-        padded = self.padded_size(num_real)
+        # decode rows alone, up to GEMV_MAX_TOKENS, run on kvserve's own kernels (gemv, int8/4-bit, the decode
+        # plan), which need no shape buckets: padding 5 verification rows to 8 cost as much as 3 more rows
+        padded = num_real if not prefills and num_real <= GEMV_MAX_TOKENS else self.padded_size(num_real)
         pad = padded - num_real
         ids.extend([0] * pad)
         positions.extend([0] * pad)

@@ -42,7 +42,7 @@ def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quan
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
 
     def run():
-        # three sequences (a decode batch of 3, padded to 4: the padding row goes through the plan too) and one
+        # three sequences (a decode batch of 3, run unpadded) and one
         outs = llm.generate(prompts, params, use_tqdm=False) + llm.generate(prompts[:1], params, use_tqdm=False)
         return [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
                                                                       o.outputs[0].token_ids)]) for o in outs]

@@ -157,6 +157,10 @@ def test_step_cost_backs_off_when_compute_bound():
     for _ in range(model.window):  # a lasting change does, once it is most of the window
         model.observe(4, 0.02)
     assert model.cost(4) == 0.02
+    model.observe(8, 0.04)  # up to 8 tokens every size is its own price (no padding there); past 8, powers of two
+    assert model.cost(6) == pytest.approx(0.03) and model.cost(5) == pytest.approx(0.025)
+    model.observe(5, 0.021)
+    assert model.cost(5) == 0.021 and model.cost(8) == 0.04 and model.cost(12) == 0.04
 
 
 def test_step_cost_counts_the_context_each_row_reads():
@@ -174,7 +178,8 @@ def test_step_cost_counts_the_context_each_row_reads():
     model = StepCostModel()
     observed(model, model.observe)
     assert model.per_kv == pytest.approx(per_kv)
-    assert model.cost(3, 3 * 500) == pytest.approx(base[4] + per_kv * 1500)
+    # 3 tokens unmeasured: on the line between the 2- and 4-token bases (sizes up to 8 run unpadded)
+    assert model.cost(3, 3 * 500) == pytest.approx((base[2] + base[4]) / 2 + per_kv * 1500)
     assert model.cost(1, 1000) == pytest.approx(base[1] + per_kv * 1000)
 
     dec = SpecDecoder(SpeculativeConfig("ngram", num_speculative_tokens=4))
@@ -184,6 +189,6 @@ def test_step_cost_counts_the_context_each_row_reads():
     for r in (short, long):
         dec.add(r.request_id, None, "default", None)
     dec.propose([short], 0)
-    assert len(short.spec_token_ids) == 3  # 4 tokens cost 9 ms, a fifth moves the step into the 12 ms bucket
+    assert len(short.spec_token_ids) == 3  # 4 tokens cost 9 ms; a fifth adds 0.75 ms (on the line to 8 tokens' 12)
     dec.propose([long], 0)
     assert long.spec_token_ids == []
