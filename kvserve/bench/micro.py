@@ -5,6 +5,7 @@
     python -m kvserve.bench.micro --digests                                           # KV store entry digests
     python -m kvserve.bench.micro --verify-shapes 4x512,8x2048   # one sequence's speculative verification rows
     python -m kvserve.bench.micro --fused-tokens 1,4,64,2048     # one layer's elementwise ops only
+    python -m kvserve.bench.micro --prefill                      # prefill attention only
 
 1. decode attention over the paged KV cache: PyTorch gather + einsum vs the native in-place kernel;
 2. prefill attention of one fresh prompt and of a chunk over a cached prefix: SDPA (as kvserve calls it without
@@ -97,7 +98,7 @@ def bench_digests(tokens: int = 256) -> list[tuple[str, float]]:
 
 
 def bench_prefill_attention() -> list[tuple[str, float]]:
-    from kvserve.kernels import prefill_attention_kernel
+    from kvserve.kernels import load, prefill_attention_kernel
     from kvserve.model.attention import prefill_attention
     from kvserve.model.batch import PrefillSeq
 
@@ -117,8 +118,18 @@ def bench_prefill_attention() -> list[tuple[str, float]]:
         out = torch.zeros(n, h, d, dtype=torch.bfloat16)
         label = f"prefill attention bf16, {n} tokens after {ctx_start} cached"
         rows.append((f"{label}: SDPA", timeit(lambda: prefill_attention(q, k, v, kc, vc, seq, 0.125), 10)))
-        if native is not None:
-            rows.append((f"{label}: native paged kernel", timeit(lambda: native(q, kc, vc, *chunk, out, 0.125), 10)))
+        if native is None:
+            continue
+        attn = load("paged_attention")
+        amx = attn is not None and attn.amx_enabled()
+        if amx:  # on AMX the engine declines the kernel for plain chunks and runs SDPA: time the kernel anyway
+            attn.set_amx(False)
+        try:
+            rows.append((f"{label}: native paged kernel" + (" (the engine runs SDPA here: AMX)" if amx else ""),
+                         timeit(lambda: native(q, kc, vc, *chunk, out, 0.125), 10)))
+        finally:
+            if amx:
+                attn.set_amx(True)
     return rows
 
 
@@ -177,6 +188,7 @@ def main() -> None:
     ap.add_argument("--digests", action="store_true", help="only the KV store's entry digests")
     ap.add_argument("--verify-shapes", default=None, metavar="NxCTX,...",
                     help="only one sequence's N speculative verification rows at context CTX (e.g. 4x512,8x2048)")
+    ap.add_argument("--prefill", action="store_true", help="only prefill attention (AMX and AVX-512 side by side)")
     ap.add_argument("--fused-tokens", default=None, metavar="T,...",
                     help="only one layer's elementwise ops, at these token counts (e.g. 1,4,64)")
     args = ap.parse_args()
@@ -187,6 +199,8 @@ def main() -> None:
     elif args.verify_shapes:
         rows = [r for shape in args.verify_shapes.split(",")
                 for r in bench_verify_rows(*(int(x) for x in shape.lower().split("x")))]
+    elif args.prefill:
+        rows = bench_prefill_attention()
     elif args.fused_tokens:
         rows = [r for t in args.fused_tokens.split(",") for r in bench_fused_ops(int(t))]
     elif args.decode_shapes:

@@ -87,18 +87,24 @@ def prefill_attention_kernel():
     fn(q (T, H, D), k_cache, v_cache (NB, BS, Hkv, D), token_starts, num_tokens, ctx_starts (S,) int64,
     block_tables (S, MB) int64, out (T, H, D), scale, q_positions=None) attends every chunk in one call, writing its
     rows of out, and returns True; it returns False (out untouched) for a dtype, head_dim or head layout it does not
-    cover. `q_positions` (T,) int64: each row sees the keys up to its own position instead of its place in the chunk
-    (ascending within a chunk, below ctx_start + num_tokens): CacheBlend's scattered recomputed tokens."""
+    cover, and for plain chunks where AMX runs (PyTorch's SDPA is faster there). `q_positions` (T,) int64: each row
+    sees the keys up to its own position instead of its place in the chunk (ascending within a chunk, below
+    ctx_start + num_tokens): CacheBlend's scattered recomputed tokens."""
     mod = load("prefill_attention")
     if mod is None:
         return None
     import torch
 
     empty = torch.empty(0, dtype=torch.long)
+    attn = load("paged_attention")
 
     def prefill(q, k_cache, v_cache, token_starts, num_tokens, ctx_starts, block_tables, out, scale,
                 q_positions=None) -> bool:
         heads, kv_heads = q.shape[1], k_cache.shape[2]
+        if q_positions is None and attn is not None and attn.amx_enabled():
+            # AMX: PyTorch's SDPA (oneDNN's bf16 tiles) measured 1.5-3x faster than this kernel on fresh prompts
+            # and on chunks over a cached prefix (`python -m kvserve.bench.micro --prefill`); the caller falls back
+            return False
         if (q.dtype != torch.bfloat16 or not mod.supported(q.shape[-1], k_cache.shape[1])
                 or heads // kv_heads > 16 or kv_heads >= 256):  # the kernel's per-item row and head limits
             return False

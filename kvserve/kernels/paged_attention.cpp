@@ -375,8 +375,6 @@ void decode_kernel_bf16_amx(const c10::BFloat16* __restrict q, const c10::BFloat
     }
     lo_idx = _mm512_load_si512(lo), hi_idx = _mm512_load_si512(hi);
   }
-  const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(16));  // a C tile's column as a gather index
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     kvserve::TileScope tiles;
     alignas(64) uint32_t qt[2][NC][16][16];  // Q transposed, per 16 queries and 32-wide chunk c: [pair k][query]
@@ -458,10 +456,14 @@ void decode_kernel_bf16_amx(const c10::BFloat16* __restrict q, const c10::BFloat
           }
           const int64_t tn = std::min<int64_t>(16, L - t0);
           const __mmask16 m = tn == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << tn) - 1);
-          for (int64_t j = 0; j < nq; ++j)
-            _mm512_mask_storeu_ps(scores.data() + j * L + t0, m,
-                                  _mm512_mul_ps(_mm512_i32gather_ps(col, &ct[j / 16][0][j % 16], 4),
-                                                _mm512_set1_ps(scale)));
+          for (int half = 0; half < halves; ++half) {  // [token][query] -> each query's 16 scores
+            __m512i r[16];
+            for (int t = 0; t < 16; ++t) r[t] = _mm512_load_si512(ct[half][t]);
+            kvserve::transpose16(r);
+            for (int64_t j = half * 16; j < std::min<int64_t>(nq, half * 16 + 16); ++j)
+              _mm512_mask_storeu_ps(scores.data() + j * L + t0, m,
+                                    _mm512_mul_ps(_mm512_castsi512_ps(r[j % 16]), _mm512_set1_ps(scale)));
+          }
         }
         pb.assign(16 * halves * Lp, c10::BFloat16(0.f));
         for (int64_t j = 0; j < nq; ++j) {
@@ -617,6 +619,14 @@ bool amx_available() {
 #endif
 }
 
+bool amx_enabled() {
+#ifdef KVSERVE_AMX
+  return kvserve::amx_enabled();
+#else
+  return false;
+#endif
+}
+
 void set_amx(bool on) {
 #ifdef KVSERVE_AMX
   kvserve::amx_switch().store(on);
@@ -629,6 +639,7 @@ void set_amx(bool on) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether the AMX path is compiled in and the OS grants the tiles");
   m.def("set_amx", &set_amx, "turn the AMX path on or off in this module (tests compare it with AVX-512)");
+  m.def("amx_enabled", &amx_enabled, "whether the AMX path runs now (available and not switched off)");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
         pybind11::arg("seq_lens"), pybind11::arg("scale"), pybind11::arg("scores") = pybind11::none());

@@ -172,8 +172,17 @@ def test_fused_rope_rejects_bad_slots_and_positions(op_pair):
             nat.rope_qkv_write_(qkv, batch, None, caches[0], caches[1], 9, 3)
 
 
+@pytest.fixture
+def without_amx():
+    """The AVX-512 paths even where AMX runs (on AMX the prefill kernel declines plain chunks: SDPA is faster)."""
+    mod = load("paged_attention")
+    mod.set_amx(False)
+    yield
+    mod.set_amx(True)
+
+
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 4, 2)])
-def test_native_prefill_attention_matches_sdpa(head_dim, heads, kv_heads):
+def test_native_prefill_attention_matches_sdpa(head_dim, heads, kv_heads, without_amx):
     """Fresh prompts and chunks over a cached prefix, all in one call, against SDPA on the gathered float32 KV."""
     fn = prefill_attention_kernel()
     assert fn is not None, "the C++ kernel should build on this machine (g++ + ninja)"
@@ -235,8 +244,10 @@ def test_scattered_queries_match_sdpa(m):
             native.scattered(q, kc, vc, blocks, rows.flip(0), d ** -0.5)
 
 
-def test_native_prefill_attention_declines_what_it_does_not_cover():
-    """float32 (the parity path) and layouts outside the kernel go to SDPA: the function says no, writes nothing."""
+def test_native_prefill_attention_declines_what_it_does_not_cover(without_amx):
+    """float32 (the parity path) and layouts outside the kernel go to SDPA: the function says no, writes nothing.
+    So do plain chunks where AMX runs (PyTorch's SDPA runs on oneDNN's tiles there and is faster); CacheBlend's
+    scattered rows (q_positions) stay on the kernel."""
     fn = prefill_attention_kernel()
     one_chunk = (torch.tensor([0]), torch.tensor([4]), torch.tensor([0]), torch.tensor([[0]]))
     for dtype, heads, kv_heads, d in ((torch.float32, 9, 3, 64), (torch.bfloat16, 32, 1, 64),
@@ -246,6 +257,16 @@ def test_native_prefill_attention_declines_what_it_does_not_cover():
         out = torch.zeros_like(q)
         assert fn(q, cache, cache, *one_chunk, out, 0.125) is False
         assert out.abs().sum() == 0
+    mod = load("paged_attention")
+    if mod.amx_available():
+        q = torch.ones(4, 9, 64, dtype=torch.bfloat16)
+        cache = torch.ones(4, 16, 3, 64, dtype=torch.bfloat16)
+        out = torch.zeros_like(q)
+        assert fn(q, cache, cache, *one_chunk, out, 0.125) is True  # AMX switched off (the fixture): the kernel
+        mod.set_amx(True)
+        out.zero_()
+        assert fn(q, cache, cache, *one_chunk, out, 0.125) is False and out.abs().sum() == 0
+        assert fn(q, cache, cache, *one_chunk, out, 0.125, torch.arange(4)) is True
 
 
 @pytest.mark.parametrize("dtype,head_dim,tol", [(torch.float32, 48, 0.0), (torch.bfloat16, 64, 2e-2)])
