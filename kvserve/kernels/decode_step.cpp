@@ -7,8 +7,9 @@
 // four kernel files are included below inside their own namespaces, their pybind modules switched off).
 //
 // Linear layers come as (kind, a, b): kind 0 = bfloat16 gemv (a: gemv.cpp's packed weight), kind 1 = int8 (a: packed
-// codes, b: scales), kind 2 = Q4_0/Q4_1 (a: packed nibbles, b: d and m; both quant_gemm.cpp). Only decode batches (one new token per sequence or verification rows, <= 8 rows) of a
-// bfloat16 model without biases come here; the model checks that before calling.
+// codes, b: scales), kind 2 = Q4_0/Q4_1 (a: packed nibbles, b: d and m; both quant_gemm.cpp). Only decode batches
+// (one new token per sequence, or verification rows; <= 8 rows, unpadded) of a bfloat16 model without biases come
+// here; the model checks that before calling.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

@@ -477,7 +477,8 @@ void decode_kernel_bf16_amx(const c10::BFloat16* __restrict q, const c10::BFloat
           c10::BFloat16* pj = pb.data() + j * Lp;
           int64_t t = 0;
           for (; t + 16 <= Lj; t += 16)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pj + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(pj + t),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t)));
           if (t < Lj) {
             const __mmask16 m = static_cast<__mmask16>((1u << (Lj - t)) - 1);
             _mm256_mask_storeu_epi16(pj + t, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + t)));

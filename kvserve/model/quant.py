@@ -196,8 +196,12 @@ def can_quantize(weight: torch.Tensor, fmt: str = "q8_0") -> bool:
     return n % NR == 0 and k % QK == 0 and (fmt != "w8a8" or k <= 65536)
 
 
-def _prefill_sized(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and x.shape[0] >= PREFILL_BF16_MIN_TOKENS
+def _bf16_route(lin: Int8Linear | Q4Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """A prefill-sized bf16 call through a per-call bf16 copy of W and oneDNN, where AMX makes that pay; else None."""
+    if lin.prefill_bf16 and x.dtype == torch.bfloat16 and x.shape[0] >= PREFILL_BF16_MIN_TOKENS \
+            and lin.path == KERNEL_PATHS["best"]:
+        return F.linear(x, lin.mod.dequantize_t(lin.packed, lin.scales).t(), lin.bias)  # (K, N) -> W
+    return None
 
 
 class Int8Linear:
@@ -222,15 +226,14 @@ class Int8Linear:
         self.mod = kernels.quant_gemm_module() if native else None
         self.path = KERNEL_PATHS["best"]  # benchmarks force the others
         self.packed, self.scales = pack_int8(q, d)
-        # prefill-sized bf16 calls through a per-call bf16 copy of W and oneDNN, where AMX makes that pay (q8_0's
-        # block scales only: w8a8 is the format chosen for int8 speed)
+        # the bf16 route of prefill-sized calls (_bf16_route), q8_0 only: w8a8 is the format chosen for int8 speed
         self.prefill_bf16 = fmt == "q8_0" and self.mod is not None and self.mod.has_amx()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x (T, K) -> (T, N) in x's dtype
         x = x.contiguous()
-        if self.prefill_bf16 and _prefill_sized(x) and self.path == KERNEL_PATHS["best"]:
-            return F.linear(x, self.mod.dequantize_t(self.packed, self.scales).t(), self.bias)  # (K, N) -> W
+        if (y := _bf16_route(self, x)) is not None:
+            return y
         if self.mod is not None and x.dtype in (torch.bfloat16, torch.float32):
             y = self.mod.int8_linear(x, self.packed, self.scales, self.path)
         else:
@@ -332,13 +335,12 @@ class Q4Linear:
         else:
             codes = quantize_q4(as_float(weight), "q4_1" if fmt == "q4_k" else fmt)
         self.packed, self.scales = pack_q4(*codes)  # scales: dm, d and m per block
-        # prefill-sized bf16 calls through a per-call bf16 copy of W and oneDNN, where AMX makes that pay
-        self.prefill_bf16 = self.mod is not None and self.mod.has_amx()
+        self.prefill_bf16 = self.mod is not None and self.mod.has_amx()  # the bf16 route (_bf16_route)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        if self.prefill_bf16 and _prefill_sized(x) and self.path == KERNEL_PATHS["best"]:
-            return F.linear(x, self.mod.dequantize_t(self.packed, self.scales).t(), self.bias)  # (K, N) -> W
+        if (y := _bf16_route(self, x)) is not None:
+            return y
         if self.mod is not None and x.dtype in (torch.bfloat16, torch.float32):
             y = self.mod.q4_linear(x, self.packed, self.scales, self.path)
         else:
