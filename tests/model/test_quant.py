@@ -384,17 +384,19 @@ def test_q4_prefill_on_bf16_tiles_keeps_quality(loaded, fp32_parts):
     least as close as the int8 route (no activation rounding; the same 4-bit weights)."""
     from kvserve.bench.quant_quality import compare, prompt_logprobs
     from kvserve.model.llama import LlamaModel
-    from kvserve.model.quant import Q4Linear
 
     _, tok, _ = fp32_parts
     ids = tok.encode("Movable type changed how books were made, sold and read across Europe. " * 20)[:320]
     ref = prompt_logprobs(LlamaModel(loaded.config, loaded.weights, torch.bfloat16), ids)
     q4 = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization="q4_1")
     layers = [lin for lw in q4.layers for lin in (lw.qkv, lw.o, lw.gate_up, lw.down)]
-    assert all(isinstance(lin, Q4Linear) for lin in layers)
-    route = compare(ref, prompt_logprobs(q4, ids))
+    assert all(lin.prefill_bf16 == mod.has_amx() for lin in layers)  # the route is on exactly where AMX runs
+    route_lp = prompt_logprobs(q4, ids)
     for lin in layers:
         lin.prefill_bf16 = False
-    kernel = compare(ref, prompt_logprobs(q4, ids))
+    kernel_lp = prompt_logprobs(q4, ids)
+    if mod.has_amx():  # the prompt did take the bf16 route: the int8 kernel rounds activations otherwise
+        assert not torch.equal(route_lp, kernel_lp)
+    route, kernel = compare(ref, route_lp), compare(ref, kernel_lp)
     assert route["top1_agreement"] >= 0.95 and route["mean_kl"] < 0.01, route
     assert route["mean_kl"] <= kernel["mean_kl"] * 1.25, (route, kernel)
