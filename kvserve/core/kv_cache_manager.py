@@ -160,6 +160,10 @@ class KVCacheManager:
             self._num_cached_blocks[request.request_id] = len(blocks) + len(new_computed_blocks)
         return new_blocks
 
+    def num_free_slots_held(self, request: Request) -> int:
+        """KV slots in the request's blocks past its KV tokens: what it can write without a new block."""
+        return len(self.req_blocks.get(request.request_id, ())) * self.block_size - request.num_kv_tokens
+
     def trim(self, request: Request, num_tokens: int) -> None:
         """Free the request's blocks past its first `num_tokens` KV slots (slots of rejected speculative drafts).
         Such blocks hold no accepted token, so none was cached; freed tail first."""

@@ -6,6 +6,7 @@ running decodes their token first, then unfinished prefills a chunk, then admits
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -257,6 +258,7 @@ class Scheduler:
         # 1) running requests: decodes first (a long prefill never delays them), then unfinished prefills.
         order = [r for r in self.running if not r.in_prefill] + [r for r in self.running if r.in_prefill]
         spec: dict[str, list[int]] = {}
+        pending_drafts: list[tuple[Request, list[int]]] = []
         for req in order:
             if req.status != RequestStatus.RUNNING or budget <= 0:
                 continue
@@ -265,13 +267,8 @@ class Scheduler:
                 continue
             if req.spec_token_ids:
                 drafts, req.spec_token_ids = req.spec_token_ids, []
-                if n == 1:  # drafts verify only after the last token, within the budget; never at a preemption's cost
-                    drafts = drafts[:min(budget - 1, req.max_tokens - req.num_output_tokens - 1)]
-                    if drafts and self.kv.allocate_slots(req, 1 + len(drafts)) is not None:
-                        spec[req.request_id] = drafts
-                        num_new[req.request_id] = 1 + len(drafts)
-                        budget -= 1 + len(drafts)
-                        continue
+                if n == 1:  # drafts verify only after the last token; they get their budget in step 3
+                    pending_drafts.append((req, drafts))
             while self.kv.allocate_slots(req, n) is None:
                 if self.pins.release_oldest():
                     continue  # idle sessions' pins go before any running request is preempted
@@ -329,6 +326,21 @@ class Scheduler:
         for req in reversed(deferred):  # back in their places, ahead of everything they were ahead of
             self.waiting.add_front(req)
 
+        # 3) speculative drafts: only with the tokens and free blocks that prefills and admissions left over, so a
+        # draft never delays a prompt (nor preempts anything); a request whose drafts do not all fit verifies fewer.
+        for req, drafts in pending_drafts:
+            if budget <= 0:
+                break
+            if num_new.get(req.request_id) != 1 or req.status != RequestStatus.RUNNING:
+                continue  # preempted (or ended) after its decode was scheduled
+            drafts = drafts[:min(budget, req.max_tokens - req.num_output_tokens - 1)]
+            if drafts and self.kv.allocate_slots(req, 1 + len(drafts)) is None:
+                drafts = drafts[:self.kv.num_free_slots_held(req) - 1]  # what its own blocks still hold
+            if drafts:
+                spec[req.request_id] = drafts
+                num_new[req.request_id] = 1 + len(drafts)
+                budget -= len(drafts)
+
         scheduled = []
         for req in self.running:
             n = num_new.get(req.request_id)
@@ -352,6 +364,23 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         ops, self._kv_ops = self._kv_ops, []
         return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished, ops)
+
+    def prefill_ahead_of_drafts(self) -> list[tuple[int, int]]:
+        """(KV start, tokens) of the prompt chunks the next schedule() runs before any draft (step 3 gives drafts what
+        these leave): running prefills, then waiting prompts while seats last, within the token budget after one
+        token per decode. An estimate for the drafter's step-cost rule: waiting prompts' cache hits are not looked up."""
+        decoding = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        budget = self.config.max_num_batched_tokens - decoding
+        seats = self.config.max_num_seqs - len(self.running)
+        chunks = []
+        prefilling = (r for r in self.running if r.num_tokens - r.num_computed_tokens > 1)
+        for r in itertools.chain(prefilling, itertools.islice(self.waiting, max(seats, 0))):
+            if budget <= 0:
+                break
+            n = min(r.num_tokens - r.num_computed_tokens, budget)
+            chunks.append((r.num_kv_tokens, n))
+            budget -= n
+        return chunks
 
     # ------------------------------------------------------------------ shared prefixes being computed
     def _add_in_flight(self, req: Request, start_token: int, in_flight: set) -> None:

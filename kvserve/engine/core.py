@@ -440,16 +440,9 @@ class EngineCore:
             if u.finish_reason is not None:
                 req = by_id.get(u.request_id)
                 spec.finish(u.request_id, req.output_token_ids if req is not None else [])
-        running = self.scheduler.running
-        decoding = [r for r in running if r.num_tokens - r.num_computed_tokens == 1]
-        other, other_attended = 0, 0
-        budget = max(self.info.max_num_batched_tokens - len(decoding), 0)
-        for r in running:  # prefill chunks in the next step, within the token budget
-            if r.num_tokens - r.num_computed_tokens > 1 and other < budget:
-                chunk = min(r.num_tokens - r.num_computed_tokens, budget - other)
-                other += chunk
-                other_attended += attended_kv(r.num_kv_tokens, chunk)
-        spec.propose(decoding, other, other_attended)
+        decoding = [r for r in self.scheduler.running if r.num_tokens - r.num_computed_tokens == 1]
+        chunks = self.scheduler.prefill_ahead_of_drafts()
+        spec.propose(decoding, sum(n for _, n in chunks), sum(attended_kv(s, n) for s, n in chunks))
 
     def _forget_seq(self, seq_id: str) -> None:
         group = group_id(seq_id)

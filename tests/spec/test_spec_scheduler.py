@@ -136,6 +136,63 @@ def test_drafts_are_dropped_rather_than_preempting():
     sched.check_invariants()
 
 
+def test_drafts_get_only_the_budget_that_prompts_leave():
+    """A waiting prompt and a running prefill chunk go before drafts: drafts verify with what is left of the step's
+    token budget (at saturation they would otherwise delay every prompt behind them)."""
+    sched, runner, a = decoding_request(14, max_tokens=40, budget=16)
+    assert sched.kv.get_block_ids("a") == [0]
+    sched.add_request(b := req("b", 12))
+    assert sched.prefill_ahead_of_drafts() == [(0, 12)]  # what the drafter's step-cost rule counts
+    a.spec_token_ids = oracle_drafts(a, 10)
+    so = sched.schedule()
+    assert [(s.request_id, s.num_new_tokens) for s in so.scheduled] == [("a", 1 + 3), ("b", 12)]
+    assert so.scheduled[0].spec_token_ids == oracle_drafts(a, 3)
+    assert sched.kv.get_block_ids("a") == [0, 2] and sched.kv.get_block_ids("b") == [1]  # the drafts' block last
+    sched.update(so, runner.execute(so))
+    assert a.num_computed_tokens == 18 and b.num_computed_tokens == 12
+    sched.check_invariants()
+
+    # a prompt longer than the budget: its chunk takes all of it, the drafts wait (unused, they are dropped)
+    sched.add_request(c := req("c", 40))
+    assert sched.prefill_ahead_of_drafts() == [(0, 14)]
+    a.spec_token_ids = oracle_drafts(a, 10)
+    b.spec_token_ids = oracle_drafts(b, 10)
+    so = sched.schedule()
+    assert [(s.request_id, s.num_new_tokens) for s in so.scheduled] == [("a", 1), ("b", 1), ("c", 14)]
+    assert all(not s.spec_token_ids for s in so.scheduled) and a.spec_token_ids == b.spec_token_ids == []
+    sched.update(so, runner.execute(so))
+    # the next step: c's running prefill chunk (26 tokens left) also goes first
+    assert sched.prefill_ahead_of_drafts() == [(14, 14)]
+    a.spec_token_ids = oracle_drafts(a, 10)
+    so = sched.schedule()
+    assert [(s.request_id, s.num_new_tokens) for s in so.scheduled] == [("a", 1), ("b", 1), ("c", 14)]
+    sched.update(so, runner.execute(so))
+    a.spec_token_ids = oracle_drafts(a, 10)
+    so = sched.schedule()  # c's last 12 tokens, then the drafts: 16 - 1 - 1 - 12 = 2
+    assert [(s.request_id, s.num_new_tokens) for s in so.scheduled] == [("a", 1 + 2), ("b", 1), ("c", 12)]
+    sched.update(so, runner.execute(so))
+    sched.check_invariants()
+    run(sched, runner)
+    assert a.output_token_ids == [true_next_of(a, i) for i in range(40)]
+
+
+def test_drafts_that_need_a_new_block_shrink_to_the_slots_held():
+    sched = make_sched(num_blocks=4, budget=64)
+    runner = FakeRunner(BS)
+    a, b = req("a", 20, max_tokens=30), req("b", 31, max_tokens=30)
+    sched.add_request(a)
+    sched.add_request(b)
+    sched.update(so := sched.schedule(), runner.execute(so))
+    assert sched.kv.get_block_ids("a") == [0, 1] and sched.kv.pool.num_free_blocks == 0
+    a.spec_token_ids = oracle_drafts(a, 20)  # position 20 and 20 drafts: 21 slots, block 1 holds 12 of them
+    so = sched.schedule()
+    assert [s.num_new_tokens for s in so.scheduled] == [12, 1] and not so.preempted_ids
+    assert so.scheduled[0].spec_token_ids == oracle_drafts(a, 11) and so.scheduled[0].block_ids == [0, 1]
+    sched.update(so, runner.execute(so))
+    assert a.num_computed_tokens == 32 and a.num_tokens == 33
+    sched.check_invariants()
+
+
 def test_randomized_drafts_give_the_tokens_of_decoding_without_them():
     """Random drafts (right, wrong at a random place, of random length) for random requests, under a tight pool
     (preemptions) and prefix sharing: outputs equal a run without drafts, invariants hold every step."""
