@@ -7,6 +7,8 @@ this package knows nothing of the model or its batch types.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -41,6 +43,28 @@ def _build_dir(name: str, source: str) -> str:
     return path
 
 
+@contextlib.contextmanager
+def _exclusive(build_dir: str):
+    """Hold the build directory alone, and clear a stale torch build lock.
+
+    torch's loader marks a build with a `lock` file that only the process that made it removes, and every process
+    that loads the module waits while it exists, even when ninja has nothing to do. A process killed in that window
+    (a server stopped while its engine core starts) leaves it behind, and every later start hangs. An flock dies with
+    its holder, so under it no other process is building here and a `lock` file is stale."""
+    with open(os.path.join(build_dir, ".kvserve-build.flock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            os.remove(os.path.join(build_dir, "lock"))
+            log.warning("removed a stale build lock in %s (a process was killed while loading this kernel)",
+                        build_dir)
+        except FileNotFoundError:
+            pass
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def load(name: str):
     """The compiled module, or None when KVSERVE_NO_EXT=1 or no compiler is available (callers fall back)."""
     if os.environ.get("KVSERVE_NO_EXT") == "1":
@@ -52,9 +76,11 @@ def load(name: str):
         from torch.utils.cpp_extension import load as jit_load
 
         source = os.path.join(_HERE, f"{name}.cpp")
-        module = jit_load(name=f"kvserve_{name}", sources=[source], extra_include_paths=[_HERE],
-                          extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                          build_directory=_build_dir(name, source), verbose=False)
+        build_dir = _build_dir(name, source)
+        with _exclusive(build_dir):
+            module = jit_load(name=f"kvserve_{name}", sources=[source], extra_include_paths=[_HERE],
+                              extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=build_dir,
+                              verbose=False)
     except Exception as e:  # no compiler, no ninja, ...: slower but correct
         log.warning("native kernel %s unavailable (%s); using the PyTorch fallback", name, e)
     _cache[name] = module

@@ -301,3 +301,22 @@ def test_backend_matches_pytorch_on_a_mixed_step(dtype, head_dim, tol):
     ref = AttentionBackend.build(rotary, native_kernels=False)(q, k, v, kc, vc, batch, head_dim ** -0.5)
     assert (ours.float() - ref.float()).abs().max().item() <= tol
     assert ours[-1].abs().sum() == 0, "the padding row stays zero"
+
+
+def test_a_stale_build_lock_does_not_hang_the_next_load():
+    """A process killed while torch's loader held the build lock leaves a `lock` file that made every later load of
+    that kernel wait forever (a server stopped during its engine core's start could not start again)."""
+    import os
+    import subprocess
+    import sys
+
+    from kvserve import kernels
+
+    assert load("fused_ops") is not None, "the C++ kernel should build on this machine (g++ + ninja)"
+    source = os.path.join(os.path.dirname(kernels.__file__), "fused_ops.cpp")
+    stale = os.path.join(kernels._build_dir("fused_ops", source), "lock")
+    open(stale, "w").close()
+    code = "from kvserve.kernels import load; assert load('fused_ops') is not None"
+    done = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "removed a stale build lock" in done.stderr and not os.path.exists(stale)
