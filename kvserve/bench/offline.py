@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"config": {k: v for k, v in vars(args).items()}, "command": "python -m kvserve.bench.offline "
               + " ".join(argv), "workloads": [t["name"] for t in tasks], "log_dir": log_dir,
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "engines": {}}
-    log(f"workloads: " + ", ".join(f"{t['name']}: {len(t['repeats'][0])} requests, "
+    log("workloads: " + ", ".join(f"{t['name']}: {len(t['repeats'][0])} requests, "
                                    f"{sum(len(i) for i, _ in t['repeats'][0])} prompt + "
                                    f"{sum(n for _, n in t['repeats'][0])} output tokens" for t in tasks))
     if args.roofline:
