@@ -21,14 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-gb", type=float, default=4.0)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512, help="the server's default step budget")
+    ap.add_argument("--quantization", default="none",
+                    help="as `kvserve.bench.baselines kvserve` serves: bf16 weights (auto would run the file's Q4_1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     from kvserve import LLM, SamplingParams
     from kvserve.bench.workloads import generate
 
-    llm = LLM(dtype="bfloat16", num_threads=args.threads, kv_cache_memory_gb=args.kv_gb,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(dtype="bfloat16", quantization=args.quantization, num_threads=args.threads,
+              kv_cache_memory_gb=args.kv_gb, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     tok = llm.engine.tokenizer
     reqs = generate(args.workload, tok, args.num_requests, args.seed)
     # what `kvserve bench serve` sends by default: /v1/completions with the messages' contents joined
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     in_tokens = sum(len(o.prompt_token_ids) for o in outs)
     res = {"workload": args.workload, "num_requests": len(reqs), "seed": args.seed, "elapsed_s": elapsed,
            "output_tokens": out_tokens, "prompt_tokens": in_tokens, "output_tok_s": out_tokens / elapsed,
-           "total_tok_s": (out_tokens + in_tokens) / elapsed, "threads": args.threads,
+           "total_tok_s": (out_tokens + in_tokens) / elapsed, "threads": args.threads, "quantization": args.quantization,
            "max_num_batched_tokens": args.max_num_batched_tokens}
     print(json.dumps(res, indent=1))
     if args.out:
