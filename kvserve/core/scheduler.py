@@ -1,7 +1,8 @@
 """Continuous batching with stall-free chunked prefill (Sarathi-Serve) over a token budget.
 
 There is no prefill or decode phase: every request has `num_computed_tokens` and `num_tokens`, and each step gives
-running decodes their token first, then unfinished prefills a chunk, then admits waiting requests with what is left.
+running decodes their token first, then unfinished prefills a chunk, then admits waiting requests with what is left;
+speculative drafts verify last, with what is left after that.
 """
 
 from __future__ import annotations
