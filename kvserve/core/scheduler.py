@@ -332,8 +332,8 @@ class Scheduler:
         for req, drafts in pending_drafts:
             if budget <= 0:
                 break
-            if num_new.get(req.request_id) != 1 or req.status != RequestStatus.RUNNING:
-                continue  # preempted (or ended) after its decode was scheduled
+            if num_new.get(req.request_id) != 1:
+                continue  # preempted (or ended) after its decode was scheduled: nothing scheduled for it now
             drafts = drafts[:min(budget, req.max_tokens - req.num_output_tokens - 1)]
             if drafts and self.kv.allocate_slots(req, 1 + len(drafts)) is None:
                 drafts = drafts[:self.kv.num_free_slots_held(req) - 1]  # what its own blocks still hold

@@ -51,7 +51,7 @@ def _exclusive(build_dir: str):
     that loads the module waits while it exists, even when ninja has nothing to do. A process killed in that window
     (a server stopped while its engine core starts) leaves it behind, and every later start hangs. An flock dies with
     its holder, so under it no other process is building here and a `lock` file is stale."""
-    with open(os.path.join(build_dir, ".kvserve-build.flock"), "w") as f:
+    with open(os.path.join(build_dir, ".kvserve-build.flock"), "w") as f:  # closing the file releases the flock
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             os.remove(os.path.join(build_dir, "lock"))
@@ -59,10 +59,7 @@ def _exclusive(build_dir: str):
                         build_dir)
         except FileNotFoundError:
             pass
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def load(name: str):
