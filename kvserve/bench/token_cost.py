@@ -4,7 +4,8 @@
 
 For each batch size and weight format, an engine core decodes that many sequences (128-token prompts, greedy) and
 every part of a step is timed: all layers in one native call (the decode plan, kernels/decode_step.cpp, where it
-runs; --no-decode-plan times the Python layer loop instead, part by part), the layers' matmuls, the lm_head, attention, the fused elementwise ops, the rest of
+runs; it times its own kernel calls by kind, and `layers_native` is what is left of the call: allocation, views, the
+gaps between kernels; --no-decode-plan times the Python layer loop instead, part by part), the layers' matmuls, the lm_head, attention, the fused elementwise ops, the rest of
 the forward pass (Python, dispatch, embedding, views: the forward's time minus its timed parts), the runner's batch
 build, sampling, the scheduler (schedule + update), the IPC encode of the step's outputs, and the API server's part
 (decode the message, detokenize, stop strings: another process when serving, listed apart). The untimed step (no
@@ -55,8 +56,28 @@ class _TimedCallable:
 
 
 class _TimedPlan:
+    """The decode plan's one call timed as `layers_native`; inside it the plan times its own kernel calls by kind
+    (DecodePlan.set_profile), booked as matmul, attention and elementwise, so layers_native keeps only the rest:
+    tensor allocation, views and the gaps between kernels."""
+
     def __init__(self, plan, timers: _Timers):
-        self.run = timers.wrap(plan.run, "layers_native")
+        self._plan = plan
+        self._timers = timers
+        self._run = timers.wrap(plan.run, "layers_native")
+        plan.set_profile(True)
+        plan.take_profile()
+
+    def run(self, *a, **kw):
+        out = self._run(*a, **kw)
+        spent = dict(zip(("matmul", "attention", "elementwise"), self._plan.take_profile()))
+        acc = self._timers.acc
+        for part, s in spent.items():
+            acc[part] += s
+            acc["layers_native"] -= s
+        return out
+
+    def stop(self) -> None:
+        self._plan.set_profile(False)
 
 
 class _TimedOps:
@@ -99,6 +120,8 @@ def _instrument(core, timers: _Timers):
     runner.build_batch = timers.wrap(runner.build_batch, "batch_build")
 
     def undo():
+        if isinstance(model.decode_plan, _TimedPlan):
+            model.decode_plan.stop()
         model.attention, model.lm_head, model.decode_plan = saved["attention"], saved["lm_head"], saved["plan"]
         for name in ("forward", "compute_logits"):
             delattr(model, name)  # back to the class's methods

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -93,25 +94,57 @@ class DecodePlan {
     TORCH_CHECK(num_decodes == T && T >= 1 && T <= kv_gemv::MAX_M, "1..8 decode rows, unpadded");
     const int64_t D = cos.size(1);
     const int64_t qw = H_ * D;
+    // profile_: each kernel call's wall time by kind (a steady_clock read per call, ~20 ns; off by default)
+    using clock = std::chrono::steady_clock;
+    auto t = profile_ ? clock::now() : clock::time_point{};
+    auto lap = [&](int kind) {
+      if (!profile_) return;
+      const auto now = clock::now();
+      spent_[kind] += std::chrono::duration<double>(now - t).count();
+      t = now;
+    };
     for (int64_t i = 0; i < L; ++i) {
       const LayerRef& lw = layers_[i];
       torch::Tensor qkv = apply(lw.qkv, x);  // (T, (H + 2 Hkv) D)
+      lap(kMatmul);
       kv_fused::rope_qkv_write_(qkv, positions, cos, sin, k_caches[i], v_caches[i], slots, H_, Hkv_);
+      lap(kElementwise);
       torch::Tensor q = qkv.narrow(1, 0, qw).view({T, H_, D});
       torch::Tensor attn = kv_attn::paged_decode_attention(q, k_caches[i], v_caches[i], block_tables, seq_lens, scale_);
+      lap(kAttention);
       torch::Tensor o = apply(lw.o, attn.view({T, qw}));
+      lap(kMatmul);
       x = kv_fused::add_rms_norm_(h, o, lw.post_norm, eps_);
-      torch::Tensor mlp = apply(lw.down, kv_fused::silu_mul(apply(lw.gate_up, x)));
+      lap(kElementwise);
+      torch::Tensor gate_up = apply(lw.gate_up, x);
+      lap(kMatmul);
+      torch::Tensor act = kv_fused::silu_mul(gate_up);
+      lap(kElementwise);
+      torch::Tensor mlp = apply(lw.down, act);
+      lap(kMatmul);
       if (i + 1 < L) {
         x = kv_fused::add_rms_norm_(h, mlp, layers_[i + 1].input_norm, eps_);
       } else {
         h.add_(mlp);
       }
+      lap(kElementwise);
     }
     return h;
   }
 
+  void set_profile(bool on) { profile_ = on; }
+
+  // seconds spent per kind of kernel since the last call (matmul, attention, elementwise), then reset
+  std::vector<double> take_profile() {
+    std::vector<double> out(spent_.begin(), spent_.end());
+    spent_.fill(0.0);
+    return out;
+  }
+
  private:
+  enum { kMatmul = 0, kAttention = 1, kElementwise = 2 };
+  bool profile_ = false;
+  std::array<double, 3> spent_{};
   std::vector<LayerRef> layers_;
   int64_t H_, Hkv_;
   double eps_, scale_;
@@ -122,6 +155,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<const std::vector<torch::Tensor>&, const std::vector<int64_t>&,
                           const std::vector<torch::Tensor>&, const std::vector<torch::Tensor>&, int64_t, int64_t,
                           double, double>())
-      .def("run", &DecodePlan::run, "every layer of a small decode batch; returns the residual stream");
+      .def("run", &DecodePlan::run, "every layer of a small decode batch; returns the residual stream")
+      .def("set_profile", &DecodePlan::set_profile, "time each kernel call by kind (see take_profile)")
+      .def("take_profile", &DecodePlan::take_profile,
+           "seconds in matmuls, attention and elementwise ops since the last call, then reset");
   m.def("set_amx", &kv_attn::set_amx, "turn the AMX attention path on or off in this module");
 }

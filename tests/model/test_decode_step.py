@@ -49,6 +49,14 @@ def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quan
 
     with_plan, without = with_and_without_plan(model, run)
     assert with_plan == without  # same kernels, same order, same roundings: same tokens and logprobs
+    model.decode_plan.set_profile(True)  # what kvserve.bench.token_cost turns on: timing only, same results
+    try:
+        assert run() == with_plan
+        spent = model.decode_plan.take_profile()  # seconds in matmuls, attention, elementwise
+        assert len(spent) == 3 and all(s > 0 for s in spent)
+        assert model.decode_plan.take_profile() == [0.0, 0.0, 0.0]  # taking it resets it
+    finally:
+        model.decode_plan.set_profile(False)
 
 
 def test_no_plan_where_a_piece_is_not_native(loaded):
