@@ -96,3 +96,49 @@ def test_refit_joins_traces_that_cover_different_batch_ranges(tmp_path):
     assert joined["source"] == "low + high" and joined["threads"] == 2
     with pytest.raises(SystemExit, match="one thread count"):
         main(["refit", low, trace(tmp_path / "one.json", 48, threads=1)])
+
+
+def test_refit_moves_traces_from_a_slower_hour_to_the_first_traces_speed(tmp_path):
+    """The high-rate trace was taken while the host ran every step 1.25x as long (its speed probe says so): joined
+    with the probe ratio applied, the fit recovers the first trace's coefficients; without the probes the same steps
+    fit another model. A probe on one file only is refused."""
+    import json
+
+    from kvserve.bench.plan import main, probe_ratio
+
+    rng = random.Random(2)
+    true = (0.004, 0.0002, 0.001, 0.0005, 0.0003, 0.02)
+    fast = {"decode_ms": 10.0, "prefill_ms": 200.0}
+    slow = {"decode_ms": 12.0, "prefill_ms": 260.4166666}  # sqrt(1.2 x 1.30208) = 1.25
+    assert probe_ratio(slow, fast) == pytest.approx(1.25)
+
+    def trace(path, max_decode, slowdown, probe):
+        steps = []
+        for _ in range(220):
+            f = [1.0, rng.randint(1, 512), rng.randint(0, max_decode), rng.uniform(0, 100), rng.uniform(0, 0.3)]
+            steps.append(f + [sum(c * x for c, x in zip(true, expand(f))) * slowdown * rng.uniform(0.99, 1.01)])
+        d = {"threads": 2, "coef": [], "steps": steps, "source": path.stem}
+        if probe is not None:
+            d["probe"] = probe
+        path.write_text(json.dumps(d))
+        return str(path)
+
+    low = trace(tmp_path / "low.json", 8, 1.0, fast)
+    high = trace(tmp_path / "high.json", 48, 1.25, slow)
+    main(["refit", low, high, "--out", str(tmp_path / "joined.json")])
+    joined = json.loads((tmp_path / "joined.json").read_text())
+    assert joined["coef"] == pytest.approx(true, rel=0.05)
+    assert joined["probe"] == fast  # the joined model is at the first file's speed
+    bare = [trace(tmp_path / "low0.json", 8, 1.0, None), trace(tmp_path / "high0.json", 48, 1.25, None)]
+    main(["refit", *bare, "--out", str(tmp_path / "bare.json")])
+    assert json.loads((tmp_path / "bare.json").read_text())["coef"] != pytest.approx(true, rel=0.05)
+    with pytest.raises(SystemExit, match="speed probe"):
+        main(["refit", low, bare[1]])
+
+
+def test_a_scaled_model_predicts_proportionally_longer_steps():
+    slower = COST.scaled(1.2)
+    r = SimRequest("a", 0.0, list(range(1000)), 5)
+    base = simulate([r], [SimInstance(COST, InstanceConfig())])["a"]
+    res = simulate([r], [SimInstance(slower, InstanceConfig())])["a"]
+    assert res.ttft == pytest.approx(1.2 * base.ttft) and res.tpot == pytest.approx(1.2 * base.tpot)
