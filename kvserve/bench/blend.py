@@ -13,6 +13,12 @@ attribute of one person, whose document sits among distractors in a random order
   plain prefill's (all 32 equal; the common prefix's length), and the KL of the first token's distribution from the
   plain prefill's, over the plain prefill's top 20 tokens (a token missing from the blend's top 20 is given the
   blend's 20th logprob, so the figure is a lower bound).
+- teacher-forced (with quality): at every position of the plain prefill's 32-token greedy answer, the setting's top-1
+  token given the plain prefill's answer before it (the bar's measure where accuracy is too low to compare), and the
+  KL at each position as above. Free-running agrees with teacher forcing up to its first different token; from
+  there a new request carries the plain prefill's answer so far as part of the question segment, until every
+  position is covered. Reported over all 32 positions (ignore_eos) and over the answer alone (up to its first
+  end-of-sequence token).
 """
 
 from __future__ import annotations
@@ -130,15 +136,64 @@ def bootstrap_ci(diffs: list[float], seed: int = 0, rounds: int = 2000) -> tuple
     return means[int(0.025 * rounds)], means[int(0.975 * rounds)]
 
 
+def _kl_top20(p: dict, q: dict) -> float:
+    floor = min(lp.logprob for lp in q.values())
+    return sum(math.exp(lp.logprob) * (lp.logprob - (q[t].logprob if t in q else floor)) for t, lp in p.items())
+
+
 def first_token_kl(ref, out) -> float:
     """KL(plain || blend) of the first token over the plain prefill's top 20 (see the module docstring)."""
-    p = ref.outputs[0].logprobs[0]
-    q = out.outputs[0].logprobs[0]
-    floor = min(lp.logprob for lp in q.values())
-    kl = 0.0
-    for t, lp in p.items():
-        kl += math.exp(lp.logprob) * (lp.logprob - (q[t].logprob if t in q else floor))
-    return kl
+    return _kl_top20(ref.outputs[0].logprobs[0], out.outputs[0].logprobs[0])
+
+
+def teacher_forced(llm, docs, questions, ref, first, fields: dict, eos: int) -> dict:
+    """Top-1 agreement and KL with the plain prefill at every position of its greedy answer, each position given
+    the plain prefill's answer before it (the module docstring says how)."""
+    from kvserve.sampling import SamplingParams
+
+    tokenizer = llm.engine.tokenizer
+    answers = [list(r.outputs[0].token_ids) for r in ref]
+    top1: list[list] = [[None] * len(a) for a in answers]
+    kl: list[list] = [[None] * len(a) for a in answers]
+
+    def absorb(i: int, start: int, out) -> int | None:
+        """Record out's tokens from `start`; the next position to ask from, or None when all are covered."""
+        for j, (t, lps) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+            pos = start + j
+            if pos >= len(answers[i]):
+                return None
+            top1[i][pos] = t
+            kl[i][pos] = _kl_top20(ref[i].outputs[0].logprobs[pos], lps)
+            if t != answers[i][pos]:
+                return pos + 1 if pos + 1 < len(answers[i]) else None
+        return None
+
+    pending = {i: n for i, out in enumerate(first) if (n := absorb(i, 0, out)) is not None}
+    requests = len(first)
+    while pending:
+        items = sorted(pending.items())
+        prompts, params = [], []
+        for i, k in items:
+            segs = segments(docs, questions[i])
+            ids, starts = tokenizer.encode_segments(segs)
+            prompts.append({"prompt_segments": [*segs[:-1], ids[starts[-1]:] + answers[i][:k]], **fields})
+            params.append(SamplingParams(temperature=0, max_tokens=len(answers[i]) - k, logprobs=20, ignore_eos=True))
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        requests += len(outs)
+        pending = {i: n for (i, k), out in zip(items, outs) if (n := absorb(i, k, out)) is not None}
+
+    def summary(limit) -> dict:
+        agree, kls = [], []
+        for i, a in enumerate(answers):
+            n = limit(a)
+            agree += [int(top1[i][p] == a[p]) for p in range(n)]
+            kls += kl[i][:n]
+        return {"positions": len(agree), "top1_agreement": sum(agree) / len(agree), "kl_mean": statistics.mean(kls),
+                "kl_p99": sorted(kls)[int(0.99 * (len(kls) - 1))]}
+
+    per_question = [sum(int(top1[i][p] == a[p]) for p in range(len(a))) / len(a) for i, a in enumerate(answers)]
+    return {"all": summary(len), "answer": summary(lambda a: a.index(eos) + 1 if eos in a else len(a)),
+            "per_question": per_question, "requests": requests}
 
 
 def run_ttft(llm, docs, questions, ratios, log) -> dict:
@@ -202,6 +257,7 @@ def run_quality(llm, docs, questions, ratios, max_tokens: int, log, save=lambda 
             prefix.append(n)
             agree_all.append(int(n == len(ta)))
             kls.append(first_token_kl(a, b))
+        tf = teacher_forced(llm, docs, questions, ref, outs, reuse_fields(r), engine.tokenizer.eos_token_id)
         diffs = [c - f for c, f in zip(correct, correct_full)]
         blended = sum(o.num_blended_tokens for o in outs)
         results[r] = {
@@ -210,18 +266,31 @@ def run_quality(llm, docs, questions, ratios, max_tokens: int, log, save=lambda 
             "greedy32_all_equal": sum(agree_all) / len(agree_all), "greedy32_common_prefix_mean": statistics.mean(prefix),
             "first_token_kl_mean": statistics.mean(kls), "first_token_kl_median": statistics.median(kls),
             "blended_tokens": blended, "recomputed_tokens": sum(o.num_recomputed_tokens for o in outs),
-            "seconds": time.perf_counter() - started}
+            "teacher_forced": tf, "seconds": time.perf_counter() - started}
         save(results)
         log(f"quality {r:>5}: acc {results[r]['accuracy']:.3f} (full {results['full']['accuracy']:.3f}), "
             f"32 equal {results[r]['greedy32_all_equal']:.3f}, KL {results[r]['first_token_kl_mean']:.4f}, "
-            f"recomputed {results[r]['recomputed_tokens']}/{blended}")
+            f"recomputed {results[r]['recomputed_tokens']}/{blended}; teacher-forced top-1 "
+            f"{tf['all']['top1_agreement']:.3f} (answer only {tf['answer']['top1_agreement']:.3f}), "
+            f"KL {tf['all']['kl_mean']:.4f}, {tf['requests']} requests")
     zero = results.get("0.0")
     if zero is not None:
         for r in ratios:
             d = [a - b for a, b in zip(results[r]["correct"], zero["correct"])]
             results[r]["accuracy_minus_ratio0"] = sum(d) / len(d)
             results[r]["accuracy_minus_ratio0_ci95"] = bootstrap_ci(d)
+            tz, tr = zero["teacher_forced"]["per_question"], results[r]["teacher_forced"]["per_question"]
+            results[r]["teacher_forced"]["minus_ratio0_ci95"] = bootstrap_ci([a - b for a, b in zip(tr, tz)])
     return results
+
+
+def _teacher_forced_cells(tf: dict | None) -> str:
+    if tf is None:  # results from before the measurement existed
+        return " | | "
+    ci = tf.get("minus_ratio0_ci95")
+    diff = f" ({100 * ci[0]:+.1f}, {100 * ci[1]:+.1f})" if ci else ""
+    return (f"{tf['all']['top1_agreement']:.1%}{diff} | {tf['answer']['top1_agreement']:.1%} | "
+            f"{tf['all']['kl_mean']:.4f}")
 
 
 def report(paths: list[str]) -> str:
@@ -236,8 +305,10 @@ def report(paths: list[str]) -> str:
         if "quality" in data:
             q = data["quality"]
             lines += ["", "| ratio | accuracy | minus full (95% CI) | minus ratio 0 (95% CI) | 32 tokens equal | "
-                          "common prefix | first-token KL (mean) | recomputed / reused |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
-                      f"| full prefill | {q['full']['accuracy']:.1%} | | | 100% | 32 | 0 | |"]
+                          "common prefix | first-token KL (mean) | recomputed / reused | teacher-forced top-1, 32 positions (minus "
+                          "ratio 0, 95% CI) | answer only | KL (mean, 32 positions) |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+                      f"| full prefill | {q['full']['accuracy']:.1%} | | | 100% | 32 | 0 | | 100% | 100% | 0 |"]
             for k, v in q.items():
                 if k == "full":
                     continue
@@ -248,7 +319,8 @@ def report(paths: list[str]) -> str:
                              f"({100 * lo:+.1f}, {100 * hi:+.1f}) | "
                              + (f"{100 * z:+.1f} ({100 * zci[0]:+.1f}, {100 * zci[1]:+.1f})" if z is not None else "")
                              + f" | {v['greedy32_all_equal']:.1%} | {v['greedy32_common_prefix_mean']:.1f} | "
-                             f"{v['first_token_kl_mean']:.4f} | {v['recomputed_tokens']} / {v['blended_tokens']} |")
+                             f"{v['first_token_kl_mean']:.4f} | {v['recomputed_tokens']} / {v['blended_tokens']} | "
+                             + _teacher_forced_cells(v.get("teacher_forced")) + " |")
     return "\n".join(lines)
 
 
