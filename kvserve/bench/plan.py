@@ -157,8 +157,8 @@ def measure(threads: int, dtype: str, num_requests: int, seed: int, log) -> Cost
 
 
 def speed_probe(threads: int, dtype: str) -> dict:
-    """The host's speed now, as the step times of a fixed engine workload: 200 decode steps of 4 sequences at 256
-    tokens of context and 10 prefills of 512 tokens (medians, after warm-up), in a fresh process (~15 s).
+    """The host's speed now, as the step times of a fixed engine workload: 40 decode steps of 4 sequences at 256
+    tokens of context and 6 prefills of 512 tokens (medians, after warm-up), in a fresh process.
 
     This machine runs in modes that last minutes to hours, and a step of the same shape takes 10-15% longer in a
     slow one (docs/benchmarks.md); near saturation the queueing multiplies that in TTFT and TPOT. A cost model keeps
@@ -188,14 +188,14 @@ def _probe_here(threads: int, dtype: str) -> dict:
     params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
     harness = DecodeHarness(core, 4, 256, params)
     decode = []
-    for i in range(220):
+    for i in range(50):
         t = harness.step()
-        if i >= 20:
+        if i >= 10:
             decode.append(t["schedule"] + t["runner"] + t["update"])
     core.finish_requests([f"r{i}" for i in range(4)])
     rng = random.Random(1)
     prefill = []
-    for i in range(12):
+    for i in range(8):
         ids = [rng.randrange(100, 40_000) for _ in range(512)]
         core.add_request(EngineCoreRequest(f"p{i}", ids, SamplingParams(temperature=0, max_tokens=1),
                                            time.monotonic()))
