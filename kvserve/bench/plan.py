@@ -51,12 +51,6 @@ class CostModel:
     threads: int
     coef: tuple[float, ...]  # seconds per unit of each of FEATURES
     fit: dict = field(default_factory=dict)  # fit quality: steps, median relative error, r2
-    probe: dict | None = None  # the host's speed when the steps were timed (speed_probe), where measured
-
-    def scaled(self, factor: float) -> "CostModel":
-        """Every step `factor` times as long: the model moved to a host running at 1 / factor of the speed it was
-        measured at."""
-        return CostModel(self.threads, tuple(c * factor for c in self.coef), dict(self.fit), self.probe)
 
     def seconds(self, base: list[float]) -> float:
         """A step's seconds from its measured features (BASE)."""
@@ -77,7 +71,7 @@ class CostModel:
     @staticmethod
     def load(path: str) -> "CostModel":
         d = json.load(open(path))
-        return CostModel(d["threads"], tuple(d["coef"]), d.get("fit", {}), d.get("probe"))
+        return CostModel(d["threads"], tuple(d["coef"]), d.get("fit", {}))
 
 
 def fit_cost(rows: list[tuple[list[float], float]], threads: int) -> CostModel:
@@ -154,66 +148,6 @@ def measure(threads: int, dtype: str, num_requests: int, seed: int, log) -> Cost
         f"coef {dict(zip(FEATURES, (round(c, 6) for c in model.coef)))}, fit {model.fit}")
     model.fit["rows"] = [[round(x, 6) for x in f] + [round(t, 6)] for f, t in rows]
     return model
-
-
-def speed_probe(threads: int, dtype: str) -> dict:
-    """The host's speed now, as the step times of a fixed engine workload: 40 decode steps of 4 sequences at 256
-    tokens of context and 6 prefills of 512 tokens (medians, after warm-up), in a fresh process.
-
-    This machine runs in modes that last minutes to hours, and a step of the same shape takes 10-15% longer in a
-    slow one (docs/benchmarks.md); near saturation the queueing multiplies that in TTFT and TPOT. A cost model keeps
-    the probe taken beside its trace, and `validate` takes one beside the real run: their ratio moves the model to
-    the host's speed of the moment (the same correction for every term), so a fit from one hour predicts another's."""
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-m", "kvserve.bench.plan", "probe", "--threads", str(threads),
-                          "--dtype", dtype], check=True, capture_output=True, text=True,
-                         env=dict(os.environ, KVSERVE_NO_TQDM="1"))
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _probe_here(threads: int, dtype: str) -> dict:
-    import statistics
-
-    import torch
-
-    from kvserve.bench.core_overhead import DecodeHarness
-    from kvserve.engine.core import EngineArgs, EngineCore
-    from kvserve.engine.protocol import EngineCoreRequest
-    from kvserve.sampling import SamplingParams
-
-    torch.set_num_threads(threads)
-    core = EngineCore(EngineArgs(dtype=dtype, num_threads=threads, max_num_seqs=4, max_num_batched_tokens=512,
-                                 kv_cache_memory_gb=0.25))
-    params = SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True)
-    harness = DecodeHarness(core, 4, 256, params)
-    decode = []
-    for i in range(50):
-        t = harness.step()
-        if i >= 10:
-            decode.append(t["schedule"] + t["runner"] + t["update"])
-    core.finish_requests([f"r{i}" for i in range(4)])
-    rng = random.Random(1)
-    prefill = []
-    for i in range(8):
-        ids = [rng.randrange(100, 40_000) for _ in range(512)]
-        core.add_request(EngineCoreRequest(f"p{i}", ids, SamplingParams(temperature=0, max_tokens=1),
-                                           time.monotonic()))
-        t = time.perf_counter()
-        core.step()
-        if i >= 2:
-            prefill.append(time.perf_counter() - t)
-        while core.has_unfinished_requests():
-            core.step()
-    core.close()
-    return {"decode_ms": 1e3 * statistics.median(decode), "prefill_ms": 1e3 * statistics.median(prefill),
-            "threads": threads, "dtype": dtype}
-
-
-def probe_ratio(now: dict, then: dict) -> float:
-    """How much longer a step takes now than when `then` was probed: the geometric mean of the decode and prefill
-    ratios."""
-    return math.sqrt(now["decode_ms"] / then["decode_ms"] * now["prefill_ms"] / then["prefill_ms"])
 
 
 # ---------------------------------------------------------------------------------------------------- simulation
@@ -441,31 +375,12 @@ def sim_requests(workload: str, params: list[str], num_requests: int, seed: int,
 
 
 # ---------------------------------------------------------------------------------------------------- commands
-def probed(threads: int, dtype: str, run, log):
-    """run()'s result, with the host's speed probed before and after it (speed_probe): (result, mean probe)."""
-    before = speed_probe(threads, dtype)
-    result = run()
-    after = speed_probe(threads, dtype)
-    probe = {"decode_ms": (before["decode_ms"] + after["decode_ms"]) / 2,
-             "prefill_ms": (before["prefill_ms"] + after["prefill_ms"]) / 2, "before": before, "after": after}
-    log(f"speed probe before / after: decode {before['decode_ms']:.2f} / {after['decode_ms']:.2f} ms, prefill "
-        f"{before['prefill_ms']:.1f} / {after['prefill_ms']:.1f} ms")
-    return result, probe
-
-
-def cmd_probe(args, log) -> dict:
-    result = _probe_here(args.threads, args.dtype)
-    print(json.dumps(result), flush=True)
-    return result
-
-
 def cmd_measure(args, log) -> dict:
     if args.served is None:
-        model, probe = probed(args.threads, args.dtype,
-                              lambda: measure(args.threads, args.dtype, args.num_requests, args.seed, log), log)
+        model = measure(args.threads, args.dtype, args.num_requests, args.seed, log)
         rows = model.fit.pop("rows")
         return {"threads": model.threads, "coef": list(model.coef), "features": list(FEATURES), "fit": model.fit,
-                "dtype": args.dtype, "source": "offline", "probe": probe, "steps": rows}
+                "dtype": args.dtype, "source": "offline", "steps": rows}
     return measure_served(args, log)
 
 
@@ -478,9 +393,8 @@ def measure_served(args, log) -> dict:
     with tempfile.TemporaryDirectory() as d:
         trace = os.path.join(d, "steps.jsonl")
         t = time.perf_counter()
-        summary, probe = probed(args.threads, args.dtype, lambda: served_run(
-            args.threads, args.dtype, args.workload, args.workload_arg, args.num_requests, args.seed, args.served,
-            args.slo_ttft_ms, args.slo_tpot_ms, step_trace=trace), log)
+        summary = served_run(args.threads, args.dtype, args.workload, args.workload_arg, args.num_requests,
+                             args.seed, args.served, args.slo_ttft_ms, args.slo_tpot_ms, step_trace=trace)
         with open(trace) as f:
             lines = [json.loads(line) for line in f if line.strip()]
     rows = [(x["base"], x["cycle_s"]) for x in lines]
@@ -490,32 +404,24 @@ def measure_served(args, log) -> dict:
         f"fit {model.fit}")
     return {"threads": model.threads, "coef": list(model.coef), "features": list(FEATURES), "fit": model.fit,
             "dtype": args.dtype, "source": f"served: {args.workload} at {args.served} req/s, seed {args.seed}",
-            "probe": probe, "steps": [[round(v, 6) for v in f] + [round(c, 6)] for f, c in rows]}
+            "steps": [[round(v, 6) for v in f] + [round(c, 6)] for f, c in rows]}
 
 
 def cmd_refit(args, log) -> dict:
     """The model fitted again to the steps that one or more `measure` runs saved: after a change of the model's terms,
     or to join traces that cover different batch ranges (a served run at a low rate and one at a high rate). Each
-    file's first 20 steps are left out (warm-up). Files that carry a speed probe have their step times moved to
-    the first file's host speed (probe_ratio) before the fit, so traces from a fast and a slow hour join."""
+    file's first 20 steps are left out (warm-up)."""
     files = [json.load(open(p)) for p in args.steps]
     threads = {d["threads"] for d in files}
     if len(threads) != 1:
         raise SystemExit(f"refit joins steps at one thread count only, got {sorted(threads)}")
-    probes = [d.get("probe") for d in files]
-    if len(files) > 1 and any(probes) and not all(probes):
-        raise SystemExit("refit joins files that all carry a speed probe, or none")
-    factors = [probe_ratio(probes[0], p) if p else 1.0 for p in probes]  # file speed -> the first file's
-    rows = [(r[:len(BASE)], r[len(BASE)] * k) for d, k in zip(files, factors) for r in d["steps"][20:]]
+    rows = [(r[:len(BASE)], r[len(BASE)]) for d in files for r in d["steps"][20:]]
     model = fit_cost(rows, files[0]["threads"])
-    if any(probes):
-        log(f"step times moved to the first file's host speed by {[round(k, 3) for k in factors]}")
     log(f"refit {len(rows)} steps from {len(files)} file(s) at {model.threads} thread(s): coef "
         f"{dict(zip(FEATURES, (round(c, 6) for c in model.coef)))}, fit {model.fit}")
     source = " + ".join(d.get("source", "offline") for d in files)
-    steps = [r[:len(BASE)] + [round(r[len(BASE)] * k, 6)] for d, k in zip(files, factors) for r in d["steps"]]
     return {**files[0], "coef": list(model.coef), "features": list(FEATURES), "fit": model.fit, "source": source,
-            "probe": probes[0], "steps": steps}
+            "steps": [r for d in files for r in d["steps"]]}
 
 
 def served_run(threads: int, dtype: str, workload: str, workload_args: list[str], num_requests: int, seed: int,
@@ -568,53 +474,29 @@ def served_run(threads: int, dtype: str, workload: str, workload_args: list[str]
 
 
 def cmd_validate(args, log) -> dict:
-    """The same workload through a real `kvserve serve --num-threads T` and through the simulator. Where the cost
-    model carries a speed probe, the host is probed before and after the real run too and the prediction is made
-    with the model moved to that speed (the unmoved prediction is reported beside it)."""
+    """The same workload through a real `kvserve serve --num-threads T` and through the simulator."""
     from kvserve.bench.workloads import load_tokenizer
 
     cost = CostModel.load(args.cost)
     tok = load_tokenizer()
     reqs = sim_requests(args.workload, args.workload_arg, args.num_requests, args.seed, args.request_rate,
                         1.0, tok)
-    probe = None
+    t = time.perf_counter()
+    pred = summarize(simulate(reqs, [SimInstance(cost, InstanceConfig())]), args.slo_ttft_ms, args.slo_tpot_ms)
+    log(f"simulated {len(reqs)} requests in {time.perf_counter() - t:.1f}s: TTFT {pred['ttft_ms']}, "
+        f"TPOT {pred['tpot_ms']}")
     if args.measured_from:  # the real run of an earlier validation with the same workload, seed and rate
         prev = json.load(open(args.measured_from))
         if (prev["workload"], prev["request_rate"], prev["threads"]) != (args.workload, args.request_rate,
                                                                          cost.threads):
             raise SystemExit("--measured-from holds another workload, rate or thread count")
-        measured, probe = prev["measured"], prev.get("probe")
-    else:
-        def run():
-            return served_run(cost.threads, args.dtype, args.workload, args.workload_arg, args.num_requests,
-                              args.seed, args.request_rate, args.slo_ttft_ms, args.slo_tpot_ms)
-
-        real, probe = probed(cost.threads, args.dtype, run, log) if cost.probe else (run(), None)
-        measured = {"ttft_ms": {q: real[f"{q}_ttft_ms"] for q in ("p50", "p90", "p99")},
-                    "tpot_ms": {q: real[f"{q}_tpot_ms"] for q in ("p50", "p90", "p99")},
-                    "slo_attainment": real["good_requests"] / real["completed"] if real["completed"] else 0.0}
-
-    def predict(model: CostModel) -> dict:
-        t = time.perf_counter()
-        pred = summarize(simulate(reqs, [SimInstance(model, InstanceConfig())]), args.slo_ttft_ms, args.slo_tpot_ms)
-        log(f"simulated {len(reqs)} requests in {time.perf_counter() - t:.1f}s: TTFT {pred['ttft_ms']}, "
-            f"TPOT {pred['tpot_ms']}")
-        return pred
-
-    unmoved = predict(cost)
-    factor = probe_ratio(probe, cost.probe) if probe and cost.probe else None
-    pred = unmoved
-    if factor is not None:
-        log(f"the host runs steps {factor:.3f}x as long as when the model was measured")
-        pred = predict(cost.scaled(factor))
-    out = _compare(pred, measured, cost, args, log, reused=args.measured_from)
-    if factor is not None:
-        out.update(probe=probe, speed_factor=factor, predicted_unmoved=unmoved, relative_error_unmoved={
-            f"{m}_{q}": (unmoved[m][q] - measured[m][q]) / measured[m][q]
-            for m in ("ttft_ms", "tpot_ms") for q in ("p50", "p99") if measured[m][q]})
-    elif probe:
-        out["probe"] = probe
-    return out
+        return _compare(pred, prev["measured"], cost, args, log, reused=args.measured_from)
+    real = served_run(cost.threads, args.dtype, args.workload, args.workload_arg, args.num_requests, args.seed,
+                      args.request_rate, args.slo_ttft_ms, args.slo_tpot_ms)
+    measured = {"ttft_ms": {q: real[f"{q}_ttft_ms"] for q in ("p50", "p90", "p99")},
+                "tpot_ms": {q: real[f"{q}_tpot_ms"] for q in ("p50", "p90", "p99")},
+                "slo_attainment": real["good_requests"] / real["completed"] if real["completed"] else 0.0}
+    return _compare(pred, measured, cost, args, log)
 
 
 def _compare(pred: dict, measured: dict, cost: CostModel, args, log, reused: str | None = None) -> dict:
@@ -688,9 +570,6 @@ def main(argv: list[str] | None = None) -> int:
                         "the in-process engine's)")
     for p in (m,):
         p.add_argument("--dtype", default="bfloat16")
-    pr = sub.add_parser("probe", help="the host's speed now (the step times speed_probe takes), as JSON")
-    pr.add_argument("--threads", type=int, default=1)
-    pr.add_argument("--dtype", default="bfloat16")
     f = sub.add_parser("refit")
     f.add_argument("steps", nargs="+", help="measure runs' JSON files (their saved steps), at one thread count")
     v = sub.add_parser("validate")
@@ -718,9 +597,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     log = elapsed_log()
 
-    if args.command == "probe":
-        cmd_probe(args, log)
-        return 0
     result = {"measure": cmd_measure, "validate": cmd_validate, "recommend": cmd_recommend,
               "refit": cmd_refit}[args.command](args, log)
     result["command"] = "kvserve bench plan " + " ".join(argv if argv is not None else sys.argv[1:])
