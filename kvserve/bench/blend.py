@@ -280,7 +280,9 @@ def run_quality(llm, docs, questions, ratios, max_tokens: int, log, save=lambda 
             results[r]["accuracy_minus_ratio0"] = sum(d) / len(d)
             results[r]["accuracy_minus_ratio0_ci95"] = bootstrap_ci(d)
             tz, tr = zero["teacher_forced"]["per_question"], results[r]["teacher_forced"]["per_question"]
-            results[r]["teacher_forced"]["minus_ratio0_ci95"] = bootstrap_ci([a - b for a, b in zip(tr, tz)])
+            td = [a - b for a, b in zip(tr, tz)]
+            results[r]["teacher_forced"]["minus_ratio0"] = sum(td) / len(td)
+            results[r]["teacher_forced"]["minus_ratio0_ci95"] = bootstrap_ci(td)
     return results
 
 
