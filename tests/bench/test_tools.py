@@ -77,7 +77,10 @@ def test_token_cost_parts_add_up():
         assert 0.7 * r["step_ms_timed"] <= r["parts_sum_ms"] <= 1.05 * r["step_ms_timed"]
         native = r["median_ms"]["layers_native"]
         assert (native > 0) == plan == r["decode_plan"]
-        assert (r["median_ms"]["matmul"] > 0) != plan
+        # the kernels' time by kind: timed inside the plan's one call (DecodePlan.set_profile), or per Python call
+        assert all(r["median_ms"][k] > 0 for k in ("matmul", "attention", "elementwise"))
+        if plan:  # what is left of the plan's call beside its kernels (allocation, views) is small
+            assert native < r["median_ms"]["matmul"]
         assert "b=2 none" in markdown([r])
 
 
