@@ -170,13 +170,16 @@ def teacher_forced(llm, docs, questions, ref, first, fields: dict, eos: int) -> 
 
     pending = {i: n for i, out in enumerate(first) if (n := absorb(i, 0, out)) is not None}
     requests = len(first)
+    question_ids: dict[int, list[int]] = {}  # the question segment's token ids, tokenized once per question
     while pending:
         items = sorted(pending.items())
         prompts, params = [], []
         for i, k in items:
             segs = segments(docs, questions[i])
-            ids, starts = tokenizer.encode_segments(segs)
-            prompts.append({"prompt_segments": [*segs[:-1], ids[starts[-1]:] + answers[i][:k]], **fields})
+            if i not in question_ids:
+                ids, starts = tokenizer.encode_segments(segs)
+                question_ids[i] = ids[starts[-1]:]
+            prompts.append({"prompt_segments": [*segs[:-1], question_ids[i] + answers[i][:k]], **fields})
             params.append(SamplingParams(temperature=0, max_tokens=len(answers[i]) - k, logprobs=20, ignore_eos=True))
         outs = llm.generate(prompts, params, use_tqdm=False)
         requests += len(outs)
