@@ -1,6 +1,7 @@
 """Offline batch-1 decode against the memory-bandwidth bound of the weights' own format.
 
     python -m kvserve.bench.decode1 [--model PATH] [--quantization none,q8_0,w8a8] [--tokens 256] [--repeats 3]
+                                    [--torch-argmax]
 
 A batch-1 decode step reads every weight once, so its ceiling is (read bandwidth) / (weight bytes). For each format
 this prints the median tok/s over --repeats generations of --tokens tokens after a 32-token prompt, the weight bytes
@@ -31,7 +32,10 @@ def bandwidth_gb_s(mib: int = 512) -> tuple[float, float]:
     return copy, read
 
 
-def run(model: str | None, quantization: str, tokens: int, repeats: int, threads: int) -> dict:
+def run(model: str | None, quantization: str, tokens: int, repeats: int, threads: int,
+        torch_argmax: bool = False) -> dict:
+    """With torch_argmax, every repeat runs twice, alternating: the engine's greedy argmax and torch.argmax (the
+    sampler's path before the native one), so the two are compared in one process, through the host's swings."""
     import torch
 
     from kvserve import LLM, SamplingParams
@@ -41,16 +45,30 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
     prompt = {"prompt_token_ids": list(range(1000, 1032))}
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    rates = []
+    sampler = llm.engine.core.runner.sampler
+    variants = {"engine": sampler.argmax}
+    if torch_argmax:
+        variants["torch_argmax"] = lambda x: x.argmax(dim=-1)
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    tokens_of: dict[str, list[int]] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = llm.generate([prompt], params, use_tqdm=False)[0]
-        dt = time.perf_counter() - t0
-        rates.append(len(out.outputs[0].token_ids) / dt)
+        for name, fn in variants.items():
+            sampler.argmax = fn
+            t0 = time.perf_counter()
+            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            dt = time.perf_counter() - t0
+            rates[name].append(len(out.outputs[0].token_ids) / dt)
+            tokens_of.setdefault(name, out.outputs[0].token_ids)
+    sampler.argmax = variants["engine"]
     info = llm.engine.info
     wb = llm.engine.core.model.weight_bytes()
-    return {"model": info.model_name, "quantization": info.quantization, "tok_s": statistics.median(rates),
-            "runs": rates, "weight_bytes": wb}
+    res = {"model": info.model_name, "quantization": info.quantization, "tok_s": statistics.median(rates["engine"]),
+           "runs": rates["engine"], "weight_bytes": wb}
+    if torch_argmax:
+        res["torch_argmax_tok_s"] = statistics.median(rates["torch_argmax"])
+        res["torch_argmax_runs"] = rates["torch_argmax"]
+        res["same_tokens"] = tokens_of["engine"] == tokens_of["torch_argmax"]
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--torch-argmax", action="store_true",
+                    help="also time each repeat with torch.argmax as the greedy sampler's argmax (alternating)")
     args = ap.parse_args(argv)
-    results = [run(args.model, q, args.tokens, args.repeats, args.threads) for q in args.quantization.split(",")]
+    results = [run(args.model, q, args.tokens, args.repeats, args.threads, args.torch_argmax)
+               for q in args.quantization.split(",")]
     copy, read = bandwidth_gb_s()
     bw = max(copy, read)  # the bound with the better of the two (the harder bar)
     print(f"copy bandwidth {copy:.2f} GB/s, read bandwidth {read:.2f} GB/s; bound at {bw:.2f} GB/s; batch-1 decode, "
@@ -74,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         r["bound_tok_s"], r["copy_gb_s"], r["read_gb_s"] = bound, copy, read
         print(f"| {r['quantization']} | {r['tok_s']:.1f} | {1e3 / r['tok_s']:.2f} | {r['weight_bytes'] / 1e6:.0f} | "
               f"{bound:.1f} | {100 * r['tok_s'] / bound:.1f}% |")
+    for r in results:
+        if "torch_argmax_tok_s" in r:
+            print(f"{r['quantization']}: with torch.argmax {r['torch_argmax_tok_s']:.1f} tok/s "
+                  f"({1e3 / r['torch_argmax_tok_s']:.3f} ms/token); the engine's argmax "
+                  f"{r['tok_s'] / r['torch_argmax_tok_s']:.3f}x; same tokens: {r['same_tokens']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

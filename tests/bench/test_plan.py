@@ -6,7 +6,7 @@ import random
 import pytest
 
 from kvserve.bench.plan import (KV_BYTES_PER_TOKEN, CostModel, InstanceConfig, SimInstance, SimRequest, expand,
-                                fit_cost, simulate, summarize)
+                                fit_cost, median_of_runs, relative_errors, simulate, summarize, within_bars)
 
 # 10 ms a step + 1 ms a prefill token + 2 ms a decoding sequence; nothing else
 COST = CostModel(1, (0.010, 0.001, 0.002, 0.002, 0.0, 0.0))
@@ -96,3 +96,20 @@ def test_refit_joins_traces_that_cover_different_batch_ranges(tmp_path):
     assert joined["source"] == "low + high" and joined["threads"] == 2
     with pytest.raises(SystemExit, match="one thread count"):
         main(["refit", low, trace(tmp_path / "one.json", 48, threads=1)])
+
+
+def _run(ttft_p50, tpot_p50, p99=100.0):
+    return {"ttft_ms": {"p50": ttft_p50, "p90": p99, "p99": p99}, "tpot_ms": {"p50": tpot_p50, "p90": p99, "p99": p99},
+            "slo_attainment": 1.0}
+
+
+def test_validation_compares_with_the_median_of_the_runs():
+    runs = [_run(120, 5.4), _run(108, 4.5), _run(100, 6.0), _run(130, 5.0)]
+    m = median_of_runs(runs)
+    assert m["ttft_ms"]["p50"] == 114 and m["tpot_ms"]["p50"] == pytest.approx(5.2) and m["slo_attainment"] == 1.0
+    pred = _run(110, 5.9, p99=110.0)
+    err = relative_errors(pred, m)
+    assert err["tpot_ms_p50"] == pytest.approx(5.9 / 5.2 - 1) and err["ttft_ms_p99"] == pytest.approx(0.1)
+    assert within_bars(err)  # +13% against the median ...
+    assert not within_bars(relative_errors(pred, runs[1]))  # ... +31% against the fastest run alone
+    assert not within_bars({"ttft_ms_p50": 0.0, "ttft_ms_p99": -0.36})  # p99's bar is 35%

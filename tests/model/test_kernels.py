@@ -172,6 +172,29 @@ def test_fused_rope_rejects_bad_slots_and_positions(op_pair):
             nat.rope_qkv_write_(qkv, batch, None, caches[0], caches[1], 9, 3)
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 16, 49152, 49157])
+def test_native_argmax_is_torchs(vocab):
+    """The greedy sampler's argmax: torch's index on random rows, on ties (the first maximum, wherever it sits
+    relative to the 16 vector lanes and the scalar tail), on -inf rows, and with NaN (torch's first NaN)."""
+    mod = load("fused_ops")
+    assert mod is not None
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g)
+    x[1] = x[1].round()  # many ties among whole numbers
+    x[2] = 0.0
+    x[3] = float("-inf")
+    if vocab > 20:
+        x[4, [3, 19, vocab - 1]] = 9.0  # the same maximum in two lanes and in the tail: the first wins
+        x[5, [vocab - 1, 17]] = 9.0
+        x[6, [20, 5]] = float("nan")
+        x[7, vocab - 1] = float("nan")
+        x[8, [8, 24]] = torch.tensor([-0.0, 0.0]) + 50  # equal values
+    assert torch.equal(mod.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(mod.argmax_rows(x[4:5].contiguous()), x[4:5].argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="float32"):
+        mod.argmax_rows(x.to(torch.bfloat16))
+
+
 @pytest.fixture
 def without_amx():
     """The AVX-512 paths even where AMX runs (on AMX the prefill kernel declines plain chunks: SDPA is faster)."""
