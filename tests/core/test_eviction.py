@@ -8,7 +8,6 @@ import random
 import pytest
 
 from kvserve.config import SchedulerConfig
-from kvserve.core.hashing import hash_block_chain
 from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.outputs import KVCompact, KVSwapIn, KVSwapOut, ModelOutput, SchedulerOutput
 from kvserve.core.request import Request

@@ -153,7 +153,7 @@ def test_drafts_get_only_the_budget_that_prompts_leave():
     sched.check_invariants()
 
     # a prompt longer than the budget: its chunk takes all of it, the drafts wait (unused, they are dropped)
-    sched.add_request(c := req("c", 40))
+    sched.add_request(req("c", 40))
     assert sched.prefill_ahead_of_drafts() == [(0, 14)]
     a.spec_token_ids = oracle_drafts(a, 10)
     b.spec_token_ids = oracle_drafts(b, 10)
