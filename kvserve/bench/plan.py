@@ -7,7 +7,8 @@ replicas, or prefill and decode instances (DistServe's split) joined by a KV tra
 
     kvserve bench plan measure --threads 1 --out cost-1.json        # fit the step-cost model (alone on the machine)
     kvserve bench plan measure --threads 1 --served 0.3 --seed 1 --out cost-1.json   # ... to a served engine's steps
-    kvserve bench plan validate --cost cost-1.json --request-rate 0.6 --out val-1.json   # real server vs prediction
+    kvserve bench plan validate --cost cost-1.json --request-rate 0.6 --runs 3 --out val-1.json   # real server vs prediction
+    #   (the runs' medians compared; --self-check: also simulate each run with its own traced step costs)
     kvserve bench plan recommend --cost cost-1.json --cost cost-2.json --cores 8,32,128 --out plan.json
 
 The step cost is linear in a step's features (one scheduler output): a constant (the weights read once a step),
@@ -476,6 +477,8 @@ def served_run(threads: int, dtype: str, workload: str, workload_args: list[str]
 
 def cmd_validate(args, log) -> dict:
     """The same workload through a real `kvserve serve --num-threads T` and through the simulator."""
+    import tempfile
+
     from kvserve.bench.workloads import load_tokenizer
 
     cost = CostModel.load(args.cost)
@@ -495,14 +498,39 @@ def cmd_validate(args, log) -> dict:
                                                                          cost.threads):
             raise SystemExit(f"--measured-from {path} holds another workload, rate or thread count")
         runs += prev.get("runs") or [prev["measured"]]
+    self_checks: list[dict] = []
     for _ in range(args.runs if not args.measured_from else 0):
-        real = served_run(cost.threads, args.dtype, args.workload, args.workload_arg, args.num_requests, args.seed,
-                          args.request_rate, args.slo_ttft_ms, args.slo_tpot_ms)
-        runs.append({"ttft_ms": {q: real[f"{q}_ttft_ms"] for q in ("p50", "p90", "p99")},
-                     "tpot_ms": {q: real[f"{q}_tpot_ms"] for q in ("p50", "p90", "p99")},
-                     "slo_attainment": real["good_requests"] / real["completed"] if real["completed"] else 0.0})
-        log(f"real run {len(runs)}: TTFT {runs[-1]['ttft_ms']}, TPOT {runs[-1]['tpot_ms']}")
-    return _compare(pred, runs, cost, args, log, reused=args.measured_from)
+        with tempfile.TemporaryDirectory() as d:
+            trace = os.path.join(d, "steps.jsonl") if args.self_check else None
+            real = served_run(cost.threads, args.dtype, args.workload, args.workload_arg, args.num_requests,
+                              args.seed, args.request_rate, args.slo_ttft_ms, args.slo_tpot_ms, step_trace=trace)
+            run = {"ttft_ms": {q: real[f"{q}_ttft_ms"] for q in ("p50", "p90", "p99")},
+                   "tpot_ms": {q: real[f"{q}_tpot_ms"] for q in ("p50", "p90", "p99")},
+                   "slo_attainment": real["good_requests"] / real["completed"] if real["completed"] else 0.0}
+            runs.append(run)
+            log(f"real run {len(runs)}: TTFT {run['ttft_ms']}, TPOT {run['tpot_ms']}")
+            if trace is not None:
+                self_checks.append(_self_check(trace, cost, reqs, run, args, log))
+    out = _compare(pred, runs, cost, args, log, reused=args.measured_from)
+    if self_checks:
+        out["self_checks"] = self_checks
+    return out
+
+
+def _self_check(trace: str, cost: CostModel, reqs, run: dict, args, log) -> dict:
+    """The simulator fed the run's own step costs: a model fitted to the steps this very run traced (not a
+    prediction; a diagnostic). Its error against the run is the simulator's and the fit's own; what the real
+    prediction misses beyond it is the host's speed between the cost traces and the run."""
+    with open(trace) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    rows = [(x["base"], x["cycle_s"]) for x in lines][20:]  # the first steps are warm-up, as refit drops them
+    own = fit_cost(rows, cost.threads)
+    sim = summarize(simulate(reqs, [SimInstance(own, InstanceConfig())]), args.slo_ttft_ms, args.slo_tpot_ms)
+    err = relative_errors(sim, run)
+    log(f"  self-check (the run's own {len(rows)} steps, fit {own.fit}): TTFT {sim['ttft_ms']}, TPOT "
+        f"{sim['tpot_ms']}; errors { {k: round(v, 3) for k, v in err.items()} }")
+    return {"steps": len(rows), "coef": list(own.coef), "fit": own.fit, "simulated": sim, "relative_error": err,
+            "within_bars": within_bars(err)}
 
 
 def median_of_runs(runs: list[dict]) -> dict:
@@ -612,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--request-rate", type=float, required=True)
     v.add_argument("--runs", type=int, default=1,
                    help="real runs of the workload (fresh server each); the figures compared are their medians")
+    v.add_argument("--self-check", action="store_true",
+                   help="also trace each real run's steps and simulate it with a model fitted to them (a diagnostic "
+                        "that separates the simulator's error from the host's speed drift)")
     v.add_argument("--measured-from", nargs="+", default=None, metavar="JSON",
                    help="compare with the real runs of these earlier validations (their medians) instead of running "
                         "the server again")

@@ -113,3 +113,29 @@ def test_validation_compares_with_the_median_of_the_runs():
     assert within_bars(err)  # +13% against the median ...
     assert not within_bars(relative_errors(pred, runs[1]))  # ... +31% against the fastest run alone
     assert not within_bars({"ttft_ms_p50": 0.0, "ttft_ms_p99": -0.36})  # p99's bar is 35%
+
+
+def test_self_check_simulates_with_the_runs_own_step_costs(tmp_path):
+    """validate --self-check: a model fitted to the run's traced steps drives the simulator. Steps traced from a
+    known cost model give that model back, so a run that the model describes exactly is reproduced (errors ~0), and a
+    run twice as slow as its own trace says is a 50% miss the diagnostic does not hide."""
+    import json
+    from types import SimpleNamespace
+
+    from kvserve.bench.plan import _self_check
+
+    rng = random.Random(1)
+    true = (0.004, 0.0002, 0.001, 0.0005, 0.0003, 0.02)
+    with open(tmp_path / "steps.jsonl", "w") as f:
+        for _ in range(300):
+            base = [1.0, rng.randint(1, 512), rng.randint(0, 16), rng.uniform(0, 100), rng.uniform(0, 0.3)]
+            f.write(json.dumps({"base": base, "cycle_s": sum(c * x for c, x in zip(true, expand(base)))}) + "\n")
+    reqs = [SimRequest(f"r{i}", 0.3 * i, list(range(300 * i, 300 * i + 200)), 20) for i in range(12)]
+    args = SimpleNamespace(slo_ttft_ms=2000.0, slo_tpot_ms=200.0)
+    exact = summarize(simulate(reqs, [SimInstance(CostModel(1, true), InstanceConfig())]), 2000.0, 200.0)
+    check = _self_check(str(tmp_path / "steps.jsonl"), CostModel(1, true), reqs, exact, args, lambda *_: None)
+    assert check["steps"] == 280 and check["coef"] == pytest.approx(true, rel=1e-6)
+    assert all(abs(e) < 1e-6 for e in check["relative_error"].values()) and check["within_bars"]
+    slow = {m: {q: 2 * v for q, v in exact[m].items()} for m in ("ttft_ms", "tpot_ms")}
+    miss = _self_check(str(tmp_path / "steps.jsonl"), CostModel(1, true), reqs, slow, args, lambda *_: None)
+    assert miss["relative_error"]["tpot_ms_p50"] == pytest.approx(-0.5) and not miss["within_bars"]
