@@ -8,6 +8,13 @@ this prints the median tok/s over --repeats generations of --tokens tokens after
 a step reads (kvserve's own count: int8 codes and scales for q8_0), and the share of the bound, with the bandwidth
 measured in the same run: the larger of a 512 MiB copy (STREAM convention, read + write bytes, as `kvserve bench
 offline --roofline`) and a 512 MiB float32 sum (read only).
+
+This host's memory speed drifts by 15-30% from one minute to the next, so one bandwidth figure taken at the end
+can pair a fast decode with a slow measurement or the reverse. Both figures are therefore also measured before every
+repeat and after the last: each repeat's share is its rate against the mean of the two measurements around it, and
+the "paired" columns are the medians of those shares, against the read figure (issue 16's definition of the bound:
+a decode step only reads its weights) and against the better of copy and read (the end-of-run column's rule; the copy
+counts written bytes too, and on this host it has measured up to 1.6x the read figure in the same minute).
 """
 
 from __future__ import annotations
@@ -32,10 +39,19 @@ def bandwidth_gb_s(mib: int = 512) -> tuple[float, float]:
     return copy, read
 
 
+def paired_shares(rates: list[float], bandwidths: list[float], weight_bytes: int) -> list[float]:
+    """Each repeat's share of its own bound: rates[i] tok/s against the mean of the bandwidths measured just before
+    it (bandwidths[i]) and just after it (bandwidths[i + 1]), in GB/s."""
+    if len(bandwidths) != len(rates) + 1:
+        raise ValueError(f"{len(rates)} repeats need {len(rates) + 1} bandwidth figures, got {len(bandwidths)}")
+    return [r * weight_bytes / ((bandwidths[i] + bandwidths[i + 1]) / 2 * 1e9) for i, r in enumerate(rates)]
+
+
 def run(model: str | None, quantization: str, tokens: int, repeats: int, threads: int,
-        torch_argmax: bool = False) -> dict:
+        torch_argmax: bool = False, bandwidth=bandwidth_gb_s) -> dict:
     """With torch_argmax, every repeat runs twice, alternating: the engine's greedy argmax and torch.argmax (the
-    sampler's path before the native one), so the two are compared in one process, through the host's swings."""
+    sampler's path before the native one), so the two are compared in one process, through the host's swings.
+    `bandwidth()` ((copy, read) GB/s) is called before every repeat and after the last (see paired_shares)."""
     import torch
 
     from kvserve import LLM, SamplingParams
@@ -51,7 +67,9 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
         variants["torch_argmax"] = lambda x: x.argmax(dim=-1)
     rates: dict[str, list[float]] = {k: [] for k in variants}
     tokens_of: dict[str, list[int]] = {}
+    bws: list[tuple[float, float]] = []  # (copy, read)
     for _ in range(repeats):
+        bws.append(bandwidth())
         for name, fn in variants.items():
             sampler.argmax = fn
             t0 = time.perf_counter()
@@ -59,11 +77,17 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
             dt = time.perf_counter() - t0
             rates[name].append(len(out.outputs[0].token_ids) / dt)
             tokens_of.setdefault(name, out.outputs[0].token_ids)
+    bws.append(bandwidth())
     sampler.argmax = variants["engine"]
     info = llm.engine.info
     wb = llm.engine.core.model.weight_bytes()
     res = {"model": info.model_name, "quantization": info.quantization, "tok_s": statistics.median(rates["engine"]),
-           "runs": rates["engine"], "weight_bytes": wb}
+           "runs": rates["engine"], "weight_bytes": wb, "paired_copy_read_gb_s": bws}
+    if not torch_argmax:  # with it, each repeat's two generations share the bandwidth pair: no per-repeat share
+        res["paired_shares_read"] = paired_shares(rates["engine"], [r for _, r in bws], wb)
+        res["paired_shares_best"] = paired_shares(rates["engine"], [max(b) for b in bws], wb)
+        res["paired_share_read"] = statistics.median(res["paired_shares_read"])
+        res["paired_share_best"] = statistics.median(res["paired_shares_best"])
     if torch_argmax:
         res["torch_argmax_tok_s"] = statistics.median(rates["torch_argmax"])
         res["torch_argmax_runs"] = rates["torch_argmax"]
@@ -88,13 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     bw = max(copy, read)  # the bound with the better of the two (the harder bar)
     print(f"copy bandwidth {copy:.2f} GB/s, read bandwidth {read:.2f} GB/s; bound at {bw:.2f} GB/s; batch-1 decode, "
           f"{args.tokens} tokens after a 32-token prompt, median of {args.repeats}")
-    print("| format | tok/s | ms/token | weight MB | bound tok/s | % of bound |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| format | tok/s | ms/token | weight MB | bound tok/s | % of bound | paired, read: % per repeat (read "
+          "GB/s around it) | paired median, read | paired median, better of copy and read |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in results:
         bound = bw * 1e9 / r["weight_bytes"]
         r["bound_tok_s"], r["copy_gb_s"], r["read_gb_s"] = bound, copy, read
+        per, p_read, p_best = "", "", ""
+        if "paired_share_read" in r:
+            b = [x for _, x in r["paired_copy_read_gb_s"]]
+            per = ", ".join(f"{100 * s:.1f}% ({(b[i] + b[i + 1]) / 2:.1f})"
+                            for i, s in enumerate(r["paired_shares_read"]))
+            p_read, p_best = f"{100 * r['paired_share_read']:.1f}%", f"{100 * r['paired_share_best']:.1f}%"
         print(f"| {r['quantization']} | {r['tok_s']:.1f} | {1e3 / r['tok_s']:.2f} | {r['weight_bytes'] / 1e6:.0f} | "
-              f"{bound:.1f} | {100 * r['tok_s'] / bound:.1f}% |")
+              f"{bound:.1f} | {100 * r['tok_s'] / bound:.1f}% | {per} | {p_read} | {p_best} |")
     for r in results:
         if "torch_argmax_tok_s" in r:
             print(f"{r['quantization']}: with torch.argmax {r['torch_argmax_tok_s']:.1f} tok/s "

@@ -31,6 +31,7 @@ inline void tile(const c10::BFloat16* x, const c10::BFloat16* wp, c10::BFloat16*
   const __m512i* w = reinterpret_cast<const __m512i*>(wp);
   int64_t j = 0;
   for (; j + 4 <= KP; j += 4) {
+    kvserve::prefetch_ahead<4>(w + j);
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + j), w1 = (__m512bh)_mm512_loadu_si512(w + j + 1);
     const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + j + 2), w3 = (__m512bh)_mm512_loadu_si512(w + j + 3);
     for (int m = 0; m < MT; ++m) {
@@ -78,7 +79,19 @@ torch::Tensor pack(const torch::Tensor& w) {
   return w.contiguous().view({N / NR, NR, K / 2, 2}).permute({0, 2, 1, 3}).contiguous().view({N / NR, K / 2, 2 * NR});
 }
 
-// x (M, K) bfloat16, M <= 8 -> y (M, N) bfloat16 (+ bias if given)
+#ifdef KVSERVE_AVX512_BF16
+// On raw buffers (the decode plan keeps y across steps): x (M, K), 1 <= M <= MAX_M -> y (M, N).
+void gemv_raw(const c10::BFloat16* x, const c10::BFloat16* wp, c10::BFloat16* y, int64_t M, int64_t N, int64_t K) {
+  static const TileFn tiles[MAX_M + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
+                                          tile<5>, tile<6>, tile<7>, tile<8>};
+  const TileFn fn = tiles[M];
+  at::parallel_for(0, N / NR, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) fn(x, wp + g * K * NR, y + g * NR, N, K);
+  });
+}
+#endif
+
+// x (M, K) bfloat16, M <= 8 -> y (M, N) bfloat16
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& packed) {
   TORCH_CHECK(available(), "gemv needs AVX512-BF16");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.dtype() == torch::kBFloat16, "x must be contiguous bf16 (M, K)");
@@ -90,16 +103,7 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& packed) {
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
 #ifdef KVSERVE_AVX512_BF16
-  static const TileFn tiles[MAX_M + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
-                                          tile<5>, tile<6>, tile<7>, tile<8>};
-  const TileFn fn = tiles[M];
-  const auto* xp = x.data_ptr<c10::BFloat16>();
-  const auto* wp = packed.data_ptr<c10::BFloat16>();
-  auto* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t G = N / NR;
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) fn(xp, wp + g * K * NR, yp + g * NR, N, K);
-  });
+  gemv_raw(x.data_ptr<c10::BFloat16>(), packed.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), M, N, K);
 #endif
   return y;
 }

@@ -578,9 +578,10 @@ void dispatch_d(const torch::Tensor& q, const torch::Tensor& kc, const torch::Te
 
 }  // namespace
 
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
-                                     c10::optional<torch::Tensor> scores = c10::nullopt) {
+// Into a caller's `out` (q's shape and dtype, contiguous): the decode plan keeps it across steps.
+void paged_decode_attention_into(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                 torch::Tensor block_tables, torch::Tensor seq_lens, double scale, torch::Tensor& out,
+                                 c10::optional<torch::Tensor> scores = c10::nullopt) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "bad ranks");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(), "dtype mismatch");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
@@ -601,7 +602,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     sc = s.data_ptr<float>();
     SL = s.size(2);
   }
-  auto out = torch::empty_like(q);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.is_contiguous(),
+              "out must be a contiguous tensor of q's shape and dtype");
   if (q.scalar_type() == torch::kFloat32) {
     dispatch_d<float>(q, k_cache, v_cache, block_tables, seq_lens, out, scale, sc, SL);
   } else if (q.scalar_type() == torch::kBFloat16) {
@@ -609,6 +611,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   } else {
     TORCH_CHECK(false, "paged decode attention supports float32 and bfloat16");
   }
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, double scale,
+                                     c10::optional<torch::Tensor> scores = c10::nullopt) {
+  auto out = torch::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
+  paged_decode_attention_into(q, k_cache, v_cache, block_tables, seq_lens, scale, out, scores);
   return out;
 }
 

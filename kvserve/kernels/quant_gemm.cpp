@@ -242,6 +242,7 @@ inline void tile_avx2(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t N
     }
   for (int64_t b = 0; b < KB; ++b) {
     const uint8_t* wb = wp + b * QK * NR;
+    kvserve::prefetch_ahead<8>(wb);
     for (int h = 0; h < 2; ++h) {
       __m256i s[MT_];
       for (int m = 0; m < MT_; ++m) s[m] = BLOCK ? _mm256_setzero_si256() : si[m][h];
@@ -300,6 +301,7 @@ inline void tile_q4_avx2(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, i
   for (int m = 0; m < MT_; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < KB; ++b) {
     const uint8_t* wb = wp + b * QK * NR / 2;
+    kvserve::prefetch_ahead<4>(wb);
     const c10::Half* dmb = dm + b * 2 * NR;
     for (int h = 0; h < 2; ++h) {
       __m256i s[MT_];
@@ -370,6 +372,7 @@ inline void tile(QAct a, const uint8_t* wp, const void* ws, T* y, int64_t N, int
   }
   for (int64_t b = 0; b < KB; ++b) {
     const __m512i* wv = reinterpret_cast<const __m512i*>(wp + b * QK * NR);
+    kvserve::prefetch_ahead<8>(wv);
     const __m512i w0 = _mm512_loadu_si512(wv + 0), w1 = _mm512_loadu_si512(wv + 1);
     const __m512i w2 = _mm512_loadu_si512(wv + 2), w3 = _mm512_loadu_si512(wv + 3);
     const __m512i w4 = _mm512_loadu_si512(wv + 4), w5 = _mm512_loadu_si512(wv + 5);
@@ -459,6 +462,7 @@ inline void tile_q4(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64_
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < KB; ++b) {
     const __m512i* wv = reinterpret_cast<const __m512i*>(wp + b * QK * NR / 2);
+    kvserve::prefetch_ahead<4>(wv);
     const __m512i v0 = _mm512_loadu_si512(wv + 0), v1 = _mm512_loadu_si512(wv + 1);
     const __m512i v2 = _mm512_loadu_si512(wv + 2), v3 = _mm512_loadu_si512(wv + 3);
     const __m512i w0 = _mm512_and_si512(v0, low), w4 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low);
@@ -568,6 +572,62 @@ Path pick(int64_t path) {
 #endif
 }
 
+// The two linear kernels on raw buffers: x (M, K) -> y (M, N), x's activations quantized into the caller's xq (M * K
+// int8), xs and xstart (M * K / 32 each at most). The tensor entry points below allocate these per call; the decode
+// plan (decode_step.cpp) keeps them across steps. BLOCK: q8_0's fp16 scales per block of 32; else w8a8's per row.
+template <typename T>
+void int8_linear_raw(const T* x, T* y, int64_t M, int64_t N, int64_t K, const uint8_t* wp, const void* ws, bool block,
+                     Path use, int8_t* xq, float* xs, int32_t* xstart) {
+  const int64_t SB = block ? K / QK : 1;
+  quantize_rows<T>(x, xq, xs, xstart, M, K, K / SB);
+  const QAct a{xq, xs, xstart};
+#ifdef KVSERVE_VNNI
+  if (use == kBest) {
+    if (block) {
+      gemm_vnni<true, T>(a, wp, ws, y, M, N, K);
+    } else {
+      gemm_vnni<false, T>(a, wp, ws, y, M, N, K);
+    }
+    return;
+  }
+#endif
+#ifdef KVSERVE_AVX2
+  if (use == kAvx2) {
+    if (block) {
+      gemm_avx2<true, T>(a, wp, ws, y, M, N, K);
+    } else {
+      gemm_avx2<false, T>(a, wp, ws, y, M, N, K);
+    }
+    return;
+  }
+#endif
+  if (block) {
+    gemm_generic<T, c10::Half>(a, wp, static_cast<const c10::Half*>(ws), y, M, N, K, SB);
+  } else {
+    gemm_generic<T, float>(a, wp, static_cast<const float*>(ws), y, M, N, K, SB);
+  }
+}
+
+template <typename T>
+void q4_linear_raw(const T* x, T* y, int64_t M, int64_t N, int64_t K, const uint8_t* wp, const c10::Half* dm,
+                   Path use, int8_t* xq, float* xs, int32_t* xstart) {
+  quantize_rows<T>(x, xq, xs, xstart, M, K, QK);
+  const QAct a{xq, xs, xstart};
+#ifdef KVSERVE_VNNI
+  if (use == kBest) {
+    gemm_q4<T>(a, wp, dm, y, M, N, K);
+    return;
+  }
+#endif
+#ifdef KVSERVE_AVX2
+  if (use == kAvx2) {
+    gemm_q4_avx2<T>(a, wp, dm, y, M, N, K);
+    return;
+  }
+#endif
+  gemm_q4_generic<T>(a, wp, dm, y, M, N, K);
+}
+
 // x (M, K) -> y (M, N); `path` forces a path (Path above).
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
                           int64_t path) {
@@ -587,34 +647,8 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   auto xstart = torch::empty({M, SB}, x.options().dtype(torch::kInt32));
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    quantize<T>(x, xq, xs, xstart, K / SB);
-    const QAct a{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xstart.data_ptr<int32_t>()};
-    const auto* wp = packed.data_ptr<uint8_t>();
-#ifdef KVSERVE_VNNI
-    if (use == kBest) {
-      if (block) {
-        gemm_vnni<true, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
-      } else {
-        gemm_vnni<false, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
-      }
-      return;
-    }
-#endif
-#ifdef KVSERVE_AVX2
-    if (use == kAvx2) {
-      if (block) {
-        gemm_avx2<true, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
-      } else {
-        gemm_avx2<false, T>(a, wp, scales.data_ptr(), y.data_ptr<T>(), M, N, K);
-      }
-      return;
-    }
-#endif
-    if (block) {
-      gemm_generic<T, c10::Half>(a, wp, scales.data_ptr<c10::Half>(), y.data_ptr<T>(), M, N, K, SB);
-    } else {
-      gemm_generic<T, float>(a, wp, scales.data_ptr<float>(), y.data_ptr<T>(), M, N, K, SB);
-    }
+    int8_linear_raw<T>(x.data_ptr<T>(), y.data_ptr<T>(), M, N, K, packed.data_ptr<uint8_t>(), scales.data_ptr(),
+                       block, use, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xstart.data_ptr<int32_t>());
   };
   if (x.dtype() == torch::kFloat32) {
     run(float{});
@@ -624,11 +658,8 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   return y;
 }
 
-// Q4_0 / Q4_1: x (M, K) -> y (M, N); packed (N/16, K/32, 4, 64) uint8, dm (N/16, K/32, 2, 16) float16 (d, then m).
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& dm, int64_t path) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
-  TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16, "x must be float32 or bfloat16");
-  const int64_t M = x.size(0), K = x.size(1);
+// The checks of a Q4_0 / Q4_1 weight against activations of width K.
+void check_q4_weights(const torch::Tensor& packed, const torch::Tensor& dm, int64_t K) {
   TORCH_CHECK(K % QK == 0, "K must be a multiple of 32");
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 4 && packed.size(2) == 4 && packed.size(3) == 64 &&
                   packed.is_contiguous(), "packed weights must be contiguous uint8 (N/16, K/32, 4, 64)");
@@ -636,6 +667,14 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, con
   TORCH_CHECK(dm.dtype() == torch::kFloat16 && dm.dim() == 4 && dm.size(0) == packed.size(0) &&
                   dm.size(1) == packed.size(1) && dm.size(2) == 2 && dm.size(3) == NR && dm.is_contiguous(),
               "dm must be contiguous float16 (N/16, K/32, 2, 16)");
+}
+
+// Q4_0 / Q4_1: x (M, K) -> y (M, N); packed (N/16, K/32, 4, 64) uint8, dm (N/16, K/32, 2, 16) float16 (d, then m).
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& dm, int64_t path) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) matrix");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16, "x must be float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_q4_weights(packed, dm, K);
   const Path use = pick(path);
   const int64_t N = packed.size(0) * NR;
   auto y = torch::empty({M, N}, x.options());
@@ -645,23 +684,9 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& packed, con
   auto xstart = torch::empty({M, K / QK}, x.options().dtype(torch::kInt32));
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    quantize<T>(x, xq, xs, xstart, QK);
-    const QAct a{xq.data_ptr<int8_t>(), xs.data_ptr<float>(), xstart.data_ptr<int32_t>()};
-    const auto* wp = packed.data_ptr<uint8_t>();
-    const auto* dp = dm.data_ptr<c10::Half>();
-#ifdef KVSERVE_VNNI
-    if (use == kBest) {
-      gemm_q4<T>(a, wp, dp, y.data_ptr<T>(), M, N, K);
-      return;
-    }
-#endif
-#ifdef KVSERVE_AVX2
-    if (use == kAvx2) {
-      gemm_q4_avx2<T>(a, wp, dp, y.data_ptr<T>(), M, N, K);
-      return;
-    }
-#endif
-    gemm_q4_generic<T>(a, wp, dp, y.data_ptr<T>(), M, N, K);
+    q4_linear_raw<T>(x.data_ptr<T>(), y.data_ptr<T>(), M, N, K, packed.data_ptr<uint8_t>(),
+                     dm.data_ptr<c10::Half>(), use, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+                     xstart.data_ptr<int32_t>());
   };
   if (x.dtype() == torch::kFloat32) {
     run(float{});

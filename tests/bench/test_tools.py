@@ -122,3 +122,15 @@ def test_scheduling_bench_swap_scenario_tiny(tmp_path):
     assert rec["preemptions_swapped"] == 0
     assert auto["preemptions_swapped"] == auto["logged_swap"] == auto["preemptions"] > 0
     assert r["ttft_p99_ratio_recompute_over_auto"] > 0
+
+
+def test_decode1_paired_shares():
+    from kvserve.bench.decode1 import paired_shares
+
+    # 100 MB a token; repeat 0 at 200 tok/s between 40 and 60 GB/s (bound 500 tok/s): 40%; repeat 1 at 300 tok/s
+    # between 60 and 30 GB/s (bound 450): 66.7%. Pairing each repeat with its own neighbours, not the last figure
+    # alone (30 GB/s would give 66.7% and 100%), is the point.
+    shares = paired_shares([200.0, 300.0], [40.0, 60.0, 30.0], 100_000_000)
+    assert shares == pytest.approx([0.4, 300 / 450])
+    with pytest.raises(ValueError, match="3 bandwidth figures"):
+        paired_shares([200.0, 300.0], [40.0, 60.0], 100_000_000)

@@ -27,7 +27,7 @@ def with_and_without_plan(model, run):
         model.decode_plan = plan
 
 
-@pytest.mark.parametrize("quantization", ["none", "q8_0", "q4_1"])
+@pytest.mark.parametrize("quantization", ["none", "q8_0", "q4_1", "w8a8"])
 def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quantization):
     from kvserve.engine.llm_engine import LLM, EngineArgs, LLMEngine
     from kvserve.model.llama import LlamaModel
@@ -57,6 +57,31 @@ def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quan
         assert model.decode_plan.take_profile() == [0.0, 0.0, 0.0]  # taking it resets it
     finally:
         model.decode_plan.set_profile(False)
+
+
+def test_plan_checks_its_weights_once(loaded):
+    """The plan reads K and N off the packed weights when it is built (its steps then run on raw pointers), so a
+    layer list that does not chain, or a kind it does not know, is refused there with a clear message."""
+    from kvserve.model.llama import LlamaModel
+
+    model = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization="q8_0")
+    lw = model.layers[0]
+    c = model.config
+    norms = [lw.input_norm, lw.post_norm]
+    lins = [lw.qkv, lw.o, lw.gate_up, lw.down]
+    mod = kernels.decode_step_module()
+
+    def plan(kinds, lins_):
+        return mod.DecodePlan(norms, kinds, [x.packed for x in lins_], [x.scales for x in lins_], c.num_heads,
+                              c.num_kv_heads, c.rms_norm_eps, model.scale)
+
+    plan([1, 1, 1, 1], lins)  # the layer as the model builds it
+    with pytest.raises(RuntimeError, match="linear kind must be"):
+        plan([1, 1, 3, 1], lins)
+    with pytest.raises(RuntimeError, match="do not chain"):
+        plan([1, 1, 1, 1], [lw.qkv, lw.o, lw.down, lw.gate_up])  # gate_up and down swapped
+    with pytest.raises(RuntimeError, match="packed weights"):
+        plan([2, 1, 1, 1], lins)  # q8_0 codes read as 4-bit
 
 
 def test_no_plan_where_a_piece_is_not_native(loaded):
