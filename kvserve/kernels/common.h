@@ -26,7 +26,7 @@ namespace kvserve {
 // PREFETCH_BYTES past p. On this AMD CPU the hardware prefetcher alone leaves two threads' weight streams at 28-38
 // GB/s; prefetching ~2 KB ahead brings them to 37-47, the machine's read rate (2026-12-07, docs/benchmarks.md).
 // Past the end of a thread's rows it touches its neighbour's or nothing a load would fault on: a prefetch never faults.
-constexpr int64_t PREFETCH_BYTES = 2048;
+constexpr int64_t PREFETCH_BYTES = 8192;
 template <int LINES>
 inline void prefetch_ahead(const void* p) {
   const char* c = static_cast<const char*>(p) + PREFETCH_BYTES;
