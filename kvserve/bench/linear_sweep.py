@@ -1,6 +1,7 @@
 """The layer matmuls of one decode step, per weight format and token count: what the kernel choices rest on.
 
     python -m kvserve.bench.linear_sweep [--tokens 1,4,8,64,256] [--layers 30] [--threads 2] [--paths best]
+    python -m kvserve.bench.linear_sweep --prefetch-bytes 0,2048,8192 [--tokens 1,8] [--rounds 15]
 
 Random weights of SmolLM2's shapes (q/k/v 960x576, o 576x576, gate/up 3072x576, down 576x1536) for --layers layers,
 so the weights do not fit in cache, as in a real step; each layer's four matmuls are called in order on fresh
@@ -10,6 +11,10 @@ rate in GB/s and the speed-up over oneDNN bf16. `--paths best,avx2,portable` add
 kernel's AVX2 path (what CPUs without AVX-512 run) and its portable C++ path, each forced on this CPU. Where AMX
 runs, q8_0 and q4_1 take bf16 tiles from 128 tokens on (kvserve.model.quant.PREFILL_BF16_MIN_TOKENS), and `q8_0 int8
 kernel` / `q4_1 int8 kernel` show the int8 kernel at every size beside them.
+
+`--prefetch-bytes` compares the kernels' software prefetch distances instead (bf16 `Linear`, q8_0 and q4_1 on their
+best path): each round times one sweep per distance, the distances' order rotated from round to round (on this host
+whichever variant runs first after a change of buffers is slower), and prints each distance's median over the rounds.
 """
 
 from __future__ import annotations
@@ -65,14 +70,47 @@ def sweep_ms(layers: list, tokens: int, repeats: int = 15) -> float:
     return statistics.median(times) * 1e3
 
 
+def prefetch_table(tokens: list[int], layers: int, distances: list[int], rounds: int) -> None:
+    from kvserve import kernels
+
+    formats = {k: v for k, v in build(layers, ["best"]).items() if k in ("bf16 (Linear)", "q8_0", "q4_1")}
+    modules = [m for m in (kernels.quant_gemm_module(), kernels.gemv_module()) if m is not None]
+    print("| tokens | format | " + " | ".join(f"{d} B ahead" for d in distances) + " |")
+    print("|---:|---|" + "---:|" * len(distances))
+    try:
+        for t in tokens:
+            for name, lins in formats.items():
+                times: dict[int, list[float]] = {d: [] for d in distances}
+                for r in range(rounds):
+                    for i in range(len(distances)):
+                        d = distances[(i + r) % len(distances)]
+                        for m in modules:
+                            m.set_prefetch_bytes(d)
+                        times[d].append(sweep_ms(lins, t, repeats=1))
+                nbytes = sum(lin.nbytes for row in lins for lin in row)
+                cells = [f"{statistics.median(times[d]):.2f} ms, {nbytes / statistics.median(times[d]) / 1e6:.1f} GB/s"
+                         for d in distances]
+                print(f"| {t} | {name} | " + " | ".join(cells) + " |")
+    finally:
+        for m in modules:
+            m.set_prefetch_bytes(8192)  # the kernels' default
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,4,8,64,256")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--paths", default="best", help="kernel paths of the quantized formats: best, avx2, portable")
+    ap.add_argument("--prefetch-bytes", default=None,
+                    help="compare these software prefetch distances (bytes, comma-separated; 0: off)")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of the --prefetch-bytes comparison")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.prefetch_bytes:
+        prefetch_table([int(x) for x in args.tokens.split(",")], args.layers,
+                       [int(x) for x in args.prefetch_bytes.split(",")], args.rounds)
+        return 0
     formats = build(args.layers, args.paths.split(","))
     print("| tokens | " + " | ".join(formats) + " |")
     print("|---:|" + "---:|" * len(formats))

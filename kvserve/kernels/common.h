@@ -22,14 +22,27 @@
 
 namespace kvserve {
 
-// Software prefetch for the kernels that stream weights once per call (batch-1 decode): LINES cache lines from
-// PREFETCH_BYTES past p. On this AMD CPU the hardware prefetcher alone leaves two threads' weight streams at 28-38
-// GB/s; prefetching ~2 KB ahead brings them to 37-47, the machine's read rate (2026-12-07, docs/benchmarks.md).
-// Past the end of a thread's rows it touches its neighbour's or nothing a load would fault on: a prefetch never faults.
-constexpr int64_t PREFETCH_BYTES = 8192;
+// Software prefetch for the kernels that stream weights once per call (batch-1 decode): LINES cache lines this many
+// bytes past p. On this AMD CPU the hardware prefetcher alone leaves two threads' weight streams well under the
+// machine's read rate; 8 KB ahead measured best of 0 / 2 / 4 / 8 / 12 / 16 KB in both of its memory modes
+// (docs/benchmarks.md, `kvserve.bench.linear_sweep --prefetch-bytes`). Past the end of a thread's rows it touches
+// its neighbour's or nothing: a prefetch never faults. Each kernel module's set_prefetch_bytes changes it (0: off),
+// for that benchmark.
+inline int64_t& prefetch_bytes() {
+  static int64_t bytes = 8192;
+  return bytes;
+}
+
+inline void set_prefetch_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0 && bytes <= 65536 && bytes % 64 == 0, "prefetch distance must be 0..65536, a multiple of 64");
+  prefetch_bytes() = bytes;
+}
+
 template <int LINES>
 inline void prefetch_ahead(const void* p) {
-  const char* c = static_cast<const char*>(p) + PREFETCH_BYTES;
+  const int64_t d = prefetch_bytes();
+  if (d == 0) return;
+  const char* c = static_cast<const char*>(p) + d;
   for (int i = 0; i < LINES; ++i) __builtin_prefetch(c + 64 * i, 0, 3);
 }
 

@@ -111,6 +111,8 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& packed) {
 #ifndef KVSERVE_NO_PYBIND  // decode_step.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether the AVX512-BF16 kernel was compiled in");
+  m.def("set_prefetch_bytes", &kvserve::set_prefetch_bytes,
+        "software prefetch distance in bytes (0: off), for benchmarks");
   m.def("pack", &pack, "W (N, K) -> the kernel's (N/16, K/2, 32) layout");
   m.def("gemv", &gemv, "y = x W^T for up to 8 rows of x, bfloat16");
   m.attr("MAX_M") = MAX_M;

@@ -801,6 +801,8 @@ std::vector<torch::Tensor> quantize_activations(const torch::Tensor& x, int64_t 
 #ifndef KVSERVE_NO_PYBIND  // decode_step.cpp compiles this file into its own module
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni, "whether the AVX512-VNNI path was compiled in");
+  m.def("set_prefetch_bytes", &kvserve::set_prefetch_bytes,
+        "software prefetch distance in bytes (0: off), for benchmarks");
   m.def("has_avx2", &has_avx2, "whether the AVX2 path was compiled in");
   m.def("int8_linear", &int8_linear, "y = x W^T over int8 weights (q8_0 or w8a8) with activations quantized on the fly");
   m.def("q4_linear", &q4_linear, "y = x W^T over Q4_0 / Q4_1 weights with activations quantized to blocks of 32");

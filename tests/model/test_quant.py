@@ -102,6 +102,33 @@ def test_kernel_rejects_bad_input():
         mod.int8_linear(torch.randn(2, 64), packed, scales, 3)
 
 
+@needs_kernel
+def test_prefetch_distance_changes_no_result():
+    """The software prefetch is a hint: with it off, at the default 8 KB and far past a row group, every kernel path
+    gives the same bits; the benchmark's setter refuses distances it cannot mean."""
+    from kvserve.model.quant import pack_q4, quantize_q4
+
+    _, q, d = _weights(64, 256, "q8_0")
+    packed, scales = pack_int8(q, d)
+    w4 = torch.randn(64, 256) * 0.05
+    p4, dm = pack_q4(*quantize_q4(w4, "q4_1"))
+    x = torch.randn(3, 256).bfloat16()
+    paths = [0, 2] + ([1] if mod.has_avx2() else [])
+    try:
+        outs = {}
+        for dist in (0, 8192, 65536):
+            mod.set_prefetch_bytes(dist)
+            outs[dist] = [(mod.int8_linear(x, packed, scales, p), mod.q4_linear(x, p4, dm, p)) for p in paths]
+        for dist in (8192, 65536):
+            for (a8, a4), (b8, b4) in zip(outs[0], outs[dist]):
+                assert torch.equal(a8, b8) and torch.equal(a4, b4)
+    finally:
+        mod.set_prefetch_bytes(8192)
+    for bad in (-64, 100, 65600):
+        with pytest.raises(RuntimeError, match="prefetch distance"):
+            mod.set_prefetch_bytes(bad)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_int8_linear_fallback_equals_kernel(fmt):
     w, q, d = _weights(64, 128, fmt)
