@@ -1,7 +1,7 @@
 """Offline batch-1 decode against the memory-bandwidth bound of the weights' own format.
 
     python -m kvserve.bench.decode1 [--model PATH] [--quantization none,q8_0,w8a8] [--tokens 256] [--repeats 3]
-                                    [--torch-argmax]
+                                    [--torch-argmax | --no-prefetch]
 
 A batch-1 decode step reads every weight once, so its ceiling is (read bandwidth) / (weight bytes). For each format
 this prints the median tok/s over --repeats generations of --tokens tokens after a 32-token prompt, the weight bytes
@@ -47,10 +47,20 @@ def paired_shares(rates: list[float], bandwidths: list[float], weight_bytes: int
     return [r * weight_bytes / ((bandwidths[i] + bandwidths[i + 1]) / 2 * 1e9) for i, r in enumerate(rates)]
 
 
+def set_prefetch(nbytes: int) -> None:
+    """The software prefetch distance of every kernel module a decode step runs (the plan's, the lm_head's)."""
+    from kvserve import kernels
+
+    for mod in (kernels.decode_step_module(), kernels.quant_gemm_module(), kernels.gemv_module()):
+        if mod is not None:
+            mod.set_prefetch_bytes(nbytes)
+
+
 def run(model: str | None, quantization: str, tokens: int, repeats: int, threads: int,
-        torch_argmax: bool = False, bandwidth=bandwidth_gb_s) -> dict:
-    """With torch_argmax, every repeat runs twice, alternating: the engine's greedy argmax and torch.argmax (the
-    sampler's path before the native one), so the two are compared in one process, through the host's swings.
+        torch_argmax: bool = False, no_prefetch: bool = False, bandwidth=bandwidth_gb_s) -> dict:
+    """With torch_argmax (or no_prefetch), every repeat runs twice, alternating: the engine as it is, and with
+    torch.argmax as the greedy argmax (the sampler's path before the native one; or with the kernels' software
+    prefetch off), so the two are compared in one process, through the host's swings.
     `bandwidth()` ((copy, read) GB/s) is called before every repeat and after the last (see paired_shares)."""
     import torch
 
@@ -62,36 +72,47 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     sampler = llm.engine.core.runner.sampler
-    variants = {"engine": sampler.argmax}
+    engine_argmax = sampler.argmax
+
+    def as_is():
+        sampler.argmax = engine_argmax
+        set_prefetch(8192)  # the kernels' default
+
+    def with_torch_argmax():
+        sampler.argmax = lambda x: x.argmax(dim=-1)
+
+    variants = {"engine": as_is}
     if torch_argmax:
-        variants["torch_argmax"] = lambda x: x.argmax(dim=-1)
+        variants["torch_argmax"] = with_torch_argmax
+    if no_prefetch:
+        variants["no_prefetch"] = lambda: set_prefetch(0)
     rates: dict[str, list[float]] = {k: [] for k in variants}
     tokens_of: dict[str, list[int]] = {}
     bws: list[tuple[float, float]] = []  # (copy, read)
     for _ in range(repeats):
         bws.append(bandwidth())
-        for name, fn in variants.items():
-            sampler.argmax = fn
+        for name, setup in variants.items():
+            setup()
             t0 = time.perf_counter()
             out = llm.generate([prompt], params, use_tqdm=False)[0]
             dt = time.perf_counter() - t0
             rates[name].append(len(out.outputs[0].token_ids) / dt)
             tokens_of.setdefault(name, out.outputs[0].token_ids)
     bws.append(bandwidth())
-    sampler.argmax = variants["engine"]
+    as_is()
     info = llm.engine.info
     wb = llm.engine.core.model.weight_bytes()
     res = {"model": info.model_name, "quantization": info.quantization, "tok_s": statistics.median(rates["engine"]),
            "runs": rates["engine"], "weight_bytes": wb, "paired_copy_read_gb_s": bws}
-    if not torch_argmax:  # with it, each repeat's two generations share the bandwidth pair: no per-repeat share
+    if len(variants) == 1:  # with a comparison, each repeat's two generations share a bandwidth pair: no share
         res["paired_shares_read"] = paired_shares(rates["engine"], [r for _, r in bws], wb)
         res["paired_shares_best"] = paired_shares(rates["engine"], [max(b) for b in bws], wb)
         res["paired_share_read"] = statistics.median(res["paired_shares_read"])
         res["paired_share_best"] = statistics.median(res["paired_shares_best"])
-    if torch_argmax:
-        res["torch_argmax_tok_s"] = statistics.median(rates["torch_argmax"])
-        res["torch_argmax_runs"] = rates["torch_argmax"]
-        res["same_tokens"] = tokens_of["engine"] == tokens_of["torch_argmax"]
+    for name in list(variants)[1:]:
+        res[f"{name}_tok_s"] = statistics.median(rates[name])
+        res[f"{name}_runs"] = rates[name]
+        res["same_tokens"] = tokens_of["engine"] == tokens_of[name]
     return res
 
 
@@ -105,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--torch-argmax", action="store_true",
                     help="also time each repeat with torch.argmax as the greedy sampler's argmax (alternating)")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="also time each repeat with the kernels' software prefetch off (alternating)")
     args = ap.parse_args(argv)
-    results = [run(args.model, q, args.tokens, args.repeats, args.threads, args.torch_argmax)
+    if args.torch_argmax and args.no_prefetch:
+        ap.error("--torch-argmax and --no-prefetch are separate comparisons: pick one")
+    results = [run(args.model, q, args.tokens, args.repeats, args.threads, args.torch_argmax, args.no_prefetch)
                for q in args.quantization.split(",")]
     copy, read = bandwidth_gb_s()
     bw = max(copy, read)  # the bound with the better of the two (the harder bar)
@@ -126,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             p_read, p_best = f"{100 * r['paired_share_read']:.1f}%", f"{100 * r['paired_share_best']:.1f}%"
         print(f"| {r['quantization']} | {r['tok_s']:.1f} | {1e3 / r['tok_s']:.2f} | {r['weight_bytes'] / 1e6:.0f} | "
               f"{bound:.1f} | {100 * r['tok_s'] / bound:.1f}% | {per} | {p_read} | {p_best} |")
+    labels = {"torch_argmax": ("with torch.argmax", "the engine's argmax"),
+              "no_prefetch": ("with the prefetch off", "with it on")}
     for r in results:
-        if "torch_argmax_tok_s" in r:
-            print(f"{r['quantization']}: with torch.argmax {r['torch_argmax_tok_s']:.1f} tok/s "
-                  f"({1e3 / r['torch_argmax_tok_s']:.3f} ms/token); the engine's argmax "
-                  f"{r['tok_s'] / r['torch_argmax_tok_s']:.3f}x; same tokens: {r['same_tokens']}")
+        for name, (other, ours) in labels.items():
+            if f"{name}_tok_s" not in r:
+                continue
+            pairs = sum(a > b for a, b in zip(r["runs"], r[f"{name}_runs"]))
+            print(f"{r['quantization']}: {other} {r[f'{name}_tok_s']:.1f} tok/s ({1e3 / r[f'{name}_tok_s']:.3f} "
+                  f"ms/token); {ours} {r['tok_s'] / r[f'{name}_tok_s']:.3f}x, faster in {pairs} of "
+                  f"{len(r['runs'])} pairs; same tokens: {r['same_tokens']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

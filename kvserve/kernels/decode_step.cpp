@@ -260,4 +260,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("take_profile", &DecodePlan::take_profile,
            "seconds in matmuls, attention and elementwise ops since the last call, then reset");
   m.def("set_amx", &kv_attn::set_amx, "turn the AMX attention path on or off in this module");
+  m.def("set_prefetch_bytes", &kvserve::set_prefetch_bytes,
+        "software prefetch distance in bytes (0: off) of this module's kernels, for benchmarks");
 }
