@@ -23,11 +23,11 @@
 namespace kvserve {
 
 // Software prefetch for the kernels that stream weights once per call (batch-1 decode): LINES cache lines this many
-// bytes past p. On this AMD CPU the hardware prefetcher alone leaves two threads' weight streams well under the
-// machine's read rate; 8 KB ahead measured best of 0 / 2 / 4 / 8 / 12 / 16 KB in both of its memory modes
-// (docs/benchmarks.md, `kvserve.bench.linear_sweep --prefetch-bytes`). Past the end of a thread's rows it touches
-// its neighbour's or nothing: a prefetch never faults. Each kernel module's set_prefetch_bytes changes it (0: off),
-// for that benchmark.
+// bytes past p. On this AMD CPU the hardware prefetcher alone leaves two threads' weight streams under the machine's
+// read rate: of 0 / 2 / 4 / 8 / 16 KB, 8 KB measured best at 8 tokens (1.3-1.6x over none) and ~10% faster for a
+// q4_1 batch-1 decode, no slower elsewhere (docs/benchmarks.md; `kvserve.bench.linear_sweep --prefetch-bytes`,
+// `kvserve.bench.decode1 --no-prefetch`). Past the end of a thread's rows it touches its neighbour's or nothing: a
+// prefetch never faults. Each kernel module's set_prefetch_bytes changes it (0: off), for those benchmarks.
 inline int64_t& prefetch_bytes() {
   static int64_t bytes = 8192;
   return bytes;
