@@ -47,13 +47,17 @@ def paired_shares(rates: list[float], bandwidths: list[float], weight_bytes: int
     return [r * weight_bytes / ((bandwidths[i] + bandwidths[i + 1]) / 2 * 1e9) for i, r in enumerate(rates)]
 
 
-def set_prefetch(nbytes: int) -> None:
-    """The software prefetch distance of every kernel module a decode step runs (the plan's, the lm_head's)."""
+def set_prefetch(nbytes: int) -> int:
+    """Sets the software prefetch distance of every kernel module a decode step runs (the plan's, the lm_head's);
+    returns the distance they had (the kernels' default until something changes it)."""
     from kvserve import kernels
 
-    for mod in (kernels.decode_step_module(), kernels.quant_gemm_module(), kernels.gemv_module()):
-        if mod is not None:
-            mod.set_prefetch_bytes(nbytes)
+    mods = [m for m in (kernels.decode_step_module(), kernels.quant_gemm_module(), kernels.gemv_module())
+            if m is not None]
+    before = mods[0].prefetch_bytes() if mods else 0
+    for mod in mods:
+        mod.set_prefetch_bytes(nbytes)
+    return before
 
 
 def run(model: str | None, quantization: str, tokens: int, repeats: int, threads: int,
@@ -73,10 +77,11 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     sampler = llm.engine.core.runner.sampler
     engine_argmax = sampler.argmax
+    prefetch = set_prefetch(0)  # the kernels' distance; as_is() puts it back before every repeat
 
     def as_is():
         sampler.argmax = engine_argmax
-        set_prefetch(8192)  # the kernels' default
+        set_prefetch(prefetch)
 
     def with_torch_argmax():
         sampler.argmax = lambda x: x.argmax(dim=-1)

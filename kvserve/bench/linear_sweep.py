@@ -71,10 +71,10 @@ def sweep_ms(layers: list, tokens: int, repeats: int = 15) -> float:
 
 
 def prefetch_table(tokens: list[int], layers: int, distances: list[int], rounds: int) -> None:
-    from kvserve import kernels
+    from kvserve.bench.decode1 import set_prefetch
 
     formats = {k: v for k, v in build(layers, ["best"]).items() if k in ("bf16 (Linear)", "q8_0", "q4_1")}
-    modules = [m for m in (kernels.quant_gemm_module(), kernels.gemv_module()) if m is not None]
+    before = set_prefetch(0)
     print("| tokens | format | " + " | ".join(f"{d} B ahead" for d in distances) + " |")
     print("|---:|---|" + "---:|" * len(distances))
     try:
@@ -84,16 +84,14 @@ def prefetch_table(tokens: list[int], layers: int, distances: list[int], rounds:
                 for r in range(rounds):
                     for i in range(len(distances)):
                         d = distances[(i + r) % len(distances)]
-                        for m in modules:
-                            m.set_prefetch_bytes(d)
+                        set_prefetch(d)
                         times[d].append(sweep_ms(lins, t, repeats=1))
                 nbytes = sum(lin.nbytes for row in lins for lin in row)
                 cells = [f"{statistics.median(times[d]):.2f} ms, {nbytes / statistics.median(times[d]) / 1e6:.1f} GB/s"
                          for d in distances]
                 print(f"| {t} | {name} | " + " | ".join(cells) + " |")
     finally:
-        for m in modules:
-            m.set_prefetch_bytes(8192)  # the kernels' default
+        set_prefetch(before)
 
 
 def main(argv: list[str] | None = None) -> int:

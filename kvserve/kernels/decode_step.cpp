@@ -262,4 +262,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx", &kv_attn::set_amx, "turn the AMX attention path on or off in this module");
   m.def("set_prefetch_bytes", &kvserve::set_prefetch_bytes,
         "software prefetch distance in bytes (0: off) of this module's kernels, for benchmarks");
+  m.def("prefetch_bytes", [] { return kvserve::prefetch_bytes(); }, "the software prefetch distance now");
 }

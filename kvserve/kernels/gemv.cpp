@@ -113,6 +113,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available", &available, "whether the AVX512-BF16 kernel was compiled in");
   m.def("set_prefetch_bytes", &kvserve::set_prefetch_bytes,
         "software prefetch distance in bytes (0: off), for benchmarks");
+  m.def("prefetch_bytes", [] { return kvserve::prefetch_bytes(); }, "the software prefetch distance now");
   m.def("pack", &pack, "W (N, K) -> the kernel's (N/16, K/2, 32) layout");
   m.def("gemv", &gemv, "y = x W^T for up to 8 rows of x, bfloat16");
   m.attr("MAX_M") = MAX_M;

@@ -572,39 +572,31 @@ Path pick(int64_t path) {
 #endif
 }
 
+// The int8 matmul on the chosen path; BLOCK: q8_0's fp16 scales per block of 32, else w8a8's float32 per row.
+template <bool BLOCK, typename T>
+void int8_gemm(Path use, QAct a, const uint8_t* wp, const void* ws, T* y, int64_t M, int64_t N, int64_t K) {
+#ifdef KVSERVE_VNNI
+  if (use == kBest) return gemm_vnni<BLOCK, T>(a, wp, ws, y, M, N, K);
+#endif
+#ifdef KVSERVE_AVX2
+  if (use == kAvx2) return gemm_avx2<BLOCK, T>(a, wp, ws, y, M, N, K);
+#endif
+  using S = std::conditional_t<BLOCK, c10::Half, float>;
+  gemm_generic<T, S>(a, wp, static_cast<const S*>(ws), y, M, N, K, BLOCK ? K / QK : 1);
+}
+
 // The two linear kernels on raw buffers: x (M, K) -> y (M, N), x's activations quantized into the caller's xq (M * K
 // int8), xs and xstart (M * K / 32 each at most). The tensor entry points below allocate these per call; the decode
-// plan (decode_step.cpp) keeps them across steps. BLOCK: q8_0's fp16 scales per block of 32; else w8a8's per row.
+// plan (decode_step.cpp) keeps them across steps. block: as BLOCK above.
 template <typename T>
 void int8_linear_raw(const T* x, T* y, int64_t M, int64_t N, int64_t K, const uint8_t* wp, const void* ws, bool block,
                      Path use, int8_t* xq, float* xs, int32_t* xstart) {
-  const int64_t SB = block ? K / QK : 1;
-  quantize_rows<T>(x, xq, xs, xstart, M, K, K / SB);
+  quantize_rows<T>(x, xq, xs, xstart, M, K, block ? QK : K);
   const QAct a{xq, xs, xstart};
-#ifdef KVSERVE_VNNI
-  if (use == kBest) {
-    if (block) {
-      gemm_vnni<true, T>(a, wp, ws, y, M, N, K);
-    } else {
-      gemm_vnni<false, T>(a, wp, ws, y, M, N, K);
-    }
-    return;
-  }
-#endif
-#ifdef KVSERVE_AVX2
-  if (use == kAvx2) {
-    if (block) {
-      gemm_avx2<true, T>(a, wp, ws, y, M, N, K);
-    } else {
-      gemm_avx2<false, T>(a, wp, ws, y, M, N, K);
-    }
-    return;
-  }
-#endif
   if (block) {
-    gemm_generic<T, c10::Half>(a, wp, static_cast<const c10::Half*>(ws), y, M, N, K, SB);
+    int8_gemm<true, T>(use, a, wp, ws, y, M, N, K);
   } else {
-    gemm_generic<T, float>(a, wp, static_cast<const float*>(ws), y, M, N, K, SB);
+    int8_gemm<false, T>(use, a, wp, ws, y, M, N, K);
   }
 }
 
@@ -803,6 +795,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_vnni", &has_vnni, "whether the AVX512-VNNI path was compiled in");
   m.def("set_prefetch_bytes", &kvserve::set_prefetch_bytes,
         "software prefetch distance in bytes (0: off), for benchmarks");
+  m.def("prefetch_bytes", [] { return kvserve::prefetch_bytes(); }, "the software prefetch distance now");
   m.def("has_avx2", &has_avx2, "whether the AVX2 path was compiled in");
   m.def("int8_linear", &int8_linear, "y = x W^T over int8 weights (q8_0 or w8a8) with activations quantized on the fly");
   m.def("q4_linear", &q4_linear, "y = x W^T over Q4_0 / Q4_1 weights with activations quantized to blocks of 32");

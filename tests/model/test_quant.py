@@ -120,10 +120,11 @@ def test_prefetch_distance_changes_no_result():
             mod.set_prefetch_bytes(dist)
             outs[dist] = [(mod.int8_linear(x, packed, scales, p), mod.q4_linear(x, p4, dm, p)) for p in paths]
         for dist in (8192, 65536):
-            for (a8, a4), (b8, b4) in zip(outs[0], outs[dist]):
-                assert torch.equal(a8, b8) and torch.equal(a4, b4)
+            same = [torch.equal(a8, b8) and torch.equal(a4, b4) for (a8, a4), (b8, b4) in zip(outs[0], outs[dist])]
+            assert same == [True] * len(paths)  # every path compared, each the same bits
     finally:
         mod.set_prefetch_bytes(8192)
+    assert mod.prefetch_bytes() == 8192
     for bad in (-64, 100, 65600):
         with pytest.raises(RuntimeError, match="prefetch distance"):
             mod.set_prefetch_bytes(bad)
