@@ -50,7 +50,7 @@ struct LinearRef {
   torch::Tensor a, b;  // held, so the pointers below stay valid
   const void* wp = nullptr;
   const void* ws = nullptr;
-  bool block = false;  // int8: q8_0's per-block fp16 scales (else w8a8's per-row float32)
+  int64_t SB = 0;  // int8: scale groups per row (K/32 for q8_0, K/64 for w8a8)
 
   LinearRef() = default;
   LinearRef(int64_t kind_, torch::Tensor a_, torch::Tensor b_) : kind(kind_), a(std::move(a_)), b(std::move(b_)) {
@@ -65,9 +65,7 @@ struct LinearRef {
     } else {
       K = a.size(1) * 32;
       if (kind == 1) {
-        kv_int8::check_weights(a, b, K);
-        block = b.scalar_type() == torch::kFloat16;
-        TORCH_CHECK(block || K <= 65536, "w8a8 sums over all of K in int32: K must be <= 65536");
+        SB = kv_int8::check_weights(a, b, K);
       } else {
         kv_int8::check_q4_weights(a, b, K);
       }
@@ -89,8 +87,8 @@ void apply(const LinearRef& l, const bf16* x, bf16* y, int64_t M, int8_t* xq, fl
     kv_gemv::gemv_raw(x, static_cast<const bf16*>(l.wp), y, M, l.N, l.K);
 #endif
   } else if (l.kind == 1) {
-    kv_int8::int8_linear_raw<bf16>(x, y, M, l.N, l.K, static_cast<const uint8_t*>(l.wp), l.ws, l.block,
-                                   kv_int8::kBest, xq, xs, xstart);
+    kv_int8::int8_linear_raw<bf16>(x, y, M, l.N, l.K, static_cast<const uint8_t*>(l.wp),
+                                   static_cast<const c10::Half*>(l.ws), l.SB, kv_int8::kBest, xq, xs, xstart);
   } else {
     kv_int8::q4_linear_raw<bf16>(x, y, M, l.N, l.K, static_cast<const uint8_t*>(l.wp),
                                  static_cast<const c10::Half*>(l.ws), kv_int8::kBest, xq, xs, xstart);

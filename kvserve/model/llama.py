@@ -56,7 +56,7 @@ class LlamaModel:
             full = cat_rows([raw(p) for p in parts])
             if quantization in Q4_FORMATS and can_quantize(full):
                 return Q4Linear(full, quantization, bias, native=native_kernels)
-            if quantization != "none" and can_quantize(full, quantization):
+            if quantization != "none" and can_quantize(full):
                 return Int8Linear(full, quantization, bias, native=native_kernels)
             return Linear(as_float(full).to(dtype).contiguous(), bias, small_batch_kernel=native_kernels)
 

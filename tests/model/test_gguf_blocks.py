@@ -121,8 +121,9 @@ def test_int8_linear_packs_q8_0_blocks():
     q, d = unpack_int8(lin.packed, lin.scales)
     q0, d0 = gw.codes()
     assert torch.equal(q, q0) and torch.equal(d, d0)
-    # w8a8 requantizes the file's values per row
-    assert Int8Linear(gw, "w8a8", native=False).scales.shape[1] == 1
+    # w8a8 requantizes the file's values in groups of 64
+    w8 = Int8Linear(gw, "w8a8", native=False)
+    assert w8.scales.shape[1] == 128 // 64 and not torch.equal(unpack_int8(w8.packed, w8.scales)[0], q0)
 
 
 # ------------------------------------------------------------------------------------ files and the real model

@@ -46,7 +46,8 @@ def test_pack_roundtrip(fmt):
     _, q, d = _weights(48, 96, fmt)
     packed, scales = pack_int8(q, d)
     assert packed.shape == (3, 3, 8, 64) and scales.shape == (3, d.shape[1], 16)
-    assert scales.dtype == (torch.float16 if fmt == "q8_0" else torch.float32)  # GGUF's fp16 block scales
+    assert scales.dtype == torch.float16  # GGUF's fp16 block scales
+    assert d.shape[1] == (3 if fmt == "q8_0" else 96 // 32)  # 96 is no multiple of 64: w8a8 falls back to 32
     q2, d2 = unpack_int8(packed, scales)
     assert torch.equal(q, q2) and torch.equal(d.to(scales.dtype).float(), d2)
     # row 17, k = 37 (block 1, vector 1, lane 1 of group 1) sits at byte 4 * 1 + 1 of that vector, stored + 128
@@ -74,8 +75,27 @@ def test_kernel_matches_reference(fmt, m, n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("group", [32, 64, 96, 192, 576])
+def test_kernel_any_scale_group(group):
+    """One scale per `group` inputs (q8_0: 32, w8a8: 64; the layout takes any multiple of 32 dividing K, a whole
+    row included): every path against the reference, for one token (its two int32 chains) and a tile and a tail."""
+    n, k = 48, 576
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(group)) * 0.05
+    q, d = quantize_blocks(w, group)
+    packed, scales = pack_int8(q, d)
+    assert scales.shape == (3, k // group, 16)
+    d = unpack_int8(packed, scales)[1]  # fp16-rounded, as stored
+    for m in (1, 6, 9):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 2
+        x[0, 5] = 40.0
+        ref = reference_int8_linear(x, q, d)
+        for path in PATHS:
+            torch.testing.assert_close(mod.int8_linear(x, packed, scales, path), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bs", [32, 576])
+@pytest.mark.parametrize("bs", [32, 64, 576])
 def test_activation_quantization_matches_torch(dtype, bs):
     x = (torch.randn(9, 576, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
     x[2] = 0  # a zero row: scale 0, all codes 128
@@ -93,8 +113,10 @@ def test_kernel_rejects_bad_input():
         mod.int8_linear(torch.randn(2, 96), packed, scales, 0)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         mod.int8_linear(torch.randn(2, 64).half(), packed, scales, 0)
+    with pytest.raises(RuntimeError, match="scales"):  # 2 blocks of 32 cannot make 3 scale groups
+        mod.int8_linear(torch.randn(2, 64), packed, torch.cat([scales, scales[:, :1]], 1).contiguous(), 0)
     with pytest.raises(RuntimeError, match="scales"):
-        mod.int8_linear(torch.randn(2, 64), packed, scales[:, :1].contiguous(), 0)  # fp16 but one per row
+        mod.int8_linear(torch.randn(2, 64), packed, scales.float(), 0)
     with pytest.raises(RuntimeError, match="uint8"):
         mod.int8_linear(torch.randn(2, 64), packed.view(torch.int8), scales, 0)
     assert mod.int8_linear(torch.empty(0, 64), packed, scales, 0).shape == (0, 32)
@@ -150,8 +172,6 @@ def test_can_quantize_shapes():
 
     assert can_quantize(torch.empty(48, 96)) and not can_quantize(torch.empty(40, 96))
     assert not can_quantize(torch.empty(48, 100))
-    wide = torch.empty(16, 65568)  # w8a8 sums a whole row in int32: too wide for it, fine in 32-blocks
-    assert can_quantize(wide, "q8_0") and not can_quantize(wide, "w8a8")
 
 
 def test_resolve_quantization():
