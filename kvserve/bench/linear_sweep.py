@@ -2,6 +2,7 @@
 
     python -m kvserve.bench.linear_sweep [--tokens 1,4,8,64,256] [--layers 30] [--threads 2] [--paths best]
     python -m kvserve.bench.linear_sweep --prefetch-bytes 0,2048,8192 [--tokens 1,8] [--rounds 15]
+    python -m kvserve.bench.linear_sweep --pair-tiles --tokens 64,128,256 [--rounds 15]
 
 Random weights of SmolLM2's shapes (q/k/v 960x576, o 576x576, gate/up 3072x576, down 576x1536) for --layers layers,
 so the weights do not fit in cache, as in a real step; each layer's four matmuls are called in order on fresh
@@ -15,6 +16,8 @@ kernel` / `q4_1 int8 kernel` show the int8 kernel at every size beside them.
 `--prefetch-bytes` compares the kernels' software prefetch distances instead (bf16 `Linear`, q8_0 and q4_1 on their
 best path): each round times one sweep per distance, the distances' order rotated from round to round (on this host
 whichever variant runs first after a change of buffers is slower), and prints each distance's median over the rounds.
+`--pair-tiles` compares, the same way, the int8 kernel's tiles over one group of 16 weight rows and over two at once
+(q8_0 and w8a8; the kernel takes two from 128 tokens on, so pass --tokens of 128 and more).
 """
 
 from __future__ import annotations
@@ -70,28 +73,48 @@ def sweep_ms(layers: list, tokens: int, repeats: int = 15) -> float:
     return statistics.median(times) * 1e3
 
 
+def variant_table(tokens: list[int], formats: dict[str, list], variants: dict[str, object], rounds: int) -> None:
+    """Each round times one sweep per variant (`variants`: label -> a function that switches it on), the variants'
+    order rotated from round to round; prints each variant's median over the rounds."""
+    labels = list(variants)
+    print("| tokens | format | " + " | ".join(labels) + " |")
+    print("|---:|---|" + "---:|" * len(labels))
+    for t in tokens:
+        for name, lins in formats.items():
+            times: dict[str, list[float]] = {v: [] for v in labels}
+            for r in range(rounds):
+                for i in range(len(labels)):
+                    v = labels[(i + r) % len(labels)]
+                    variants[v]()
+                    times[v].append(sweep_ms(lins, t, repeats=1))
+            nbytes = sum(lin.nbytes for row in lins for lin in row)
+            cells = [f"{statistics.median(times[v]):.2f} ms, {nbytes / statistics.median(times[v]) / 1e6:.1f} GB/s"
+                     for v in labels]
+            print(f"| {t} | {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def prefetch_table(tokens: list[int], layers: int, distances: list[int], rounds: int) -> None:
     from kvserve.bench.decode1 import set_prefetch
 
     formats = {k: v for k, v in build(layers, ["best"]).items() if k in ("bf16 (Linear)", "q8_0", "q4_1")}
     before = set_prefetch(0)
-    print("| tokens | format | " + " | ".join(f"{d} B ahead" for d in distances) + " |")
-    print("|---:|---|" + "---:|" * len(distances))
     try:
-        for t in tokens:
-            for name, lins in formats.items():
-                times: dict[int, list[float]] = {d: [] for d in distances}
-                for r in range(rounds):
-                    for i in range(len(distances)):
-                        d = distances[(i + r) % len(distances)]
-                        set_prefetch(d)
-                        times[d].append(sweep_ms(lins, t, repeats=1))
-                nbytes = sum(lin.nbytes for row in lins for lin in row)
-                cells = [f"{statistics.median(times[d]):.2f} ms, {nbytes / statistics.median(times[d]) / 1e6:.1f} GB/s"
-                         for d in distances]
-                print(f"| {t} | {name} | " + " | ".join(cells) + " |")
+        variant_table(tokens, formats, {f"{d} B ahead": (lambda d=d: set_prefetch(d)) for d in distances}, rounds)
     finally:
         set_prefetch(before)
+
+
+def pair_table(tokens: list[int], layers: int, rounds: int) -> None:
+    """The int8 kernel's tiles over one row group against two at once (quant_gemm.cpp's tile2, on from 128 tokens)."""
+    from kvserve import kernels
+
+    mod = kernels.quant_gemm_module()
+    formats = {k: v for k, v in build(layers, ["best"]).items() if k in ("q8_0", "w8a8")}
+    try:
+        variant_table(tokens, formats, {"one row group": lambda: mod.set_pair_tiles(False),
+                                        "two row groups": lambda: mod.set_pair_tiles(True)}, rounds)
+    finally:
+        mod.set_pair_tiles(True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", default="best", help="kernel paths of the quantized formats: best, avx2, portable")
     ap.add_argument("--prefetch-bytes", default=None,
                     help="compare these software prefetch distances (bytes, comma-separated; 0: off)")
-    ap.add_argument("--rounds", type=int, default=15, help="rounds of the --prefetch-bytes comparison")
+    ap.add_argument("--pair-tiles", action="store_true",
+                    help="compare the int8 kernel's tiles over one row group and over two (from 128 tokens)")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of the --prefetch-bytes / --pair-tiles comparison")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.prefetch_bytes:
         prefetch_table([int(x) for x in args.tokens.split(",")], args.layers,
                        [int(x) for x in args.prefetch_bytes.split(",")], args.rounds)
+        return 0
+    if args.pair_tiles:
+        pair_table([int(x) for x in args.tokens.split(",")], args.layers, args.rounds)
         return 0
     formats = build(args.layers, args.paths.split(","))
     print("| tokens | " + " | ".join(formats) + " |")

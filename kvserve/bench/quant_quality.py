@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from kvserve.bench.kernel_quality import quality_token_ids
+from kvserve.bench.kernel_quality import held_out_token_ids, quality_token_ids
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
 from kvserve.model.smoothquant import CALIBRATION_TEXT, smooth_for_w8a8
@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--formats", default="q8_0,w8a8")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--held-out", action="store_true",
+                    help="over CPython's help topics (kernel_quality.held_out_token_ids) instead of the quality text")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ids = quality_token_ids(args.tokens)
+    ids = held_out_token_ids(args.tokens) if args.held_out else quality_token_ids(args.tokens)
     loaded = load_model(None)
     bf16 = LlamaModel(loaded.config, loaded.weights, torch.bfloat16)
     ref = prompt_logprobs(bf16, ids)

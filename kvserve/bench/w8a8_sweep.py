@@ -23,7 +23,7 @@ import argparse
 
 import torch
 
-from kvserve.bench.kernel_quality import quality_token_ids
+from kvserve.bench.kernel_quality import held_out_token_ids, quality_token_ids
 from kvserve.bench.quant_quality import compare, prompt_logprobs
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
@@ -37,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alphas", default="0.5,0.65,0.8")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--held-out", action="store_true",
+                    help="over CPython's help topics (kernel_quality.held_out_token_ids) instead of the quality text")
     ap.add_argument("--heads", action="store_true", help="the lm_head's precision instead of alpha")
     ap.add_argument("--groups", default=None, help="comma list of scale group sizes instead of alpha")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ids = quality_token_ids(args.tokens)
+    ids = held_out_token_ids(args.tokens) if args.held_out else quality_token_ids(args.tokens)
     loaded = load_model(None)
     tok = Tokenizer(loaded.tokenizer_source, loaded.chat_template)
     bf16 = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization="none")

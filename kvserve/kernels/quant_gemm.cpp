@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -391,19 +392,93 @@ inline void tile(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N
   for (int m = 0; m < MT; ++m) store16(acc[m], y + m * N);
 }
 
+// MT tokens x two groups of 16 rows (g and g + 1, their weights KB blocks apart): each broadcast activation word
+// feeds both groups' vpdpbusd, so a block takes 16 weight loads and 8 MT broadcasts for 16 MT multiply-adds where
+// two calls of `tile` take 16 + 16 MT. Used for full tiles of compute-bound calls; the same sums in the same order as
+// `tile` on each group, so the same bits.
+template <int MT, int PER, typename T>
+inline void tile2(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N, int64_t K, int64_t KB,
+                  int64_t per_arg) {
+  const int64_t per = PER > 0 ? PER : per_arg;
+  const int64_t SB = KB / per;
+  const uint8_t* wp2 = wp + KB * QK * NR;
+  const c10::Half* ws2 = ws + SB * NR;
+  __m512 acc0[MT], acc1[MT];
+  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < SB; ++sb) {
+    __m512i s0[MT], s1[MT];
+    for (int m = 0; m < MT; ++m) s0[m] = s1[m] = _mm512_set1_epi32(a.start[m * SB + sb]);
+#pragma GCC unroll 2
+    for (int64_t b = sb * per; b < (sb + 1) * per; ++b) {
+      const __m512i* va = reinterpret_cast<const __m512i*>(wp + b * QK * NR);
+      const __m512i* vb = reinterpret_cast<const __m512i*>(wp2 + b * QK * NR);
+      kvserve::prefetch_ahead<8>(va);
+      kvserve::prefetch_ahead<8>(vb);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m512i wa = _mm512_loadu_si512(va + j), wb = _mm512_loadu_si512(vb + j);
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) {
+          const __m512i xv = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(a.q + m * K + b * QK)[j]);
+          s0[m] = _mm512_dpbusd_epi32(s0[m], wa, xv);
+          s1[m] = _mm512_dpbusd_epi32(s1[m], wb, xv);
+        }
+      }
+    }
+    const __m512 wsa = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + sb * NR)));
+    const __m512 wsb = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws2 + sb * NR)));
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      const __m512 d = _mm512_set1_ps(a.d[m * SB + sb]);
+      acc0[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0[m]), d), wsa, acc0[m]);
+      acc1[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1[m]), d), wsb, acc1[m]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    store16(acc0[m], y + m * N);
+    store16(acc1[m], y + m * N + NR);
+  }
+}
+
 template <typename T>
 using TileFn = void (*)(QAct, const uint8_t*, const c10::Half*, T*, int64_t, int64_t, int64_t, int64_t);
 
 // Tokens per tile: 8 weight vectors + MT accumulators (+ chains and temporaries) within the 32 zmm registers.
 constexpr int MT = 6;
 
+// From how many tokens tile2 pays (SmolLM2's 120 layer matmuls, 2 threads, groups of 64, one-off timings and
+// 0.74x at 16 tokens, 0.93x at 32, 0.92-1.04x at 64, 1.12-1.25x from 128; `python -m kvserve.bench.linear_sweep
+// --pair-tiles`).
+constexpr int64_t PAIR_MIN_TOKENS = 128;
+
+std::atomic<bool>& pair_switch() {  // on; tests and benchmarks compare it with one group per tile
+  static std::atomic<bool> on{true};
+  return on;
+}
+bool pair_tiles() { return pair_switch().load(std::memory_order_relaxed); }
+
 template <int PER, typename T>
 void gemm_vnni_per(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t M, int64_t N, int64_t K,
                    int64_t SB) {
   static const TileFn<T> tiles[MT + 1] = {nullptr, tile<1, PER, T>, tile<2, PER, T>, tile<3, PER, T>,
                                           tile<4, PER, T>, tile<5, PER, T>, tile<6, PER, T>};
-  const int64_t KB = K / QK, per = KB / SB;
-  for_tiles<MT>(M, N / NR, [&](int64_t g, int64_t m, int64_t n) {
+  const int64_t KB = K / QK, per = KB / SB, G = N / NR;
+  if (M >= PAIR_MIN_TOKENS && G % 2 == 0 && pair_tiles()) {  // row groups in pairs; tails one group at a time
+    for_tiles<MT>(M, G / 2, [&](int64_t gp, int64_t m, int64_t n) {
+      const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
+      for (int64_t g = 2 * gp; g < 2 * gp + 2; g += n == MT ? 2 : 1) {
+        const uint8_t* wg = wp + g * KB * QK * NR;
+        const c10::Half* sg = ws + g * SB * NR;
+        if (n == MT) {
+          tile2<MT, PER, T>(am, wg, sg, y + m * N + g * NR, N, K, KB, per);
+        } else {
+          tiles[n](am, wg, sg, y + m * N + g * NR, N, K, KB, per);
+        }
+      }
+    });
+    return;
+  }
+  for_tiles<MT>(M, G, [&](int64_t g, int64_t m, int64_t n) {
     const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
     const uint8_t* wg = wp + g * KB * QK * NR;
     const c10::Half* sg = ws + g * SB * NR;
@@ -768,6 +843,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "software prefetch distance in bytes (0: off), for benchmarks");
   m.def("prefetch_bytes", [] { return kvserve::prefetch_bytes(); }, "the software prefetch distance now");
   m.def("has_avx2", &has_avx2, "whether the AVX2 path was compiled in");
+  m.def("set_pair_tiles", [](bool on) { pair_switch().store(on); },
+        "int8 tiles over two row groups at once for calls of 6+ tokens (on by default), for tests and benchmarks");
   m.def("int8_linear", &int8_linear, "y = x W^T over int8 weights (q8_0 or w8a8) with activations quantized on the fly");
   m.def("q4_linear", &q4_linear, "y = x W^T over Q4_0 / Q4_1 weights with activations quantized to blocks of 32");
   m.def("dequantize_t", &dequantize_t, "4-bit or q8_0 weights as a bfloat16 (K, N) matrix W^T (prefill on AMX)");

@@ -65,9 +65,10 @@ class LlamaModel:
             raise ValueError(f"embedding shape {tuple(self.embed.shape)} does not match the config "
                              f"({c.vocab_size}, {c.hidden_size})")
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        if quantization in Q4_FORMATS and can_quantize(raw(head)):
-            # 4-bit files keep the output matrix at 8 bits (llama.cpp's Q4 types do; the embedded Q4_1 file's
-            # token_embd is Q8_0): 4-bit logits cost 6 points of top-1 agreement
+        if (quantization in Q4_FORMATS or quantization == "w8a8") and can_quantize(raw(head)):
+            # the output matrix at q8_0 (llama.cpp's Q4 types keep it at 8 bits; the embedded Q4_1 file's
+            # token_embd is Q8_0): 4-bit logits cost 6 points of top-1 agreement, w8a8's groups of 64 a quarter more
+            # KL than q8_0's 32 (docs/benchmarks.md)
             self.lm_head = Int8Linear(raw(head), "q8_0", native=native_kernels)
         else:
             self.lm_head = linear([head])
