@@ -3,17 +3,18 @@
     python -m kvserve.bench.w8a8_sweep [--alphas 0.5,0.65,0.8] [--tokens 1024]
     python -m kvserve.bench.w8a8_sweep --heads     # the output matrix (lm_head) at w8a8, q8_0 and bf16 instead
     python -m kvserve.bench.w8a8_sweep --groups 64,192   # activation and weight scales per group of g inputs
+    ... --held-out [--tokens 3072]                      # over CPython's help topics instead of the quality text
 
 Teacher-forced over the quant_quality text against the bf16 model (as `python -m kvserve.bench.quant_quality`): per
 alpha, the top-1 agreement and KL of w8a8 (calibrated on kvserve.model.smoothquant's own text), then the same model
 with every layer's down projection (the input with the largest activation outliers, after SiLU x up) as q8_0.
-`--heads` asks what keeping the output matrix at higher precision buys (llama.cpp's quantized files keep it at
-6-8 bits): w8a8 (alpha 0.5) and q8_0 with their lm_head at each precision, and w8a8 with the down projections at
-q8_0 and a bf16 lm_head.
-`--groups` asks whether scales finer than a whole row (per token for activations, per output row for weights), but
-coarser than q8_0's 32, would lift w8a8 (SmoothQuant at 0.5) past the quality bar: every layer's activations at one
+`--heads` asks what the output matrix's precision buys (llama.cpp's quantized files keep it at 6-8 bits; both int8
+formats build it at q8_0): w8a8 (alpha 0.5) and q8_0 with their lm_head at w8a8, q8_0 and bf16, and w8a8 with the
+down projections at q8_0 and a bf16 lm_head.
+`--groups` asks what the scale group does to w8a8 (SmoothQuant at 0.5; it ships with groups of 64 on both sides, and
+was first a scale per token and per weight row): every layer's activations at one
 scale per g inputs, its weights per g inputs too or per row, computed in float64 PyTorch as the int8 kernels would;
-the lm_head at w8a8, the layers' scheme, q8_0 and bf16. g must divide every layer's input width (576 and 1536 here:
+the lm_head at the layers' scheme, q8_0 and bf16. g must divide every layer's input width (576 and 1536 here:
 64, 96, 192).
 """
 
@@ -27,7 +28,7 @@ from kvserve.bench.kernel_quality import held_out_token_ids, quality_token_ids
 from kvserve.bench.quant_quality import compare, prompt_logprobs
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
-from kvserve.model.quant import Int8Linear, as_float, quantize_blocks, reference_int8_linear
+from kvserve.model.quant import Int8Linear, as_float, quantize_blocks
 from kvserve.model.smoothquant import CALIBRATION_TEXT, input_absmax, smoothed_weights
 from kvserve.model.tokenizer import Tokenizer
 
@@ -80,10 +81,12 @@ def heads(loaded, bf16: LlamaModel, ids: list[int], ref, stats) -> int:
         print(f"| {layers} | {lm_head} | {r['top1_agreement']:.2%} / {r['mean_kl']:.4f} |", flush=True)
 
     for model, name in ((w8a8, "w8a8"), (q8, "q8_0")):
-        row(model, name, model.lm_head.format)  # as the engine builds it
-        if model.lm_head.format != "q8_0":
-            model.lm_head = Int8Linear(head, "q8_0")
-            row(model, name, "q8_0")
+        built = model.lm_head.format
+        row(model, name, built)  # as the engine builds it (q8_0 for both)
+        for fmt in ("w8a8", "q8_0"):
+            if fmt != built:
+                model.lm_head = Int8Linear(head, fmt)
+                row(model, name, fmt)
         model.lm_head = bf16.lm_head
         row(model, name, "bf16")
     for i, lw in enumerate(w8a8.layers):
@@ -128,12 +131,12 @@ def groups(loaded, bf16: LlamaModel, ids: list[int], ref, stats, sizes: list[int
                 gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
                 lw.gate_up = GroupInt8Linear(gate_up, g, gw)
                 lw.down = GroupInt8Linear(w[p + "mlp.down_proj.weight"], g, gw)
-            for head in ("w8a8", "layers'", "q8_0", "bf16"):
+            for head in ("layers'", "q8_0", "bf16"):
                 if head == "layers'":  # the layers' own scheme
                     m.lm_head = GroupInt8Linear(bf16_head, g, gw)
                 elif head == "q8_0":
                     m.lm_head = Int8Linear(bf16_head, "q8_0")
-                elif head == "bf16":
+                else:
                     m.lm_head = bf16.lm_head
                 r = compare(ref, prompt_logprobs(m, ids))
                 print(f"| {g} inputs | {gw or 'row'} | {head} | {r['top1_agreement']:.2%} / {r['mean_kl']:.4f} |",

@@ -340,7 +340,7 @@ inline void store16(__m512 v, T* dst) {
 }
 
 // MT tokens x one group of 16 rows over all of K, in scale groups of `per` 32-blocks (q8_0: 1; w8a8: 2). PER: `per`
-// compiled in (1 and 2; 0 = read at run time, for other groupings: a run-time count measured 1.3x slower). Each
+// compiled in (1 and 2; 0 = read at run time, for other groupings: about 1.45x slower at 64 tokens in linear_sweep). Each
 // group's int32 dot is converted once and scaled by the token's group scale and the rows' fp16 group scales.
 // Activation codes, scales and start values are broadcast straight from memory (embedded operands). A single token
 // gets two int32 chains so it does not wait on one dependent vpdpbusd after another.
@@ -353,25 +353,20 @@ inline void tile(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t sb = 0; sb < SB; ++sb) {
-    const __m512 wsv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + sb * NR)));
-    __m512i s0[MT], s1[MT];
-    for (int m = 0; m < MT; ++m) {
-      s0[m] = _mm512_set1_epi32(a.start[m * SB + sb]);
-      s1[m] = _mm512_setzero_si512();
-    }
-#pragma GCC unroll 2
-    for (int64_t b = sb * per; b < (sb + 1) * per; ++b) {
-      const __m512i* wv = reinterpret_cast<const __m512i*>(wp + b * QK * NR);
+    if constexpr (PER == 1) {  // q8_0: named weight vectors (an array of them measured 2-5% slower at 64 tokens)
+      const __m512i* wv = reinterpret_cast<const __m512i*>(wp + sb * QK * NR);
       kvserve::prefetch_ahead<8>(wv);
       const __m512i w0 = _mm512_loadu_si512(wv + 0), w1 = _mm512_loadu_si512(wv + 1);
       const __m512i w2 = _mm512_loadu_si512(wv + 2), w3 = _mm512_loadu_si512(wv + 3);
       const __m512i w4 = _mm512_loadu_si512(wv + 4), w5 = _mm512_loadu_si512(wv + 5);
       const __m512i w6 = _mm512_loadu_si512(wv + 6), w7 = _mm512_loadu_si512(wv + 7);
+      const __m512 wsv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + sb * NR)));
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m) {
-        const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + b * QK);
-        __m512i& t0 = s0[m];
-        __m512i& t1 = SPLIT ? s1[m] : s0[m];
+        const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + sb * QK);
+        __m512i s0 = _mm512_set1_epi32(a.start[m * SB + sb]), s1 = _mm512_setzero_si512();
+        __m512i& t0 = s0;
+        __m512i& t1 = SPLIT ? s1 : s0;
         t0 = _mm512_dpbusd_epi32(t0, w0, _mm512_set1_epi32(xa[0]));
         t1 = _mm512_dpbusd_epi32(t1, w4, _mm512_set1_epi32(xa[4]));
         t0 = _mm512_dpbusd_epi32(t0, w1, _mm512_set1_epi32(xa[1]));
@@ -380,13 +375,76 @@ inline void tile(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N
         t1 = _mm512_dpbusd_epi32(t1, w6, _mm512_set1_epi32(xa[6]));
         t0 = _mm512_dpbusd_epi32(t0, w3, _mm512_set1_epi32(xa[3]));
         t1 = _mm512_dpbusd_epi32(t1, w7, _mm512_set1_epi32(xa[7]));
+        const __m512i sum = SPLIT ? _mm512_add_epi32(s0, s1) : s0;
+        const __m512 sf = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[m * SB + sb]));
+        acc[m] = _mm512_fmadd_ps(sf, wsv, acc[m]);
       }
-    }
+    } else if constexpr (PER == 2) {  // w8a8: the group's 16 weight vectors named, then one token at a time
+      const __m512i* wv = reinterpret_cast<const __m512i*>(wp + sb * 2 * QK * NR);
+      kvserve::prefetch_ahead<8>(wv);
+      kvserve::prefetch_ahead<8>(wv + 8);
+      const __m512i w0 = _mm512_loadu_si512(wv + 0), w1 = _mm512_loadu_si512(wv + 1);
+      const __m512i w2 = _mm512_loadu_si512(wv + 2), w3 = _mm512_loadu_si512(wv + 3);
+      const __m512i w4 = _mm512_loadu_si512(wv + 4), w5 = _mm512_loadu_si512(wv + 5);
+      const __m512i w6 = _mm512_loadu_si512(wv + 6), w7 = _mm512_loadu_si512(wv + 7);
+      const __m512i v0 = _mm512_loadu_si512(wv + 8), v1 = _mm512_loadu_si512(wv + 9);
+      const __m512i v2 = _mm512_loadu_si512(wv + 10), v3 = _mm512_loadu_si512(wv + 11);
+      const __m512i v4 = _mm512_loadu_si512(wv + 12), v5 = _mm512_loadu_si512(wv + 13);
+      const __m512i v6 = _mm512_loadu_si512(wv + 14), v7 = _mm512_loadu_si512(wv + 15);
+      const __m512 wsv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + sb * NR)));
 #pragma GCC unroll 8
-    for (int m = 0; m < MT; ++m) {
-      const __m512i s = SPLIT ? _mm512_add_epi32(s0[m], s1[m]) : s0[m];
-      const __m512 sf = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a.d[m * SB + sb]));
-      acc[m] = _mm512_fmadd_ps(sf, wsv, acc[m]);
+      for (int m = 0; m < MT; ++m) {
+        const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + sb * 2 * QK);
+        __m512i s0 = _mm512_set1_epi32(a.start[m * SB + sb]), s1 = _mm512_setzero_si512();
+        __m512i& t0 = s0;
+        __m512i& t1 = SPLIT ? s1 : s0;
+        t0 = _mm512_dpbusd_epi32(t0, w0, _mm512_set1_epi32(xa[0]));
+        t1 = _mm512_dpbusd_epi32(t1, w4, _mm512_set1_epi32(xa[4]));
+        t0 = _mm512_dpbusd_epi32(t0, w1, _mm512_set1_epi32(xa[1]));
+        t1 = _mm512_dpbusd_epi32(t1, w5, _mm512_set1_epi32(xa[5]));
+        t0 = _mm512_dpbusd_epi32(t0, w2, _mm512_set1_epi32(xa[2]));
+        t1 = _mm512_dpbusd_epi32(t1, w6, _mm512_set1_epi32(xa[6]));
+        t0 = _mm512_dpbusd_epi32(t0, w3, _mm512_set1_epi32(xa[3]));
+        t1 = _mm512_dpbusd_epi32(t1, w7, _mm512_set1_epi32(xa[7]));
+        t0 = _mm512_dpbusd_epi32(t0, v0, _mm512_set1_epi32(xa[8]));
+        t1 = _mm512_dpbusd_epi32(t1, v4, _mm512_set1_epi32(xa[12]));
+        t0 = _mm512_dpbusd_epi32(t0, v1, _mm512_set1_epi32(xa[9]));
+        t1 = _mm512_dpbusd_epi32(t1, v5, _mm512_set1_epi32(xa[13]));
+        t0 = _mm512_dpbusd_epi32(t0, v2, _mm512_set1_epi32(xa[10]));
+        t1 = _mm512_dpbusd_epi32(t1, v6, _mm512_set1_epi32(xa[14]));
+        t0 = _mm512_dpbusd_epi32(t0, v3, _mm512_set1_epi32(xa[11]));
+        t1 = _mm512_dpbusd_epi32(t1, v7, _mm512_set1_epi32(xa[15]));
+        const __m512i sum = SPLIT ? _mm512_add_epi32(s0, s1) : s0;
+        const __m512 sf = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[m * SB + sb]));
+        acc[m] = _mm512_fmadd_ps(sf, wsv, acc[m]);
+      }
+    } else {  // a group of any length: every token's chain kept across its blocks
+      const __m512 wsv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + sb * NR)));
+      __m512i s0[MT], s1[MT];
+      for (int m = 0; m < MT; ++m) {
+        s0[m] = _mm512_set1_epi32(a.start[m * SB + sb]);
+        s1[m] = _mm512_setzero_si512();
+      }
+      for (int64_t b = sb * per; b < (sb + 1) * per; ++b) {
+        const __m512i* wv = reinterpret_cast<const __m512i*>(wp + b * QK * NR);
+        kvserve::prefetch_ahead<8>(wv);
+        __m512i w[8];
+        for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(wv + j);
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) {
+          const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + b * QK);
+          __m512i& t1 = SPLIT ? s1[m] : s0[m];
+          for (int j = 0; j < 4; ++j) {
+            s0[m] = _mm512_dpbusd_epi32(s0[m], w[j], _mm512_set1_epi32(xa[j]));
+            t1 = _mm512_dpbusd_epi32(t1, w[j + 4], _mm512_set1_epi32(xa[j + 4]));
+          }
+        }
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m512i sum = SPLIT ? _mm512_add_epi32(s0[m], s1[m]) : s0[m];
+        const __m512 sf = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[m * SB + sb]));
+        acc[m] = _mm512_fmadd_ps(sf, wsv, acc[m]);
+      }
     }
   }
   for (int m = 0; m < MT; ++m) store16(acc[m], y + m * N);
