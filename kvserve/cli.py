@@ -25,8 +25,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="matmul weights: auto runs a GGUF file's own Q8_0/Q4_0/Q4_1/Q4_K blocks as stored "
                              "(in float32: none); none: dequantized to --dtype; q8_0: int8 blocks of 32 (half the "
                              "bytes per decoded token); w8a8: int8 weights and activations in groups of 64 "
-                             "over SmoothQuant-smoothed weights (fastest for batches); q4_0 / q4_1 / q4_k: 4-bit "
-                             "blocks")
+                             "over SmoothQuant-smoothed weights (q8_0's batch speed, less error); q4_0 / q4_1 / "
+                             "q4_k: 4-bit blocks")
     parser.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, vLLM\'s keys, e.g. \'{"method": "ngram", '
                              '"num_speculative_tokens": 5}\'; methods ngram, suffix, layer_skip (+ draft_layers), '

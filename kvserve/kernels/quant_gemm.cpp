@@ -4,9 +4,9 @@
 //
 // Both formats keep one fp16 scale per (row, group of K/SB inputs) and quantize each token's activations to the same
 // groups, so a group is an exact int32 dot product, converted once. q8_0 (GGUF's Q8_0, what llama.cpp does for Q8_0
-// weights): groups of 32, 34 bytes per 32 weights as in the file format. w8a8 (SmoothQuant-smoothed weights, built for
-// batch throughput): groups of 64, half the conversions per multiply-add; a scale per whole row and token measured
-// 96.5% top-1 agreement with bf16 against 98% for groups of 64 (docs/benchmarks.md).
+// weights): groups of 32, 34 bytes per 32 weights as in the file format. w8a8 (SmoothQuant-smoothed weights): groups
+// of 64, half the conversions; a scale per whole row and token (its first form, whose long int32 chains ran batches
+// faster) measured 96.5% top-1 agreement with bf16 against 98% for groups of 64 (docs/benchmarks.md).
 //
 // Weight layout (prepared once in Python, kvserve/model/quant.py): rows in groups of 16; per group and block of 32,
 // eight 64-byte vectors, vector j holding rows r = 0..15 x k = 4j..4j+3 at byte 4r + (k - 4j): exactly vpdpbusd's
