@@ -52,7 +52,7 @@ from kvserve.engine.protocol import (
 )
 from kvserve.model.llama import LlamaModel
 from kvserve.model.loader import load_model
-from kvserve.model.quant import QUANTIZATIONS, resolve_quantization
+from kvserve.model.quant import QUANTIZATIONS, format_identity, resolve_quantization
 from kvserve.model.smoothquant import CALIBRATION_TEXT, smooth_for_w8a8
 from kvserve.model.tokenizer import Tokenizer
 from kvserve.spec.decoder import SpecDecoder, attended_kv
@@ -232,7 +232,7 @@ class EngineCore:
         name = model_name or "model"
         from kvserve.kvstore.store import model_fingerprint
 
-        fingerprint = model_fingerprint(name, config, model.fingerprint_weights(), model.quantization)
+        fingerprint = model_fingerprint(name, config, model.fingerprint_weights(), format_identity(model.quantization))
         self.kv_store = self._make_kv_store(args, fingerprint, model, dtype)
         self.scheduler = Scheduler(scheduler_config, self.kv_manager, connector=self.kv_store)
         transfer = NullKVTransfer() if self.kv_store is None else KVTransfer(self.kv_cache, self.kv_store)

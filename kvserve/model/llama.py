@@ -67,8 +67,8 @@ class LlamaModel:
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         if (quantization in Q4_FORMATS or quantization == "w8a8") and can_quantize(raw(head)):
             # the output matrix at q8_0 (llama.cpp's Q4 types keep it at 8 bits; the embedded Q4_1 file's
-            # token_embd is Q8_0): 4-bit logits cost 6 points of top-1 agreement, w8a8's groups of 64 a quarter more
-            # KL than q8_0's 32 (docs/benchmarks.md)
+            # token_embd is Q8_0): 4-bit logits cost 6 points of top-1 agreement, w8a8's groups of 64 15-30% more
+            # mean KL than a q8_0 output matrix (docs/benchmarks.md)
             self.lm_head = Int8Linear(raw(head), "q8_0", native=native_kernels)
         else:
             self.lm_head = linear([head])

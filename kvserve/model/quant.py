@@ -143,6 +143,14 @@ def cat_rows(parts: list[torch.Tensor | GGUFWeight]) -> torch.Tensor | GGUFWeigh
 
 
 W8A8_GROUP = 64  # inputs per w8a8 scale (32 where a layer's width is not a multiple of 64)
+# A format's numerics, for the KV store's model identity: stored KV is only valid for the arithmetic that made it, and
+# w8a8 meant a scale per row and token before it meant groups of 64 (and a q8_0 output matrix).
+_FORMAT_IDENTITY = {"w8a8": f"w8a8/groups-{W8A8_GROUP}/lm_head-q8_0"}
+
+
+def format_identity(fmt: str) -> str:
+    """The string that names `fmt`'s arithmetic in stored KV's model identity (kvserve.kvstore.model_fingerprint)."""
+    return _FORMAT_IDENTITY.get(fmt, fmt)
 
 
 def block_size(fmt: str, k: int) -> int:

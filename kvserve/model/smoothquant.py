@@ -1,11 +1,12 @@
 """SmoothQuant for w8a8: move activation outliers into the weights before quantizing both (in groups of 64 inputs).
 
-An int8 scale per token (or per group of a token's inputs) is set by its largest channel; a few channels of a Llama's normed hidden states and of
-its MLP's silu(gate) * up run 10-100x larger than the rest, so they flatten every other channel to a handful of int8
-levels. SmoothQuant (Xiao et al., 2023) divides input channel j by s_j = max|X_j|^a / max|W_j|^(1-a) and multiplies
-weight column j by s_j, which leaves x W^T unchanged in exact arithmetic; the division is folded into the producer
-of X (the RMSNorm weight for q/k/v and gate/up, the up projection's rows for down), so it costs nothing at run time.
-max|X_j| comes from one forward pass over a fixed calibration text shipped with kvserve (nothing is downloaded).
+An int8 scale per token (or per group of a token's inputs) is set by its largest channel; a few channels of a
+Llama's normed hidden states and of its MLP's silu(gate) * up run 10-100x larger than the rest, so they flatten
+every other channel to a handful of int8 levels. SmoothQuant (Xiao et al., 2023) divides input channel j by s_j =
+max|X_j|^a / max|W_j|^(1-a) and multiplies weight column j by s_j, which leaves x W^T unchanged in exact arithmetic;
+the division is folded into the producer of X (the RMSNorm weight for q/k/v and gate/up, the up projection's rows
+for down), so it costs nothing at run time. max|X_j| comes from one forward pass over a fixed calibration text
+shipped with kvserve (nothing is downloaded).
 """
 
 from __future__ import annotations

@@ -214,8 +214,14 @@ def test_engine_args_validate_quantization():
 
 
 def test_kv_identity_includes_quantization():
-    ids = {model_fingerprint("m", ("cfg",), None, q) for q in ("none", "q8_0", "w8a8")}
+    from kvserve.model.quant import format_identity
+
+    ids = {model_fingerprint("m", ("cfg",), None, format_identity(q)) for q in ("none", "q8_0", "w8a8")}
     assert len(ids) == 3
+    # w8a8's groups of 64 are not the first w8a8's arithmetic: KV stored under the bare name is not reused
+    assert format_identity("w8a8") != "w8a8" and "64" in format_identity("w8a8")
+    assert model_fingerprint("m", ("cfg",), None, format_identity("w8a8")) != model_fingerprint("m", ("cfg",), None,
+                                                                                                  "w8a8")
 
 
 # ---------------------------------------------------------------------------------------------- the real model
@@ -263,7 +269,8 @@ def test_every_model_matmul_equals_reference(loaded, text_ids, monkeypatch, fmt)
 
     model = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization=fmt)
     assert model.lm_head.format == "q8_0"  # w8a8 too: its groups of 64 cost the logits more than the layers
-    assert model.layers[0].down.format == fmt and model.layers[0].down.scales.shape[1] == 1536 // block_size(fmt, 1536)
+    down = model.layers[0].down
+    assert down.format == fmt and down.scales.shape[1] == 1536 // block_size(fmt, 1536)
     calls = []
     kernel_call = quant.Int8Linear.__call__
 
