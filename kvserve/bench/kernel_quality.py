@@ -42,18 +42,15 @@ def quality_token_ids(tokens: int) -> list[int]:
     return (text * (tokens // len(text) + 1))[:tokens]
 
 
-def held_out_token_ids(tokens: int) -> list[int]:
+def held_out_token_ids(tokens: int, tokenizer) -> list[int]:
     """A second, longer text for quality checks: the first `tokens` tokens of CPython's own help topics
     (pydoc_data.topics, shipped with every Python: English prose and code, nothing downloaded). The quality text above
-    is 400 tokens repeated, so it resolves top-1 agreement to about half a point; this one is distinct throughout."""
+    is 400 tokens repeated, so it resolves top-1 agreement to about half a point; this one is distinct throughout.
+    `tokenizer`: the model's (kvserve.model.tokenizer.Tokenizer)."""
     from pydoc_data.topics import topics
 
-    from kvserve.model.loader import load_model
-    from kvserve.model.tokenizer import Tokenizer
-
-    loaded = load_model(None)
     text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = Tokenizer(loaded.tokenizer_source, loaded.chat_template).encode(text[: tokens * 8], False)[:tokens]
+    ids = tokenizer.encode(text[: tokens * 8], False)[:tokens]
     if len(ids) < tokens:
         raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than {tokens}")
     return ids

@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="over CPython's help topics (kernel_quality.held_out_token_ids) instead of the quality text")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ids = held_out_token_ids(args.tokens) if args.held_out else quality_token_ids(args.tokens)
     loaded = load_model(None)
+    tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template)
+    ids = held_out_token_ids(args.tokens, tokenizer) if args.held_out else quality_token_ids(args.tokens)
     bf16 = LlamaModel(loaded.config, loaded.weights, torch.bfloat16)
     ref = prompt_logprobs(bf16, ids)
     fp32 = prompt_logprobs(LlamaModel(loaded.config, loaded.weights, torch.float32), ids)
     report = {"model": loaded.name, "source_format": loaded.weight_format, "tokens": args.tokens,
               "bf16": {"weight_bytes": bf16.weight_bytes(), "vs_float32": compare(fp32, ref)}}
-    tokenizer = Tokenizer(loaded.tokenizer_source, loaded.chat_template)
     for fmt in args.formats.split(","):
         weights = loaded.weights
         if fmt == "w8a8":  # as the engine builds it

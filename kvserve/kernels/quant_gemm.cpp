@@ -379,41 +379,26 @@ inline void tile(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N
         const __m512 sf = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[m * SB + sb]));
         acc[m] = _mm512_fmadd_ps(sf, wsv, acc[m]);
       }
-    } else if constexpr (PER == 2) {  // w8a8: the group's 16 weight vectors named, then one token at a time
-      const __m512i* wv = reinterpret_cast<const __m512i*>(wp + sb * 2 * QK * NR);
-      kvserve::prefetch_ahead<8>(wv);
-      kvserve::prefetch_ahead<8>(wv + 8);
-      const __m512i w0 = _mm512_loadu_si512(wv + 0), w1 = _mm512_loadu_si512(wv + 1);
-      const __m512i w2 = _mm512_loadu_si512(wv + 2), w3 = _mm512_loadu_si512(wv + 3);
-      const __m512i w4 = _mm512_loadu_si512(wv + 4), w5 = _mm512_loadu_si512(wv + 5);
-      const __m512i w6 = _mm512_loadu_si512(wv + 6), w7 = _mm512_loadu_si512(wv + 7);
-      const __m512i v0 = _mm512_loadu_si512(wv + 8), v1 = _mm512_loadu_si512(wv + 9);
-      const __m512i v2 = _mm512_loadu_si512(wv + 10), v3 = _mm512_loadu_si512(wv + 11);
-      const __m512i v4 = _mm512_loadu_si512(wv + 12), v5 = _mm512_loadu_si512(wv + 13);
-      const __m512i v6 = _mm512_loadu_si512(wv + 14), v7 = _mm512_loadu_si512(wv + 15);
+    } else if constexpr (PER > 1) {  // w8a8: the group's PER x 8 weight vectors, then one token's chain at a time
+      __m512i w[PER * 8];
+      for (int bb = 0; bb < PER; ++bb) {
+        const __m512i* wv = reinterpret_cast<const __m512i*>(wp + (sb * PER + bb) * QK * NR);
+        kvserve::prefetch_ahead<8>(wv);
+        for (int j = 0; j < 8; ++j) w[bb * 8 + j] = _mm512_loadu_si512(wv + j);
+      }
       const __m512 wsv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + sb * NR)));
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m) {
-        const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + sb * 2 * QK);
+        const int32_t* xa = reinterpret_cast<const int32_t*>(a.q + m * K + sb * PER * QK);
         __m512i s0 = _mm512_set1_epi32(a.start[m * SB + sb]), s1 = _mm512_setzero_si512();
-        __m512i& t0 = s0;
         __m512i& t1 = SPLIT ? s1 : s0;
-        t0 = _mm512_dpbusd_epi32(t0, w0, _mm512_set1_epi32(xa[0]));
-        t1 = _mm512_dpbusd_epi32(t1, w4, _mm512_set1_epi32(xa[4]));
-        t0 = _mm512_dpbusd_epi32(t0, w1, _mm512_set1_epi32(xa[1]));
-        t1 = _mm512_dpbusd_epi32(t1, w5, _mm512_set1_epi32(xa[5]));
-        t0 = _mm512_dpbusd_epi32(t0, w2, _mm512_set1_epi32(xa[2]));
-        t1 = _mm512_dpbusd_epi32(t1, w6, _mm512_set1_epi32(xa[6]));
-        t0 = _mm512_dpbusd_epi32(t0, w3, _mm512_set1_epi32(xa[3]));
-        t1 = _mm512_dpbusd_epi32(t1, w7, _mm512_set1_epi32(xa[7]));
-        t0 = _mm512_dpbusd_epi32(t0, v0, _mm512_set1_epi32(xa[8]));
-        t1 = _mm512_dpbusd_epi32(t1, v4, _mm512_set1_epi32(xa[12]));
-        t0 = _mm512_dpbusd_epi32(t0, v1, _mm512_set1_epi32(xa[9]));
-        t1 = _mm512_dpbusd_epi32(t1, v5, _mm512_set1_epi32(xa[13]));
-        t0 = _mm512_dpbusd_epi32(t0, v2, _mm512_set1_epi32(xa[10]));
-        t1 = _mm512_dpbusd_epi32(t1, v6, _mm512_set1_epi32(xa[14]));
-        t0 = _mm512_dpbusd_epi32(t0, v3, _mm512_set1_epi32(xa[11]));
-        t1 = _mm512_dpbusd_epi32(t1, v7, _mm512_set1_epi32(xa[15]));
+#pragma GCC unroll 16
+        for (int j = 0; j < PER * 8; j += 8) {
+          for (int i = 0; i < 4; ++i) {
+            s0 = _mm512_dpbusd_epi32(s0, w[j + i], _mm512_set1_epi32(xa[j + i]));
+            t1 = _mm512_dpbusd_epi32(t1, w[j + i + 4], _mm512_set1_epi32(xa[j + i + 4]));
+          }
+        }
         const __m512i sum = SPLIT ? _mm512_add_epi32(s0, s1) : s0;
         const __m512 sf = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(a.d[m * SB + sb]));
         acc[m] = _mm512_fmadd_ps(sf, wsv, acc[m]);

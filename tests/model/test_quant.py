@@ -47,7 +47,7 @@ def test_pack_roundtrip(fmt):
     packed, scales = pack_int8(q, d)
     assert packed.shape == (3, 3, 8, 64) and scales.shape == (3, d.shape[1], 16)
     assert scales.dtype == torch.float16  # GGUF's fp16 block scales
-    assert d.shape[1] == (3 if fmt == "q8_0" else 96 // 32)  # 96 is no multiple of 64: w8a8 falls back to 32
+    assert d.shape[1] == 96 // block_size(fmt, 96) == 3  # 96 is no multiple of 64: w8a8 falls back to 32
     q2, d2 = unpack_int8(packed, scales)
     assert torch.equal(q, q2) and torch.equal(d.to(scales.dtype).float(), d2)
     # row 17, k = 37 (block 1, vector 1, lane 1 of group 1) sits at byte 4 * 1 + 1 of that vector, stored + 128
