@@ -9,7 +9,7 @@ VNNI and the error stays near the weights' own, no per-token activation scale to
 w8a8: int8 weights and activations in groups of 64 inputs (one fp16 scale per (row, group) and per (token, group),
 the activations' dynamic), over SmoothQuant-smoothed weights (kvserve.model.smoothquant), the output matrix at q8_0:
 q8_0's batch speed at less error (mean KL to bf16 0.0028 against 0.0034). A scale per whole row and per token, the
-first w8a8, ran batches faster (1.37x bf16 on the offline workload (a) on 2026-12-05, against 1.28x) but measured
+first w8a8, ran batches faster (1.37x bf16 on the offline workload (a) on 2026-12-05, against 1.23-1.34x) but measured
 96.5% top-1 agreement with bf16 against 98% (docs/benchmarks.md).
 """
 
