@@ -52,6 +52,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ape-scale", type=float, default=1.0,
                         help='kv_reuse "parallel" (APE): scale of the segments\' total attention weight; requests '
                              "may set ape_scale")
+    parser.add_argument("--decode-steps", type=int, default=1,
+                        help="greedy decode steps per engine step while every running request is a plain greedy "
+                             "decode and none waits: one native call per run at up to 8 sequences, no scheduler "
+                             "round between tokens (streamed tokens then arrive in runs of up to this many)")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="KV cache budget in GiB")
     parser.add_argument("--num-kv-blocks", type=int, default=None,
                         help="KV blocks in the pool (overrides --kv-cache-memory-gb; benchmarks size pools exactly)")
@@ -301,7 +305,8 @@ def _engine_args(args: argparse.Namespace, **extra):
                                                       SpeculativeConfig),
                       kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig),
                       role=args.role, kv_transfer_timeout_s=args.kv_transfer_timeout,
-                      kv_transfer_lossy=args.kv_transfer_lossy, **_blend_args(args), **extra)
+                      kv_transfer_lossy=args.kv_transfer_lossy, decode_steps=args.decode_steps, **_blend_args(args),
+                      **extra)
 
 
 def _blend_args(args: argparse.Namespace) -> dict:
@@ -432,7 +437,8 @@ def generate_command(args: argparse.Namespace) -> int:
               kv_store_chunk_size=args.kv_store_chunk_size, kv_store_load=args.kv_store_load,
               kv_store_key=read_key(args.kv_store_key_file),
               speculative_config=_json_config(args.speculative_config, "--speculative-config", SpeculativeConfig),
-              kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig), **_blend_args(args))
+              kv_eviction=_json_config(args.kv_eviction, "--kv-eviction", KVEvictionConfig),
+              decode_steps=args.decode_steps, **_blend_args(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     started = time.monotonic()

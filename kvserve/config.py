@@ -96,6 +96,14 @@ def check_scheduling(policy: str, tenant_weights: tuple, max_queue_wait_s: float
              "max_queue_wait_s must be a positive number of seconds")
 
 
+MAX_DECODE_STEPS = 64
+
+
+def check_decode_steps(steps) -> None:
+    require(type(steps) is int and 1 <= steps <= MAX_DECODE_STEPS,
+            f"decode_steps must be an integer in [1, {MAX_DECODE_STEPS}], got {steps!r}")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 512
@@ -115,6 +123,9 @@ class SchedulerConfig:
     kv_pin_reserved_fraction: float = 0.0
     kv_eviction_margin: int = 0  # KV eviction: tokens past its budget a decoding request may hold (lazy's batch)
     kv_transfer_timeout_s: float = 5.0  # P/D decode: how long a transfer waits for KV the prefill is still writing
+    # greedy decode steps per engine step while every running request is a plain greedy decode and none waits
+    # (the model runner feeds each step's argmax to the next: kvserve.worker.model_runner); 1: one step each
+    decode_steps: int = 1
 
     def __post_init__(self) -> None:
         check_scheduling(self.scheduling_policy, self.tenant_weights, self.max_queue_wait_s, self.preemption_mode,
@@ -126,6 +137,7 @@ class SchedulerConfig:
         require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be >= 1")
         require(self.max_num_seqs >= 1, "max_num_seqs must be >= 1")
         require(self.max_model_len >= 2, "max_model_len must be >= 2")
+        check_decode_steps(self.decode_steps)
         require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
                  "with chunked prefill off, max_num_batched_tokens must be >= max_model_len "
                  f"({self.max_num_batched_tokens} < {self.max_model_len})")

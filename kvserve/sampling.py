@@ -113,6 +113,12 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def argmax_only(self) -> bool:
+        """The next token is the logits' argmax and nothing else is asked of them (no penalty, no logprobs): what
+        several decode steps in one engine step compute (min_tokens, which masks EOS, is the caller's check)."""
+        return self.greedy and not self.needs_penalties and self.logprobs is None
+
     def replace(self, **changes) -> "SamplingParams":
         return dataclasses.replace(self, **changes)
 

@@ -1,7 +1,7 @@
 """Offline batch-1 decode against the memory-bandwidth bound of the weights' own format.
 
     python -m kvserve.bench.decode1 [--model PATH] [--quantization none,q8_0,w8a8] [--tokens 256] [--repeats 3]
-                                    [--torch-argmax | --no-prefetch]
+                                    [--decode-steps 1] [--torch-argmax | --no-prefetch | --compare-steps N]
 
 A batch-1 decode step reads every weight once, so its ceiling is (read bandwidth) / (weight bytes). For each format
 this prints the median tok/s over --repeats generations of --tokens tokens after a 32-token prompt, the weight bytes
@@ -61,20 +61,33 @@ def set_prefetch(nbytes: int) -> int:
 
 
 def run(model: str | None, quantization: str, tokens: int, repeats: int, threads: int,
-        torch_argmax: bool = False, no_prefetch: bool = False, bandwidth=bandwidth_gb_s) -> dict:
-    """With torch_argmax (or no_prefetch), every repeat runs twice, alternating: the engine as it is, and with
-    torch.argmax as the greedy argmax (the sampler's path before the native one; or with the kernels' software
-    prefetch off), so the two are compared in one process, through the host's swings.
+        torch_argmax: bool = False, no_prefetch: bool = False, bandwidth=bandwidth_gb_s, decode_steps: int = 1,
+        compare_steps: int | None = None) -> dict:
+    """With torch_argmax (or no_prefetch, or compare_steps), every repeat runs twice, alternating: the engine as it
+    is, and with torch.argmax as the greedy argmax (the sampler's path before the native one; or with the kernels'
+    software prefetch off; or an engine over the same weights taking compare_steps decode steps per engine step),
+    so the two are compared in one process, through the host's swings. `decode_steps`: the engine's own setting.
     `bandwidth()` ((copy, read) GB/s) is called before every repeat and after the last (see paired_shares)."""
     import torch
 
     from kvserve import LLM, SamplingParams
+    from kvserve.engine.core import EngineArgs
+    from kvserve.engine.llm_engine import LLMEngine
 
     torch.set_num_threads(threads)
-    llm = LLM(model=model, quantization=quantization, kv_cache_memory_gb=0.25, max_num_seqs=1)
+    kw = dict(model=model, quantization=quantization, kv_cache_memory_gb=0.25, max_num_seqs=1)
+    llm = LLM(**kw, decode_steps=decode_steps)
     prompt = {"prompt_token_ids": list(range(1000, 1032))}
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    warm = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm.generate([prompt], warm, use_tqdm=False)
+    other = None
+    if compare_steps is not None:
+        core = llm.engine.core
+        other = LLM.from_engine(LLMEngine(EngineArgs(**kw, max_num_batched_tokens=2048, decode_steps=compare_steps),
+                                          model=core.model, tokenizer=core.tokenizer,
+                                          model_name=llm.engine.info.model_name))
+        other.generate([prompt], warm, use_tqdm=False)
     sampler = llm.engine.core.runner.sampler
     engine_argmax = sampler.argmax
     prefetch = set_prefetch(0)  # the kernels' distance; as_is() puts it back before every repeat
@@ -86,20 +99,22 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
     def with_torch_argmax():
         sampler.argmax = lambda x: x.argmax(dim=-1)
 
-    variants = {"engine": as_is}
+    variants = {"engine": (llm, as_is)}
     if torch_argmax:
-        variants["torch_argmax"] = with_torch_argmax
+        variants["torch_argmax"] = (llm, with_torch_argmax)
     if no_prefetch:
-        variants["no_prefetch"] = lambda: set_prefetch(0)
+        variants["no_prefetch"] = (llm, lambda: set_prefetch(0))
+    if other is not None:
+        variants["other_steps"] = (other, as_is)
     rates: dict[str, list[float]] = {k: [] for k in variants}
     tokens_of: dict[str, list[int]] = {}
     bws: list[tuple[float, float]] = []  # (copy, read)
     for _ in range(repeats):
         bws.append(bandwidth())
-        for name, setup in variants.items():
+        for name, (engine, setup) in variants.items():
             setup()
             t0 = time.perf_counter()
-            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            out = engine.generate([prompt], params, use_tqdm=False)[0]
             dt = time.perf_counter() - t0
             rates[name].append(len(out.outputs[0].token_ids) / dt)
             tokens_of.setdefault(name, out.outputs[0].token_ids)
@@ -107,7 +122,8 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
     as_is()
     info = llm.engine.info
     wb = llm.engine.core.model.weight_bytes()
-    res = {"model": info.model_name, "quantization": info.quantization, "tok_s": statistics.median(rates["engine"]),
+    res = {"model": info.model_name, "quantization": info.quantization, "decode_steps": decode_steps,
+           "compare_steps": compare_steps, "tok_s": statistics.median(rates["engine"]),
            "runs": rates["engine"], "weight_bytes": wb, "paired_copy_read_gb_s": bws}
     if len(variants) == 1:  # with a comparison, each repeat's two generations share a bandwidth pair: no share
         res["paired_shares_read"] = paired_shares(rates["engine"], [r for _, r in bws], wb)
@@ -133,10 +149,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time each repeat with torch.argmax as the greedy sampler's argmax (alternating)")
     ap.add_argument("--no-prefetch", action="store_true",
                     help="also time each repeat with the kernels' software prefetch off (alternating)")
+    ap.add_argument("--decode-steps", type=int, default=1,
+                    help="the engine's greedy decode steps per engine step (EngineArgs.decode_steps)")
+    ap.add_argument("--compare-steps", type=int, default=None,
+                    help="also time each repeat with an engine over the same weights at this many decode steps per "
+                         "engine step (alternating)")
     args = ap.parse_args(argv)
-    if args.torch_argmax and args.no_prefetch:
-        ap.error("--torch-argmax and --no-prefetch are separate comparisons: pick one")
-    results = [run(args.model, q, args.tokens, args.repeats, args.threads, args.torch_argmax, args.no_prefetch)
+    if sum((args.torch_argmax, args.no_prefetch, args.compare_steps is not None)) > 1:
+        ap.error("--torch-argmax, --no-prefetch and --compare-steps are separate comparisons: pick one")
+    results = [run(args.model, q, args.tokens, args.repeats, args.threads, args.torch_argmax, args.no_prefetch,
+                   decode_steps=args.decode_steps, compare_steps=args.compare_steps)
                for q in args.quantization.split(",")]
     copy, read = bandwidth_gb_s()
     bw = max(copy, read)  # the bound with the better of the two (the harder bar)
@@ -157,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['quantization']} | {r['tok_s']:.1f} | {1e3 / r['tok_s']:.2f} | {r['weight_bytes'] / 1e6:.0f} | "
               f"{bound:.1f} | {100 * r['tok_s'] / bound:.1f}% | {per} | {p_read} | {p_best} |")
     labels = {"torch_argmax": ("with torch.argmax", "the engine's argmax"),
-              "no_prefetch": ("with the prefetch off", "with it on")}
+              "no_prefetch": ("with the prefetch off", "with it on"),
+              "other_steps": (f"at {args.compare_steps} decode steps per engine step",
+                              f"at {args.decode_steps}")}
     for r in results:
         for name, (other, ours) in labels.items():
             if f"{name}_tok_s" not in r:

@@ -41,6 +41,10 @@ class ScheduledRequest:
     blend_ratio: float = 1.0
     # APE's parallel encoding (kv_reuse "parallel"): queries after the span attend to its keys tempered and scaled
     key_span: KeySpan | None = None
+    # > 1: a greedy decode run that many times in one engine step (SchedulerConfig.decode_steps): num_new_tokens KV
+    # slots, the first fed the request's last token, each next one the argmax after it; the runner returns all
+    # decode_steps tokens, and the scheduler keeps them up to a stop as it keeps accepted drafts
+    decode_steps: int = 1
 
     def __post_init__(self) -> None:
         if self.kv_start < 0:
@@ -48,8 +52,8 @@ class ScheduledRequest:
 
     @property
     def num_real_tokens(self) -> int:
-        """The request's own tokens this step (drafts excluded)."""
-        return self.num_new_tokens - len(self.spec_token_ids)
+        """The request's own tokens this step, known when it was scheduled (drafts and later decode steps excluded)."""
+        return self.num_new_tokens - len(self.spec_token_ids) - (self.decode_steps - 1)
 
     @property
     def request_id(self) -> str:
@@ -57,8 +61,7 @@ class ScheduledRequest:
 
     @property
     def token_ids(self) -> list[int]:
-        n_real = self.num_new_tokens - len(self.spec_token_ids)
-        return self.request.token_ids[self.start:self.start + n_real] + self.spec_token_ids
+        return self.request.token_ids[self.start:self.start + self.num_real_tokens] + self.spec_token_ids
 
 
 @dataclass

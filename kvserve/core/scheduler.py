@@ -342,6 +342,11 @@ class Scheduler:
                 num_new[req.request_id] = 1 + len(drafts)
                 budget -= len(drafts)
 
+        # 4) several greedy decode steps in this one engine step, when nothing else is asked of it
+        steps = self._decode_steps(num_new, preempted) if self.config.decode_steps > 1 and not spec else 1
+        if steps > 1:
+            num_new = dict.fromkeys(num_new, steps)
+
         scheduled = []
         for req in self.running:
             n = num_new.get(req.request_id)
@@ -353,11 +358,11 @@ class Scheduler:
                       if lo < start + n and hi > start]
             scheduled.append(ScheduledRequest(
                 request=req, start=start, num_new_tokens=n, block_ids=self.kv.get_block_ids(req.request_id),
-                sample=start + n - len(drafts) == req.num_tokens,
+                sample=start + n - len(drafts) - (steps - 1) == req.num_tokens,
                 prompt_logprobs=req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens,
                 spec_token_ids=drafts, kv_start=req.num_kv_tokens, kv_budget=req.kv_budget,
                 blend_reused=reused, blend_ratio=req.blend.ratio if reused else 1.0,
-                key_span=req.blend.key_span() if req.blend is not None else None,
+                key_span=req.blend.key_span() if req.blend is not None else None, decode_steps=steps,
             ))
         for sr in scheduled:
             if sr.start < sr.request.num_prompt_tokens:
@@ -365,6 +370,31 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         ops, self._kv_ops = self._kv_ops, []
         return SchedulerOutput(scheduled, [r.request_id for r in preempted], finished, ops)
+
+    def _decode_steps(self, num_new: dict[str, int], preempted: list[Request]) -> int:
+        """How many greedy decode steps every running request takes this engine step (1: the usual one). Several
+        only while each is a plain greedy decode (argmax_only, past min_tokens, no KV budget, no blend) and nothing
+        waits, so no prompt is held back by them; as many as every request's max_tokens and its blocks allow, and
+        the step's token budget (each step's tokens count against it, as separate steps' would)."""
+        if preempted or len(self.waiting) or self.fetching or not self.running or len(num_new) != len(self.running):
+            return 1
+        steps = min(self.config.decode_steps, self.config.max_num_batched_tokens // len(self.running))
+        for req in self.running:
+            sp = req.sampling_params
+            if num_new.get(req.request_id) != 1 or req.in_prefill or not sp.argmax_only \
+                    or req.num_output_tokens < sp.min_tokens or req.kv_budget or req.blend is not None:
+                return 1
+            steps = min(steps, req.max_tokens - req.num_output_tokens)
+        if steps < 2:
+            return 1
+        for req in self.running:
+            if self.kv.allocate_slots(req, steps) is None:  # no preemption for this: fewer steps, down to its blocks
+                steps = min(steps, self.kv.num_free_slots_held(req))
+        if steps < 2:  # blocks taken for more steps go back now (update trims them after a shorter run)
+            for req in self.running:
+                self.kv.trim(req, req.num_kv_tokens + 1)
+            return 1
+        return steps
 
     def prefill_ahead_of_drafts(self) -> list[tuple[int, int]]:
         """(KV start, tokens) of the prompt chunks the next schedule() runs before any draft (step 3 gives drafts what
@@ -675,8 +705,8 @@ class Scheduler:
             recomputed = out.blend_recomputed.get(req.request_id, 0)
             req.num_recomputed_tokens += recomputed
             self.num_recomputed_tokens += recomputed
-            # drafts count as computed only once accepted (below)
-            req.num_computed_tokens += sr.num_new_tokens - len(sr.spec_token_ids)
+            # drafts and later decode steps count as computed only once kept (below)
+            req.num_computed_tokens += sr.num_real_tokens
             self.kv.cache_blocks(req, req.num_computed_tokens)
             if self.connector is not None and not prompt_was_done and self._prompt_done(req):
                 # the prompt's KV is final: store it now, while the answer decodes, so another instance can load
@@ -696,9 +726,10 @@ class Scheduler:
                         break
                 self.waiting.charge(req, 0, len(new_tokens))
                 self.tenants[req.tenant].output_tokens += len(new_tokens)
-                if sr.spec_token_ids:
-                    # The accepted drafts' KV is kept: every appended token but the last (sampled after them, its
-                    # KV not computed) - fewer if a stop came first. Rejected drafts are rolled back: their slots
+                if sr.spec_token_ids or sr.decode_steps > 1:
+                    # The accepted drafts' KV is kept (as is every decode step's, its input accepted as a draft
+                    # is): every appended token but the last (sampled after them, its KV not computed) - fewer
+                    # if a stop came first. Rejected drafts are rolled back: their slots
                     # lie past the computed tokens (rewritten when those positions are computed), blocks past the
                     # sequence go back to the pool, and no block holding one was cached (the hashes cover
                     # appended tokens only). Blocks the accepted drafts filled are cached now.

@@ -20,6 +20,7 @@ from kvserve.config import (
     KVEvictionConfig,
     SchedulerConfig,
     SpeculativeConfig,
+    check_decode_steps,
     check_scheduling,
 )
 from kvserve.core.kv_cache_manager import KVCacheManager
@@ -122,6 +123,9 @@ class EngineArgs:
     role: str = "both"
     kv_transfer_timeout_s: float = 5.0  # a decode instance waits this long for KV still being written, then computes
     kv_transfer_lossy: bool = False  # allow a lossy store codec (int8/int4) for P/D transfers: outputs then differ
+    # greedy decode steps per engine step while every running request is a plain greedy decode and none waits:
+    # fewer scheduler rounds and outputs per token for small batches; outputs come in runs of up to this many
+    decode_steps: int = 1
     step_trace: str | None = None  # kvserve bench plan: append each busy step's features and cycle time here (JSONL)
 
     def __post_init__(self):
@@ -148,6 +152,9 @@ class EngineArgs:
                 and self.speculative_config.drafts_with_model:
             raise ConfigError("kv_eviction works with text drafts (ngram, suffix); a model drafter's KV follows "
                               "positions, which eviction no longer matches")
+        check_decode_steps(self.decode_steps)
+        if self.decode_steps != 1 and self.speculative_config is not None:
+            raise ConfigError("decode_steps > 1 and speculative decoding both give a step several tokens: pick one")
         if self.kv_eviction is not None and self.kv_eviction.margin > self.block_size:
             raise ConfigError(f"kv_eviction.lazy_margin_tokens must be at most the block size ({self.block_size}): "
                               "a request's KV stays within its budget plus one block")
@@ -226,7 +233,8 @@ class EngineCore:
                                            args.pinned_sessions_first, args.preemption_mode, num_swap_blocks,
                                            block_bytes, kv_pin_reserved_fraction=args.kv_pin_reserved_fraction,
                                            kv_eviction_margin=args.kv_eviction.margin if args.kv_eviction else 0,
-                                           kv_transfer_timeout_s=args.kv_transfer_timeout_s)
+                                           kv_transfer_timeout_s=args.kv_transfer_timeout_s,
+                                           decode_steps=args.decode_steps)
         self.kv_cache = KVCache(config, num_blocks, args.block_size, dtype)
         self.kv_manager = KVCacheManager(num_blocks, args.block_size, cache_config.enable_prefix_caching)
         name = model_name or "model"

@@ -209,6 +209,76 @@ class DecodePlan {
     return h;
   }
 
+  // The output side of a step, set once (kvserve.model.llama): the embedding table, the final norm and the lm_head
+  // as a linear of kind 0 or 1, so that run_steps can take several greedy steps in one call.
+  void set_head(torch::Tensor embed, torch::Tensor norm, int64_t kind, torch::Tensor a, torch::Tensor b) {
+    TORCH_CHECK(embed.dim() == 2 && embed.size(1) == hidden_ && embed.scalar_type() == torch::kBFloat16 &&
+                    embed.is_contiguous(), "the embedding must be contiguous bf16 (vocab, hidden)");
+    TORCH_CHECK(norm.numel() == hidden_ && norm.scalar_type() == torch::kBFloat16 && norm.is_contiguous(),
+                "the final norm must be contiguous bf16 (hidden,)");
+    LinearRef head(kind, std::move(a), std::move(b));
+    TORCH_CHECK(head.K == hidden_ && head.N <= embed.size(0),
+                "the lm_head must map hidden to at most the embedding's vocabulary");
+    head_ = std::move(head);
+    embed_ = std::move(embed);
+    final_norm_ = std::move(norm);
+  }
+
+  // `steps` greedy decode steps of T rows (one sequence each) in one call: step j embeds ids (j = 0) or step j - 1's
+  // tokens at positions + j, writes their K/V to slots[j] and attends to seq_lens + j tokens over block_tables, then
+  // the final norm, the lm_head and the argmax (torch's rules) - the kernels and roundings of run() and of the
+  // model's Python output side, so the tokens are those of `steps` separate engine steps. Returns (steps, T) int64.
+  torch::Tensor run_steps(torch::Tensor ids, const std::vector<torch::Tensor>& k_caches,
+                          const std::vector<torch::Tensor>& v_caches, torch::Tensor positions, torch::Tensor slots,
+                          torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor cos, torch::Tensor sin) {
+    TORCH_CHECK(embed_.defined(), "run_steps needs set_head first");
+    TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kInt64 && ids.is_contiguous(), "ids must be int64 (T,)");
+    const int64_t T = ids.size(0), V = head_.N, vocab = embed_.size(0);
+    TORCH_CHECK(slots.dim() == 2 && slots.size(1) == T && slots.size(0) >= 1 && slots.is_contiguous() &&
+                    slots.scalar_type() == torch::kInt64, "slots must be contiguous int64 (steps, T)");
+    TORCH_CHECK(positions.numel() == T && positions.scalar_type() == torch::kInt64 && seq_lens.numel() == T &&
+                    seq_lens.scalar_type() == torch::kInt32, "positions (T,) int64 and seq_lens (T,) int32");
+    const int64_t steps = slots.size(0);
+    auto pos = positions.contiguous().clone();
+    auto lens = seq_lens.contiguous().clone();
+    auto tokens = torch::empty({steps, T}, torch::kInt64);
+    const auto o = torch::TensorOptions().dtype(torch::kBFloat16);
+    auto h = torch::empty({T, hidden_}, o), x = torch::empty({T, hidden_}, o), xf = torch::empty({T, hidden_}, o);
+    auto logits = torch::empty({T, V}, o);
+    std::vector<float> row(V);
+    Workspace& w = workspace(T);
+    const float eps = static_cast<float>(eps_);
+    const bf16* emb = embed_.data_ptr<bf16>();
+    bf16* hp = h.data_ptr<bf16>();
+    int64_t* tok = tokens.data_ptr<int64_t>();
+    const int64_t* in = ids.data_ptr<int64_t>();
+    for (int64_t j = 0; j < steps; ++j) {
+      const int64_t* src = j == 0 ? in : tok + (j - 1) * T;
+      for (int64_t r = 0; r < T; ++r) {  // F.embedding
+        TORCH_CHECK(src[r] >= 0 && src[r] < vocab, "token id ", src[r], " out of the vocabulary");
+        std::memcpy(hp + r * hidden_, emb + src[r] * hidden_, sizeof(bf16) * hidden_);
+      }
+      kv_fused::rms_norm_rows<bf16>(hp, nullptr, layers_[0].input_norm.data_ptr<bf16>(), x.data_ptr<bf16>(), T,
+                                    hidden_, eps);
+      run(h, x, k_caches, v_caches, pos, slots.select(0, j), block_tables, lens, T, cos, sin);
+      kv_fused::rms_norm_rows<bf16>(hp, nullptr, final_norm_.data_ptr<bf16>(), xf.data_ptr<bf16>(), T, hidden_, eps);
+      apply(head_, xf.data_ptr<bf16>(), logits.data_ptr<bf16>(), T, w.xq.data_ptr<int8_t>(), w.xs.data_ptr<float>(),
+            w.xstart.data_ptr<int32_t>());  // (T, V)
+      const bf16* lp = logits.data_ptr<bf16>();
+      for (int64_t r = 0; r < T; ++r) {  // .float() then argmax_rows
+        for (int64_t v = 0; v < V; ++v) row[v] = kvserve::to_float(lp[r * V + v]);
+        tok[j * T + r] = kv_fused::argmax_row(row.data(), V);
+      }
+      int64_t* pp = pos.data_ptr<int64_t>();
+      int32_t* lp32 = lens.data_ptr<int32_t>();
+      for (int64_t r = 0; r < T; ++r) {
+        ++pp[r];
+        ++lp32[r];
+      }
+    }
+    return tokens;
+  }
+
   void set_profile(bool on) { profile_ = on; }
 
   // seconds spent per kind of kernel since the last call (matmul, attention, elementwise), then reset
@@ -243,6 +313,8 @@ class DecodePlan {
   bool profile_ = false;
   std::array<double, 3> spent_{};
   std::vector<LayerRef> layers_;
+  LinearRef head_;  // set_head: the lm_head, the embedding table and the final norm
+  torch::Tensor embed_, final_norm_;
   std::array<Workspace, kv_gemv::MAX_M + 1> ws_;
   int64_t H_, Hkv_, D_ = 0, hidden_ = 0, inter_ = 0;
   double eps_, scale_;
@@ -254,6 +326,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           const std::vector<torch::Tensor>&, const std::vector<torch::Tensor>&, int64_t, int64_t,
                           double, double>())
       .def("run", &DecodePlan::run, "every layer of a small decode batch; returns the residual stream")
+      .def("set_head", &DecodePlan::set_head, "the embedding, final norm and lm_head, for run_steps")
+      .def("run_steps", &DecodePlan::run_steps,
+           "several greedy decode steps in one call, each step's argmax the next one's input; (steps, T) tokens")
       .def("set_profile", &DecodePlan::set_profile, "time each kernel call by kind (see take_profile)")
       .def("take_profile", &DecodePlan::take_profile,
            "seconds in matmuls, attention and elementwise ops since the last call, then reset");

@@ -93,6 +93,7 @@ class LlamaModel:
         self.kv_size = c.num_kv_heads * c.head_dim
         self.scale = c.head_dim ** -0.5
         self.attention = AttentionBackend.build(self.rotary, native_kernels)
+        self.plan_steps = True  # the plan also runs the output side (run_decode_steps in one native call)
         self.decode_plan = self._decode_plan() if native_kernels and dtype == torch.bfloat16 else None
 
     def _decode_plan(self):
@@ -123,7 +124,15 @@ class LlamaModel:
                 else:
                     return None
         c = self.config
-        return mod.DecodePlan(norms, kinds, a, b, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
+        plan = mod.DecodePlan(norms, kinds, a, b, c.num_heads, c.num_kv_heads, c.rms_norm_eps, self.scale)
+        head = self.lm_head
+        if head.bias is None and isinstance(head, Int8Linear) and head.mod is not None:
+            plan.set_head(self.embed, self.norm, 1, head.packed, head.scales)
+        elif head.bias is None and isinstance(head, Linear) and head.gemv is not None:
+            plan.set_head(self.embed, self.norm, 0, head.gemv_weight, empty)
+        else:
+            self.plan_steps = False
+        return plan
 
     @property
     def uses_native_kernels(self) -> bool:
@@ -186,6 +195,18 @@ class LlamaModel:
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]
         return ops.rms_norm(h.contiguous(), self.norm, c.rms_norm_eps)
+
+    def run_decode_steps(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                         kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """Greedy decode steps of T sequences in one native call (the decode plan with the output side): ids (T,),
+        positions (T,) and seq_lens (T,) of the first step, slots (k, T). Returns the (k, T) tokens, the same as k
+        forward + compute_logits + argmax rounds; None where the plan cannot take them (the caller loops)."""
+        t = ids.shape[0]
+        if self.decode_plan is None or not self.plan_steps or t > GEMV_MAX_TOKENS or len(kv_caches) != len(self.layers):
+            return None
+        return self.decode_plan.run_steps(ids, [k for k, _ in kv_caches], [v for _, v in kv_caches], positions, slots,
+                                          block_tables, seq_lens, self.rotary.cos, self.rotary.sin)
 
     def forward_blend(self, chunk, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], check_layer: int):
         """One CacheBlend chunk (kvserve.model.blend): (final hidden of its last token or None, rows recomputed)."""

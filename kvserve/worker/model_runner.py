@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kvserve.core.outputs import (
     DRAFT_PENDING,
@@ -199,6 +200,9 @@ class ModelRunner:
         pending = [s for s in sched.scheduled if s.spec_token_ids and s.spec_token_ids[0] == DRAFT_PENDING]
         if pending:
             out.draft_iterations, out.draft_seconds, out.draft_total_seconds = self.drafter.propose(pending)
+        if sched.scheduled[0].decode_steps > 1:
+            self.run_decode_steps(sched.scheduled, out)
+            return out
         main = [s for s in sched.scheduled if not s.blend_reused]
         batch, ordered, sample_rows, prompt_rows, parts = None, [], [], {}, []
         if main:
@@ -243,6 +247,41 @@ class ModelRunner:
             out.prompt_logprobs[s.request_id] = (first_pos, token_logprobs(lp, targets,
                                                                            s.request.sampling_params.prompt_logprobs))
         return out
+
+    def run_decode_steps(self, scheduled: list[ScheduledRequest], out: ModelOutput) -> None:
+        """k greedy decode steps of every scheduled request (the scheduler's decode_steps), each step's argmax the
+        next one's input: one batch layout for all k, no sampling pass, scheduler round or output between them."""
+        k = scheduled[0].decode_steps
+        if any(s.decode_steps != k or s.num_new_tokens != k or s.spec_token_ids or s.blend_reused
+               for s in scheduled):
+            raise ValueError("decode steps run only as plain decodes of one step count for the whole batch")
+        bs = self.block_size
+        b = len(scheduled)
+        kv0 = torch.tensor([s.kv_start for s in scheduled])
+        pos0 = torch.tensor([s.start for s in scheduled])
+        width = -(-(max(s.kv_start for s in scheduled) + k) // bs)
+        table = torch.zeros(b, width, dtype=torch.long)  # (B, blocks): every block the k steps write or read
+        for i, s in enumerate(scheduled):
+            blocks = s.block_ids[:width]
+            table[i, :len(blocks)] = torch.tensor(blocks)
+        kv = kv0 + torch.arange(k)[:, None]  # (k, B): KV index of each step's input token
+        slots = (table.gather(1, (kv // bs).T).T * bs + kv % bs).contiguous()  # (k, B)
+        ids = torch.tensor([s.request.token_ids[s.start] for s in scheduled])
+        tokens = self.model.run_decode_steps(ids, pos0, slots, table, (kv0 + 1).to(torch.int32), self.kv_cache.layers)
+        if tokens is None:  # where the plan cannot take them (float32, PyTorch ops, > 8 rows): a forward pass each
+            tokens = torch.empty(k, b, dtype=torch.long)
+            # rows beyond GEMV_MAX_TOKENS go through oneDNN: padded to a bucket as build_batch pads them
+            pad = 0 if b <= GEMV_MAX_TOKENS else self.padded_size(b) - b
+            pad_slots = torch.full((pad,), self.kv_cache.scratch_slot, dtype=torch.long)
+            for j in range(k):
+                batch = ForwardBatch(input_ids=F.pad(ids, (0, pad)), positions=F.pad(pos0 + j, (0, pad)),
+                                     slot_mapping=torch.cat([slots[j], pad_slots]), num_decodes=b,
+                                     logits_indices=torch.arange(b) if pad else None, decode_block_tables=table,
+                                     decode_seq_lens=(kv[j] + 1).to(torch.int32))
+                ids = self.sampler.argmax(self.model.compute_logits(self.model.forward(batch, self.kv_cache.layers)))
+                tokens[j] = ids
+        for s, toks in zip(scheduled, tokens.T.tolist()):
+            out.sampled[s.request_id] = toks
 
     def blend_chunk(self, s: ScheduledRequest) -> BlendChunk:
         bs = self.block_size

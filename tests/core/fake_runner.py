@@ -71,6 +71,9 @@ class FakeRunner:
         bs = self.block_size
         self.apply_kv_ops(sched.kv_ops)
         for sr in sched.scheduled:
+            if sr.decode_steps > 1:
+                out.sampled[sr.request_id] = self._decode_steps(sr)
+                continue
             toks = sr.token_ids  # the request's tokens, then any speculative drafts
             reused = {p for lo, hi in sr.blend_reused for p in range(lo, hi)}
             for i, p in enumerate(range(sr.start, sr.start + sr.num_new_tokens)):
@@ -101,3 +104,22 @@ class FakeRunner:
                         break
                 out.sampled[sr.request_id] = sampled
         return out
+
+    def _decode_steps(self, sr) -> list[int]:
+        """decode_steps greedy steps as the real runner takes them: step j writes its input token (the request's last,
+        then each token sampled before it) at position start + j and reads the whole context back."""
+        bs = self.block_size
+        assert not self.sampling and self.eos is None and sr.num_new_tokens == sr.decode_steps and sr.sample
+        known = sr.request.token_ids[:sr.start + 1]
+        sampled: list[int] = []
+        for j in range(sr.decode_steps):
+            p = sr.start + j
+            self.slots[sr.block_ids[p // bs] * bs + p % bs] = ((known + sampled)[p], p)
+            context = []
+            for q in range(p + 1):
+                tok, pos = self.slots[sr.block_ids[q // bs] * bs + q % bs]
+                assert pos == q, f"{sr.request_id}: slot for position {q} holds position {pos}"
+                context.append(tok)
+            assert context == known + sampled, f"{sr.request_id}: KV context differs from the request's tokens"
+            sampled.append(next_token(context))
+        return sampled

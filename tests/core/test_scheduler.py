@@ -320,3 +320,162 @@ def test_sequence_larger_than_pool_ends_instead_of_spinning():
     out = run(sched, runner)
     assert r.finish_reason.value == "length" and len(out["grows"]) == 64 + 1 - 60
     assert sched.kv.pool.num_free_blocks == 4
+
+
+# ---------------------------------------------------------------- several decode steps per engine step
+def steps_sched(steps, num_blocks=64, budget=64, max_seqs=4, caching=True):
+    return Scheduler(SchedulerConfig(budget, max_seqs, 8192, True, decode_steps=steps),
+                     KVCacheManager(num_blocks, BS, caching))
+
+
+def decode_runs(runner):
+    return [[(s.request_id, s.num_new_tokens, s.decode_steps) for s in so.scheduled] for so in runner.steps]
+
+
+def test_decode_steps_take_several_greedy_steps_and_keep_their_kv():
+    single, runner1 = steps_sched(1), FakeRunner(BS)
+    single.add_request(req("a", 30, max_tokens=10))
+    want = run(single, runner1)["a"]
+    sched, runner = steps_sched(4), FakeRunner(BS)
+    r = req("a", 30, max_tokens=10)
+    sched.add_request(r)
+    seen_blocks = []
+    out = run(sched, runner, on_step=lambda i, so: seen_blocks.append([list(s.block_ids) for s in so.scheduled]))
+    assert out["a"] == want and len(want) == 10
+    # the prompt samples 1 token; then 4 + 4 tokens in two engine steps; the last token alone (max_tokens)
+    assert decode_runs(runner) == [[("a", 30, 1)], [("a", 4, 4)], [("a", 4, 4)], [("a", 1, 1)]]
+    # positions 30-33 need a third block, 34-37 no more; the blocks the runs wrote are the request's own
+    assert [len(b[0]) for b in seen_blocks] == [2, 3, 3, 3]
+    assert seen_blocks[1][0][:2] == seen_blocks[0][0] and seen_blocks[2][0] == seen_blocks[1][0]
+    assert r.num_computed_tokens == 39 and r.finish_reason.value == "length"
+    assert sched.kv.pool.num_free_blocks == 64 and not sched.kv.req_blocks
+
+
+def test_decode_steps_stop_inside_a_run_like_single_steps():
+    single, runner1 = steps_sched(1), FakeRunner(BS)
+    single.add_request(req("a", 20, max_tokens=30))
+    free = run(single, runner1)["a"]
+    stop = free[5]  # the 6th token: inside the second run of 4
+    single, runner1 = steps_sched(1), FakeRunner(BS)
+    single.add_request(req("a", 20, max_tokens=30, stop_token_ids=(stop,)))
+    want = run(single, runner1)["a"]
+    sched, runner = steps_sched(4), FakeRunner(BS)
+    r = req("a", 20, max_tokens=30, stop_token_ids=(stop,))
+    sched.add_request(r)
+    assert run(sched, runner)["a"] == want and want[-1] == stop and len(want) == free.index(stop) + 1
+    assert r.finish_reason.value == "stop" and sched.kv.pool.num_free_blocks == 64
+
+
+@pytest.mark.parametrize("case", ["waiting", "sampled", "logprobs", "min_tokens", "penalty"])
+def test_decode_steps_only_for_plain_greedy_decodes_with_nothing_waiting(case):
+    sched, runner = steps_sched(4, max_seqs=1 if case == "waiting" else 4), FakeRunner(BS, sampling=case == "sampled")
+    extra = {"sampled": {"temperature": 1.0}, "logprobs": {"logprobs": 2}, "min_tokens": {"min_tokens": 6},
+             "penalty": {"repetition_penalty": 1.2}}.get(case, {})
+    a = Request("a", list(range(3, 23)), SamplingParams(**{"temperature": 0, "max_tokens": 9, **extra}), BS, ())
+    sched.add_request(a)
+    if case == "waiting":
+        sched.add_request(req("b", 20, max_tokens=9))
+    out = run(sched, runner)
+    runs = [s.decode_steps for so in runner.steps for s in so.scheduled if s.request_id == "a"]
+    if case == "min_tokens":  # several steps once min_tokens is reached: 1 prompt + 5 single steps, then 3
+        assert runs == [1] * 6 + [3] and len(out["a"]) == 9
+    else:
+        assert runs == [1] * 9
+    if case == "waiting":  # b runs when a is done: alone, so in runs of 4
+        assert [s.decode_steps for so in runner.steps for s in so.scheduled if s.request_id == "b"] == [1, 4, 4]
+
+
+def test_decode_steps_capped_by_the_step_token_budget():
+    sched, runner = steps_sched(8, budget=8), FakeRunner(BS)
+    for i in range(4):
+        sched.add_request(req(f"r{i}", 8, max_tokens=7))
+    run(sched, runner)
+    assert {s.decode_steps for so in runner.steps for s in so.scheduled} == {1, 2}
+    assert all(so.num_batched_tokens <= 8 for so in runner.steps)
+
+
+def test_decode_steps_shrink_to_the_slots_a_full_pool_leaves():
+    # alone in a 2-block pool: 30 prompt tokens leave 2 free slots, so a run of 2, not 4, then the pool is out
+    sched, runner = steps_sched(4, num_blocks=2), FakeRunner(BS)
+    r = req("a", 30, max_tokens=10)
+    sched.add_request(r)
+    run(sched, runner)
+    assert decode_runs(runner)[:2] == [[("a", 30, 1)], [("a", 2, 2)]]
+    assert r.finish_reason.value == "length" and r.num_output_tokens == 3 and sched.kv.pool.num_free_blocks == 2
+
+
+def test_decode_steps_fall_back_to_one_and_return_the_blocks_taken():
+    # a (30 tokens, 2 free slots) takes the pool's last block for a run of 4; b (31 tokens, 1 free slot) cannot,
+    # so the step is a single one and a's extra block goes back before the forward pass
+    sched, runner = steps_sched(4, num_blocks=5), FakeRunner(BS)
+    sched.add_request(req("a", 30, max_tokens=5))
+    sched.add_request(req("b", 31, max_tokens=5))
+    so = sched.schedule()
+    sched.update(so, runner.execute(so))
+    so = sched.schedule()
+    assert [(s.request_id, s.num_new_tokens, s.decode_steps) for s in so.scheduled] == [("a", 1, 1), ("b", 1, 1)]
+    assert sched.kv.pool.num_free_blocks == 1 and [len(s.block_ids) for s in so.scheduled] == [2, 2]
+    sched.check_invariants()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_decode_steps_randomized_match_single_steps(seed):
+    """Random greedy arrivals, stop ids hit at random inside runs, aborts, pools from tiny to ample: every sequence's
+    tokens equal a run of the same requests one decode step at a time with room for all."""
+    rng = random.Random(seed)
+    steps = rng.choice([2, 3, 4, 8])
+    budget, max_seqs = rng.choice([8, 48, 128]), rng.choice([1, 3, 8])
+    sched = steps_sched(steps, num_blocks=rng.choice([12, 40, 200]), budget=budget, max_seqs=max_seqs,
+                        caching=seed % 2 == 0)
+    runner = FakeRunner(BS)
+    stops = tuple(range(3, 1000, 41))
+    added, aborted, results = [], set(), {}
+    pending, n = 20, 0
+    while pending or sched.has_unfinished_requests():
+        if pending and rng.random() < 0.3:
+            toks = [rng.randrange(3, 1000) for _ in range(rng.randrange(1, 90))]
+            sp = SamplingParams(temperature=0, max_tokens=rng.randrange(1, 60),
+                                stop_token_ids=stops if rng.random() < 0.5 else ())
+            r = Request(f"q{n}", toks, sp, BS, ())
+            sched.add_request(r)
+            added.append(r)
+            n += 1
+            pending -= 1
+        if rng.random() < 0.03 and sched.requests:
+            victim = rng.choice(sorted(sched.requests))
+            sched.finish_request(victim, RequestStatus.FINISHED_ABORTED)
+            aborted.add(victim)
+        so = sched.schedule()
+        sched.check_invariants()
+        for u in sched.update(so, runner.execute(so)):
+            results.setdefault(u.request_id, []).extend(u.new_token_ids)
+        sched.check_invariants()
+        assert len(runner.steps) < 20_000
+    assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks and not sched.kv.req_blocks
+    assert any(s.decode_steps > 1 for so in runner.steps for s in so.scheduled), "no run of several steps"
+    ref_sched = steps_sched(1, num_blocks=sum(r.num_prompt_tokens + r.max_tokens for r in added) // BS + len(added),
+                            budget=budget, max_seqs=max_seqs)
+    for r in added:
+        ref_sched.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params, BS, ()))
+    ref = run(ref_sched, FakeRunner(BS))
+    for r in added:
+        got = results.get(r.request_id, [])
+        want = ref[r.request_id][:len(got)] if r.request_id in aborted else ref[r.request_id]
+        assert got == want, f"{r.request_id} (preempted {r.num_preemptions}x) differs from single steps"
+
+
+def test_decode_steps_config_checked_at_the_edge():
+    from kvserve.cli import _engine_args, build_parser
+    from kvserve.config import ConfigError
+    from kvserve.engine.core import EngineArgs
+
+    for bad in (0, 65, 2.0, True):
+        with pytest.raises(ConfigError, match="decode_steps must be an integer in"):
+            SchedulerConfig(decode_steps=bad)
+    with pytest.raises(ConfigError, match="decode_steps must be an integer in"):
+        EngineArgs(decode_steps=0)  # the engine's arguments, before any model is loaded
+    with pytest.raises(ConfigError, match="pick one"):
+        EngineArgs(decode_steps=4, speculative_config={"method": "ngram"})
+    for command in (["serve"], ["generate", "--prompt", "x"]):
+        assert _engine_args(build_parser().parse_args(command)).decode_steps == 1
+        assert _engine_args(build_parser().parse_args(command + ["--decode-steps", "8"])).decode_steps == 8

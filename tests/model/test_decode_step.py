@@ -115,3 +115,54 @@ def test_apes_tempered_decode_rows_take_the_layer_loop(loaded, fp32_parts):
 
     with_plan, without = with_and_without_plan(model, run)
     assert with_plan == without
+
+
+@pytest.mark.parametrize("quantization", ["none", "q4_1"])
+def test_decode_steps_in_one_call_give_the_tokens_of_single_steps(loaded, fp32_parts, quantization):
+    """decode_steps > 1: the plan's run_steps (embedding, layers, final norm, lm_head - gemv for bf16, q8_0 for
+    q4_1 - and argmax per step, in one call) and, for more than 8 rows or without the plan, the runner's loop of
+    forward passes, give the tokens of one engine step per token, stops and max_tokens included. (Where a batch's
+    sequences end at different tokens, single steps continue in a smaller batch and a run keeps the ended rows to
+    its end; bf16 kernels round a row differently at another row count, so the stop runs are one sequence.)"""
+    from kvserve.engine.llm_engine import LLM, EngineArgs, LLMEngine
+    from kvserve.model.llama import LlamaModel
+    from kvserve.sampling import SamplingParams
+
+    _, tok, name = fp32_parts
+    model = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization=quantization)
+    assert model.plan_steps
+
+    def llm(steps):
+        return LLM.from_engine(LLMEngine(EngineArgs(kv_cache_memory_gb=0.1, decode_steps=steps), model=model,
+                                         tokenizer=tok, model_name=name))
+
+    single, multi = llm(1), llm(6)
+    native = []
+    run_steps = model.run_decode_steps
+    model.run_decode_steps = lambda *a: native.append(out := run_steps(*a)) or out
+    prompts = ["The capital of France is", "Write a poem about the sea.", "def fib(n):"]
+    batches = [prompts, prompts[:1], [f"{p} {i}" for i in range(4) for p in prompts[:3]]]  # 3, 1 and 12 rows
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (23, 9)]
+    for batch in batches:
+        for p in params:
+            want = [o.outputs[0].token_ids for o in single.generate(batch, p, use_tqdm=False)]
+            assert [o.outputs[0].token_ids for o in multi.generate(batch, p, use_tqdm=False)] == want
+    for prompt in prompts:
+        free = single.generate(prompt, params[0], use_tqdm=False)[0].outputs[0].token_ids
+        stop = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True, stop_token_ids=(free[8],))
+        want = single.generate(prompt, stop, use_tqdm=False)[0].outputs[0].token_ids
+        assert multi.generate(prompt, stop, use_tqdm=False)[0].outputs[0].token_ids == want
+        assert want[-1] == free[8] and len(want) == free.index(free[8]) + 1
+    assert any(t is not None for t in native), "the plan never took the steps"
+    assert any(t is None for t in native), "12 rows should have taken the runner's loop"
+    model.run_decode_steps = run_steps
+    plan, model.decode_plan = model.decode_plan, None  # no plan: the runner's loop for every batch
+    try:
+        assert [o.outputs[0].token_ids for o in multi.generate(prompts, params[0], use_tqdm=False)] == \
+            [o.outputs[0].token_ids for o in single.generate(prompts, params[0], use_tqdm=False)]
+    finally:
+        model.decode_plan = plan
+    with pytest.raises(RuntimeError, match="out of the vocabulary"):
+        ids = torch.tensor([loaded.config.vocab_size])
+        model.run_decode_steps(ids, torch.tensor([0]), torch.tensor([[0]]), torch.zeros(1, 1, dtype=torch.long),
+                               torch.tensor([1], dtype=torch.int32), single.engine.core.kv_cache.layers)

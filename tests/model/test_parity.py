@@ -138,3 +138,19 @@ def test_seeded_sampling_same_alone_and_in_batch(make_engine):
     assert mixed[2].outputs[0].token_ids == alone
     other_seed = llm.generate("Tell me a story about a dragon.", sp.replace(seed=4321), use_tqdm=False)
     assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_greedy_parity_with_decode_steps(make_engine, prompts, hf_reference):
+    """Several greedy decode steps per engine step (decode_steps; float32 takes the runner's loop of forward passes)
+    keep HF parity, the sequences ending at different tokens inside runs."""
+    engine = make_engine(max_num_batched_tokens=2048, max_num_seqs=16, decode_steps=5)
+    runner = engine.core.runner
+    runs = []
+    take = runner.run_decode_steps
+    runner.run_decode_steps = lambda scheduled, out: runs.append(len(scheduled)) or take(scheduled, out)
+    got, _ = run_batch(engine, prompts)
+    assert runs and max(runs) == len(prompts), "no run of several steps over the whole batch"
+    for i, (g, ref) in enumerate(zip(got, hf_reference)):
+        assert_parity(g, ref, f"prompt {i} with decode steps")
+    assert engine.stats().kv_blocks_used == 0
+    engine.core.scheduler.check_invariants()
