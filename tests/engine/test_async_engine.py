@@ -90,3 +90,30 @@ async def test_validation_error_raised_before_streaming(async_llm):
             pass
     assert e.value.code == "context_length_exceeded"
     assert async_llm.num_active == 0
+
+
+async def test_decode_steps_stream_the_same_text_in_runs(make_async_llm, make_engine):
+    """decode_steps: a greedy stream gets its tokens in runs of up to 4 per output, the same text and token ids as
+    one step at a time, and a stop string inside a run still ends the text where it completes."""
+    llm = make_async_llm(max_num_batched_tokens=64, decode_steps=4)
+    await llm.start()
+    try:
+        prompt = ids_of(llm, "Write a short story about a lighthouse keeper.")
+        free = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        ref = LLM.from_engine(make_engine()).generate(prompt, free, use_tqdm=False)[0].outputs[0]
+        stop = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[ref.text[40:46]])
+        ref_stop = LLM.from_engine(make_engine()).generate(prompt, stop, use_tqdm=False)[0].outputs[0]
+        runs = []
+        text, ids = "", []
+        async for out in llm.generate(prompt, free, "runs"):
+            runs.append(len(out.outputs[0].delta_token_ids))
+            text += out.outputs[0].delta_text
+            ids += out.outputs[0].delta_token_ids
+        assert text == ref.text and ids == ref.token_ids
+        assert max(runs) == 4 and runs[0] == 1, runs  # the prompt's token, then runs of 4
+        text, ids, last = await collect(llm, prompt, stop, "stop")
+        assert text == ref_stop.text and ids == ref_stop.token_ids and last.outputs[0].finish_reason == "stop"
+        assert len(ref_stop.token_ids) < 30
+        await idle_stats(llm)
+    finally:
+        await llm.shutdown()
