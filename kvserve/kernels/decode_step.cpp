@@ -252,7 +252,9 @@ class DecodePlan {
     bf16* hp = h.data_ptr<bf16>();
     int64_t* tok = tokens.data_ptr<int64_t>();
     const int64_t* in = ids.data_ptr<int64_t>();
+    using clock = std::chrono::steady_clock;
     for (int64_t j = 0; j < steps; ++j) {
+      auto t = profile_ ? clock::now() : clock::time_point{};
       const int64_t* src = j == 0 ? in : tok + (j - 1) * T;
       for (int64_t r = 0; r < T; ++r) {  // F.embedding
         TORCH_CHECK(src[r] >= 0 && src[r] < vocab, "token id ", src[r], " out of the vocabulary");
@@ -260,13 +262,20 @@ class DecodePlan {
       }
       kv_fused::rms_norm_rows<bf16>(hp, nullptr, layers_[0].input_norm.data_ptr<bf16>(), x.data_ptr<bf16>(), T,
                                     hidden_, eps);
+      if (profile_) spent_[kOutput] += std::chrono::duration<double>(clock::now() - t).count();
       run(h, x, k_caches, v_caches, pos, slots.select(0, j), block_tables, lens, T, cos, sin);
+      if (profile_) t = clock::now();
       kv_fused::rms_norm_rows<bf16>(hp, nullptr, final_norm_.data_ptr<bf16>(), xf.data_ptr<bf16>(), T, hidden_, eps);
       apply(head_, xf.data_ptr<bf16>(), logits.data_ptr<bf16>(), T, w.xq.data_ptr<int8_t>(), w.xs.data_ptr<float>(),
             w.xstart.data_ptr<int32_t>());  // (T, V)
       const bf16* lp = logits.data_ptr<bf16>();
       for (int64_t r = 0; r < T; ++r) {  // .float() then argmax_rows
-        for (int64_t v = 0; v < V; ++v) row[v] = kvserve::to_float(lp[r * V + v]);
+        const bf16* lr = lp + r * V;
+        int64_t v = 0;
+#ifdef KVSERVE_AVX512_BF16
+        for (; v + 16 <= V; v += 16) _mm512_storeu_ps(row.data() + v, kvserve::bf16x16_to_float(lr + v));
+#endif
+        for (; v < V; ++v) row[v] = kvserve::to_float(lr[v]);
         tok[j * T + r] = kv_fused::argmax_row(row.data(), V);
       }
       int64_t* pp = pos.data_ptr<int64_t>();
@@ -275,13 +284,15 @@ class DecodePlan {
         ++pp[r];
         ++lp32[r];
       }
+      if (profile_) spent_[kOutput] += std::chrono::duration<double>(clock::now() - t).count();
     }
     return tokens;
   }
 
   void set_profile(bool on) { profile_ = on; }
 
-  // seconds spent per kind of kernel since the last call (matmul, attention, elementwise), then reset
+  // seconds spent per kind of kernel since the last call (matmul, attention, elementwise; and run_steps' own part:
+  // embedding, the first and final norms, lm_head, argmax), then reset
   std::vector<double> take_profile() {
     std::vector<double> out(spent_.begin(), spent_.end());
     spent_.fill(0.0);
@@ -309,9 +320,9 @@ class DecodePlan {
     return w;
   }
 
-  enum { kMatmul = 0, kAttention = 1, kElementwise = 2 };
+  enum { kMatmul = 0, kAttention = 1, kElementwise = 2, kOutput = 3 };
   bool profile_ = false;
-  std::array<double, 3> spent_{};
+  std::array<double, 4> spent_{};
   std::vector<LayerRef> layers_;
   LinearRef head_;  // set_head: the lm_head, the embedding table and the final norm
   torch::Tensor embed_, final_norm_;
@@ -331,7 +342,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "several greedy decode steps in one call, each step's argmax the next one's input; (steps, T) tokens")
       .def("set_profile", &DecodePlan::set_profile, "time each kernel call by kind (see take_profile)")
       .def("take_profile", &DecodePlan::take_profile,
-           "seconds in matmuls, attention and elementwise ops since the last call, then reset");
+           "seconds in matmuls, attention, elementwise ops and run_steps' output side since the last call, then reset");
   m.def("set_amx", &kv_attn::set_amx, "turn the AMX attention path on or off in this module");
   m.def("set_prefetch_bytes", &kvserve::set_prefetch_bytes,
         "software prefetch distance in bytes (0: off) of this module's kernels, for benchmarks");

@@ -52,9 +52,9 @@ def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quan
     model.decode_plan.set_profile(True)  # what kvserve.bench.token_cost turns on: timing only, same results
     try:
         assert run() == with_plan
-        spent = model.decode_plan.take_profile()  # seconds in matmuls, attention, elementwise
-        assert len(spent) == 3 and all(s > 0 for s in spent)
-        assert model.decode_plan.take_profile() == [0.0, 0.0, 0.0]  # taking it resets it
+        spent = model.decode_plan.take_profile()  # seconds in matmuls, attention, elementwise, run_steps' output
+        assert len(spent) == 4 and all(s > 0 for s in spent[:3]) and spent[3] == 0  # no run_steps here
+        assert model.decode_plan.take_profile() == [0.0] * 4  # taking it resets it
     finally:
         model.decode_plan.set_profile(False)
 
@@ -153,6 +153,12 @@ def test_decode_steps_in_one_call_give_the_tokens_of_single_steps(loaded, fp32_p
         want = single.generate(prompt, stop, use_tqdm=False)[0].outputs[0].token_ids
         assert multi.generate(prompt, stop, use_tqdm=False)[0].outputs[0].token_ids == want
         assert want[-1] == free[8] and len(want) == free.index(free[8]) + 1
+    model.decode_plan.set_profile(True)
+    try:
+        multi.generate(prompts, params[1], use_tqdm=False)
+        assert model.decode_plan.take_profile()[3] > 0  # run_steps times its output side
+    finally:
+        model.decode_plan.set_profile(False)
     assert any(t is not None for t in native), "the plan never took the steps"
     assert any(t is None for t in native), "12 rows should have taken the runner's loop"
     model.run_decode_steps = run_steps
