@@ -9,6 +9,7 @@
 #   single-stream (issue 16: one request at a time, 8 sharegpt-like requests, the same GGUF files for both engines):
 #            kvserve-c1 llamacpp-c1 (bf16) kvserve-q8-c1 llamacpp-q8-c1 (llama.cpp's Q8_0 of the same weights, run
 #            natively by both) kvserve-q4-c1 llamacpp-q4-c1 (the embedded Q4_1 file, natively by both)
+#            kvserve-q4-c1-steps (kvserve-q4-c1 with --decode-steps 8)
 #            llama-bench (llama.cpp's own decode rate on the three files, beside kvserve.bench.decode1)
 #   PAIR_LABEL=-doc PAIR_ARGS="-W system_len=2048 --num-requests 40 --request-rate 0.1" \
 #       scripts/bench_campaign.sh results redis-pair      (the two-instance run on long-document conversations)
@@ -91,6 +92,8 @@ for e in $ENGINES; do
     llamacpp-q8-c1) start llamacpp-q8-c1 llamacpp 8002 --gguf q8_0 && { single_stream llamacpp-q8-c1 8002; stop; } ;;
     kvserve-q4-c1) start kvserve-q4-c1 kvserve 8000 -- --quantization q4_1 && {
         single_stream kvserve-q4-c1 8000; stop; } ;;
+    kvserve-q4-c1-steps) start kvserve-q4-c1-steps kvserve 8000 -- --quantization q4_1 --decode-steps 8 && {
+        single_stream kvserve-q4-c1-steps 8000; stop; } ;;
     llamacpp-q4-c1) start llamacpp-q4-c1 llamacpp 8002 --gguf embedded && {
         single_stream llamacpp-q4-c1 8002; stop; } ;;
     llama-bench)
