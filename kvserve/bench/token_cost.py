@@ -1,6 +1,7 @@
 """Per-token cost breakdown of decode at small batches: where a decode step's milliseconds go.
 
-    python -m kvserve.bench.token_cost [--batches 1,2,4,8] [--quantization none,q8_0] [--steps 40] [--json out.json]
+    python -m kvserve.bench.token_cost [--batches 1,2,4,8] [--quantization none,q8_0] [--steps 40]
+                                       [--decode-steps 1,8] [--json out.json]
 
 For each batch size and weight format, an engine core decodes that many sequences (128-token prompts, greedy) and
 every part of a step is timed: all layers in one native call (the decode plan, kernels/decode_step.cpp, where it
@@ -64,16 +65,25 @@ class _TimedPlan:
         self._plan = plan
         self._timers = timers
         self._run = timers.wrap(plan.run, "layers_native")
+        self._run_steps = timers.wrap(plan.run_steps, "layers_native")
         plan.set_profile(True)
         plan.take_profile()
 
     def run(self, *a, **kw):
-        out = self._run(*a, **kw)
-        spent = dict(zip(("matmul", "attention", "elementwise"), self._plan.take_profile()))
+        return self._book(self._run(*a, **kw))
+
+    def run_steps(self, *a, **kw):
+        """A run of decode steps (--decode-steps): its output side (embedding, norms, lm_head, argmax) is booked as
+        lm_head, and kept apart as _steps_output so forward_other does not count it."""
+        return self._book(self._run_steps(*a, **kw))
+
+    def _book(self, out):
+        spent = dict(zip(("matmul", "attention", "elementwise", "lm_head"), self._plan.take_profile()))
         acc = self._timers.acc
         for part, s in spent.items():
             acc[part] += s
             acc["layers_native"] -= s
+        acc["_steps_output"] += spent["lm_head"]
         return out
 
     def stop(self) -> None:
@@ -115,6 +125,7 @@ def _instrument(core, timers: _Timers):
         model.decode_plan = _TimedPlan(model.decode_plan, timers)
     model.lm_head = timers.wrap(model.lm_head, "lm_head")
     model.forward = timers.wrap(model.forward, "_forward")
+    model.run_decode_steps = timers.wrap(model.run_decode_steps, "_forward")
     model.compute_logits = timers.wrap(model.compute_logits, "_logits")
     runner.sampler = _TimedCallable(runner.sampler, timers, "sampling")
     runner.build_batch = timers.wrap(runner.build_batch, "batch_build")
@@ -123,7 +134,7 @@ def _instrument(core, timers: _Timers):
         if isinstance(model.decode_plan, _TimedPlan):
             model.decode_plan.stop()
         model.attention, model.lm_head, model.decode_plan = saved["attention"], saved["lm_head"], saved["plan"]
-        for name in ("forward", "compute_logits"):
+        for name in ("forward", "compute_logits", "run_decode_steps"):
             delattr(model, name)  # back to the class's methods
         runner.sampler, runner.build_batch = saved["sampler"], saved["build_batch"]
         for lw, (qkv, o, gate_up, down) in zip(model.layers, saved["layers"]):
@@ -132,19 +143,24 @@ def _instrument(core, timers: _Timers):
     return undo
 
 
-def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int, decode_plan: bool = True) -> dict:
+def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int, decode_plan: bool = True,
+        decode_steps: int = 1) -> dict:
+    """`steps` decode steps of `batch` sequences, timed; with decode_steps > 1 in runs of that many (steps /
+    decode_steps engine steps, so the contexts, and with them the attention's cost, span the same range)."""
     from kvserve.bench.core_overhead import DecodeHarness
     from kvserve.engine.core import EngineArgs, EngineCore
     from kvserve.sampling import SamplingParams
 
     core = EngineCore(EngineArgs(max_num_seqs=batch, num_threads=threads, quantization=quantization,
-                                 kv_cache_memory_gb=0.5))
+                                 kv_cache_memory_gb=0.5, decode_steps=decode_steps))
     if not decode_plan:
         core.model.decode_plan = None
     harness = DecodeHarness(core, batch, prompt_len, SamplingParams(temperature=0, max_tokens=4096, ignore_eos=True))
 
     def one_step(timers: _Timers | None) -> dict:
         t = harness.step()
+        if t["decode_steps"] != decode_steps:
+            raise RuntimeError(f"an engine step took {t['decode_steps']} decode steps, not {decode_steps}")
         row = {"step": t["schedule"] + t["runner"] + t["update"] + t["ipc_encode"],
                "scheduler": t["schedule"] + t["update"], "ipc_encode": t["ipc_encode"], "api_server": t["front_end"],
                "runner": t["runner"]}
@@ -153,19 +169,20 @@ def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int
             row.update({k: a[k] for k in ("layers_native", "matmul", "lm_head", "attention", "elementwise", "sampling",
                                           "batch_build")})
             row["forward_other"] = (a["_forward"] - a["layers_native"] - a["matmul"] - a["attention"]
-                                    - a["elementwise"])
+                                    - a["elementwise"] - a["_steps_output"])
             row["runner_other"] = t["runner"] - a["_forward"] - a["_logits"] - a["sampling"] - a["batch_build"]
-            row["lm_head_other"] = a["_logits"] - a["lm_head"]  # the float() of the logits
+            row["lm_head_other"] = a["_logits"] - (a["lm_head"] - a["_steps_output"])  # the float() of the logits
             a.clear()
         return row
 
-    for _ in range(5):  # oneDNN builds its kernels for this batch's shapes
+    runs = -(-steps // decode_steps)
+    for _ in range(-(-5 // decode_steps)):  # oneDNN builds its kernels for this batch's shapes
         one_step(None)
-    plain = [one_step(None)["step"] for _ in range(steps)]
+    plain = [one_step(None)["step"] for _ in range(runs)]
     timers = _Timers()
     undo = _instrument(core, timers)
     try:
-        rows = [one_step(timers) for _ in range(steps)]
+        rows = [one_step(timers) for _ in range(runs)]
     finally:
         undo()
     for r in rows:
@@ -175,14 +192,15 @@ def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int
     # parts' medians and not others (a sum of medians is not the median of the sums)
     parts_sum = statistics.median(sum(r[k] for k in PARTS) for r in rows)
     return {"batch": batch, "quantization": core.info.quantization, "decode_plan": core.model.decode_plan is not None,
-            "threads": threads, "steps": steps,
+            "threads": threads, "steps": steps, "decode_steps": decode_steps,
             "weight_bytes": core.model.weight_bytes(), "step_ms_untimed": statistics.median(plain) * 1e3,
             "step_ms_timed": med["step"] * 1e3, "parts_sum_ms": parts_sum * 1e3,
             "median_ms": {k: med[k] * 1e3 for k in (*PARTS, "api_server")}}
 
 
 def markdown(results: list[dict]) -> str:
-    head = "| part | " + " | ".join(f"b={r['batch']} {r['quantization']}" for r in results) + " |"
+    head = "| part | " + " | ".join(f"b={r['batch']} {r['quantization']}"
+                                    + (f" k={r['decode_steps']}" if r["decode_steps"] > 1 else "") for r in results) + " |"
     lines = [head, "|---|" + "---:|" * len(results)]
     for part in (*PARTS, "api_server"):
         cells = []
@@ -192,7 +210,7 @@ def markdown(results: list[dict]) -> str:
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
     lines.append("| **step (timed)** | " + " | ".join(f"**{r['step_ms_timed']:.2f}**" for r in results) + " |")
     lines.append("| step (no wrappers) | " + " | ".join(f"{r['step_ms_untimed']:.2f}" for r in results) + " |")
-    lines.append("| per token, no wrappers | " + " | ".join(f"{r['step_ms_untimed'] / r['batch']:.2f}"
+    lines.append("| per token, no wrappers | " + " | ".join(f"{r['step_ms_untimed'] / r['batch'] / r['decode_steps']:.3f}"
                                                           for r in results) + " |")
     return "\n".join(lines)
 
@@ -205,13 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-decode-plan", action="store_true", help="time the Python layer loop, part by part")
+    ap.add_argument("--decode-steps", default="1",
+                    help="comma list: decode steps per engine step (EngineArgs.decode_steps; k > 1 rows are runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     results = []
     for q in args.quantization.split(","):
         for b in (int(x) for x in args.batches.split(",")):
-            results.append(run(b, q, args.steps, args.prompt_len, args.threads, not args.no_decode_plan))
-    print("ms per decode step (share of the timed step); api_server runs in another process when serving")
+            for k in (int(x) for x in args.decode_steps.split(",")):
+                results.append(run(b, q, args.steps, args.prompt_len, args.threads, not args.no_decode_plan, k))
+    print("ms per engine step (share of the timed step; k > 1: a run of k decode steps, its output side booked as "
+          "lm_head); api_server runs in another process when serving")
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:
