@@ -344,6 +344,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("take_profile", &DecodePlan::take_profile,
            "seconds in matmuls, attention, elementwise ops and run_steps' output side since the last call, then reset");
   m.def("set_amx", &kv_attn::set_amx, "turn the AMX attention path on or off in this module");
+  m.def("set_split", [](bool on) { kv_attn::split_switch().store(on); },
+        "split a few sequences' decode attention contexts across threads in this module (on by default)");
   m.def("set_prefetch_bytes", &kvserve::set_prefetch_bytes,
         "software prefetch distance in bytes (0: off) of this module's kernels, for benchmarks");
   m.def("prefetch_bytes", [] { return kvserve::prefetch_bytes(); }, "the software prefetch distance now");

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <array>
+#include <atomic>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -126,6 +127,30 @@ inline void softmax_row(float* s, int64_t L) {
   for (; t < L; ++t) s[t] *= _mm512_cvtss_f32(inv);
 }
 
+// exp(s - max) of one row of scores in place, 16 lanes at a time (softmax_row without the division): (max, sum).
+inline std::pair<float, float> exp_row(float* s, int64_t L) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= L; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + t));
+  float m = _mm512_reduce_max_ps(mv);
+  for (; t < L; ++t) m = s[t] > m ? s[t] : m;
+  const __m512 mb = _mm512_set1_ps(m);
+  __m512 sv = _mm512_setzero_ps();
+  for (t = 0; t + 16 <= L; t += 16) {
+    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mb));
+    _mm512_storeu_ps(s + t, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  if (t < L) {
+    const __mmask16 k = (__mmask16)((1u << (L - t)) - 1);
+    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), mb));
+    e = _mm512_maskz_mov_ps(k, e);
+    _mm512_mask_storeu_ps(s + t, k, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  return {m, _mm512_reduce_add_ps(sv)};
+}
+
 inline float hsum512(__m512 s) {
   // fold 16 lanes to 8 before the (slow) horizontal sum
   __m256 lo = _mm512_castps512_ps256(s);
@@ -171,6 +196,12 @@ inline void prefetch_span(const void* p, int64_t bytes) {
 // 2048 for 4-8 rows).
 // The AMX kernel below groups at every context (its tiles take a run's queries together).
 constexpr int32_t GROUP_MIN_CONTEXT = 1024;
+
+// The split path for a few sequences (decode_split_bf16) on or off, for tests and benchmarks.
+inline std::atomic<bool>& split_switch() {
+  static std::atomic<bool> on{true};
+  return on;
+}
 
 inline std::vector<int64_t> row_runs(const int64_t* tables, const int32_t* lens, int64_t B, int64_t MB, int64_t BS,
                                      int32_t min_context = GROUP_MIN_CONTEXT) {
@@ -237,6 +268,114 @@ constexpr std::array<ValuePassFn<D>, sizeof...(Ms) + 1> value_table(std::integer
 template <int D>
 constexpr auto v_tables = value_table<D>(std::make_integer_sequence<int, VT<D>>{});
 
+// A few sequences (fewer (sequence, KV head) items than two per thread; one sequence: 3 items for 2 threads) leave a
+// thread idle and each item reads 128 of every 384 bytes of its tokens' rows from cold memory. Here each sequence's
+// context is cut into `P` runs of whole blocks, item (part, sequence, head) in that order, so a thread takes the same
+// token range for every head (their rows stay in L2 across the heads) and the parts balance; each part keeps its
+// queries' max, exp sum and unnormalised p.v, merged after (flash-decoding's split). Single rows only (no
+// verification runs, no eviction scores).
+template <int D>
+void decode_split_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
+                       const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
+                       const int32_t* __restrict lens, c10::BFloat16* __restrict out, int64_t B, int64_t H,
+                       int64_t Hkv, int64_t BS, int64_t MB, float scale, int64_t P) {
+  constexpr int NQ = D / 32;
+  constexpr int NV = D / 16;
+  const int64_t G = H / Hkv;
+  const int64_t row = Hkv * D;
+  const int64_t blk = BS * row;
+  const int64_t items = B * Hkv;  // per part
+  // per (part, sequence, head, query): max, exp sum, p.v (D floats)
+  std::vector<float> pm(P * items * G), pl(P * items * G), pacc(P * items * G * D);
+  at::parallel_for(0, P * items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<__m512bh> qv(G * NQ);
+    std::vector<__m512> acc(G * NV);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t part = idx / items, b = (idx % items) / Hkv, h = idx % Hkv;
+      const int64_t slot = idx * G;  // this item's first query in the partial buffers
+      const int64_t L = lens[b];
+      const int64_t nblocks = L > 0 ? (L + BS - 1) / BS : 0;
+      const int64_t blo = nblocks * part / P, bhi = nblocks * (part + 1) / P;
+      const int64_t t_lo = blo * BS, t_hi = std::min<int64_t>(bhi * BS, L), n = t_hi - t_lo;
+      if (n <= 0) {
+        for (int64_t j = 0; j < G; ++j) pl[slot + j] = 0.f, pm[slot + j] = -INFINITY;
+        continue;
+      }
+      scores.resize(G * n);
+      for (int64_t j = 0; j < G; ++j)
+        for (int i = 0; i < NQ; ++i)
+          qv[j * NQ + i] = (__m512bh)_mm512_loadu_si512(q + (b * H + h * G + j) * D + i * 32);
+      const int64_t* table = tables + b * MB + blo;
+      const int64_t span = D * 2;
+      for (int64_t bi = 0; bi < bhi - blo; ++bi) {
+        const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, n - t0);
+        if (bi + 1 < bhi - blo) {
+          const c10::BFloat16* nxt = k_cache + table[bi + 1] * blk + h * D;
+          for (int64_t r = 0; r < BS; ++r) prefetch_span(nxt + r * row, span);
+        }
+        const c10::BFloat16* vb = v_cache + table[bi] * blk + h * D;
+        for (int64_t r = 0; r < tn; ++r) prefetch_span(vb + r * row, span);
+        const c10::BFloat16* kb = k_cache + table[bi] * blk + h * D;
+        for (int64_t j = 0; j < G; ++j) {
+          if (tn == 16) {
+            __m512 part16[16];
+            for (int r = 0; r < 16; ++r) {
+              const c10::BFloat16* krow = kb + r * row;
+              __m512 acc_r = _mm512_setzero_ps();
+              for (int i = 0; i < NQ; ++i)
+                acc_r = _mm512_dpbf16_ps(acc_r, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
+              part16[r] = acc_r;
+            }
+            _mm512_storeu_ps(scores.data() + j * n + t0, _mm512_mul_ps(reduce16(part16), _mm512_set1_ps(scale)));
+            continue;
+          }
+          for (int64_t r = 0; r < tn; ++r) {
+            const c10::BFloat16* krow = kb + r * row;
+            __m512 sv = _mm512_setzero_ps();
+            for (int i = 0; i < NQ; ++i)
+              sv = _mm512_dpbf16_ps(sv, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
+            scores[j * n + t0 + r] = hsum512(sv) * scale;
+          }
+        }
+      }
+      for (int64_t j = 0; j < G; ++j) {
+        const auto [m, l] = exp_row(scores.data() + j * n, n);
+        pm[slot + j] = m;
+        pl[slot + j] = l;
+      }
+      for (int64_t j0 = 0; j0 < G; j0 += VT<D>) {
+        const int64_t mq = std::min<int64_t>(VT<D>, G - j0);
+        v_tables<D>[mq](scores.data() + j0 * n, n, v_cache, table, blk, row, BS, h, acc.data() + j0 * NV);
+      }
+      for (int64_t j = 0; j < G * NV; ++j) _mm512_storeu_ps(pacc.data() + (slot * NV + j) * 16, acc[j]);
+    }
+  });
+  for (int64_t i = 0; i < items * G; ++i) {  // merge the parts of each (sequence, head, query)
+    float m = -INFINITY;
+    for (int64_t part = 0; part < P; ++part)
+      if (pl[part * items * G + i] > 0.f) m = std::max(m, pm[part * items * G + i]);
+    float den = 0.f;
+    __m512 o[NV];
+    for (int v = 0; v < NV; ++v) o[v] = _mm512_setzero_ps();
+    for (int64_t part = 0; part < P; ++part) {
+      const int64_t k = part * items * G + i;
+      if (!(pl[k] > 0.f)) continue;
+      const float w = std::exp(pm[k] - m);
+      den += w * pl[k];
+      for (int v = 0; v < NV; ++v)
+        o[v] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(pacc.data() + (k * NV + v) * 16), o[v]);
+    }
+    const int64_t b = i / (Hkv * G), hq = i % (Hkv * G);  // i = (b * Hkv + h) * G + j: query head h * G + j
+    c10::BFloat16* dst = out + (b * H + hq) * D;
+    const __m512 inv = _mm512_set1_ps(den > 0.f ? 1.f / den : 0.f);
+    for (int v = 0; v < NV; ++v) {
+      __m256bh r = _mm512_cvtneps_pbh(_mm512_mul_ps(o[v], inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + v * 16), (__m256i)r);
+    }
+  }
+}
+
 // bfloat16 with AVX512-BF16: q.k as bf16 pair dot products (vdpbf16ps) accumulated in float32, p.v in float32.
 // A work item is one run of rows (above: one row, or a sequence's k + 1 verification rows) and one KV head: the
 // G query heads of each of its rows share every key and value row read. Reading all of a token's heads as one
@@ -256,6 +395,10 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
   const int64_t blk = BS * row;
   const std::vector<int64_t> runs = row_runs(tables, lens, B, MB, BS);
   const int64_t R = static_cast<int64_t>(runs.size()) - 1;
+  const int64_t threads = at::get_num_threads();
+  if (sc == nullptr && R == B && threads > 1 && B * Hkv < 2 * threads && split_switch()) {
+    return decode_split_bf16<D>(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, BS, MB, scale, threads);
+  }
   at::parallel_for(0, R * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<__m512bh> qv;
@@ -650,6 +793,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "whether the AMX path is compiled in and the OS grants the tiles");
   m.def("set_amx", &set_amx, "turn the AMX path on or off in this module (tests compare it with AVX-512)");
   m.def("amx_enabled", &amx_enabled, "whether the AMX path runs now (available and not switched off)");
+  m.def("set_split", [](bool on) { split_switch().store(on); },
+        "split a few sequences' contexts across threads (on by default), for tests and benchmarks");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV cache",
         pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("block_tables"),
         pybind11::arg("seq_lens"), pybind11::arg("scale"), pybind11::arg("scores") = pybind11::none());

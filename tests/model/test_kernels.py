@@ -57,6 +57,47 @@ def test_native_decode_attention_matches_reference(dtype, tol, head_dim, heads, 
     assert added.masked_select(past[:, None, :].expand_as(added)).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (64, 4, 1), (128, 8, 2)])
+def test_few_sequences_split_their_context_across_threads(head_dim, heads, kv_heads):
+    """bf16 AVX-512 with fewer (sequence, KV head) items than two per thread: each context is cut into one part per
+    thread and the parts' softmax pieces merged (flash-decoding). Against the reference and the unsplit kernel,
+    contexts from one token (a part with no block) to several hundred, one to three sequences."""
+    mod = load("paged_attention")
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread has nothing to split across")
+    mod.set_amx(False)  # the split path is the AVX-512 kernel's (where AMX runs, its tiles take the queries instead)
+    try:
+        _check_split(mod, head_dim, heads, kv_heads)
+    finally:
+        mod.set_amx(True)
+
+
+def _check_split(mod, head_dim, heads, kv_heads):
+    fn = decode_attention_kernel()
+    g = torch.Generator().manual_seed(1)
+    kc = torch.randn(200, 16, kv_heads, head_dim, generator=g).bfloat16() * 2
+    vc = torch.randn(200, 16, kv_heads, head_dim, generator=g).bfloat16()
+    cases = [[n] for n in range(1, 720, 7)] + [[16], [17], [3, 250]] + ([[33, 1, 90]] if kv_heads == 1 else [])
+    differ = 0
+    for lens in cases:
+        b = len(lens)
+        lens = torch.tensor(lens, dtype=torch.int32)
+        mb = int((lens.max() + 15) // 16)
+        tables = torch.randperm(200, generator=g)[: b * mb].view(b, mb)
+        q = torch.randn(b, heads, head_dim, generator=g).bfloat16()
+        split = fn(q, kc, vc, tables, lens, head_dim ** -0.5)
+        mod.set_split(False)
+        try:
+            plain = fn(q, kc, vc, tables, lens, head_dim ** -0.5)
+        finally:
+            mod.set_split(True)
+        ref = decode_attention_torch(q, kc, vc, tables, lens, head_dim ** -0.5).float()
+        assert (split.float() - ref).abs().max().item() < 2e-2, lens
+        assert (split.float() - plain.float()).abs().max().item() < 2e-2, lens
+        differ += int((split != plain).sum())
+    assert differ > 0, "the split path did not run (its sums round differently now and then)"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_verification_rows_share_one_read_and_equal_each_row_alone(dtype, decode_path):
     """A sequence's k + 1 verification rows (one table, lengths L..L+k) are one work item of the bf16 kernel; each row
