@@ -1,13 +1,14 @@
 """Offline batch-1 decode against the memory-bandwidth bound of the weights' own format.
 
     python -m kvserve.bench.decode1 [--model PATH] [--quantization none,q8_0,w8a8] [--tokens 256] [--repeats 3]
-                                    [--decode-steps 1] [--torch-argmax | --no-prefetch | --compare-steps N]
+                                    [--prompt-len 32] [--decode-steps 1]
+                                    [--torch-argmax | --no-prefetch | --compare-steps N | --no-split]
 
 A batch-1 decode step reads every weight once, so its ceiling is (read bandwidth) / (weight bytes). For each format
-this prints the median tok/s over --repeats generations of --tokens tokens after a 32-token prompt, the weight bytes
-a step reads (kvserve's own count: int8 codes and scales for q8_0), and the share of the bound, with the bandwidth
-measured in the same run: the larger of a 512 MiB copy (STREAM convention, read + write bytes, as `kvserve bench
-offline --roofline`) and a 512 MiB float32 sum (read only).
+this prints the median tok/s over --repeats generations of --tokens tokens after a --prompt-len-token prompt, the
+weight bytes a step reads (kvserve's own count: int8 codes and scales for q8_0), and the share of the bound, with
+the bandwidth measured in the same run: the larger of a 512 MiB copy (STREAM convention, read + write bytes, as
+`kvserve bench offline --roofline`) and a 512 MiB float32 sum (read only).
 
 This host's memory speed drifts by 15-30% from one minute to the next, so one bandwidth figure taken at the end
 can pair a fast decode with a slow measurement or the reverse. Both figures are therefore also measured before every
@@ -47,6 +48,15 @@ def paired_shares(rates: list[float], bandwidths: list[float], weight_bytes: int
     return [r * weight_bytes / ((bandwidths[i] + bandwidths[i + 1]) / 2 * 1e9) for i, r in enumerate(rates)]
 
 
+def set_split(on: bool) -> None:
+    """Splits a few sequences' decode attention across threads, or not, in every module that runs it."""
+    from kvserve import kernels
+
+    for mod in (kernels.decode_step_module(), kernels.load("paged_attention")):
+        if mod is not None:
+            mod.set_split(on)
+
+
 def set_prefetch(nbytes: int) -> int:
     """Sets the software prefetch distance of every kernel module a decode step runs (the plan's, the lm_head's);
     returns the distance they had (the kernels' default until something changes it)."""
@@ -62,10 +72,11 @@ def set_prefetch(nbytes: int) -> int:
 
 def run(model: str | None, quantization: str, tokens: int, repeats: int, threads: int,
         torch_argmax: bool = False, no_prefetch: bool = False, bandwidth=bandwidth_gb_s, decode_steps: int = 1,
-        compare_steps: int | None = None) -> dict:
+        compare_steps: int | None = None, prompt_len: int = 32, no_split: bool = False) -> dict:
     """With torch_argmax (or no_prefetch, or compare_steps), every repeat runs twice, alternating: the engine as it
     is, and with torch.argmax as the greedy argmax (the sampler's path before the native one; or with the kernels'
-    software prefetch off; or an engine over the same weights taking compare_steps decode steps per engine step),
+    software prefetch off; or an engine over the same weights taking compare_steps decode steps per engine step; or
+    the decode attention not split across threads),
     so the two are compared in one process, through the host's swings. `decode_steps`: the engine's own setting.
     `bandwidth()` ((copy, read) GB/s) is called before every repeat and after the last (see paired_shares)."""
     import torch
@@ -77,7 +88,7 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
     torch.set_num_threads(threads)
     kw = dict(model=model, quantization=quantization, kv_cache_memory_gb=0.25, max_num_seqs=1)
     llm = LLM(**kw, decode_steps=decode_steps)
-    prompt = {"prompt_token_ids": list(range(1000, 1032))}
+    prompt = {"prompt_token_ids": [1000 + i % 40_000 for i in range(prompt_len)]}
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     warm = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     llm.generate([prompt], warm, use_tqdm=False)
@@ -95,6 +106,7 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
     def as_is():
         sampler.argmax = engine_argmax
         set_prefetch(prefetch)
+        set_split(True)
 
     def with_torch_argmax():
         sampler.argmax = lambda x: x.argmax(dim=-1)
@@ -106,6 +118,8 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
         variants["no_prefetch"] = (llm, lambda: set_prefetch(0))
     if other is not None:
         variants["other_steps"] = (other, as_is)
+    if no_split:
+        variants["no_split"] = (llm, lambda: set_split(False))
     rates: dict[str, list[float]] = {k: [] for k in variants}
     tokens_of: dict[str, list[int]] = {}
     bws: list[tuple[float, float]] = []  # (copy, read)
@@ -149,21 +163,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time each repeat with torch.argmax as the greedy sampler's argmax (alternating)")
     ap.add_argument("--no-prefetch", action="store_true",
                     help="also time each repeat with the kernels' software prefetch off (alternating)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before the timed decode")
+    ap.add_argument("--no-split", action="store_true",
+                    help="also time each repeat with the decode attention not split across threads (alternating)")
     ap.add_argument("--decode-steps", type=int, default=1,
                     help="the engine's greedy decode steps per engine step (EngineArgs.decode_steps)")
     ap.add_argument("--compare-steps", type=int, default=None,
                     help="also time each repeat with an engine over the same weights at this many decode steps per "
                          "engine step (alternating)")
     args = ap.parse_args(argv)
-    if sum((args.torch_argmax, args.no_prefetch, args.compare_steps is not None)) > 1:
-        ap.error("--torch-argmax, --no-prefetch and --compare-steps are separate comparisons: pick one")
+    if sum((args.torch_argmax, args.no_prefetch, args.compare_steps is not None, args.no_split)) > 1:
+        ap.error("--torch-argmax, --no-prefetch, --compare-steps and --no-split are separate comparisons: pick one")
     results = [run(args.model, q, args.tokens, args.repeats, args.threads, args.torch_argmax, args.no_prefetch,
-                   decode_steps=args.decode_steps, compare_steps=args.compare_steps)
+                   decode_steps=args.decode_steps, compare_steps=args.compare_steps, prompt_len=args.prompt_len,
+                   no_split=args.no_split)
                for q in args.quantization.split(",")]
     copy, read = bandwidth_gb_s()
     bw = max(copy, read)  # the bound with the better of the two (the harder bar)
     print(f"copy bandwidth {copy:.2f} GB/s, read bandwidth {read:.2f} GB/s; bound at {bw:.2f} GB/s; batch-1 decode, "
-          f"{args.tokens} tokens after a 32-token prompt, median of {args.repeats}")
+          f"{args.tokens} tokens after a {args.prompt_len}-token prompt, median of {args.repeats}")
     print("| format | tok/s | ms/token | weight MB | bound tok/s | % of bound | paired, read: % per repeat (read "
           "GB/s around it) | paired median, read | paired median, better of copy and read |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
@@ -181,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = {"torch_argmax": ("with torch.argmax", "the engine's argmax"),
               "no_prefetch": ("with the prefetch off", "with it on"),
               "other_steps": (f"at {args.compare_steps} decode steps per engine step",
-                              f"at {args.decode_steps}")}
+                              f"at {args.decode_steps}"),
+              "no_split": ("with the attention unsplit", "split")}
     for r in results:
         for name, (other, ours) in labels.items():
             if f"{name}_tok_s" not in r:
