@@ -143,7 +143,7 @@ class KvserveEngine:
         from kvserve import LLM, SamplingParams
         self.SamplingParams = SamplingParams
         kw = dict(dtype="bfloat16", max_num_seqs=opts["max_num_seqs"], kv_cache_memory_gb=opts["kv_gb"],
-                  quantization=opts.get("quantization", "none"))
+                  quantization=opts.get("quantization", "none"), decode_steps=opts.get("decode_steps", 1))
         if opts.get("kvserve_max_num_batched_tokens"):
             kw["max_num_batched_tokens"] = opts["kvserve_max_num_batched_tokens"]
         self.llm = LLM(**kw)
@@ -151,7 +151,7 @@ class KvserveEngine:
         self.info = {"engine_args": {k: getattr(e.core.args, k) for k in ("max_num_batched_tokens", "max_num_seqs",
                                                                      "kv_cache_memory_gb", "block_size",
                                                                      "enable_prefix_caching", "pad_shapes",
-                                                                     "native_kernels")},
+                                                                     "native_kernels", "decode_steps")},
                      "native_decode_kernel": e.core.model.attention.decode_kernel is not None,
                      "weight_bytes": e.core.model.weight_bytes(), "torch_threads": torch.get_num_threads(),
                      "quantization": e.info.quantization}

@@ -1,6 +1,6 @@
 """Offline workload (a) in several weight formats, alternating in one process: the format bars' "in the same run".
 
-    python -m kvserve.bench.quant_ab [--quantization none,w8a8] [--rounds 8] [--json PATH]
+    python -m kvserve.bench.quant_ab [--quantization none,w8a8] [--rounds 8] [--decode-steps 1] [--json PATH]
 
 One engine per format (kvserve.bench.offline's KvserveEngine, each warmed up on the workload's shapes) and, per
 round, one timed run of (a) (64 requests, 128 prompt + 128 output tokens, greedy; fresh prompts every round, the same
@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-gb", type=float, default=2.0, help="KV cache GiB per engine")
+    ap.add_argument("--decode-steps", type=int, default=1, help="every engine's decode_steps (EngineArgs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     formats = args.quantization.split(",")
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--quantization needs two or more distinct formats")
     text = text_token_ids()
     shapes = workload_shapes("a")
-    opts = {"threads": args.threads, "max_num_seqs": 256, "kv_gb": args.kv_gb}
+    opts = {"threads": args.threads, "max_num_seqs": 256, "kv_gb": args.kv_gb, "decode_steps": args.decode_steps}
     engines = {}
     for fmt in formats:
         engines[fmt] = KvserveEngine({**opts, "quantization": fmt})
