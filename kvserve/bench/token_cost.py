@@ -199,8 +199,10 @@ def run(batch: int, quantization: str, steps: int, prompt_len: int, threads: int
 
 
 def markdown(results: list[dict]) -> str:
-    head = "| part | " + " | ".join(f"b={r['batch']} {r['quantization']}"
-                                    + (f" k={r['decode_steps']}" if r["decode_steps"] > 1 else "") for r in results) + " |"
+    def label(r: dict) -> str:
+        return f"b={r['batch']} {r['quantization']}" + (f" k={r['decode_steps']}" if r["decode_steps"] > 1 else "")
+
+    head = "| part | " + " | ".join(label(r) for r in results) + " |"
     lines = [head, "|---|" + "---:|" * len(results)]
     for part in (*PARTS, "api_server"):
         cells = []
@@ -210,8 +212,8 @@ def markdown(results: list[dict]) -> str:
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
     lines.append("| **step (timed)** | " + " | ".join(f"**{r['step_ms_timed']:.2f}**" for r in results) + " |")
     lines.append("| step (no wrappers) | " + " | ".join(f"{r['step_ms_untimed']:.2f}" for r in results) + " |")
-    lines.append("| per token, no wrappers | " + " | ".join(f"{r['step_ms_untimed'] / r['batch'] / r['decode_steps']:.3f}"
-                                                          for r in results) + " |")
+    per_token = (r["step_ms_untimed"] / r["batch"] / r["decode_steps"] for r in results)
+    lines.append("| per token, no wrappers | " + " | ".join(f"{ms:.3f}" for ms in per_token) + " |")
     return "\n".join(lines)
 
 

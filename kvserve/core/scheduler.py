@@ -729,10 +729,10 @@ class Scheduler:
                 if sr.spec_token_ids or sr.decode_steps > 1:
                     # The accepted drafts' KV is kept (as is every decode step's, its input accepted as a draft
                     # is): every appended token but the last (sampled after them, its KV not computed) - fewer
-                    # if a stop came first. Rejected drafts are rolled back: their slots
-                    # lie past the computed tokens (rewritten when those positions are computed), blocks past the
-                    # sequence go back to the pool, and no block holding one was cached (the hashes cover
-                    # appended tokens only). Blocks the accepted drafts filled are cached now.
+                    # if a stop came first. Rejected drafts are rolled back: their slots lie past the computed
+                    # tokens (rewritten when those positions are computed), blocks past the sequence go back to
+                    # the pool, and no block holding one was cached (the hashes cover appended tokens only).
+                    # Blocks the accepted drafts filled are cached now.
                     req.num_computed_tokens = req.num_tokens - 1
                     self.kv.cache_blocks(req, req.num_computed_tokens)
                     if not req.is_finished:
