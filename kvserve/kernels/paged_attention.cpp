@@ -101,32 +101,6 @@ void decode_kernel(const T* __restrict q, const T* __restrict k_cache, const T* 
 }
 
 #ifdef KVSERVE_AVX512_BF16
-// Softmax of one row of scores in place, 16 lanes at a time.
-inline void softmax_row(float* s, int64_t L) {
-  __m512 mv = _mm512_set1_ps(-INFINITY);
-  int64_t t = 0;
-  for (; t + 16 <= L; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + t));
-  float m = _mm512_reduce_max_ps(mv);
-  for (; t < L; ++t) m = s[t] > m ? s[t] : m;
-  const __m512 mb = _mm512_set1_ps(m);
-  __m512 sv = _mm512_setzero_ps();
-  for (t = 0; t + 16 <= L; t += 16) {
-    __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + t), mb));
-    _mm512_storeu_ps(s + t, e);
-    sv = _mm512_add_ps(sv, e);
-  }
-  if (t < L) {
-    const __mmask16 k = (__mmask16)((1u << (L - t)) - 1);
-    __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), mb));
-    e = _mm512_maskz_mov_ps(k, e);
-    _mm512_mask_storeu_ps(s + t, k, e);
-    sv = _mm512_add_ps(sv, e);
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sv));
-  for (t = 0; t + 16 <= L; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
-  for (; t < L; ++t) s[t] *= _mm512_cvtss_f32(inv);
-}
-
 // exp(s - max) of one row of scores in place, 16 lanes at a time (softmax_row without the division): (max, sum).
 inline std::pair<float, float> exp_row(float* s, int64_t L) {
   __m512 mv = _mm512_set1_ps(-INFINITY);
@@ -149,6 +123,14 @@ inline std::pair<float, float> exp_row(float* s, int64_t L) {
     sv = _mm512_add_ps(sv, e);
   }
   return {m, _mm512_reduce_add_ps(sv)};
+}
+
+// Softmax of one row of scores in place, 16 lanes at a time.
+inline void softmax_row(float* s, int64_t L) {
+  const __m512 inv = _mm512_set1_ps(1.f / exp_row(s, L).second);
+  int64_t t = 0;
+  for (; t + 16 <= L; t += 16) _mm512_storeu_ps(s + t, _mm512_mul_ps(_mm512_loadu_ps(s + t), inv));
+  for (; t < L; ++t) s[t] *= _mm512_cvtss_f32(inv);
 }
 
 inline float hsum512(__m512 s) {
@@ -179,6 +161,30 @@ inline __m512 reduce16(const __m512 v[16]) {
                                  _mm512_shuffle_ps(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_ps(order, z);
+}
+
+// q.k of one query (NQ bf16 vectors) with the tn <= 16 key rows of a block at kb (stride row), scaled, into dst: a
+// full block as 16 dot products summed across lanes in one transpose tree, a partial one a dot product at a time.
+template <int NQ>
+inline void block_scores(const __m512bh* qj, const c10::BFloat16* kb, int64_t row, int64_t tn, float scale,
+                         float* dst) {
+  if (tn == 16) {
+    __m512 part[16];
+    for (int r = 0; r < 16; ++r) {
+      const c10::BFloat16* krow = kb + r * row;
+      __m512 acc = _mm512_setzero_ps();
+      for (int i = 0; i < NQ; ++i) acc = _mm512_dpbf16_ps(acc, qj[i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
+      part[r] = acc;
+    }
+    _mm512_storeu_ps(dst, _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale)));
+    return;
+  }
+  for (int64_t r = 0; r < tn; ++r) {
+    const c10::BFloat16* krow = kb + r * row;
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < NQ; ++i) acc = _mm512_dpbf16_ps(acc, qj[i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
+    dst[r] = hsum512(acc) * scale;
+  }
 }
 
 inline void prefetch_span(const void* p, int64_t bytes) {
@@ -317,27 +323,8 @@ void decode_split_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* _
         const c10::BFloat16* vb = v_cache + table[bi] * blk + h * D;
         for (int64_t r = 0; r < tn; ++r) prefetch_span(vb + r * row, span);
         const c10::BFloat16* kb = k_cache + table[bi] * blk + h * D;
-        for (int64_t j = 0; j < G; ++j) {
-          if (tn == 16) {
-            __m512 part16[16];
-            for (int r = 0; r < 16; ++r) {
-              const c10::BFloat16* krow = kb + r * row;
-              __m512 acc_r = _mm512_setzero_ps();
-              for (int i = 0; i < NQ; ++i)
-                acc_r = _mm512_dpbf16_ps(acc_r, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
-              part16[r] = acc_r;
-            }
-            _mm512_storeu_ps(scores.data() + j * n + t0, _mm512_mul_ps(reduce16(part16), _mm512_set1_ps(scale)));
-            continue;
-          }
-          for (int64_t r = 0; r < tn; ++r) {
-            const c10::BFloat16* krow = kb + r * row;
-            __m512 sv = _mm512_setzero_ps();
-            for (int i = 0; i < NQ; ++i)
-              sv = _mm512_dpbf16_ps(sv, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
-            scores[j * n + t0 + r] = hsum512(sv) * scale;
-          }
-        }
+        for (int64_t j = 0; j < G; ++j)
+          block_scores<NQ>(qv.data() + j * NQ, kb, row, tn, scale, scores.data() + j * n + t0);
       }
       for (int64_t j = 0; j < G; ++j) {
         const auto [m, l] = exp_row(scores.data() + j * n, n);
@@ -428,30 +415,9 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
         const c10::BFloat16* vb = v_cache + table[bi] * blk + h * D;
         for (int64_t r = 0; r < tn; ++r) prefetch_span(vb + r * row, span);
         const c10::BFloat16* kb = k_cache + table[bi] * blk + h * D;
-        for (int64_t j = 0; j < nq; ++j) {
-          // a block full for this row: 16 dot products summed across lanes in one transpose tree; a row's last,
-          // partial block one dot product at a time (the same sums as the row alone would get)
-          const int64_t tj = std::min<int64_t>(tn, lens[b0 + j / G] - t0);
-          if (tj == 16) {
-            __m512 part[16];
-            for (int r = 0; r < 16; ++r) {
-              const c10::BFloat16* krow = kb + r * row;
-              __m512 acc_r = _mm512_setzero_ps();
-              for (int i = 0; i < NQ; ++i)
-                acc_r = _mm512_dpbf16_ps(acc_r, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
-              part[r] = acc_r;
-            }
-            _mm512_storeu_ps(scores.data() + j * L + t0, _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale)));
-            continue;
-          }
-          for (int64_t r = 0; r < tj; ++r) {
-            const c10::BFloat16* krow = kb + r * row;
-            __m512 s = _mm512_setzero_ps();
-            for (int i = 0; i < NQ; ++i)
-              s = _mm512_dpbf16_ps(s, qv[j * NQ + i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
-            scores[j * L + t0 + r] = hsum512(s) * scale;
-          }
-        }
+        for (int64_t j = 0; j < nq; ++j)  // a row's last block may be partial (the same sums as the row alone)
+          block_scores<NQ>(qv.data() + j * NQ, kb, row, std::min<int64_t>(tn, lens[b0 + j / G] - t0), scale,
+                           scores.data() + j * L + t0);
       }
       // each row's softmax over its own context; the run's later positions get probability 0 for it, so the value
       // pass below adds exactly nothing for them (p x v = 0: the sums equal a pass over the row's own context)
