@@ -46,6 +46,29 @@ def run(sched, runner, max_steps=10_000, check=True, on_step=None):
     return outputs
 
 
+def random_step(sched, runner, rng, abort_p: float, aborted: set, results: dict) -> None:
+    """One step of a randomized run: maybe abort a random request, then schedule, execute and update, checking the
+    invariants after each."""
+    if rng.random() < abort_p and sched.requests:
+        victim = rng.choice(sorted(sched.requests))
+        sched.finish_request(victim, RequestStatus.FINISHED_ABORTED)
+        aborted.add(victim)
+        sched.check_invariants()
+    so = sched.schedule()
+    sched.check_invariants()
+    for u in sched.update(so, runner.execute(so)):
+        results.setdefault(u.request_id, []).extend(u.new_token_ids)
+    sched.check_invariants()
+
+
+def assert_as_reference(added, results: dict, aborted: set, ref: dict, what: str) -> None:
+    """Every request's tokens equal the reference run's (an aborted one's, a prefix of them)."""
+    for r in added:
+        got = results.get(r.request_id, [])
+        want = ref[r.request_id][:len(got)] if r.request_id in aborted else ref[r.request_id]
+        assert got == want, f"{r.request_id} (preempted {r.num_preemptions}x) differs from {what}"
+
+
 def test_budget_and_chunking_flatten_many_requests():
     sched = make_sched(budget=64)
     runner = FakeRunner(BS)
@@ -274,17 +297,7 @@ def test_randomized_invariants(seed):
                 added.append(sched.requests[f"{rid}#{i}"])
             n_added += 1
             pending -= 1
-        if rng.random() < 0.05 and sched.requests:
-            victim = rng.choice(sorted(sched.requests))
-            sched.finish_request(victim, RequestStatus.FINISHED_ABORTED)
-            aborted.add(victim)
-            sched.check_invariants()
-        so = sched.schedule()
-        sched.check_invariants()
-        mo = runner.execute(so)
-        for u in sched.update(so, mo):
-            results.setdefault(u.request_id, []).extend(u.new_token_ids)
-        sched.check_invariants()
+        random_step(sched, runner, rng, 0.05, aborted, results)
         steps += 1
         assert steps < 20_000
     assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks, "blocks leaked"
@@ -304,10 +317,7 @@ def test_randomized_invariants(seed):
     assert all(len(ref[r.request_id]) == r.max_tokens for r in added)
     groups = [r for r in added if r.share_prompt_with is not None]
     assert all(ref[r.request_id] != ref[r.share_prompt_with.request_id] for r in groups), "siblings must diverge"
-    for r in added:
-        got = results.get(r.request_id, [])
-        want = ref[r.request_id][:len(got)] if r.request_id in aborted else ref[r.request_id]
-        assert got == want, f"{r.request_id} (preempted {r.num_preemptions}x) differs from the unpressured run"
+    assert_as_reference(added, results, aborted, ref, "the unpressured run")
 
 
 def test_sequence_larger_than_pool_ends_instead_of_spinning():
@@ -388,10 +398,12 @@ def test_decode_steps_only_for_plain_greedy_decodes_with_nothing_waiting(case):
 def test_decode_steps_capped_by_the_step_token_budget():
     sched, runner = steps_sched(8, budget=8), FakeRunner(BS)
     for i in range(4):
-        sched.add_request(req(f"r{i}", 8, max_tokens=7))
-    run(sched, runner)
-    assert {s.decode_steps for so in runner.steps for s in so.scheduled} == {1, 2}
-    assert all(so.num_batched_tokens <= 8 for so in runner.steps)
+        sched.add_request(req(f"r{i}", 8, max_tokens=30))
+    run(sched, runner)  # checks no step goes over the budget
+    # the budget, not max_tokens, sets the runs: 8 // 4 and 8 // 3 sequences = 2 steps each
+    runs = [(len(so.scheduled), so.scheduled[0].decode_steps) for so in runner.steps
+            if so.scheduled[0].decode_steps > 1]
+    assert runs == [(4, 2)] * 12 + [(3, 2)]
 
 
 def test_decode_steps_shrink_to_the_slots_a_full_pool_leaves():
@@ -441,15 +453,7 @@ def test_decode_steps_randomized_match_single_steps(seed):
             added.append(r)
             n += 1
             pending -= 1
-        if rng.random() < 0.03 and sched.requests:
-            victim = rng.choice(sorted(sched.requests))
-            sched.finish_request(victim, RequestStatus.FINISHED_ABORTED)
-            aborted.add(victim)
-        so = sched.schedule()
-        sched.check_invariants()
-        for u in sched.update(so, runner.execute(so)):
-            results.setdefault(u.request_id, []).extend(u.new_token_ids)
-        sched.check_invariants()
+        random_step(sched, runner, rng, 0.03, aborted, results)
         assert len(runner.steps) < 20_000
     assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks and not sched.kv.req_blocks
     assert any(s.decode_steps > 1 for so in runner.steps for s in so.scheduled), "no run of several steps"
@@ -457,11 +461,7 @@ def test_decode_steps_randomized_match_single_steps(seed):
                             budget=budget, max_seqs=max_seqs)
     for r in added:
         ref_sched.add_request(Request(r.request_id, r.prompt_token_ids, r.sampling_params, BS, ()))
-    ref = run(ref_sched, FakeRunner(BS))
-    for r in added:
-        got = results.get(r.request_id, [])
-        want = ref[r.request_id][:len(got)] if r.request_id in aborted else ref[r.request_id]
-        assert got == want, f"{r.request_id} (preempted {r.num_preemptions}x) differs from single steps"
+    assert_as_reference(added, results, aborted, run(ref_sched, FakeRunner(BS)), "single steps")
 
 
 def test_decode_steps_config_checked_at_the_edge():
