@@ -2,7 +2,8 @@
 
     python -m kvserve.bench.decode1 [--model PATH] [--quantization none,q8_0,w8a8] [--tokens 256] [--repeats 3]
                                     [--prompt-len 32] [--decode-steps 1]
-                                    [--torch-argmax | --no-prefetch | --compare-steps N | --no-split]
+                                    [--torch-argmax | --no-prefetch | --compare-steps N | --no-split |
+                                     --small-pages]
 
 A batch-1 decode step reads every weight once, so its ceiling is (read bandwidth) / (weight bytes). For each format
 this prints the median tok/s over --repeats generations of --tokens tokens after a --prompt-len-token prompt, the
@@ -57,6 +58,20 @@ def set_split(on: bool) -> None:
             mod.set_split(on)
 
 
+def small_pages_plan(model):
+    """A decode plan over copies of the streamed weights made by torch's allocator (4 KiB pages where THP is in
+    madvise mode), for --small-pages; the model keeps its own weights (kvserve.model.hugepages)."""
+    held = model.streamed_weights()
+    originals = [getattr(obj, name) for obj, name in held]
+    for (obj, name), t in zip(held, originals):
+        setattr(obj, name, t.clone())
+    try:
+        return model.build_decode_plan()
+    finally:
+        for (obj, name), t in zip(held, originals):
+            setattr(obj, name, t)
+
+
 def set_prefetch(nbytes: int) -> int:
     """Sets the software prefetch distance of every kernel module a decode step runs (the plan's, the lm_head's);
     returns the distance they had (the kernels' default until something changes it)."""
@@ -72,11 +87,12 @@ def set_prefetch(nbytes: int) -> int:
 
 def run(model: str | None, quantization: str, tokens: int, repeats: int, threads: int,
         torch_argmax: bool = False, no_prefetch: bool = False, bandwidth=bandwidth_gb_s, decode_steps: int = 1,
-        compare_steps: int | None = None, prompt_len: int = 32, no_split: bool = False) -> dict:
+        compare_steps: int | None = None, prompt_len: int = 32, no_split: bool = False,
+        small_pages: bool = False) -> dict:
     """With torch_argmax (or no_prefetch, or compare_steps), every repeat runs twice, alternating: the engine as it
     is, and with torch.argmax as the greedy argmax (the sampler's path before the native one; or with the kernels'
     software prefetch off; or an engine over the same weights taking compare_steps decode steps per engine step; or
-    the decode attention not split across threads),
+    the decode attention not split across threads; or the decode plan over copies of the weights on ordinary pages),
     so the two are compared in one process, through the host's swings. `decode_steps`: the engine's own setting.
     `bandwidth()` ((copy, read) GB/s) is called before every repeat and after the last (see paired_shares)."""
     import torch
@@ -101,12 +117,15 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
         other.generate([prompt], warm, use_tqdm=False)
     sampler = llm.engine.core.runner.sampler
     engine_argmax = sampler.argmax
+    model = llm.engine.core.model
+    engine_plan = model.decode_plan
     prefetch = set_prefetch(0)  # the kernels' distance; as_is() puts it back before every repeat
 
     def as_is():
         sampler.argmax = engine_argmax
         set_prefetch(prefetch)
         set_split(True)
+        model.decode_plan = engine_plan
 
     def with_torch_argmax():
         sampler.argmax = lambda x: x.argmax(dim=-1)
@@ -120,6 +139,9 @@ def run(model: str | None, quantization: str, tokens: int, repeats: int, threads
         variants["other_steps"] = (other, as_is)
     if no_split:
         variants["no_split"] = (llm, lambda: set_split(False))
+    if small_pages:
+        plan = small_pages_plan(model)
+        variants["small_pages"] = (llm, lambda: setattr(model, "decode_plan", plan))
     rates: dict[str, list[float]] = {k: [] for k in variants}
     tokens_of: dict[str, list[int]] = {}
     bws: list[tuple[float, float]] = []  # (copy, read)
@@ -171,12 +193,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-steps", type=int, default=None,
                     help="also time each repeat with an engine over the same weights at this many decode steps per "
                          "engine step (alternating)")
+    ap.add_argument("--small-pages", action="store_true",
+                    help="also time each repeat with the decode plan over copies of the weights on ordinary pages "
+                         "(alternating)")
     args = ap.parse_args(argv)
-    if sum((args.torch_argmax, args.no_prefetch, args.compare_steps is not None, args.no_split)) > 1:
-        ap.error("--torch-argmax, --no-prefetch, --compare-steps and --no-split are separate comparisons: pick one")
+    if sum((args.torch_argmax, args.no_prefetch, args.compare_steps is not None, args.no_split,
+            args.small_pages)) > 1:
+        ap.error("--torch-argmax, --no-prefetch, --compare-steps, --no-split and --small-pages are separate "
+                 "comparisons: pick one")
     results = [run(args.model, q, args.tokens, args.repeats, args.threads, args.torch_argmax, args.no_prefetch,
                    decode_steps=args.decode_steps, compare_steps=args.compare_steps, prompt_len=args.prompt_len,
-                   no_split=args.no_split)
+                   no_split=args.no_split, small_pages=args.small_pages)
                for q in args.quantization.split(",")]
     copy, read = bandwidth_gb_s()
     bw = max(copy, read)  # the bound with the better of the two (the harder bar)
@@ -200,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
               "no_prefetch": ("with the prefetch off", "with it on"),
               "other_steps": (f"at {args.compare_steps} decode steps per engine step",
                               f"at {args.decode_steps}"),
-              "no_split": ("with the attention unsplit", "split")}
+              "no_split": ("with the attention unsplit", "split"),
+              "small_pages": ("with the weights on ordinary pages", "on huge pages")}
     for r in results:
         for name, (other, ours) in labels.items():
             if f"{name}_tok_s" not in r:

@@ -360,6 +360,8 @@ inline void tile(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N
       const __m512i w2 = _mm512_loadu_si512(wv + 2), w3 = _mm512_loadu_si512(wv + 3);
       const __m512i w4 = _mm512_loadu_si512(wv + 4), w5 = _mm512_loadu_si512(wv + 5);
       const __m512i w6 = _mm512_loadu_si512(wv + 6), w7 = _mm512_loadu_si512(wv + 7);
+      // the scales: 32 bytes per 512 of codes, a line every other group (1.05x q8_0 batch-1 decode, 12 of 14 pairs)
+      if (sb % 2 == 0) kvserve::prefetch_ahead<1, 16>(ws + sb * NR);
       const __m512 wsv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ws + sb * NR)));
 #pragma GCC unroll 8
       for (int m = 0; m < MT; ++m) {

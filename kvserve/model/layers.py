@@ -27,9 +27,12 @@ class Linear:
     native gemv kernel instead, which keeps its own copy of W in its layout: twice the resident bytes of a bf16
     model, for 1.5-1.8x faster small-batch decode (int8 models, kvserve.model.quant, have neither copy)."""
 
+    STREAMED = ("gemv_weight",)  # what a small-batch call reads (LlamaModel puts it on huge pages)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True,
                  small_batch_kernel: bool = True):
         self.out_features, self.in_features = weight.shape
+        self.gemv_weight = None
         self.bias = bias
         self.packed = pack and weight.dtype == torch.bfloat16 and _can_pack()
         self.gemv = None

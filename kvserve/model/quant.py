@@ -220,6 +220,8 @@ class Int8Linear:
     """y = x W^T + b over int8 weights (q8_0 or w8a8): the native kernel where it builds, else its PyTorch reference
     (slow, same rounding). Holds no float copy of W."""
 
+    STREAMED = ("packed", "scales")  # what every call reads (LlamaModel puts them on huge pages)
+
     def __init__(self, weight: torch.Tensor | GGUFWeight, fmt: str, bias: torch.Tensor | None = None,
                  native: bool = True):
         """`weight`: float, or a GGUF file's blocks (Q8_0 blocks run as stored under q8_0)."""
@@ -327,6 +329,8 @@ class Q4Linear:
     A GGUF file's blocks of the same format are packed as stored. q4_k keeps a file's Q4_K blocks (their 6-bit
     sub-block scales become fp16 per 32 weights: 20 bytes per 32 against the file's 18) and quantizes any other
     weight by Q4_K's rule where in_features % 256 == 0, else by Q4_1's (llama.cpp's Q4_K files fall back likewise)."""
+
+    STREAMED = ("packed", "scales")  # what every call reads (LlamaModel puts them on huge pages)
 
     def __init__(self, weight: torch.Tensor | GGUFWeight, fmt: str, bias: torch.Tensor | None = None,
                  native: bool = True):

@@ -172,3 +172,30 @@ def test_decode_steps_in_one_call_give_the_tokens_of_single_steps(loaded, fp32_p
         ids = torch.tensor([loaded.config.vocab_size])
         model.run_decode_steps(ids, torch.tensor([0]), torch.tensor([[0]]), torch.zeros(1, 1, dtype=torch.long),
                                torch.tensor([1], dtype=torch.int32), single.engine.core.kv_cache.layers)
+
+
+def test_small_pages_plan_leaves_the_models_weights_and_gives_the_same_tokens(loaded, fp32_parts):
+    """decode1 --small-pages: a plan over copies of the weights off the huge-page arena, the model's own untouched."""
+    from kvserve.bench.decode1 import small_pages_plan
+    from kvserve.engine.llm_engine import LLM, EngineArgs, LLMEngine
+    from kvserve.model.llama import LlamaModel
+    from kvserve.sampling import SamplingParams
+
+    _, tok, name = fp32_parts
+    model = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization="q4_1")
+    own = [getattr(obj, attr) for obj, attr in model.streamed_weights()]
+    plan = small_pages_plan(model)
+    assert all(getattr(obj, attr) is t for (obj, attr), t in zip(model.streamed_weights(), own))
+    llm = LLM.from_engine(LLMEngine(EngineArgs(kv_cache_memory_gb=0.1, decode_steps=4), model=model, tokenizer=tok,
+                                    model_name=name))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    def run():
+        return llm.generate(["The capital of France is"], params, use_tqdm=False)[0].outputs[0].token_ids
+
+    on_arena = run()
+    arena_plan, model.decode_plan = model.decode_plan, plan
+    try:
+        assert run() == on_arena
+    finally:
+        model.decode_plan = arena_plan
