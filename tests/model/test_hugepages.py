@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import types
 
-import pytest
 import torch
 
 from kvserve.model.hugepages import ALIGN, HUGE_PAGE, huge_page_bytes, to_huge_pages
