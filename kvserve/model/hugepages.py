@@ -10,6 +10,8 @@ THP is off, or the platform has no madvise, this is ordinary anonymous memory: t
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 
 import torch
@@ -35,17 +37,37 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
 
 def to_huge_pages(holders: list[tuple[object, str]]) -> None:
     """Moves each holder's tensor attribute into one huge-page arena, one after another in the given order (a decode
-    step that reads them in that order streams one run of memory): same shapes, dtypes and values, contiguous. Each
-    original is dropped as soon as it is copied, so a load peaks at about one copy of the weights, not two."""
+    step that reads them in that order streams one run of memory): same shapes, dtypes and values, contiguous.
+
+    Each original is freed, and glibc told to give freed heap memory back (malloc_trim), as soon as it is copied:
+    tensors of a few MB come from glibc's heap once its mmap threshold has grown, and stay resident there when freed.
+    Without that, a bf16 model's peak RSS at load rose 257 MB (its gemv copies held twice); with it, the peak is about
+    the weights plus the largest tensor (the output matrix): +20-34 MB (`kvserve.bench.load_memory`)."""
     sizes = [getattr(obj, name).numel() * getattr(obj, name).element_size() for obj, name in holders]
     arena = huge_page_bytes(sum(_aligned(n) for n in sizes))
+    trim = _malloc_trim()
     off = 0
     for (obj, name), n in zip(holders, sizes):
         t = getattr(obj, name)
         new = arena[off:off + n].view(t.dtype).view(t.shape)
         new.copy_(t)
         setattr(obj, name, new)
+        del t
         off += _aligned(n)
+        if trim is not None and n >= TRIM_BYTES:
+            trim(0)
+
+
+TRIM_BYTES = 1 << 20  # smaller tensors are trimmed with the next large one
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library is another."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _aligned(n: int) -> int:
