@@ -568,6 +568,7 @@ inline void tile_q4(QAct a, const uint8_t* wp, const c10::Half* dm, T* y, int64_
     const __m512i w2 = _mm512_and_si512(v2, low), w6 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), low);
     const __m512i w3 = _mm512_and_si512(v3, low), w7 = _mm512_and_si512(_mm512_srli_epi16(v3, 4), low);
     const c10::Half* dmb = dm + b * 2 * NR;
+    kvserve::prefetch_ahead<1, 4>(dmb);  // d and m: 64 bytes per 256 of codes (1.045x q4_1 decode, 10 of 14 pairs)
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmb)));
     const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmb + NR)));
 #pragma GCC unroll 8
