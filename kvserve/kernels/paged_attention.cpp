@@ -100,6 +100,18 @@ void decode_kernel(const T* __restrict q, const T* __restrict k_cache, const T* 
   });
 }
 
+// Every cache line of [p, p + bytes), for reading or (write) for writing; a prefetch never faults.
+inline void prefetch_span(const void* p, int64_t bytes, bool write = false) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (write) {
+      __builtin_prefetch(c + off, 1, 3);
+    } else {
+      __builtin_prefetch(c + off, 0, 3);
+    }
+  }
+}
+
 #ifdef KVSERVE_AVX512_BF16
 // exp(s - max) of one row of scores in place, 16 lanes at a time (softmax_row without the division): (max, sum).
 inline std::pair<float, float> exp_row(float* s, int64_t L) {
@@ -185,11 +197,6 @@ inline void block_scores(const __m512bh* qj, const c10::BFloat16* kb, int64_t ro
     for (int i = 0; i < NQ; ++i) acc = _mm512_dpbf16_ps(acc, qj[i], (__m512bh)_mm512_loadu_si512(krow + i * 32));
     dst[r] = hsum512(acc) * scale;
   }
-}
-
-inline void prefetch_span(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
 }
 
 // Consecutive rows that verify speculative drafts of one sequence: row b + 1 continues row b's run when it is one
