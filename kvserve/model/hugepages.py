@@ -2,10 +2,10 @@
 
 A batch-1 decode step streams every weight once: on 4 KiB pages that is a TLB miss every 4 KiB and a hardware
 prefetcher that stops at every page boundary. Most distributions ship THP in `madvise` mode, where only memory that
-asks for huge pages gets them, and torch's allocator does not ask. On this host (AMD EPYC, 2 cores) q4_1 batch-1
-decode ran 1.03-1.10x faster with the weights on 2 MiB pages (docs/benchmarks.md, "Weights on huge pages"); the KV
-cache on them measured no faster (1.01x at 1,024-1,280 tokens of context), so it stays on torch's allocator. Where
-THP is off, or the platform has no madvise, this is ordinary anonymous memory: the same tensors, no error.
+asks for huge pages gets them, and torch's allocator does not ask. On this host (AMD EPYC, 2 cores) batch-1 decode
+ran 1.04-1.08x faster with the weights on 2 MiB pages (q4_1, q8_0, bf16; docs/benchmarks.md, "Weights on huge
+pages"); the KV cache on them measured no faster (1.01x at 1,024-1,280 tokens of context), so it stays on torch's
+allocator. Where THP is off, or the platform has no madvise, this is ordinary anonymous memory: the same tensors.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def to_huge_pages(holders: list[tuple[object, str]]) -> None:
     Each original is freed, and glibc told to give freed heap memory back (malloc_trim), as soon as it is copied:
     tensors of a few MB come from glibc's heap once its mmap threshold has grown, and stay resident there when freed.
     Without that, a bf16 model's peak RSS at load rose 257 MB (its gemv copies held twice); with it, the peak is about
-    the weights plus the largest tensor (the output matrix): +20-34 MB (`kvserve.bench.load_memory`)."""
+    the weights plus the largest tensor (the output matrix): +32-34 MB for q4_1 and bf16, none for q8_0
+    (`kvserve.bench.load_memory`)."""
     sizes = [getattr(obj, name).numel() * getattr(obj, name).element_size() for obj, name in holders]
     arena = huge_page_bytes(sum(_aligned(n) for n in sizes))
     trim = _malloc_trim()
