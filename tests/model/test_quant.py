@@ -96,9 +96,9 @@ def test_kernel_any_scale_group(group):
 @needs_kernel
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_pair_tiles_give_the_same_bits(fmt):
-    """From 128 tokens the VNNI path runs two row groups per tile: the same sums in the same order as one at a
+    """From 48 tokens the VNNI path runs two row groups per tile: the same sums in the same order as one at a
     time, so the same bits, for full tiles and a tail; an odd number of row groups stays one at a time."""
-    for n, m in ((96, 130), (64, 257), (80, 140)):  # 6, 4 and 5 row groups
+    for n, m in ((96, 130), (64, 257), (80, 140), (96, 50)):  # 6, 4, 5 and 6 row groups
         _, q, d = _weights(n, 576, fmt, seed=n)
         packed, scales = pack_int8(q, d)
         x = torch.randn(m, 576, generator=torch.Generator().manual_seed(m)).bfloat16()
