@@ -2,6 +2,7 @@
 
     python -m kvserve.bench.micro [--threads 2]
     python -m kvserve.bench.micro --threads 1 --decode-shapes 8x1024,2x4096,9x4096   # decode attention only
+    python -m kvserve.bench.micro --decode-shapes 64x192,8x1024 --layers 30           # ... with its KV in DRAM
     python -m kvserve.bench.micro --digests                                           # KV store entry digests
     python -m kvserve.bench.micro --verify-shapes 4x512,8x2048   # one sequence's speculative verification rows
     python -m kvserve.bench.micro --fused-tokens 1,4,64,2048     # one layer's elementwise ops only
@@ -18,6 +19,7 @@ Medians of repeated timings after a warm-up at the same shapes.
 from __future__ import annotations
 
 import argparse
+import itertools
 import torch
 import torch.nn.functional as F
 
@@ -28,28 +30,39 @@ def timeit(fn, repeats: int = 30, warmup: int = 5) -> float:
     return median_time(fn, warmup, repeats) * 1e3  # ms
 
 
-def bench_decode_attention(batch: int = 64, ctx: int = 183) -> list[tuple[str, float]]:
+def decode_attention_inputs(batch: int, ctx: int, layers: int, dtype: torch.dtype, g: torch.Generator):
+    """(q, k_cache, v_cache, one block table per layer, seq_lens) for the paged decode kernel at 9 heads over 3 KV
+    heads of 64 dims (SmolLM2), blocks of 16 in a random order. layers > 1: the pool holds that many layers' caches
+    of disjoint blocks, for calls that read each in turn as a decode step does (30 layers of 64 x 192 tokens are
+    ~280 MB of KV: each call's KV comes from DRAM, not the last level cache that one layer's 9 MB fits in)."""
+    bs, hkv, d, h = 16, 3, 64, 9
+    mb = -(-ctx // bs)
+    nb = max(2000, layers * batch * mb + 100)  # a pool larger than the caches: KV comes from DRAM, as served
+    kc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
+    perm = torch.randperm(nb, generator=g)
+    tables = [perm[i * batch * mb:(i + 1) * batch * mb].view(batch, mb) for i in range(layers)]
+    q = torch.randn(batch, h, d, generator=g).to(dtype)
+    return q, kc, vc, tables, torch.full((batch,), ctx, dtype=torch.int32)
+
+
+def bench_decode_attention(batch: int = 64, ctx: int = 183, layers: int = 1) -> list[tuple[str, float]]:
     from kvserve.kernels import decode_attention_kernel
     from kvserve.model.attention import decode_attention_torch
 
     native = decode_attention_kernel()
     g = torch.Generator().manual_seed(0)
-    bs, hkv, d, h = 16, 3, 64, 9
-    nb = max(2000, batch * -(-ctx // bs) + 100)  # a pool larger than the caches: KV comes from DRAM, as served
+    where = f", {layers} layers in turn" if layers > 1 else ""
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
-        kc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
-        vc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype)
-        lens = torch.full((batch,), ctx, dtype=torch.int32)
-        mb = -(-ctx // bs)
-        tables = torch.randperm(nb, generator=g)[: batch * mb].view(batch, mb)
-        q = torch.randn(batch, h, d, generator=g).to(dtype)
+        q, kc, vc, tables, lens = decode_attention_inputs(batch, ctx, layers, dtype, g)
         name = str(dtype).replace("torch.", "")
-        rows.append((f"decode attention, torch gather+einsum, {name}, B={batch} ctx={ctx}",
-                     timeit(lambda: decode_attention_torch(q, kc, vc, tables, lens, 0.125), 10)))
+        turn = itertools.cycle(tables)
+        rows.append((f"decode attention, torch gather+einsum, {name}, B={batch} ctx={ctx}{where}",
+                     timeit(lambda: decode_attention_torch(q, kc, vc, next(turn), lens, 0.125), 10)))
         if native is not None:
-            rows.append((f"decode attention, native in-place kernel, {name}, B={batch} ctx={ctx}",
-                         timeit(lambda: native(q, kc, vc, tables, lens, 0.125))))
+            rows.append((f"decode attention, native in-place kernel, {name}, B={batch} ctx={ctx}{where}",
+                         timeit(lambda: native(q, kc, vc, next(turn), lens, 0.125), 30 * layers)))
     return rows
 
 
@@ -185,6 +198,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-shapes", default=None, metavar="BxCTX,...",
                     help="only decode attention, at these batch x context shapes (e.g. 8x1024,2x4096)")
+    ap.add_argument("--layers", type=int, default=1,
+                    help="with --decode-shapes: each call reads the next of this many layers' caches (30: KV from "
+                         "DRAM, as in a decode step)")
     ap.add_argument("--digests", action="store_true", help="only the KV store's entry digests")
     ap.add_argument("--verify-shapes", default=None, metavar="NxCTX,...",
                     help="only one sequence's N speculative verification rows at context CTX (e.g. 4x512,8x2048)")
@@ -205,12 +221,12 @@ def main() -> None:
         rows = [r for t in args.fused_tokens.split(",") for r in bench_fused_ops(int(t))]
     elif args.decode_shapes:
         rows = [r for shape in args.decode_shapes.split(",")
-                for r in bench_decode_attention(*(int(x) for x in shape.lower().split("x")))]
+                for r in bench_decode_attention(*(int(x) for x in shape.lower().split("x")), layers=args.layers)]
     else:
         rows = bench_decode_attention() + bench_prefill_attention() + bench_fused_ops() + bench_fused_ops(2048) + \
             bench_linear()
     for name, ms in rows:
-        print(f"| {name} | {ms:.3f} |")
+        print(f"| {name} | {ms:.4f} |")
 
 
 if __name__ == "__main__":

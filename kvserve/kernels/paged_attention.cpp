@@ -37,6 +37,24 @@ using kvserve::exp512;
 inline void from_float(float x, float* dst) { *dst = x; }
 inline void from_float(float x, c10::BFloat16* dst) { *dst = c10::BFloat16(x); }
 
+// Every cache line of [p, p + bytes), for reading or (write) for writing; a prefetch never faults.
+inline void prefetch_span(const void* p, int64_t bytes, bool write = false) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (write) {
+      __builtin_prefetch(c + off, 1, 3);
+    } else {
+      __builtin_prefetch(c + off, 0, 3);
+    }
+  }
+}
+
+// One head's `bytes` in each of a block's `rows` token rows (stride `row` elements) from p.
+template <typename T>
+inline void prefetch_block(const T* p, int64_t row, int64_t rows, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r) prefetch_span(p + r * row, bytes);
+}
+
 template <typename T, int D>
 void decode_kernel(const T* __restrict q, const T* __restrict k_cache, const T* __restrict v_cache,
                    const int64_t* __restrict tables, const int32_t* __restrict lens, T* __restrict out,
@@ -98,18 +116,6 @@ void decode_kernel(const T* __restrict q, const T* __restrict k_cache, const T* 
         for (int64_t d = 0; d < D; ++d) from_float(acc[g * D + d], out + (b * H + h * G + g) * D + d);
     }
   });
-}
-
-// Every cache line of [p, p + bytes), for reading or (write) for writing; a prefetch never faults.
-inline void prefetch_span(const void* p, int64_t bytes, bool write = false) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) {
-    if (write) {
-      __builtin_prefetch(c + off, 1, 3);
-    } else {
-      __builtin_prefetch(c + off, 0, 3);
-    }
-  }
 }
 
 #ifdef KVSERVE_AVX512_BF16
@@ -234,8 +240,11 @@ inline std::vector<int64_t> row_runs(const int64_t* tables, const int32_t* lens,
 
 // The value pass for M queries of one KV head: out[j] = sum_t p[j][t] v[t], the M x D / 16 float32 accumulators in
 // registers (M is a template argument, so they are not spilled to memory between tokens) and each value row
-// converted once for all M. p: M rows of L probabilities (0 past a row's own context).
-template <int D, int M>
+// converted once for all M. p: M rows of L probabilities (0 past a row's own context). PF: each block prefetches
+// the value rows AHEAD blocks on (the caller prefetched the first AHEAD).
+constexpr int64_t AHEAD = 2;  // blocks of prefetch distance in decode_kernel_bf16_avx512
+
+template <int D, int M, bool PF>
 void value_pass(const float* __restrict p, int64_t L, const c10::BFloat16* __restrict v_cache,
                 const int64_t* __restrict table, int64_t blk, int64_t row, int64_t BS, int64_t h, __m512* out) {
   constexpr int NV = D / 16;
@@ -243,23 +252,27 @@ void value_pass(const float* __restrict p, int64_t L, const c10::BFloat16* __res
   for (int j = 0; j < M; ++j)
     for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_setzero_ps();
   const int64_t nblocks = (L + BS - 1) / BS;
-  for (int64_t bi = 0; bi < nblocks; ++bi) {
-    const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, L - t0);
-    const c10::BFloat16* vb = v_cache + table[bi] * blk + h * D;
-    for (int64_t r = 0; r < tn; ++r) {
-      const c10::BFloat16* vrow = vb + r * row;
-      __m512 vf[NV];
-      for (int i = 0; i < NV; ++i) {
-        __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + i * 16));
-        vf[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      }
-#pragma GCC unroll 8
-      for (int j = 0; j < M; ++j) {
-        const __m512 pj = _mm512_set1_ps(p[j * L + t0 + r]);
-#pragma GCC unroll 8
-        for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_fmadd_ps(pj, vf[i], acc[j][i]);
-      }
+  // one loop over the tokens, not blocks x rows: GCC kept acc in registers across the nested form only by luck (a
+  // dead branch in the block loop made it store all M x NV accumulators to the stack on every row, 1.2x slower)
+  const c10::BFloat16* vrow = nullptr;
+  for (int64_t t = 0, r = 0, bi = 0; t < L; ++t) {
+    if (r == 0) {
+      vrow = v_cache + table[bi] * blk + h * D;
+      if (PF && bi + AHEAD < nblocks) prefetch_block(v_cache + table[bi + AHEAD] * blk + h * D, row, BS, D * 2);
     }
+    __m512 vf[NV];
+    for (int i = 0; i < NV; ++i) {
+      __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + i * 16));
+      vf[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < M; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j * L + t]);
+#pragma GCC unroll 8
+      for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_fmadd_ps(pj, vf[i], acc[j][i]);
+    }
+    vrow += row;
+    if (++r == BS) r = 0, ++bi;
   }
   for (int j = 0; j < M; ++j)
     for (int i = 0; i < NV; ++i) out[j * NV + i] = acc[j][i];
@@ -273,13 +286,14 @@ template <int D>
 using ValuePassFn = void (*)(const float*, int64_t, const c10::BFloat16*, const int64_t*, int64_t, int64_t, int64_t,
                              int64_t, __m512*);
 
-template <int D, int... Ms>
+template <int D, bool PF, int... Ms>
 constexpr std::array<ValuePassFn<D>, sizeof...(Ms) + 1> value_table(std::integer_sequence<int, Ms...>) {
-  return {nullptr, &value_pass<D, Ms + 1>...};
+  return {nullptr, &value_pass<D, Ms + 1, PF>...};
 }
 
-template <int D>
-constexpr auto v_tables = value_table<D>(std::make_integer_sequence<int, VT<D>>{});
+// value_pass for 1..VT queries, without / with the look-ahead prefetch
+template <int D, bool PF = false>
+constexpr auto v_tables = value_table<D, PF>(std::make_integer_sequence<int, VT<D>>{});
 
 // A few sequences (fewer (sequence, KV head) items than two per thread; one sequence: 3 items for 2 threads) leave a
 // thread idle and each item reads 128 of every 384 bytes of its tokens' rows from cold memory. Here each sequence's
@@ -375,7 +389,12 @@ void decode_split_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* _
 // G query heads of each of its rows share every key and value row read. Reading all of a token's heads as one
 // contiguous span looked better for DRAM but measured 1.15-1.5x slower at 1 and 2 threads (docs/benchmarks.md,
 // "P/D"): the query heads' scores and accumulators of one head stay in registers and L1, and the three heads'
-// items still read disjoint cache lines. KV for a decode batch is read from DRAM, next block prefetched.
+// items still read disjoint cache lines. KV for a decode batch is read from DRAM: keys prefetched AHEAD blocks on
+// during the scores, values AHEAD blocks on during the value pass (the first ones during the last key blocks), and
+// the next item's first key blocks before this one's softmax, so the memory is never idle between the passes and
+// items. It was the next key block and the whole block's values during the scores (the values' lines stalled the
+// value pass: their prefetches had been issued all at once while the keys' were in flight): 1.10-1.29x faster with
+// the KV in DRAM at 8-64 sequences of 192-1,024 tokens (docs/benchmarks.md, "Decode attention's prefetch").
 template <int D>
 void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
                                const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
@@ -413,18 +432,24 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
       const int64_t* table = tables + (b0 + n - 1) * MB;
       const int64_t span = D * 2;  // bytes of this head in one token row
       const int64_t nblocks = (L + BS - 1) / BS;
+      // this item's first key blocks; the item before prefetched them, except on a thread's first item
+      for (int64_t bi = idx == begin ? 0 : AHEAD; bi < std::min<int64_t>(AHEAD, nblocks); ++bi)
+        prefetch_block(k_cache + table[bi] * blk + h * D, row, BS, span);
       for (int64_t bi = 0; bi < nblocks; ++bi) {
         const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, L - t0);
-        if (bi + 1 < nblocks) {  // the next K block, and this block's V for the second pass
-          const c10::BFloat16* nxt = k_cache + table[bi + 1] * blk + h * D;
-          for (int64_t r = 0; r < BS; ++r) prefetch_span(nxt + r * row, span);
-        }
-        const c10::BFloat16* vb = v_cache + table[bi] * blk + h * D;
-        for (int64_t r = 0; r < tn; ++r) prefetch_span(vb + r * row, span);
+        if (bi + AHEAD < nblocks) prefetch_block(k_cache + table[bi + AHEAD] * blk + h * D, row, BS, span);
+        if (bi + AHEAD >= nblocks && bi + AHEAD - nblocks < nblocks)  // the value pass's first blocks
+          prefetch_block(v_cache + table[bi + AHEAD - nblocks] * blk + h * D, row, BS, span);
         const c10::BFloat16* kb = k_cache + table[bi] * blk + h * D;
         for (int64_t j = 0; j < nq; ++j)  // a row's last block may be partial (the same sums as the row alone)
           block_scores<NQ>(qv.data() + j * NQ, kb, row, std::min<int64_t>(tn, lens[b0 + j / G] - t0), scale,
                            scores.data() + j * L + t0);
+      }
+      if (idx + 1 < end) {  // the next item's first key blocks, read during this one's softmax and value pass
+        const int64_t h2 = (idx + 1) % Hkv, last = runs[(idx + 1) / Hkv + 1] - 1;
+        const int64_t nb2 = std::min<int64_t>(AHEAD, (std::max<int32_t>(lens[last], 0) + BS - 1) / BS);
+        for (int64_t bi = 0; bi < nb2; ++bi)
+          prefetch_block(k_cache + tables[last * MB + bi] * blk + h2 * D, row, BS, span);
       }
       // each row's softmax over its own context; the run's later positions get probability 0 for it, so the value
       // pass below adds exactly nothing for them (p x v = 0: the sums equal a pass over the row's own context)
@@ -443,7 +468,8 @@ void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFl
       }
       for (int64_t j0 = 0; j0 < nq; j0 += VT<D>) {
         const int64_t m = std::min<int64_t>(VT<D>, nq - j0);
-        v_tables<D>[m](scores.data() + j0 * L, L, v_cache, table, blk, row, BS, h, acc.data() + j0 * NV);
+        (j0 == 0 ? v_tables<D, true> : v_tables<D>)[m](scores.data() + j0 * L, L, v_cache, table, blk, row, BS, h,
+                                                       acc.data() + j0 * NV);
       }
       for (int64_t j = 0; j < nq; ++j) {
         c10::BFloat16* o = out + ((b0 + j / G) * H + h * G + j % G) * D;

@@ -134,3 +134,22 @@ def test_decode1_paired_shares():
     assert shares == pytest.approx([0.4, 300 / 450])
     with pytest.raises(ValueError, match="3 bandwidth figures"):
         paired_shares([200.0, 300.0], [40.0, 60.0], 100_000_000)
+
+
+def test_kernel_ab_times_both_builds_and_refuses_different_outputs():
+    from kvserve.bench.kernel_ab import compare
+    from kvserve.kernels import load
+
+    mod = load("paged_attention")
+    if mod is None:
+        pytest.skip("the native paged_attention kernel did not build here")
+    r = compare(mod, mod, batch=2, ctx=40, layers=2, rounds=3)
+    assert r["rounds"] == 3 and 0 <= r["tree_wins"] <= 3 and r["tree_us"] > 0 and r["rev_us"] > 0
+
+    class Scaled:  # another build whose outputs differ: the comparison must stop, not time it
+        @staticmethod
+        def paged_decode_attention(*args):
+            return mod.paged_decode_attention(*args) * 2
+
+    with pytest.raises(SystemExit, match="disagree"):
+        compare(mod, Scaled, batch=2, ctx=40, layers=2, rounds=3)
