@@ -8,8 +8,10 @@
 //
 // Linear layers come as (kind, a, b): kind 0 = bfloat16 gemv (a: gemv.cpp's packed weight), kind 1 = int8 (a: packed
 // codes, b: scales), kind 2 = Q4_0/Q4_1 (a: packed nibbles, b: d and m; both quant_gemm.cpp). Only decode batches
-// (one new token per sequence, or verification rows; <= 8 rows, unpadded) of a bfloat16 model without biases come
-// here; the model checks that before calling.
+// (one new token per sequence, or verification rows; unpadded) of a bfloat16 model without biases come here, up to
+// max_rows() rows: 8 where a layer is bf16 (the gemv kernel's limit; oneDNN takes more), MAX_ROWS where every layer
+// is int8 or 4-bit, whose kernels take any row count (a batch of 64 sequences then skips ~300 Python calls a step
+// too); the model checks that before calling.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -102,6 +104,8 @@ struct Workspace {
   torch::Tensor qkv, q, attn, o, x, gate_up, act, mlp, xq, xs, xstart;
 };
 
+constexpr int64_t MAX_ROWS = 256;  // rows per call of a plan without gemv layers (the engine's default batch: 128)
+
 }  // namespace
 
 // The per-model part, built once: every layer's norms and linear weights, checked here once.
@@ -122,6 +126,8 @@ class DecodePlan {
       }
       layers_.push_back(LayerRef{norms[2 * i], norms[2 * i + 1], lin[0], lin[1], lin[2], lin[3]});
     }
+    for (const LayerRef& l : layers_)
+      for (const LinearRef* lin : {&l.qkv, &l.o, &l.gate_up, &l.down}) has_gemv_ = has_gemv_ || lin->kind == 0;
     const LayerRef& l0 = layers_[0];
     hidden_ = l0.qkv.K;
     inter_ = l0.down.K;
@@ -152,7 +158,7 @@ class DecodePlan {
     TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.sizes() == h.sizes(),
                 "x must be bf16 of h's shape");
     const int64_t T = h.size(0);
-    TORCH_CHECK(num_decodes == T && T >= 1 && T <= kv_gemv::MAX_M, "1..8 decode rows, unpadded");
+    TORCH_CHECK(num_decodes == T && T >= 1 && T <= max_rows(), "1..", max_rows(), " decode rows, unpadded");
     TORCH_CHECK(cos.size(1) == D_ && cos.is_contiguous() && sin.is_contiguous() &&
                     cos.scalar_type() == torch::kBFloat16 && sin.scalar_type() == torch::kBFloat16,
                 "rotary tables must be contiguous bf16 with head_dim columns");
@@ -259,6 +265,7 @@ class DecodePlan {
                     slots.scalar_type() == torch::kInt64, "slots must be contiguous int64 (steps, T)");
     TORCH_CHECK(positions.numel() == T && positions.scalar_type() == torch::kInt64 && seq_lens.numel() == T &&
                     seq_lens.scalar_type() == torch::kInt32, "positions (T,) int64 and seq_lens (T,) int32");
+    TORCH_CHECK(T <= max_step_rows(), "at most ", max_step_rows(), " rows with this lm_head");
     const int64_t steps = slots.size(0);
     auto pos = positions.contiguous().clone();
     auto lens = seq_lens.contiguous().clone();
@@ -312,6 +319,11 @@ class DecodePlan {
 
   void set_profile(bool on) { profile_ = on; }
 
+  // The most rows run() takes: 8 with a bf16 gemv layer, else MAX_ROWS.
+  int64_t max_rows() const { return has_gemv_ ? kv_gemv::MAX_M : MAX_ROWS; }
+  // ... and run_steps: 8 with a bf16 gemv lm_head too
+  int64_t max_step_rows() const { return head_.kind == 0 ? std::min(max_rows(), kv_gemv::MAX_M) : max_rows(); }
+
   // seconds spent per kind of kernel since the last call (matmul, attention, elementwise; and run_steps' own part:
   // embedding, the first and final norms, lm_head, argmax), then reset
   std::vector<double> take_profile() {
@@ -321,23 +333,44 @@ class DecodePlan {
   }
 
  private:
+  // The buffers of a step of T rows: one set per T up to 8 (decode batches change size often there); above, one set
+  // at a power-of-two capacity, grown when needed, and views of its first T rows.
   Workspace& workspace(int64_t T) {
-    Workspace& w = ws_[T];
-    if (!w.qkv.defined()) {
-      const auto o = torch::TensorOptions().dtype(torch::kBFloat16);
-      const int64_t max_k = std::max({hidden_, H_ * D_, inter_});
-      w.qkv = torch::empty({T, (H_ + 2 * Hkv_) * D_}, o);
-      w.q = torch::empty({T, H_, D_}, o);
-      w.attn = torch::empty({T, H_, D_}, o);
-      w.o = torch::empty({T, hidden_}, o);
-      w.x = torch::empty({T, hidden_}, o);
-      w.gate_up = torch::empty({T, 2 * inter_}, o);
-      w.act = torch::empty({T, inter_}, o);
-      w.mlp = torch::empty({T, hidden_}, o);
-      w.xq = torch::empty({T * max_k}, o.dtype(torch::kInt8));
-      w.xs = torch::empty({T * max_k / 32}, o.dtype(torch::kFloat32));
-      w.xstart = torch::empty({T * max_k / 32}, o.dtype(torch::kInt32));
+    if (T <= kv_gemv::MAX_M) {
+      Workspace& w = ws_[T];
+      if (!w.qkv.defined()) w = make_workspace(T);
+      return w;
     }
+    if (T > big_rows_) {
+      big_rows_ = std::min<int64_t>(MAX_ROWS, int64_t{1} << (64 - __builtin_clzll(static_cast<uint64_t>(T - 1))));
+      big_ = make_workspace(big_rows_);
+      view_rows_ = 0;
+    }
+    if (T != view_rows_) {  // the scratch (xq, xs, xstart) is read through raw pointers: kept whole
+      view_ = big_;
+      for (torch::Tensor* t : {&view_.qkv, &view_.q, &view_.attn, &view_.o, &view_.x, &view_.gate_up, &view_.act,
+                               &view_.mlp})
+        *t = t->narrow(0, 0, T);
+      view_rows_ = T;
+    }
+    return view_;
+  }
+
+  Workspace make_workspace(int64_t T) const {
+    Workspace w;
+    const auto o = torch::TensorOptions().dtype(torch::kBFloat16);
+    const int64_t max_k = std::max({hidden_, H_ * D_, inter_});
+    w.qkv = torch::empty({T, (H_ + 2 * Hkv_) * D_}, o);
+    w.q = torch::empty({T, H_, D_}, o);
+    w.attn = torch::empty({T, H_, D_}, o);
+    w.o = torch::empty({T, hidden_}, o);
+    w.x = torch::empty({T, hidden_}, o);
+    w.gate_up = torch::empty({T, 2 * inter_}, o);
+    w.act = torch::empty({T, inter_}, o);
+    w.mlp = torch::empty({T, hidden_}, o);
+    w.xq = torch::empty({T * max_k}, o.dtype(torch::kInt8));
+    w.xs = torch::empty({T * max_k / 32}, o.dtype(torch::kFloat32));
+    w.xstart = torch::empty({T * max_k / 32}, o.dtype(torch::kInt32));
     return w;
   }
 
@@ -348,6 +381,9 @@ class DecodePlan {
   LinearRef head_;  // set_head: the lm_head, the embedding table and the final norm
   torch::Tensor embed_, final_norm_;
   std::array<Workspace, kv_gemv::MAX_M + 1> ws_;
+  Workspace big_, view_;  // more than 8 rows: big_rows_ of them, and view_rows_ of those
+  int64_t big_rows_ = 0, view_rows_ = 0;
+  bool has_gemv_ = false;  // a bf16 gemv layer: at most 8 rows a call
   int64_t H_, Hkv_, D_ = 0, hidden_ = 0, inter_ = 0;
   double eps_, scale_;
 };
@@ -361,6 +397,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_head", &DecodePlan::set_head, "the embedding, final norm and lm_head, for run_steps")
       .def("run_steps", &DecodePlan::run_steps,
            "several greedy decode steps in one call, each step's argmax the next one's input; (steps, T) tokens")
+      .def("max_rows", &DecodePlan::max_rows, "the most decode rows run() takes")
+      .def("max_step_rows", &DecodePlan::max_step_rows, "the most rows run_steps() takes")
       .def("set_profile", &DecodePlan::set_profile, "time each kernel call by kind (see take_profile)")
       .def("take_profile", &DecodePlan::take_profile,
            "seconds in matmuls, attention, elementwise ops and run_steps' output side since the last call, then reset");

@@ -97,6 +97,11 @@ class LlamaModel:
         self.plan_steps = True  # the plan also runs the output side (run_decode_steps in one native call)
         to_huge_pages(self.streamed_weights())  # in reading order, on 2 MiB pages: 1.04-1.08x batch-1 decode here
         self.decode_plan = self.build_decode_plan() if native_kernels and dtype == torch.bfloat16 else None
+        # decode rows the plan takes in one call (run; run_steps, with the output side): 8 with bf16 layers (gemv),
+        # 256 where every layer is int8/4-bit (and the lm_head, for run_steps)
+        plan = self.decode_plan
+        self.plan_rows = plan.max_rows() if plan is not None else 0
+        self.plan_step_rows = plan.max_step_rows() if plan is not None and self.plan_steps else 0
 
     def streamed_weights(self) -> list[tuple[object, str]]:
         """(linear, attribute) of every weight tensor a decode step reads, in the order it reads them."""
@@ -142,6 +147,12 @@ class LlamaModel:
         return plan
 
     @property
+    def unpadded_decode_rows(self) -> int:
+        """Decode-only steps up to this many rows need no shape buckets: they run on kvserve's own kernels (gemv up to
+        8 rows; int8/4-bit layers at any count, through the decode plan), not oneDNN's shape-compiled ones."""
+        return max(GEMV_MAX_TOKENS, self.plan_rows if self.decode_plan is not None else 0)
+
+    @property
     def uses_native_kernels(self) -> bool:
         return self.attention.native
 
@@ -151,6 +162,7 @@ class LlamaModel:
         view.attention = AttentionBackend.build(self.rotary, native_kernels)
         if not native_kernels:
             view.decode_plan = None
+            view.plan_rows = view.plan_step_rows = 0
         return view
 
     def fingerprint_weights(self) -> dict[str, torch.Tensor]:
@@ -176,7 +188,7 @@ class LlamaModel:
         x = ops.rms_norm(h, self.layers[0].input_norm, c.rms_norm_eps)
         # fewer KV caches than layers: an early exit through the first layers (layer-skip drafting), then the norm;
         # eviction scores come from the per-layer attention calls below
-        if (self.decode_plan is not None and not batch.prefills and batch.num_decodes == t <= GEMV_MAX_TOKENS
+        if (self.decode_plan is not None and not batch.prefills and batch.num_decodes == t <= self.plan_rows
                 and h.dtype == torch.bfloat16 and len(kv_caches) == len(self.layers)
                 and batch.decode_scores is None and batch.decode_key_spans is None):  # one native call
             h = self.decode_plan.run(h, x, [k for k, _ in kv_caches], [v for _, v in kv_caches], batch.positions,
@@ -210,7 +222,7 @@ class LlamaModel:
         positions (T,) and seq_lens (T,) of the first step, slots (k, T). Returns the (k, T) tokens, the same as k
         forward + compute_logits + argmax rounds; None where the plan cannot take them (the caller loops)."""
         t = ids.shape[0]
-        if self.decode_plan is None or not self.plan_steps or t > GEMV_MAX_TOKENS or len(kv_caches) != len(self.layers):
+        if self.decode_plan is None or t > self.plan_step_rows or len(kv_caches) != len(self.layers):
             return None
         return self.decode_plan.run_steps(ids, [k for k, _ in kv_caches], [v for _, v in kv_caches], positions, slots,
                                           block_tables, seq_lens, self.rotary.cos, self.rotary.sin)

@@ -109,9 +109,11 @@ class ModelRunner:
             kv = range(s.kv_start, s.kv_start + s.num_new_tokens)
             slots.extend(s.block_ids[i // bs] * bs + i % bs for i in kv)
         num_real = len(ids)
-        # decode rows alone, up to GEMV_MAX_TOKENS, run on kvserve's own kernels (gemv, int8/4-bit, the decode
-        # plan), which need no shape buckets: padding 5 verification rows to 8 cost as much as 3 more rows
-        padded = num_real if not prefills and num_real <= GEMV_MAX_TOKENS else self.padded_size(num_real)
+        # decode rows alone, up to 8 (or, for an int8/4-bit model, up to its decode plan's rows), run on kvserve's
+        # own kernels (gemv, int8/4-bit, the decode plan), which need no shape buckets: padding 5 verification rows
+        # to 8 cost as much as 3 more rows, and padded rows would keep a batch of 60 off the plan
+        padded = (num_real if not prefills and num_real <= self.model.unpadded_decode_rows
+                  else self.padded_size(num_real))
         pad = padded - num_real
         ids.extend([0] * pad)
         positions.extend([0] * pad)
@@ -268,10 +270,10 @@ class ModelRunner:
         slots = (table.gather(1, (kv // bs).T).T * bs + kv % bs).contiguous()  # (k, B)
         ids = torch.tensor([s.request.token_ids[s.start] for s in scheduled])
         tokens = self.model.run_decode_steps(ids, pos0, slots, table, (kv0 + 1).to(torch.int32), self.kv_cache.layers)
-        if tokens is None:  # where the plan cannot take them (float32, PyTorch ops, > 8 rows): a forward pass each
+        if tokens is None:  # where the plan cannot take them (float32, PyTorch ops, > 8 bf16 rows): a forward pass each
             tokens = torch.empty(k, b, dtype=torch.long)
-            # rows beyond GEMV_MAX_TOKENS go through oneDNN: padded to a bucket as build_batch pads them
-            pad = 0 if b <= GEMV_MAX_TOKENS else self.padded_size(b) - b
+            # rows beyond what kvserve's kernels take go through oneDNN: padded to a bucket as build_batch pads them
+            pad = 0 if b <= self.model.unpadded_decode_rows else self.padded_size(b) - b
             pad_slots = torch.full((pad,), self.kv_cache.scratch_slot, dtype=torch.long)
             for j in range(k):
                 batch = ForwardBatch(input_ids=F.pad(ids, (0, pad)), positions=F.pad(pos0 + j, (0, pad)),

@@ -41,14 +41,26 @@ def test_decode_plan_is_bit_identical_to_the_layer_loop(loaded, fp32_parts, quan
     prompts = ["The capital of France is", "Write a poem about the sea.", "def fib(n):"]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
 
+    # int8/4-bit layers take any row count: the plan runs batches past gemv's 8 rows too (the loop pads them to 16)
+    many = [f"{p} {i}" for i in range(4) for p in prompts] if quantization != "none" else []
+    assert model.plan_rows == (8 if quantization == "none" else 256)
+
     def run():
-        # three sequences (a decode batch of 3, run unpadded) and one
+        # three sequences (a decode batch of 3, run unpadded), one, and 12 for the int8/4-bit formats
         outs = llm.generate(prompts, params, use_tqdm=False) + llm.generate(prompts[:1], params, use_tqdm=False)
+        outs += llm.generate(many, params, use_tqdm=False) if many else []
         return [(o.outputs[0].token_ids, [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
                                                                       o.outputs[0].token_ids)]) for o in outs]
 
     with_plan, without = with_and_without_plan(model, run)
     assert with_plan == without  # same kernels, same order, same roundings: same tokens and logprobs
+    if many:  # one prefill step, then one decode step of all 12 rows: through the plan, unpadded
+        model.decode_plan.set_profile(True)
+        try:
+            llm.generate(many, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+            assert model.decode_plan.take_profile()[0] > 0
+        finally:
+            model.decode_plan.set_profile(False)
     model.decode_plan.set_profile(True)  # what kvserve.bench.token_cost turns on: timing only, same results
     try:
         assert run() == with_plan
@@ -120,7 +132,7 @@ def test_apes_tempered_decode_rows_take_the_layer_loop(loaded, fp32_parts):
 @pytest.mark.parametrize("quantization", ["none", "q4_1"])
 def test_decode_steps_in_one_call_give_the_tokens_of_single_steps(loaded, fp32_parts, quantization):
     """decode_steps > 1: the plan's run_steps (embedding, layers, final norm, lm_head - gemv for bf16, q8_0 for
-    q4_1 - and argmax per step, in one call) and, for more than 8 rows or without the plan, the runner's loop of
+    q4_1 - and argmax per step, in one call) and, for more than 8 bf16 rows or without the plan, the runner's loop of
     forward passes, give the tokens of one engine step per token, stops and max_tokens included. (Where a batch's
     sequences end at different tokens, single steps continue in a smaller batch and a run keeps the ended rows to
     its end; bf16 kernels round a row differently at another row count, so the stop runs are one sequence.)"""
@@ -130,7 +142,6 @@ def test_decode_steps_in_one_call_give_the_tokens_of_single_steps(loaded, fp32_p
 
     _, tok, name = fp32_parts
     model = LlamaModel(loaded.config, loaded.weights, torch.bfloat16, quantization=quantization)
-    assert model.plan_steps
 
     def llm(steps):
         return LLM.from_engine(LLMEngine(EngineArgs(kv_cache_memory_gb=0.1, decode_steps=steps), model=model,
@@ -160,7 +171,10 @@ def test_decode_steps_in_one_call_give_the_tokens_of_single_steps(loaded, fp32_p
     finally:
         model.decode_plan.set_profile(False)
     assert any(t is not None for t in native), "the plan never took the steps"
-    assert any(t is None for t in native), "12 rows should have taken the runner's loop"
+    if quantization == "none":  # bf16: gemv's 8 rows at most
+        assert model.plan_step_rows == 8 and any(t is None for t in native), "12 rows take the runner's loop"
+    else:  # 4-bit layers and a q8_0 lm_head take any row count
+        assert model.plan_step_rows == 256 and all(t is not None for t in native)
     model.run_decode_steps = run_steps
     plan, model.decode_plan = model.decode_plan, None  # no plan: the runner's loop for every batch
     try:
