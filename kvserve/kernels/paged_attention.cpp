@@ -391,10 +391,11 @@ void decode_split_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* _
 // "P/D"): the query heads' scores and accumulators of one head stay in registers and L1, and the three heads'
 // items still read disjoint cache lines. KV for a decode batch is read from DRAM: keys prefetched AHEAD blocks on
 // during the scores, values AHEAD blocks on during the value pass (the first ones during the last key blocks), and
-// the next item's first key blocks before this one's softmax, so the memory is never idle between the passes and
+// the next item's first key blocks before this one's softmax, so reads stay queued across the passes and between
 // items. It was the next key block and the whole block's values during the scores (the values' lines stalled the
-// value pass: their prefetches had been issued all at once while the keys' were in flight): 1.10-1.29x faster with
-// the KV in DRAM at 8-64 sequences of 192-1,024 tokens (docs/benchmarks.md, "Decode attention's prefetch").
+// value pass: their prefetches had been issued all at once while the keys' were in flight): 1.10-1.17x faster with
+// the KV in DRAM at 4-64 sequences of 192-1,024 tokens (`kvserve.bench.kernel_ab`; docs/benchmarks.md, "Decode
+// attention's prefetch"). One or four blocks ahead measured slower than two.
 template <int D>
 void decode_kernel_bf16_avx512(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
                                const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
