@@ -439,7 +439,7 @@ inline void tile(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N
 
 // MT tokens x two groups of 16 rows (g and g + 1, their weights KB blocks apart): each broadcast activation word
 // feeds both groups' vpdpbusd, so a block takes 16 weight loads and 8 MT broadcasts for 16 MT multiply-adds where
-// two calls of `tile` take 16 + 16 MT. Used for full tiles of compute-bound calls; the same sums in the same order as
+// two calls of `tile` take 16 + 16 MT. Used from PAIR_MIN_TOKENS, tails included; the same sums in the same order as
 // `tile` on each group, so the same bits.
 template <int MT, int PER, typename T>
 inline void tile2(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N, int64_t K, int64_t KB,
