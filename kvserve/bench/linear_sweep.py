@@ -3,6 +3,7 @@
     python -m kvserve.bench.linear_sweep [--tokens 1,4,8,64,256] [--layers 30] [--threads 2] [--paths best]
     python -m kvserve.bench.linear_sweep --prefetch-bytes 0,2048,8192 [--tokens 1,8] [--rounds 15]
     python -m kvserve.bench.linear_sweep --pair-tiles --tokens 64,128,256 [--rounds 15]
+    python -m kvserve.bench.linear_sweep --dynamic-tiles --tokens 64,512,2048 --layers 4 [--rounds 15]
 
 Random weights of SmolLM2's shapes (q/k/v 960x576, o 576x576, gate/up 3072x576, down 576x1536) for --layers layers,
 so the weights do not fit in cache, as in a real step; each layer's four matmuls are called in order on fresh
@@ -17,7 +18,10 @@ kernel` / `q4_1 int8 kernel` show the int8 kernel at every size beside them.
 best path): each round times one sweep per distance, the distances' order rotated from round to round (on this host
 whichever variant runs first after a change of buffers is slower), and prints each distance's median over the rounds.
 `--pair-tiles` compares, the same way, the int8 kernel's tiles over one group of 16 weight rows and over two at once
-(q8_0 and w8a8; the kernel takes two from 128 tokens on, so pass --tokens of 128 and more).
+(q8_0 and w8a8; the kernel takes two from 48 tokens on, so pass --tokens of 48 and more); `--dynamic-tiles` its two
+ways of sharing a prompt-sized matmul between threads (a fixed half of the row groups each, or cache-sized units taken
+from a shared counter; from 65 tokens, more than one 64-token pass). These tables add each variant's median per-round
+speed-up over the first.
 """
 
 from __future__ import annotations
@@ -88,8 +92,9 @@ def variant_table(tokens: list[int], formats: dict[str, list], variants: dict[st
                     variants[v]()
                     times[v].append(sweep_ms(lins, t, repeats=1))
             nbytes = sum(lin.nbytes for row in lins for lin in row)
-            cells = [f"{statistics.median(times[v]):.2f} ms, {nbytes / statistics.median(times[v]) / 1e6:.1f} GB/s"
-                     for v in labels]
+            first = times[labels[0]]
+            cells = [f"{statistics.median(times[v]):.2f} ms, {nbytes / statistics.median(times[v]) / 1e6:.1f} GB/s, "
+                     f"{statistics.median(a / b for a, b in zip(first, times[v])):.3f}x" for v in labels]
             print(f"| {t} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -104,17 +109,23 @@ def prefetch_table(tokens: list[int], layers: int, distances: list[int], rounds:
         set_prefetch(before)
 
 
-def pair_table(tokens: list[int], layers: int, rounds: int) -> None:
-    """The int8 kernel's tiles over one row group against two at once (quant_gemm.cpp's tile2, on from 128 tokens)."""
+SWITCHES = {  # --pair-tiles / --dynamic-tiles: quant_gemm.cpp's switches, each compared off against on
+    "pair": ("set_pair_tiles", "one row group", "two row groups"),
+    "dynamic": ("set_dynamic_tiles", "fixed split", "cache-sized units, shared counter"),
+}
+
+
+def switch_table(switch: str, tokens: list[int], layers: int, rounds: int) -> None:
+    """One of the int8 kernel's switches (SWITCHES), off against on, for q8_0 and w8a8."""
     from kvserve import kernels
 
-    mod = kernels.quant_gemm_module()
+    setter, off, on = SWITCHES[switch]
+    flip = getattr(kernels.quant_gemm_module(), setter)
     formats = {k: v for k, v in build(layers, ["best"]).items() if k in ("q8_0", "w8a8")}
     try:
-        variant_table(tokens, formats, {"one row group": lambda: mod.set_pair_tiles(False),
-                                        "two row groups": lambda: mod.set_pair_tiles(True)}, rounds)
+        variant_table(tokens, formats, {off: lambda: flip(False), on: lambda: flip(True)}, rounds)
     finally:
-        mod.set_pair_tiles(True)
+        flip(True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,17 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch-bytes", default=None,
                     help="compare these software prefetch distances (bytes, comma-separated; 0: off)")
     ap.add_argument("--pair-tiles", action="store_true",
-                    help="compare the int8 kernel's tiles over one row group and over two (from 128 tokens)")
-    ap.add_argument("--rounds", type=int, default=15, help="rounds of the --prefetch-bytes / --pair-tiles comparison")
+                    help="compare the int8 kernel's tiles over one row group and over two (from 48 tokens)")
+    ap.add_argument("--dynamic-tiles", action="store_true",
+                    help="compare the int8 kernel's fixed split of row groups across threads with cache-sized units "
+                         "taken from a shared counter (from 65 tokens)")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds of the --prefetch-bytes / switch comparisons")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.prefetch_bytes:
         prefetch_table([int(x) for x in args.tokens.split(",")], args.layers,
                        [int(x) for x in args.prefetch_bytes.split(",")], args.rounds)
         return 0
-    if args.pair_tiles:
-        pair_table([int(x) for x in args.tokens.split(",")], args.layers, args.rounds)
-        return 0
+    for switch in ("pair", "dynamic"):
+        if getattr(args, f"{switch}_tiles"):
+            switch_table(switch, [int(x) for x in args.tokens.split(",")], args.layers, args.rounds)
+            return 0
     formats = build(args.layers, args.paths.split(","))
     print("| tokens | " + " | ".join(formats) + " |")
     print("|---:|" + "---:|" * len(formats))

@@ -403,6 +403,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("take_profile", &DecodePlan::take_profile,
            "seconds in matmuls, attention, elementwise ops and run_steps' output side since the last call, then reset");
   m.def("set_amx", &kv_attn::set_amx, "turn the AMX attention path on or off in this module");
+  m.def("set_dynamic_tiles", [](bool on) { kv_int8::dynamic_switch().store(on); },
+        "int8 matmuls of 65+ rows: units from a shared counter (on by default) or a fixed split, in this module");
   m.def("set_split", [](bool on) { kv_attn::split_switch().store(on); },
         "split a few sequences' decode attention contexts across threads in this module (on by default)");
   m.def("set_prefetch_bytes", &kvserve::set_prefetch_bytes,

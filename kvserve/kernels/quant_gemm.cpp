@@ -202,6 +202,42 @@ void for_tiles(int64_t M, int64_t G, F&& tile_at) {
   });
 }
 
+// Weight bytes of a chunk of row groups whose MC-token passes run back to back, so the chunk is read from L2 on every
+// pass (the host's L2 is 1 MB per core). Picked from noisy one-off sweeps of 64-256 KB, where 96-128 KB did best.
+constexpr int64_t CHUNK_BYTES = 128 * 1024;
+
+std::atomic<bool>& dynamic_switch() {  // on; benchmarks compare it with for_tiles' static split
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// for_tiles for prompts (more than MC tokens): the work is cut into units of (a chunk of row groups of at most
+// CHUNK_BYTES of weights, one MC-token pass), chunk-major, and the threads take units from a shared counter. With
+// for_tiles' order a thread streamed all its row groups (gate/up: 884 KB a thread at K = 576) once per 64 tokens,
+// from L3 or DRAM once a long prompt's activations and outputs had evicted them; and a fixed half of the groups per
+// thread left one thread waiting whenever the other core ran slower (libgomp was 11-15% of a w8a8 matmul's profile).
+// The same tiles and sums as for_tiles, so the same bits. group_bytes: the weight bytes of one unit of G.
+template <int TM, typename F>
+void for_tile_chunks(int64_t M, int64_t G, int64_t group_bytes, F&& tile_at) {
+  // one pass reuses nothing: a decode batch's weights stream from DRAM best as each thread's contiguous half
+  // (shared-counter units measured 0.98x at 64 tokens with 30 layers' weights)
+  if (M <= MC || !dynamic_switch().load(std::memory_order_relaxed)) return for_tiles<TM>(M, G, tile_at);
+  const int64_t threads = at::get_num_threads();
+  // chunks small enough for four per thread, so the last units even out the threads' finishing times
+  const int64_t quarter = (G + 4 * threads - 1) / (4 * threads);
+  const int64_t chunk = std::max<int64_t>(1, std::min(CHUNK_BYTES / group_bytes, quarter));
+  const int64_t passes = (M + MC - 1) / MC, units = (G + chunk - 1) / chunk * passes;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t u = next.fetch_add(1); u < units; u = next.fetch_add(1)) {
+      const int64_t g0 = u / passes * chunk, g1 = std::min(G, g0 + chunk);
+      const int64_t mc = u % passes * MC, mend = std::min(M, mc + MC);
+      for (int64_t g = g0; g < g1; ++g)
+        for (int64_t m = mc; m < mend; m += TM) tile_at(g, m, std::min<int64_t>(TM, mend - m));
+    }
+  });
+}
+
 #ifdef KVSERVE_AVX2
 // AVX2 path (CPUs without AVX-512: most laptops). The same packed layout read as two halves, rows 0..7 and 8..15 of
 // a group, each a 32-byte vector of 8 rows x 4 k. There is no vpdpbusd: vpmaddubsw multiplies unsigned by signed
@@ -514,7 +550,7 @@ void gemm_vnni_per(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t
   static const TileFn<T> pairs[MT + 1] = {nullptr, tile2<1, PER, T>, tile2<2, PER, T>, tile2<3, PER, T>,
                                           tile2<4, PER, T>, tile2<5, PER, T>, tile2<6, PER, T>};
   if (M >= PAIR_MIN_TOKENS && G % 2 == 0 && pair_tiles()) {
-    for_tiles<MT>(M, G / 2, [&](int64_t gp, int64_t m, int64_t n) {
+    for_tile_chunks<MT>(M, G / 2, 2 * K * NR, [&](int64_t gp, int64_t m, int64_t n) {
       const QAct am{a.q + m * K, a.d + m * SB, a.start + m * SB};
       const int64_t g = 2 * gp;
       const uint8_t* wg = wp + g * KB * QK * NR;
@@ -894,7 +930,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prefetch_bytes", [] { return kvserve::prefetch_bytes(); }, "the software prefetch distance now");
   m.def("has_avx2", &has_avx2, "whether the AVX2 path was compiled in");
   m.def("set_pair_tiles", [](bool on) { pair_switch().store(on); },
-        "int8 tiles over two row groups at once for calls of 6+ tokens (on by default), for tests and benchmarks");
+        "int8 tiles over two row groups at once for calls of 48+ tokens (on by default), for tests and benchmarks");
+  m.def("set_dynamic_tiles", [](bool on) { dynamic_switch().store(on); },
+        "int8 matmuls of 65+ tokens: units of cache-sized weight chunks taken from a shared counter (on) or each "
+        "thread's fixed half of the row groups (off), for benchmarks");
   m.def("int8_linear", &int8_linear, "y = x W^T over int8 weights (q8_0 or w8a8) with activations quantized on the fly");
   m.def("q4_linear", &q4_linear, "y = x W^T over Q4_0 / Q4_1 weights with activations quantized to blocks of 32");
   m.def("dequantize_t", &dequantize_t, "4-bit or q8_0 weights as a bfloat16 (K, N) matrix W^T (prefill on AMX)");

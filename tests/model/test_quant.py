@@ -114,6 +114,32 @@ def test_pair_tiles_give_the_same_bits(fmt):
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dynamic_tiles_give_the_same_bits(fmt):
+    """From 48 tokens the threads take (weight chunk, 64-token pass) units from a shared counter: every output
+    written once, by the same tile as the fixed split, at any thread count. Shapes: 96 row-group pairs in chunks of
+    7 (the last one short) over three passes, the last a 2-token tail; K = 1536 in chunks of 2 pairs; 5 groups
+    (odd: one group per tile, the fixed split)."""
+    threads = torch.get_num_threads()
+    try:
+        for n, k, m in ((3072, 576, 130), (576, 1536, 100), (80, 576, 64)):
+            _, q, d = _weights(n, k, fmt, seed=n)
+            packed, scales = pack_int8(q, d)
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+            mod.set_dynamic_tiles(False)
+            fixed = mod.int8_linear(x, packed, scales, 0)
+            mod.set_dynamic_tiles(True)
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                assert torch.equal(mod.int8_linear(x, packed, scales, 0), fixed), (n, k, m, t)
+            torch.testing.assert_close(fixed.float(), reference_int8_linear(x, q, d).float(), rtol=2 ** -7,
+                                       atol=1e-5)
+    finally:
+        mod.set_dynamic_tiles(True)
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bs", [32, 64, 576])
 def test_activation_quantization_matches_torch(dtype, bs):
