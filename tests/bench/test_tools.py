@@ -160,3 +160,32 @@ def test_kernel_ab_times_both_builds_and_refuses_different_outputs():
 
     with pytest.raises(SystemExit, match="disagree"):
         compare(mod, Scaled, batch=2, ctx=40, layers=2, rounds=3)
+
+
+def test_kernel_ab_times_decode_plans_and_refuses_different_tokens():
+    from kvserve import LLM
+    from kvserve.bench.kernel_ab import compare_plans
+
+    llm = LLM(kv_cache_memory_gb=0.25, max_num_seqs=2)
+    plan = llm.engine.core.model.decode_plan
+    if plan is None:
+        pytest.skip("no decode plan runs here (native kernels or AVX512-BF16 missing)")
+
+    class Slower:  # the same step four times (the KV it writes is the same each time): the tree wins every round
+        @staticmethod
+        def run(h, x, *rest):
+            for _ in range(3):
+                plan.run(h.clone(), x.clone(), *rest)
+            return plan.run(h, x, *rest)
+
+    r = compare_plans(llm, Slower, batch=2, max_tokens=4, rounds=3)
+    assert r["rounds"] == 3 and r["tree_wins"] == 3 and r["ratio"] > 1.5 and r["rev_ms"] > r["tree_ms"]
+    assert llm.engine.core.model.decode_plan is plan  # the engine's own plan back
+
+    class Negated:  # a plan whose residual stream is negated: other tokens, so nothing is timed
+        @staticmethod
+        def run(*args):
+            return -plan.run(*args)
+
+    with pytest.raises(SystemExit, match="different tokens"):
+        compare_plans(llm, Negated, batch=2, max_tokens=4, rounds=3)
