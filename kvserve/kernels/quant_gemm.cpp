@@ -541,8 +541,9 @@ bool pair_tiles() { return pair_switch().load(std::memory_order_relaxed); }
 
 // Slice t of `tiles` of the `bytes` at p, into L2. A decode batch (one pass of at most MC tokens) reads each row-group
 // pair's weights from DRAM once, at its first tile: so while a pair's tiles run, the next pair is prefetched a slice
-// per tile (1.07-1.11x at 48-64 tokens over 30 layers' weights, w8a8 in a one-off linear_sweep variant; in a prompt's
-// passes, whose weight chunks sit in L2, it measured 0.93-0.96x, so it is not done there).
+// per tile (1.07-1.11x at 48-64 tokens over 30 layers' weights, w8a8 in a one-off linear_sweep variant; whole w8a8
+// decode steps of 64 rows 1.012x and 1.042x, `kvserve.bench.kernel_ab --decode-plan`; in a prompt's passes, whose
+// weight chunks sit in L2, it measured 0.93-0.96x, so it is not done there).
 inline void prefetch_slice(const uint8_t* p, int64_t bytes, int64_t t, int64_t tiles) {
   const int64_t slice = (bytes / tiles + 63) / 64 * 64, end = std::min(bytes, (t + 1) * slice);
   for (int64_t o = t * slice; o < end; o += 64) __builtin_prefetch(p + o, 0, 2);
