@@ -476,7 +476,10 @@ inline void tile(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N
 // MT tokens x two groups of 16 rows (g and g + 1, their weights KB blocks apart): each broadcast activation word
 // feeds both groups' vpdpbusd, so a block takes 16 weight loads and 8 MT broadcasts for 16 MT multiply-adds where
 // two calls of `tile` take 16 + 16 MT. Used from PAIR_MIN_TOKENS, tails included; the same sums in the same order as
-// `tile` on each group, so the same bits.
+// `tile` on each group, so the same bits. Its weights are reused over a pass's ~11 tiles (from L1/L2), and a decode
+// batch's next pair is prefetched by prefetch_slice, so the 8 KB in-stream prefetch is left to q8_0 alone: without it
+// w8a8 ran 1.03-1.10x faster at 48-2,048 tokens over 30 layers' weights, q8_0 0.97-0.98x at 48-64 (and 1.01-1.02x
+// above; one-off variant, SmolLM2's four shapes, 12 alternating rounds).
 template <int MT, int PER, typename T>
 inline void tile2(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t N, int64_t K, int64_t KB,
                   int64_t per_arg) {
@@ -493,8 +496,10 @@ inline void tile2(QAct a, const uint8_t* wp, const c10::Half* ws, T* y, int64_t 
     for (int64_t b = sb * per; b < (sb + 1) * per; ++b) {
       const __m512i* va = reinterpret_cast<const __m512i*>(wp + b * QK * NR);
       const __m512i* vb = reinterpret_cast<const __m512i*>(wp2 + b * QK * NR);
-      kvserve::prefetch_ahead<8>(va);
-      kvserve::prefetch_ahead<8>(vb);
+      if constexpr (PER < 2) {  // see tile2's comment: w8a8 runs faster without
+        kvserve::prefetch_ahead<8>(va);
+        kvserve::prefetch_ahead<8>(vb);
+      }
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
         const __m512i wa = _mm512_loadu_si512(va + j), wb = _mm512_loadu_si512(vb + j);
