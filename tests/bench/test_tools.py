@@ -151,7 +151,7 @@ def test_kernel_ab_times_both_builds_and_refuses_different_outputs():
             return mod.paged_decode_attention(*args)
 
     r = compare(mod, Slower, batch=2, ctx=40, layers=2, rounds=5)
-    assert r["rounds"] == 5 and r["tree_wins"] >= 4 and r["ratio"] > 1.5 and r["rev_us"] > r["tree_us"]
+    assert r["tree_wins"] >= 4 and r["ratio"] > 1.5 and r["rev_us"] > r["tree_us"]
 
     class Scaled:  # another build whose outputs differ: the comparison must stop, not time it
         @staticmethod
@@ -179,7 +179,7 @@ def test_kernel_ab_times_decode_plans_and_refuses_different_tokens():
             return plan.run(h, x, *rest)
 
     r = compare_plans(llm, Slower, batch=2, max_tokens=4, rounds=3)
-    assert r["rounds"] == 3 and r["tree_wins"] == 3 and r["ratio"] > 1.5 and r["rev_ms"] > r["tree_ms"]
+    assert r["tree_wins"] == 3 and r["ratio"] > 1.5 and r["rev_ms"] > r["tree_ms"]
     assert llm.engine.core.model.decode_plan is plan  # the engine's own plan back
 
     class Negated:  # a plan whose residual stream is negated: other tokens, so nothing is timed
