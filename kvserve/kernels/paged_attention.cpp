@@ -323,7 +323,11 @@ constexpr auto v_tables = value_table<D, PF>(std::make_integer_sequence<int, VT<
 // context is cut into `P` runs of whole blocks, item (part, sequence, head) in that order, so a thread takes the same
 // token range for every head (their rows stay in L2 across the heads) and the parts balance; each part keeps its
 // queries' max, exp sum and unnormalised p.v, merged after (flash-decoding's split). Single rows only (no
-// verification runs, no eviction scores).
+// verification runs, no eviction scores). The KV is cold (a step's weights streamed through the caches since this
+// layer's last step), and the per-head loops below prefetch one block ahead, ~2 KB in flight: so at its first head
+// a thread prefetches its whole part (contiguous 6 KB blocks of every head's rows; ~100 KB a thread at 256 tokens)
+// into L2 at once (up to 512 KB), and the three head passes read it from there (same arithmetic; q8_0 batch-1 decode 1.03x at a
+// 32-token prompt, 1.08x at 1,024, alternating in one process).
 template <int D>
 void decode_split_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
                        const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
@@ -357,6 +361,14 @@ void decode_split_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* _
         for (int i = 0; i < NQ; ++i)
           qv[j * NQ + i] = (__m512bh)_mm512_loadu_si512(q + (b * H + h * G + j) * D + i * 32);
       const int64_t* table = tables + b * MB + blo;
+      if (h == 0) {  // the part's K and V blocks (every head's rows) into L2 at once, up to half of it: see above
+        const int64_t ahead = std::min<int64_t>(bhi - blo, (512 << 10) / (4 * blk));
+        for (int64_t bi = 0; bi < ahead; ++bi) {
+          const char* kp = reinterpret_cast<const char*>(k_cache + table[bi] * blk);
+          const char* vp = reinterpret_cast<const char*>(v_cache + table[bi] * blk);
+          for (int64_t o = 0; o < blk * 2; o += 64) __builtin_prefetch(kp + o, 0, 2), __builtin_prefetch(vp + o, 0, 2);
+        }
+      }
       const int64_t span = D * 2;
       for (int64_t bi = 0; bi < bhi - blo; ++bi) {
         const int64_t t0 = bi * BS, tn = std::min<int64_t>(BS, n - t0);
