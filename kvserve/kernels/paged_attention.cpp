@@ -324,10 +324,11 @@ constexpr auto v_tables = value_table<D, PF>(std::make_integer_sequence<int, VT<
 // token range for every head (their rows stay in L2 across the heads) and the parts balance; each part keeps its
 // queries' max, exp sum and unnormalised p.v, merged after (flash-decoding's split). Single rows only (no
 // verification runs, no eviction scores). The KV is cold (a step's weights streamed through the caches since this
-// layer's last step), and the per-head loops below prefetch one block ahead, ~2 KB in flight: so at its first head
-// a thread prefetches its whole part (contiguous 6 KB blocks of every head's rows; ~100 KB a thread at 256 tokens)
-// into L2 at once (up to 512 KB), and the three head passes read it from there (same arithmetic; q8_0 batch-1 decode 1.03x at a
-// 32-token prompt, 1.08x at 1,024, alternating in one process).
+// layer's last step) and the per-head loops below prefetch one block ahead, ~2 KB in flight; so at its first head a
+// thread prefetches its part's K and V blocks whole (every head's rows, contiguous) into L2 at once, up to 768 KB
+// (a 2,048-token context), and the head passes read them from there. Same arithmetic, same bits; over 30 layers'
+// caches 1.37x at 1,024 tokens, 1.11x at 2,048 over 512 KB, ~1.0x at 256 (`kvserve.bench.kernel_ab`; 768 KB and
+// 1 MB tied at 4,000; docs/benchmarks.md).
 template <int D>
 void decode_split_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* __restrict k_cache,
                        const c10::BFloat16* __restrict v_cache, const int64_t* __restrict tables,
@@ -361,8 +362,8 @@ void decode_split_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* _
         for (int i = 0; i < NQ; ++i)
           qv[j * NQ + i] = (__m512bh)_mm512_loadu_si512(q + (b * H + h * G + j) * D + i * 32);
       const int64_t* table = tables + b * MB + blo;
-      if (h == 0) {  // the part's K and V blocks (every head's rows) into L2 at once, up to half of it: see above
-        const int64_t ahead = std::min<int64_t>(bhi - blo, (512 << 10) / (4 * blk));
+      if (h == 0) {  // the part's K and V blocks (every head's rows) into L2 at once: see above
+        const int64_t ahead = std::min<int64_t>(bhi - blo, (768 << 10) / (4 * blk));
         for (int64_t bi = 0; bi < ahead; ++bi) {
           const char* kp = reinterpret_cast<const char*>(k_cache + table[bi] * blk);
           const char* vp = reinterpret_cast<const char*>(v_cache + table[bi] * blk);
