@@ -3,6 +3,7 @@ whole decode plan (every layer of a decode step in one call, kernels/decode_step
 
     python -m kvserve.bench.kernel_ab --rev 96bdb07 --decode-shapes 64x192,8x1024 --layers 30 [--rounds 15]
     python -m kvserve.bench.kernel_ab --rev 7f260be --decode-plan w8a8 --batch 64 [--max-tokens 64] [--rounds 8]
+                                      [--prompt-len 128]
 
 This host's speed drifts by 10-30% within minutes, more than most kernel changes, and separate processes a minute
 apart carry that drift into their ratio. Here REV's kernel (its paged_attention.cpp and common.h, read from git) is
@@ -12,7 +13,7 @@ build's median microseconds per call, the median of the rounds' ratios (REV / tr
 and in how many rounds the tree won. Both must give the same bits first.
 
 --decode-plan FMT builds REV's decode_step module (its decode_step.cpp and every kernel file it includes) and an
-engine in weight format FMT; each round decodes --batch fresh 128-token prompts for --max-tokens greedy tokens once
+engine in weight format FMT; each round decodes --batch fresh --prompt-len-token prompts for --max-tokens greedy tokens once
 with each build's plan (prefix cache reset in between) and takes the median decode-only step. Both must give the
 same tokens first.
 """
@@ -92,7 +93,7 @@ def compare(tree, old, batch: int, ctx: int, layers: int, rounds: int) -> dict:
             "ratio": statistics.median(ratios), "tree_wins": sum(r > 1 for r in ratios), "rounds": rounds}
 
 
-def compare_plans(llm, old_plan, batch: int, max_tokens: int, rounds: int) -> dict:
+def compare_plans(llm, old_plan, batch: int, max_tokens: int, rounds: int, prompt_len: int = 128) -> dict:
     """Decode-only step times of the engine's own decode plan and old_plan (REV's), alternating per round."""
     from kvserve import SamplingParams
 
@@ -113,7 +114,7 @@ def compare_plans(llm, old_plan, batch: int, max_tokens: int, rounds: int) -> di
 
     def run(plan, seed: int) -> list:
         g = torch.Generator().manual_seed(seed)
-        prompts = [{"prompt_token_ids": torch.randint(100, 40000, (128,), generator=g).tolist()}
+        prompts = [{"prompt_token_ids": torch.randint(100, 40000, (prompt_len,), generator=g).tolist()}
                    for _ in range(batch)]
         model.decode_plan = plan
         core.reset_prefix_cache()
@@ -151,7 +152,7 @@ def plan_main(args) -> None:
         old_plan = llm.engine.core.model.build_decode_plan()
     finally:
         kernels.decode_step_module = tree_mod
-    r = compare_plans(llm, old_plan, args.batch, args.max_tokens, args.rounds)
+    r = compare_plans(llm, old_plan, args.batch, args.max_tokens, args.rounds, args.prompt_len)
     print(f"| {args.decode_plan}, batch {args.batch} | {commit}, ms per decode step | tree | {commit} / tree, "
           "median of rounds | tree faster |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -168,9 +169,12 @@ def main() -> None:
                     help="compare the whole decode plan in an engine of this weight format instead")
     ap.add_argument("--batch", type=int, default=64, help="--decode-plan: sequences decoded together")
     ap.add_argument("--max-tokens", type=int, default=64, help="--decode-plan: tokens decoded per round")
+    ap.add_argument("--prompt-len", type=int, default=128, help="--decode-plan: prompt tokens of each sequence")
     ap.add_argument("--rounds", type=int, default=None, help="default 15 (attention), 8 (--decode-plan)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.prompt_len < 1 or args.max_tokens < 1 or args.batch < 1:
+        ap.error("--prompt-len, --max-tokens and --batch must be at least 1")
     torch.set_num_threads(args.threads)
     if args.decode_plan:
         args.rounds = args.rounds or 8
