@@ -13,9 +13,9 @@ build's median microseconds per call, the median of the rounds' ratios (REV / tr
 and in how many rounds the tree won. Both must give the same bits first.
 
 --decode-plan FMT builds REV's decode_step module (its decode_step.cpp and every kernel file it includes) and an
-engine in weight format FMT; each round decodes --batch fresh --prompt-len-token prompts for --max-tokens greedy tokens once
-with each build's plan (prefix cache reset in between) and takes the median decode-only step. Both must give the
-same tokens first.
+engine in weight format FMT; each round decodes --batch fresh prompts of --prompt-len tokens for --max-tokens greedy
+tokens once with each build's plan (prefix cache reset in between) and takes the median decode-only step. Both must
+give the same tokens first.
 """
 
 from __future__ import annotations
