@@ -37,14 +37,16 @@ using kvserve::exp512;
 inline void from_float(float x, float* dst) { *dst = x; }
 inline void from_float(float x, c10::BFloat16* dst) { *dst = c10::BFloat16(x); }
 
-// Every cache line of [p, p + bytes), for reading or (write) for writing; a prefetch never faults.
+// Every cache line of [p, p + bytes), for reading or (write) for writing, into L1 (LOCALITY 3) or L2 (2); a
+// prefetch never faults.
+template <int LOCALITY = 3>
 inline void prefetch_span(const void* p, int64_t bytes, bool write = false) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) {
     if (write) {
-      __builtin_prefetch(c + off, 1, 3);
+      __builtin_prefetch(c + off, 1, LOCALITY);
     } else {
-      __builtin_prefetch(c + off, 0, 3);
+      __builtin_prefetch(c + off, 0, LOCALITY);
     }
   }
 }
@@ -365,9 +367,8 @@ void decode_split_bf16(const c10::BFloat16* __restrict q, const c10::BFloat16* _
       if (h == 0) {  // the part's K and V blocks (every head's rows) into L2 at once: see above
         const int64_t ahead = std::min<int64_t>(bhi - blo, (768 << 10) / (4 * blk));
         for (int64_t bi = 0; bi < ahead; ++bi) {
-          const char* kp = reinterpret_cast<const char*>(k_cache + table[bi] * blk);
-          const char* vp = reinterpret_cast<const char*>(v_cache + table[bi] * blk);
-          for (int64_t o = 0; o < blk * 2; o += 64) __builtin_prefetch(kp + o, 0, 2), __builtin_prefetch(vp + o, 0, 2);
+          prefetch_span<2>(k_cache + table[bi] * blk, blk * 2);
+          prefetch_span<2>(v_cache + table[bi] * blk, blk * 2);
         }
       }
       const int64_t span = D * 2;
